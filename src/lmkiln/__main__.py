@@ -1,0 +1,3 @@
+from lmkiln.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The `kiln` command: one verb per stage, plus `run`, `generate` and `serve`.
+
+Stage verbs take an optional recipe and `key.sub=value` overrides:
+    kiln run recipes/quickstart.yaml run_dir=/tmp/x pretrain.max_steps=50
+A user mistake prints one line and exits 2; a bug raises with its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lmkiln.errors import UserError
+
+STAGE_HELP = {
+    "data": "gather, clean, filter and deduplicate text into Parquet shards (run_dir/data)",
+    "tokenizer": "train a byte-level BPE tokenizer and encode the shards into token shards (run_dir/tokenizer)",
+    "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
+    "finetune": "supervised fine-tuning, full or LoRA, loss on replies only (run_dir/finetune)",
+    "eval": "score models side by side: perplexity, bits/byte, docstring loss and ROUGE-L (run_dir/eval)",
+}
+
+EPILOG = """\
+Recipes are YAML files with one section per stage (see recipes/quickstart.yaml and docs/recipes.md).
+Any key can be overridden after the recipe: `pretrain.max_steps=50 run_dir=/tmp/x`.
+Sizes accept suffixes: 20M, 1.5B, 8K.
+"""
+
+
+def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    recipe = None
+    overrides = []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif recipe is None:
+            recipe = item
+        else:
+            raise UserError(f"unexpected argument '{item}': give one recipe, then KEY=VALUE overrides")
+    return recipe, overrides
+
+
+def _load(items: list[str]):
+    from lmkiln.config import load_recipe, resolve_recipe_path
+
+    recipe, overrides = _recipe_and_overrides(items)
+    return load_recipe(resolve_recipe_path(recipe) if recipe else None, overrides)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]",
+                   help="a recipe YAML (or a shipped one by name, e.g. quickstart), then overrides")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its manifest is up to date")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="lmkiln: raw text to a trained, fine-tuned, "
+                                     "evaluated and served language model.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables on stderr")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+
+    p = sub.add_parser("run", help="run every stage the recipe names, in order, then write report.md",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_recipe_args(p)
+    for name, text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_recipe_args(p)
+        if name == "eval":
+            p.add_argument("--models", nargs="+", metavar="MODEL",
+                           help="model directories or stage names to compare (default: eval.models of the recipe)")
+            p.add_argument("--out", type=Path, help="with --models: also write eval.json and eval.md here")
+
+    p = sub.add_parser("generate", help="continue a prompt with a model directory (KV cache, sampling)")
+    p.add_argument("model", type=Path, help="a model directory (e.g. runs/quickstart/finetune/final)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--max-tokens", type=int, default=128, help="new tokens at most (default 128)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+    p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
+    p.add_argument("model", type=Path, help="a model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return parser
+
+
+def _generate(args) -> None:
+    from lmkiln.device import pick_device
+    from lmkiln.model.generate import stream
+    from lmkiln.model.hub import generation_eos, load_model
+    from lmkiln.tokenizer.chat import instruction_messages, render
+    from lmkiln.tokenizer.train import load_tokenizer
+
+    model = load_model(args.model, pick_device(args.device))
+    tok = load_tokenizer(args.model)
+    text = render(instruction_messages(args.prompt), add_generation_prompt=True)[0] if args.chat else args.prompt
+    prompt = tok.encode(text, add_special_tokens=False).ids
+    ids: list[int] = []
+    shown = ""
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for token in stream(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop_ids=generation_eos(args.model), seed=args.seed):
+        ids.append(token)
+        decoded = tok.decode(ids)
+        if not decoded.endswith("\ufffd"):
+            sys.stdout.write(decoded[len(shown):])
+            sys.stdout.flush()
+            shown = decoded
+    sys.stdout.write("\n")
+
+
+def _serve(args) -> None:
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"'{args.model}' is not a model directory (no config.json)")
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
+    from lmkiln.serve.app import create_app
+
+    app = create_app(args.model, args.device, args.name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _eval_models(args) -> None:
+    from lmkiln.eval.stage import evaluate, print_table, write_results
+
+    recipe = _load(args.recipe)
+    results = evaluate(recipe, Path(recipe.run_dir), args.models)
+    print_table(results)
+    if args.out:
+        write_results(results, args.out)
+
+
+def dispatch(args) -> int:
+    from lmkiln import __version__
+    from lmkiln.log import set_quiet
+
+    set_quiet(args.quiet)
+    if args.version:
+        print(f"lmkiln {__version__}")
+        return 0
+    if args.verb == "generate":
+        _generate(args)
+    elif args.verb == "serve":
+        _serve(args)
+    elif args.verb == "eval" and args.models:
+        _eval_models(args)
+    else:
+        from lmkiln.pipeline import run_recipe
+
+        recipe = _load(args.recipe)
+        run_recipe(recipe, force=args.force, only=None if args.verb == "run" else [args.verb])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None and not args.version:
+        parser.print_help()
+        return 2
+    try:
+        return dispatch(args)
+    except UserError as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kiln: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130

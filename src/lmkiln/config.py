@@ -1,0 +1,266 @@
+"""Recipes: pydantic models for every stage, YAML loading, `key.sub=value` overrides, sizes like `20M`.
+
+A recipe is plain data. Everything is validated before any work starts; a mistake becomes a
+`UserError` that names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from lmkiln.errors import UserError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*$")
+_SIZE_MULT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: Any) -> Any:
+    """`20M` -> 20_000_000, `1.5B` -> 1_500_000_000, `8K` -> 8000; ints pass through."""
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if not m:
+            raise ValueError(f"expected a number or a size like 20M, 1.5B, 8K; got {value!r}")
+        number = float(m.group(1)) * _SIZE_MULT[m.group(2).lower()]
+        if number != int(number):
+            raise ValueError(f"size {value!r} is not a whole number")
+        return int(number)
+    return value
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    sources: list[str] = Field(default_factory=lambda: ["builtin:python-stdlib"],
+                               description="files, globs, folders, or builtin:NAME")
+    text_field: str = Field("text", description="field holding the text in jsonl/parquet sources")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out, split by document group")
+    min_chars: int = Field(100, ge=0, description="drop documents shorter than this after cleaning")
+    max_chars: Size = Field(1_000_000, gt=0, description="drop documents longer than this")
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    shard_docs: int = Field(5000, gt=0, description="documents per output Parquet shard")
+    max_docs: Size | None = Field(None, gt=0, description="stop after this many documents in (for quick runs)")
+
+
+class TokenizerConfig(Section):
+    vocab_size: Size = Field(8192, ge=300, le=2**32 - 1)
+    min_frequency: int = Field(2, ge=1)
+    max_train_chars: Size = Field(50_000_000, gt=0, description="characters of the corpus used to learn merges")
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "mini", "small", "medium", "1b"] | None = Field(
+        None, description="named size; explicit dims given beside it override it")
+    hidden_size: int | None = Field(None, gt=0)
+    num_layers: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    max_seq_len: int = Field(1024, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"])
+
+
+class PretrainConfig(Section):
+    seq_len: int = Field(256, gt=1)
+    batch_size: int = Field(16, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a share of lr (cosine)")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm; 0 disables")
+    eval_every: int = Field(100, gt=0, description="steps between validation losses")
+    eval_batches: int = Field(8, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class FinetuneConfig(Section):
+    data: str = Field("builtin:python-docstrings", description="builtin:python-docstrings or a JSONL file")
+    base: str = Field("pretrain", description="a stage name (pretrain) or a model directory")
+    method: Literal["full", "lora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_seq_len: int = Field(512, gt=8)
+    max_examples: Size | None = Field(None, gt=0, description="cap on training examples")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held out when the data has no split")
+    max_val_examples: int = Field(256, gt=0)
+    log_every: int = Field(10, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class EvalConfig(Section):
+    models: list[str] = Field(default_factory=lambda: ["pretrain", "finetune"],
+                              description="stage names or model directories, compared side by side")
+    tasks: list[Literal["perplexity", "docstrings"]] = Field(default_factory=lambda: ["perplexity", "docstrings"])
+    text: str = Field("val", description="held-out text for perplexity: 'val' (the data stage's split) or a file")
+    max_tokens: Size = Field(65536, gt=0, description="tokens scored for perplexity")
+    seq_len: int = Field(256, gt=1)
+    max_examples: int = Field(64, gt=0, description="held-out docstring examples scored")
+    max_new_tokens: int = Field(64, gt=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+STAGES = ("data", "tokenizer", "pretrain", "finetune", "eval")
+
+
+class Recipe(Section):
+    run_dir: Path = Path("runs/default")
+    seed: int = 1337
+    stages: list[Literal["data", "tokenizer", "pretrain", "finetune", "eval"]] | None = Field(
+        None, description="stages `kiln run` runs; default: every stage section present in the recipe")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_order(cls, stages: list[str] | None) -> list[str] | None:
+        return None if stages is None else sorted(dict.fromkeys(stages), key=STAGES.index)
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for key in path:
+        if not isinstance(key, str) or key not in model.model_fields:
+            return []
+        ann = model.model_fields[key].annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _describe(err: dict, origin: str) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Recipe, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{origin}: unknown key '{key}'{hint} (allowed here: {', '.join(allowed)})"
+    value = err.get("input")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{origin}: bad value for '{key}': {value!r} ({msg})"
+
+
+def _set_path(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"{origin}: cannot set '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['a.b=1', 'run_dir=/tmp/x'] -> nested dict; values are read as YAML (numbers, lists, bools)."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}': expected KEY=VALUE, e.g. pretrain.max_steps=50")
+        key, raw = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise UserError(f"override '{item}': '{key}' is not a key path like pretrain.max_steps")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(tree, key, value, "command line")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"recipe '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or none: all defaults), apply overrides, validate; UserError on any mistake."""
+    tree: dict = {}
+    origin = "recipe"
+    explicit_stages = None
+    if path is not None:
+        path = Path(path)
+        tree = read_yaml(path)
+        origin = str(path)
+        explicit_stages = [s for s in STAGES if s in tree or (s == "pretrain" and "model" in tree)]
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = origin if not overrides else f"{origin} + command line"
+        raise UserError(_describe(first, where)) from None
+    if recipe.stages is None and explicit_stages:
+        recipe.stages = explicit_stages
+    return recipe
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe path, or the name of a recipe shipped with lmkiln (`quickstart`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml") and path.parent != Path("."):
+        return path
+    shipped = Path(__file__).parent / "recipes" / (name if name.endswith(".yaml") else name + ".yaml")
+    return shipped if shipped.exists() else path

@@ -1,0 +1,120 @@
+"""`kiln data`: read sources, clean, filter by length, remove exact duplicates, write Parquet shards + stats."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmkiln.config import Recipe
+from lmkiln.data import sources
+from lmkiln.data.clean import clean_text
+from lmkiln.data.split import is_heldout
+from lmkiln.io import atomic_path, write_json
+from lmkiln.log import console, progress
+
+SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+
+
+def config_of(recipe: Recipe) -> dict:
+    return recipe.data.model_dump(mode="json")
+
+
+def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+    return {"sources": sources.fingerprint(recipe.data.sources)}
+
+
+class ShardWriter:
+    """Writes `<split>-NNNNN.parquet` shards of `shard_docs` documents each, atomically."""
+
+    def __init__(self, out: Path, split: str, shard_docs: int) -> None:
+        self.out, self.split, self.shard_docs = out, split, shard_docs
+        self.rows: list[dict] = []
+        self.shards: list[str] = []
+
+    def add(self, doc: sources.Document, text: str) -> None:
+        self.rows.append({"id": doc.id, "source": doc.source, "text": text})
+        if len(self.rows) >= self.shard_docs:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows and self.shards:
+            return
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        with atomic_path(self.out / name) as tmp:
+            pq.write_table(pa.Table.from_pylist(self.rows, schema=SCHEMA), tmp, compression="zstd")
+        self.shards.append(name)
+        self.rows = []
+
+
+def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+    cfg = recipe.data
+    for old in out.glob("*.parquet"):
+        old.unlink()
+    writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
+    removed: Counter = Counter()
+    stats = Counter()
+    seen: set[bytes] = set()
+    with progress("{task.fields[kept]} kept") as bar:
+        task = bar.add_task("data", total=cfg.max_docs, kept=0)
+        for doc in sources.read(cfg.sources, cfg.text_field):
+            if cfg.max_docs is not None and stats["docs_in"] >= cfg.max_docs:
+                break
+            stats["docs_in"] += 1
+            stats["bytes_in"] += len(doc.text.encode("utf-8"))
+            text = clean_text(doc.text, cfg.unicode_form)
+            reason = None
+            if len(text) < cfg.min_chars:
+                reason = "empty" if not text else "too_short"
+            elif len(text) > cfg.max_chars:
+                reason = "too_long"
+            else:
+                digest = hashlib.sha256(text.encode("utf-8")).digest()
+                if digest in seen:
+                    reason = "duplicate"
+                seen.add(digest)
+            if reason:
+                removed[reason] += 1
+                removed[f"{reason}_bytes"] += len(doc.text.encode("utf-8"))
+            else:
+                split = "val" if is_heldout(doc.group, cfg.val_fraction) else "train"
+                writers[split].add(doc, text)
+                stats[f"{split}_docs"] += 1
+                stats[f"{split}_bytes"] += len(text.encode("utf-8"))
+            bar.update(task, advance=1, kept=stats["train_docs"] + stats["val_docs"])
+    for w in writers.values():
+        w.flush()
+    stats["docs_out"] = stats["train_docs"] + stats["val_docs"]
+    stats["bytes_out"] = stats["train_bytes"] + stats["val_bytes"]
+    reasons = {r: {"docs": removed[r], "bytes": removed[f"{r}_bytes"]}
+               for r in ("empty", "too_short", "too_long", "duplicate")}
+    result = {**{k: stats[k] for k in ("docs_in", "bytes_in", "docs_out", "bytes_out", "train_docs",
+                                         "val_docs", "train_bytes", "val_bytes")},
+              "removed": reasons, "shards": {s: w.shards for s, w in writers.items()}}
+    write_json(out / "stats.json", result)
+    print_stats(result)
+    return result
+
+
+def print_stats(stats: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="data", show_edge=False)
+    for col in ("", "documents", "bytes"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("in", f"{stats['docs_in']:,}", f"{stats['bytes_in']:,}")
+    for reason, r in stats["removed"].items():
+        table.add_row(f"removed: {reason}", f"{r['docs']:,}", f"{r['bytes']:,}")
+    table.add_row("out (train)", f"{stats['train_docs']:,}", f"{stats['train_bytes']:,}")
+    table.add_row("out (val)", f"{stats['val_docs']:,}", f"{stats['val_bytes']:,}")
+    console.print(table)
+
+
+def read_split(data_dir: Path, split: str):
+    """Yield the texts of one split, shard by shard."""
+    for shard in sorted(Path(data_dir).glob(f"{split}-*.parquet")):
+        for batch in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=1024):
+            yield from batch.column(0).to_pylist()

@@ -1,0 +1,5 @@
+"""The one exception type for user mistakes; the CLI turns it into one line and exit code 2."""
+
+
+class UserError(Exception):
+    """A mistake in the user's input: message says what, where (file, line, key) and what was expected."""

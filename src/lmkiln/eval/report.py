@@ -1,0 +1,82 @@
+"""report.md in the run directory: data stats, training curves, base against tuned, sample generations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmkiln.io import read_manifest, write_text
+
+
+def _data_section(run_dir: Path) -> list[str]:
+    stats_path = run_dir / "data" / "stats.json"
+    if not stats_path.exists():
+        return []
+    s = json.loads(stats_path.read_text())
+    out = ["## Data", "", "| | documents | bytes |", "|---|---:|---:|",
+           f"| in | {s['docs_in']:,} | {s['bytes_in']:,} |"]
+    out += [f"| removed: {k} | {v['docs']:,} | {v['bytes']:,} |" for k, v in s["removed"].items()]
+    out += [f"| out (train) | {s['train_docs']:,} | {s['train_bytes']:,} |",
+            f"| out (val) | {s['val_docs']:,} | {s['val_bytes']:,} |", ""]
+    tok = read_manifest(run_dir / "tokenizer")
+    if tok:
+        m = tok["metrics"]
+        out += [f"Tokenizer: vocabulary {m['vocab_size']:,}; {m['train_tokens']:,} training tokens, "
+                f"{m['val_tokens']:,} validation tokens ({m.get('train_bytes_per_token', '?')} bytes/token).", ""]
+    return out
+
+
+def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
+    manifest = read_manifest(run_dir / stage)
+    if not manifest:
+        return []
+    m = manifest["metrics"]
+    out = [f"## {title}", ""]
+    if stage == "pretrain":
+        out.append(f"{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, {m['tokens_seen']:,} tokens, "
+                   f"{m['tokens_per_s']} tokens/s on {m['device']}, {manifest['wall_time_s']:.0f} s. "
+                   f"Final train loss {m['final_loss']}, validation loss {m['val_loss']}.")
+    else:
+        out.append(f"{m['method']} fine-tuning on {m['examples']:,} examples, {m['steps']} steps, "
+                   f"{manifest['wall_time_s']:.0f} s. Validation reply loss {m['base_val_loss']} (base) → "
+                   f"{m['best_val_loss']} (best epoch {m['best_epoch']}).")
+    if (run_dir / stage / "loss.png").exists():
+        out += ["", f"![{title} loss]({stage}/loss.png)"]
+    return out + [""]
+
+
+def _eval_section(run_dir: Path) -> list[str]:
+    path = run_dir / "eval" / "eval.json"
+    if not path.exists():
+        return []
+    from lmkiln.eval.stage import markdown_table
+
+    results = json.loads(path.read_text())
+    out = ["## Evaluation: base against tuned", "", markdown_table(results)]
+    with_samples = {k: v["docstrings"]["samples"] for k, v in results.items() if "docstrings" in v}
+    if with_samples:
+        out += ["## Sample generations (held-out modules)", ""]
+        names = list(with_samples)
+        for i in range(min(3, len(with_samples[names[0]]))):
+            first = with_samples[names[0]][i]
+            out += [f"### `{first['id']}`", "", "```python", first["input"], "```", "",
+                    f"- **reference**: {first['reference']}"]
+            out += [f"- **{n}** (ROUGE-L {with_samples[n][i]['rouge_l']:.2f}): {with_samples[n][i]['generated'] or '(empty)'}"
+                    for n in names]
+            out.append("")
+    return out
+
+
+def write_report(run_dir: Path, skip_if_current: bool = True) -> Path:
+    path = run_dir / "report.md"
+    manifests = [run_dir / s / "manifest.json" for s in ("data", "tokenizer", "pretrain", "finetune", "eval")]
+    newest = max((m.stat().st_mtime for m in manifests if m.exists()), default=0)
+    if skip_if_current and path.exists() and path.stat().st_mtime >= newest:
+        return path
+    lines = [f"# lmkiln run report: `{run_dir}`", ""]
+    lines += _data_section(run_dir)
+    lines += _training_section(run_dir, "pretrain", "Pretraining")
+    lines += _training_section(run_dir, "finetune", "Fine-tuning")
+    lines += _eval_section(run_dir)
+    write_text(path, "\n".join(lines) + "\n")
+    return path

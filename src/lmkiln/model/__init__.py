@@ -1,0 +1,1 @@
+"""The model: the decoder, LoRA, generation and HF directory I/O."""

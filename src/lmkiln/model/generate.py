@@ -1,0 +1,57 @@
+"""Generation with a KV cache: greedy or sampled (temperature, top-k, top-p), streaming token by token."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from lmkiln.model.transformer import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest set whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(0) - sorted_p >= top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, stop_ids: list[int] | None = None,
+           seed: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; stops at a stop id (not yielded) or the length limits."""
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.args.max_seq_len
+    prompt = prompt[-limit:]
+    max_new_tokens = min(max_new_tokens, limit - len(prompt))
+    if max_new_tokens <= 0:
+        return
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(model.args, 1, len(prompt) + max_new_tokens, device, dtype)
+    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1]
+    stops = set(stop_ids or [])
+    for i in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if token in stops:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+
+
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    return list(stream(model, prompt, max_new_tokens, **kwargs))

@@ -1,0 +1,155 @@
+"""Runs stages: run directory, manifests, caching, --force, and a whole recipe in order.
+
+A stage is a module with three functions:
+  `config_of(recipe) -> dict`            the settings its result depends on;
+  `inputs_of(recipe, run_dir) -> dict`   content hashes of what it reads;
+  `build(recipe, run_dir, out) -> dict`  does the work in `out`, returns its metrics.
+A stage whose manifest records the same config and inputs, and whose outputs are all there, is
+skipped. The manifest is written last, so a killed stage is never taken as done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import time
+from pathlib import Path
+
+from lmkiln.config import STAGES, Recipe
+from lmkiln.errors import UserError
+from lmkiln.io import MANIFEST, Timer, package_versions, read_manifest, sha256_json, write_json
+from lmkiln.log import console
+
+STAGE_MODULES = {
+    "data": "lmkiln.data.stage",
+    "tokenizer": "lmkiln.tokenizer.stage",
+    "pretrain": "lmkiln.train.pretrain",
+    "finetune": "lmkiln.train.finetune",
+    "eval": "lmkiln.eval.stage",
+}
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / name
+
+
+def outputs_of(out: Path) -> dict[str, dict]:
+    """Every file a stage left (but its manifest and scratch), with size and hash."""
+    from lmkiln.io import sha256_file
+
+    files = {}
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if p.is_file() and p.name != MANIFEST and not any(part.startswith(".") for part in rel.parts) \
+                and rel.parts[0] != "checkpoints":
+            files[str(rel)] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    return files
+
+
+def upstream(run_dir: Path, name: str, sub: str | None = None) -> dict:
+    """The identity of a finished upstream stage's outputs (optionally those under `sub`)."""
+    manifest = read_manifest(stage_dir(run_dir, name))
+    if manifest is None:
+        raise UserError(f"stage '{name}' has not finished in {run_dir}: run `kiln {name}` (or `kiln run`) first")
+    outs = manifest["outputs"]
+    if sub is not None:
+        outs = {k: v for k, v in outs.items() if k.startswith(sub + "/")}
+    return {"stage": name, "outputs": sha256_json(outs)}
+
+
+def is_fresh(out: Path, config: dict, inputs: dict) -> dict | None:
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("config_hash") != sha256_json(config) \
+            or manifest.get("inputs_hash") != sha256_json(inputs):
+        return None
+    for rel, meta in manifest.get("outputs", {}).items():
+        f = out / rel
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            return None
+    return manifest
+
+
+def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
+    module = importlib.import_module(STAGE_MODULES[name])
+    run_dir = Path(recipe.run_dir)
+    out = stage_dir(run_dir, name)
+    config = module.config_of(recipe)
+    inputs = module.inputs_of(recipe, run_dir)
+    if not force:
+        manifest = is_fresh(out, config, inputs)
+        if manifest is not None:
+            console.print(f"[dim]{name}: up to date, skipped ({out / MANIFEST})[/dim]")
+            manifest["skipped"] = True
+            return manifest
+    if force and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)
+    console.rule(f"[bold]{name}")
+    timer = Timer()
+    metrics = module.build(recipe, run_dir, out)
+    manifest = {
+        "stage": name,
+        "config": config,
+        "config_hash": sha256_json(config),
+        "inputs": inputs,
+        "inputs_hash": sha256_json(inputs),
+        "seed": recipe.seed,
+        "versions": package_versions(),
+        "wall_time_s": timer.seconds,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics": metrics,
+        "outputs": outputs_of(out),
+    }
+    write_json(out / MANIFEST, manifest)
+    console.print(f"{name}: done in {timer.seconds:.1f}s -> {out}")
+    return manifest
+
+
+def check_recipe(recipe: Recipe, stages: list[str]) -> None:
+    """Cheap checks of everything a user could have mistyped, before any stage does work."""
+    from lmkiln.data.sources import check
+
+    if "data" in stages:
+        check(recipe.data.sources)
+    if "finetune" in stages:
+        from lmkiln.train.formats import check_source
+
+        check_source(recipe.finetune.data)
+        base = recipe.finetune.base
+        if base not in STAGES and not (Path(base) / "config.json").is_file():
+            raise UserError(f"finetune.base: '{base}' is neither a stage name nor a model directory with config.json")
+    if "eval" in stages:
+        for model in recipe.eval.models:
+            if model not in STAGES and not (Path(model) / "config.json").is_file():
+                raise UserError(f"eval.models: '{model}' is neither a stage name nor a model directory with config.json")
+        if recipe.eval.text != "val" and not Path(recipe.eval.text).is_file():
+            raise UserError(f"eval.text: '{recipe.eval.text}' does not exist (expected 'val' or a text file)")
+
+
+def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, dict]:
+    stages = only or recipe.stages or list(STAGES)
+    check_recipe(recipe, stages)
+    Path(recipe.run_dir).mkdir(parents=True, exist_ok=True)
+    results = {name: run_stage(name, recipe, force=force) for name in stages}
+    if only is None:
+        from lmkiln.eval.report import write_report
+
+        path = write_report(Path(recipe.run_dir), skip_if_current=not force)
+        console.print(f"report: {path}")
+    return results
+
+
+def stage_runner(name: str):
+    """`lmkiln.<stage>.run(cfg, run_dir=None, force=False) -> manifest`, the stage as a function."""
+
+    def run(cfg: Recipe, run_dir: str | Path | None = None, force: bool = False) -> dict:
+        if run_dir is not None:
+            cfg = cfg.model_copy(update={"run_dir": Path(run_dir)})
+        check_recipe(cfg, [name])
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        return run_stage(name, cfg, force=force)
+
+    run.__name__ = "run"
+    run.__doc__ = f"Run the {name} stage of a recipe in its run directory (skipped when up to date)."
+    return run

@@ -1,0 +1,44 @@
+"""`kiln tokenizer`: learn byte-level BPE on the train split, then encode both splits to token shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmkiln.config import Recipe
+from lmkiln.data.stage import read_split
+from lmkiln.log import console, progress
+from lmkiln.pipeline import stage_dir, upstream
+from lmkiln.tokenizer.encode import encode_to_shard
+from lmkiln.tokenizer.train import save_tokenizer, special_ids, train_bpe
+
+
+def config_of(recipe: Recipe) -> dict:
+    return recipe.tokenizer.model_dump(mode="json")
+
+
+def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+    return {"data": upstream(run_dir, "data")}
+
+
+def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+    cfg = recipe.tokenizer
+    data_dir = stage_dir(run_dir, "data")
+    console.print(f"training byte-level BPE, vocab {cfg.vocab_size:,} ...")
+    tok = train_bpe(read_split(data_dir, "train"), cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars)
+    save_tokenizer(tok, out, model_max_length=recipe.model.max_seq_len)
+    ids = special_ids(tok)
+    import json
+
+    stats = json.loads((data_dir / "stats.json").read_text())
+    metrics: dict = {"vocab_size": tok.get_vocab_size()}
+    with progress() as bar:
+        for split in ("train", "val"):
+            task = bar.add_task(f"encode {split}", total=stats[f"{split}_docs"])
+            header = encode_to_shard(tok, read_split(data_dir, split), out / split, ids["bos"], ids["eos"],
+                                     on_batch=lambda k, t=task: bar.update(t, advance=k))
+            metrics[f"{split}_tokens"] = header["num_tokens"]
+            if stats[f"{split}_bytes"]:
+                metrics[f"{split}_bytes_per_token"] = round(stats[f"{split}_bytes"] / max(1, header["num_tokens"]), 3)
+    console.print(f"tokens: train {metrics['train_tokens']:,}, val {metrics['val_tokens']:,} "
+                  f"({metrics.get('train_bytes_per_token', 0)} bytes/token)")
+    return metrics

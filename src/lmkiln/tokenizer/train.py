@@ -1,0 +1,73 @@
+"""Train a byte-level BPE tokenizer and write it as HF files (tokenizer.json, tokenizer_config.json)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from lmkiln.io import write_json, write_text
+from lmkiln.tokenizer.chat import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+
+
+def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    total = 0
+    for text in texts:
+        if total >= max_chars:
+            return
+        text = text[: max_chars - total]
+        total += len(text)
+        yield text
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+              max_chars: int = 50_000_000) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_capped(texts, max_chars), trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1024) -> None:
+    write_text(out_dir / "tokenizer.json", tok.to_str())
+    write_json(out_dir / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+
+
+def special_ids(tok: Tokenizer) -> dict[str, int | None]:
+    from lmkiln.tokenizer.chat import END
+
+    return {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD),
+            "end": tok.token_to_id(END)}
+
+
+def token_byte_lengths(tok: Tokenizer) -> list[int]:
+    """UTF-8 bytes each token stands for (0 for special tokens): byte-level BPE maps one char to one byte."""
+    vocab = tok.get_vocab()
+    lengths = [0] * tok.get_vocab_size()
+    specials = set(SPECIAL_TOKENS)
+    for token, idx in vocab.items():
+        lengths[idx] = 0 if token in specials else len(token)
+    return lengths

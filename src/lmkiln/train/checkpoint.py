@@ -1,0 +1,62 @@
+"""Checkpoints: an HF model directory plus trainer_state.pt (optimizer, step, RNG, config hash).
+
+Each checkpoint is built under a temporary name and renamed whole, so resume only ever sees complete ones.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmkiln.io import atomic_dir
+from lmkiln.model.hub import save_model
+from lmkiln.model.transformer import Transformer
+
+STATE = "trainer_state.pt"
+
+
+def save_checkpoint(path: Path, model: Transformer, opt: torch.optim.Optimizer | None, step: int,
+                    config_hash: str, tokenizer_dir: Path, extra_eos: list[int] | None = None,
+                    extra: dict | None = None) -> None:
+    with atomic_dir(path) as tmp:
+        save_model(model, tmp, tokenizer_dir, extra_eos)
+        torch.save({
+            "step": step,
+            "config_hash": config_hash,
+            "optimizer": opt.state_dict() if opt is not None else None,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state()},
+            **(extra or {}),
+        }, tmp / STATE)
+
+
+def latest_checkpoint(ckpt_dir: Path, config_hash: str) -> Path | None:
+    """The newest complete checkpoint made with this config (others belong to a different run)."""
+    if not ckpt_dir.is_dir():
+        return None
+    for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
+        state = path / STATE
+        if state.is_file() and (path / "model.safetensors").is_file():
+            if torch.load(state, map_location="cpu", weights_only=False)["config_hash"] == config_hash:
+                return path
+    return None
+
+
+def load_trainer_state(path: Path, opt: torch.optim.Optimizer | None) -> dict:
+    state = torch.load(path / STATE, map_location="cpu", weights_only=False)
+    if opt is not None and state["optimizer"] is not None:
+        opt.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    return state
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

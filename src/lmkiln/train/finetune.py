@@ -1,0 +1,184 @@
+"""`kiln finetune`: supervised fine-tuning on instruction data, full or LoRA, loss on replies only,
+validation each epoch, and the best epoch kept."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmkiln.config import STAGES, Recipe
+from lmkiln.device import autocast, pick_device, seed_everything
+from lmkiln.errors import UserError
+from lmkiln.io import atomic_dir, sha256_file
+from lmkiln.log import console, progress
+from lmkiln.model.hub import load_model, save_model
+from lmkiln.model.lora import apply_lora, lora_state, merge_lora, save_adapter
+from lmkiln.pipeline import stage_dir, upstream
+from lmkiln.tokenizer.train import load_tokenizer, special_ids
+from lmkiln.train.formats import IGNORE, collate, encode_all, load_splits, sample
+from lmkiln.train.metrics import MetricsLog, plot_curves
+from lmkiln.train.optim import adamw, cosine_lr, set_lr
+
+
+def model_dir_of(run_dir: Path, ref: str) -> Path:
+    """A stage name (its `final` model) or a model directory."""
+    return stage_dir(run_dir, ref) / "final" if ref in STAGES else Path(ref)
+
+
+def model_identity(run_dir: Path, ref: str) -> dict:
+    if ref in STAGES:
+        return upstream(run_dir, ref, sub="final")
+    return {"path": str(Path(ref).resolve()), "weights": sha256_file(Path(ref) / "model.safetensors")}
+
+
+def config_of(recipe: Recipe) -> dict:
+    return {"finetune": recipe.finetune.model_dump(mode="json"), "seed": recipe.seed,
+            "heldout_fraction": recipe.data.val_fraction}
+
+
+def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+    data = recipe.finetune.data
+    ident = {"base": model_identity(run_dir, recipe.finetune.base)}
+    if data.startswith("builtin:"):
+        from lmkiln.data.builtin import stdlib_fingerprint
+
+        ident["data"] = stdlib_fingerprint()
+    elif Path(data).is_file():
+        ident["data"] = sha256_file(data)
+    return ident
+
+
+@torch.no_grad()
+def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tuple[float, int]:
+    """Summed next-token loss over reply tokens, and their count."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        x, y = collate(encoded[i:i + batch_size], pad_id)
+        x, y = x.to(device), y.to(device)
+        with autocast(device):
+            logits = model(x)
+        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        count += int((y != IGNORE).sum())
+    model.train()
+    return total, count
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffled batches of similar-length examples: shuffle, sort within windows of 50 batches, cut,
+    shuffle the batches. Padding drops several-fold while the order stays random."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lengths.__getitem__)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+    cfg = recipe.finetune
+    base_dir = model_dir_of(run_dir, cfg.base)
+    if not (base_dir / "config.json").is_file():
+        raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
+    device = pick_device(cfg.device)
+    seed_everything(recipe.seed)
+    tok = load_tokenizer(base_dir)
+    pad = special_ids(tok)["pad"]
+    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction)
+    train_ex = sample(splits["train"], cfg.max_examples) if cfg.max_examples else splits["train"]
+    train, too_long = encode_all(tok, train_ex, cfg.max_seq_len)
+    val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len)
+    if not train or not val:
+        raise UserError(f"finetune.data: no training or validation examples fit in max_seq_len={cfg.max_seq_len}")
+    console.print(f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
+                  f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)")
+
+    model = load_model(base_dir, device)
+    if cfg.method == "lora":
+        wrapped = apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        model.to(device)
+        console.print(f"LoRA r={cfg.lora.r} on {len(wrapped)} layers")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
+    max_steps = steps_per_epoch * cfg.epochs
+    log = MetricsLog(out / "metrics.jsonl")
+
+    val_sum, val_n = reply_loss(model, val, cfg.batch_size, pad, device)
+    best = {"epoch": 0, "val_loss": val_sum / val_n, "state": None}
+    log.log({"step": 0, "epoch": 0, "val_loss": round(best["val_loss"], 5)})
+    console.print(f"epoch 0 (base): val loss {best['val_loss']:.4f}")
+    rng = random.Random(recipe.seed)
+    step, t0, tokens = 0, time.perf_counter(), 0
+    model.train()
+    with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s") as bar:
+        task = bar.add_task("finetune", total=max_steps, loss=float("nan"), tps=0.0)
+        for epoch in range(1, cfg.epochs + 1):
+            micro = length_grouped_batches([len(ids) for ids, _ in train], cfg.batch_size, rng)
+            for s in range(0, len(micro), cfg.grad_accum):
+                set_lr(opt, cosine_lr(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+                group = micro[s:s + cfg.grad_accum]
+                n_target = sum(sum(l != IGNORE for l in train[i][1]) for idx in group for i in idx)
+                loss_sum = 0.0
+                for idx in group:
+                    x, y = collate([train[i] for i in idx], pad)
+                    x, y = x.to(device), y.to(device)
+                    with autocast(device):
+                        logits = model(x)
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+                    (loss / n_target).backward()
+                    loss_sum += loss.item()
+                    tokens += x.numel()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                tps = tokens / (time.perf_counter() - t0)
+                if step % cfg.log_every == 0:
+                    log.log({"step": step, "epoch": epoch, "loss": round(loss_sum / n_target, 5), "tokens_per_s": round(tps, 1)})
+                bar.update(task, completed=step, loss=loss_sum / n_target, tps=tps)
+            val_sum, val_n = reply_loss(model, val, cfg.batch_size, pad, device)
+            vloss = val_sum / val_n
+            log.log({"step": step, "epoch": epoch, "val_loss": round(vloss, 5)})
+            improved = vloss < best["val_loss"]
+            console.print(f"epoch {epoch}: val loss {vloss:.4f}" + (" (best)" if improved else ""))
+            if improved:
+                state = lora_state(model) if cfg.method == "lora" else {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best = {"epoch": epoch, "val_loss": vloss, "state": state}
+
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    else:
+        console.print("[yellow]warning: no epoch improved on the base model's validation loss; keeping the base weights[/yellow]")
+        model = load_model(base_dir, device)
+        if cfg.method == "lora":
+            apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+    if cfg.method == "lora":
+        with atomic_dir(out / "adapter") as tmp:
+            save_adapter(model, tmp, str(base_dir), cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+        merge_lora(model)
+    ids = special_ids(tok)
+    with atomic_dir(out / "final") as tmp:
+        save_model(model, tmp, base_dir, [ids["end"]])
+    plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
+    return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long, "steps": step,
+            "best_epoch": best["epoch"], "best_val_loss": round(best["val_loss"], 5),
+            "base_val_loss": round(log_first_val(out), 5), "trainable_parameters": trainable,
+            "total_parameters": model.args.num_params(),
+            "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+
+
+def log_first_val(out: Path) -> float:
+    from lmkiln.train.metrics import read_metrics
+
+    return next(r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r)

@@ -1,0 +1,56 @@
+"""metrics.jsonl: one JSON object per logged step, cut back to the resume step when a run resumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lmkiln.io import write_text
+
+
+class MetricsLog:
+    def __init__(self, path: Path, resume_step: int = 0) -> None:
+        self.path = path
+        kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step] if resume_step else []
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is gone anyway
+    return out
+
+
+def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmkiln.io import atomic_path
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,64 @@
+"""Fixtures: tiny recipes, tiny data and one tiny trained run shared by the tests that only read it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lmkiln.config import load_recipe  # noqa: E402
+from lmkiln.log import set_quiet  # noqa: E402
+
+set_quiet(True)
+
+
+def write_instructions(path: Path, n: int = 48) -> Path:
+    """A small instruction task with a learnable rule: name the animal's sound."""
+    animals = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"), ("owl", "hoot")]
+    with open(path, "w") as fh:
+        for i in range(n):
+            a, s = animals[i % len(animals)]
+            fh.write(json.dumps({"instruction": f"What sound does a {a} make? ({i})", "input": "",
+                                 "output": f"A {a} says {s}."}) + "\n")
+    return path
+
+
+TINY = [
+    "data.sources=[builtin:python-stdlib]", "data.max_docs=40", "data.val_fraction=0.2",
+    "tokenizer.vocab_size=512",
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.intermediate_size=128", "model.max_seq_len=128",
+    "pretrain.seq_len=64", "pretrain.batch_size=4", "pretrain.max_steps=12", "pretrain.eval_every=6",
+    "pretrain.eval_batches=2", "pretrain.checkpoint_every=4", "pretrain.log_every=1", "pretrain.warmup_steps=2",
+    "finetune.epochs=2", "finetune.batch_size=4", "finetune.max_seq_len=96", "finetune.log_every=1",
+    "eval.max_tokens=2048", "eval.seq_len=64", "eval.max_examples=3", "eval.max_new_tokens=8",
+]
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Build a tiny recipe in a fresh run directory; extra overrides win."""
+    data = write_instructions(tmp_path / "sft.jsonl")
+
+    def make(*extra: str, run_dir: Path | None = None):
+        return load_recipe(None, TINY + [f"run_dir={run_dir or tmp_path / 'run'}", f"finetune.data={data}", *extra])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny run through every stage; tests only read it."""
+    from lmkiln.pipeline import run_recipe
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_instructions(root / "sft.jsonl")
+    recipe = load_recipe(None, TINY + [f"run_dir={root / 'run'}", f"finetune.data={data}"])
+    results = run_recipe(recipe)
+    return recipe, root / "run", results

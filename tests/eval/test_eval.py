@@ -1,0 +1,72 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkiln.cli import main
+from lmkiln.eval.generative import rouge_l
+from lmkiln.eval.perplexity import perplexity, tokens_of
+from lmkiln.model.hub import load_model
+from lmkiln.tokenizer.train import load_tokenizer, token_byte_lengths
+
+
+def test_perplexity_equals_hand_computation(trained_run):
+    _, run_dir, _ = trained_run
+    model_dir = run_dir / "pretrain" / "final"
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    tokens = tokens_of(tok, ["def f(x):\n    return x * 2\n", "Another text to score here."], 200)
+    res = perplexity(model, tok, tokens, seq_len=16)
+    n = (len(tokens) - 1) // 16
+    nats, nbytes = 0.0, 0
+    lengths = token_byte_lengths(tok)
+    for w in range(n):
+        x = torch.tensor(tokens[w * 16:w * 16 + 16])[None]
+        y = torch.tensor(tokens[w * 16 + 1:w * 16 + 17])
+        with torch.no_grad():
+            logp = F.log_softmax(model(x)[0], -1)
+        nats -= logp[torch.arange(16), y].sum().item()
+        nbytes += sum(lengths[i] for i in y.tolist())
+    assert res["tokens"] == 16 * n
+    assert res["loss"] == pytest.approx(nats / (16 * n), abs=1e-4)
+    assert res["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, abs=1e-4)
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]), rel=1e-3)
+
+
+def test_rouge_l():
+    assert rouge_l("Return the sum of two numbers.", "Return the sum of two numbers.") == pytest.approx(1.0)
+    assert rouge_l("completely different words", "Return the sum") == 0.0
+    assert 0 < rouge_l("Return the total", "Return the sum of two numbers.") < 1
+
+
+def test_eval_stage_table_and_files(trained_run):
+    recipe, run_dir, results = trained_run
+    out = run_dir / "eval"
+    data = json.loads((out / "eval.json").read_text())
+    assert set(data) == {"pretrain", "finetune"}
+    for r in data.values():
+        assert r["perplexity"]["tokens"] > 0 and np.isfinite(r["perplexity"]["bits_per_byte"])
+        assert len(r["docstrings"]["samples"]) == 3 and 0 <= r["docstrings"]["rouge_l"] <= 1
+    md = (out / "eval.md").read_text()
+    assert "| pretrain |" in md and "| finetune |" in md and "ROUGE-L" in md
+
+
+def test_report_has_every_section(trained_run):
+    _, run_dir, _ = trained_run
+    report = (run_dir / "report.md").read_text()
+    for heading in ("## Data", "## Pretraining", "## Fine-tuning", "## Evaluation", "## Sample generations"):
+        assert heading in report
+    assert "(pretrain/loss.png)" in report and (run_dir / "pretrain" / "loss.png").exists()
+
+
+def test_eval_models_cli_compares_directories(trained_run, tmp_path, capsys):
+    recipe, run_dir, _ = trained_run
+    a, b = run_dir / "pretrain" / "final", run_dir / "finetune" / "final"
+    code = main(["eval", f"run_dir={run_dir}", "eval.tasks=[perplexity]", "eval.max_tokens=512", "eval.seq_len=64",
+                 "--models", str(a), str(b), "--out", str(tmp_path / "cmp")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "final" in printed
+    assert len(json.loads((tmp_path / "cmp" / "eval.json").read_text())) == 2

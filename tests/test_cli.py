@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+from lmkiln.cli import main
+
+
+def test_help_lists_every_verb(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    for verb in ("run", "data", "tokenizer", "pretrain", "finetune", "eval", "generate", "serve"):
+        assert verb in out
+
+
+def test_python_dash_m_is_the_cli():
+    res = subprocess.run([sys.executable, "-m", "lmkiln", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("lmkiln ")
+
+
+def test_run_again_skips_every_stage(trained_run, capsys):
+    recipe, run_dir, _ = trained_run
+    from tests.conftest import TINY
+
+    data = recipe.finetune.data
+    assert main(["run", *TINY, f"run_dir={run_dir}", f"finetune.data={data}"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("data", "tokenizer", "pretrain", "finetune", "eval"):
+        assert f"{stage}: up to date, skipped" in err
+
+
+def test_generate_prints_continuation(trained_run, capsys):
+    _, run_dir, _ = trained_run
+    model = run_dir / "finetune" / "final"
+    assert main(["generate", str(model), "--prompt", "def f(", "--max-tokens", "5", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f(")
+    assert main(["generate", str(model), "--prompt", "What sound does a cat make?", "--chat",
+                 "--max-tokens", "8", "--seed", "1"]) == 0
+
+
+def test_generate_on_missing_model_exits_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a model directory" in capsys.readouterr().err
