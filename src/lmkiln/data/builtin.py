@@ -8,6 +8,7 @@ given its code, split by module with the same rule, so no test module was seen i
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import sysconfig
 import textwrap
@@ -99,8 +100,10 @@ def docstring_examples(modules: list[tuple[str, Path]] | None = None, max_code_c
                    "group": name, "id": f"{name}.{node.name}:{node.lineno}"}
 
 
+@functools.lru_cache(maxsize=4)
 def docstring_splits(test_fraction: float, val_fraction: float) -> dict[str, list[dict]]:
-    """train/val/test; test modules are exactly those the stdlib corpus holds out at `test_fraction`."""
+    """train/val/test; test modules are exactly those the stdlib corpus holds out at `test_fraction`.
+    Cached: parsing the library takes seconds, and finetune and eval both ask. Treat it as read-only."""
     splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for ex in docstring_examples():
         if is_heldout(ex["group"], test_fraction):

@@ -41,6 +41,14 @@ def _texts(recipe: Recipe, run_dir: Path):
     return iter([Path(recipe.eval.text).read_text(encoding="utf-8")])
 
 
+def display_names(models: list[str]) -> dict[str, str]:
+    """Stage names as they are; directories by their last two path parts (`finetune/final`) when unique."""
+    short = {m: m if m in STAGES else "/".join(Path(m).resolve().parts[-2:]) for m in models}
+    if len(set(short.values())) < len(models):
+        short = {m: m if m in STAGES else str(Path(m)) for m in models}
+    return short
+
+
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.generative import score_instructions
     from lmkiln.eval.perplexity import perplexity, tokens_of
@@ -53,11 +61,12 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         test = load_splits("builtin:python-docstrings", recipe.finetune.val_fraction, recipe.data.val_fraction)["test"]
         examples = sample(test, cfg.max_examples, salt="eval")
     results: dict = {}
+    names = display_names(models)
     for ref in models:
         path = model_dir_of(run_dir, ref)
         if not (path / "config.json").is_file():
             raise UserError(f"eval.models: no model at '{path}'")
-        name = ref if ref in STAGES else str(path)
+        name = names[ref]
         console.print(f"evaluating {name} ({path})")
         model, tok = load_model(path, device), load_tokenizer(path)
         res: dict = {"path": str(path)}
