@@ -52,6 +52,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]",
                    help="a recipe YAML (or a shipped one by name, e.g. quickstart), then overrides")
     p.add_argument("--force", action="store_true", help="redo the stage even if its manifest is up to date")
+    _add_quiet(p)
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS keeps `kiln -q VERB` working: the verb's parser only sets it when given after the verb.
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars or tables on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    _add_quiet(p)
 
     p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
     p.add_argument("model", type=Path, help="a model directory")

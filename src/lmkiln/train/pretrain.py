@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -60,6 +62,17 @@ def val_loss(model: Transformer, tokens: np.ndarray, seq_len: int, batches: int,
     return total / count
 
 
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's preemption, `kill`) saves a checkpoint like Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
     cfg = recipe.pretrain
     tok_dir = stage_dir(run_dir, "tokenizer")
@@ -101,6 +114,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
 
     step, loss_val, last_val = start, float("nan"), None
     t_log, tokens_since = time.perf_counter(), 0
+    previous_term = _sigterm_as_interrupt()
     try:
         with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s") as bar:
             task = bar.add_task("pretrain", total=cfg.max_steps, completed=start, loss=float("nan"), tps=0.0)
@@ -149,6 +163,9 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
             save(ckpt_dir / f"step_{step:07d}", step)
             console.print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume")
         raise
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     save(out / "final", step)
     plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r]
