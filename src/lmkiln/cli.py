@@ -144,7 +144,10 @@ def _serve(args) -> None:
 def _eval_models(args) -> None:
     from lmkiln.eval.stage import evaluate, print_table, write_results
 
+    from lmkiln.pipeline import check_recipe
+
     recipe = _load(args.recipe)
+    check_recipe(recipe, ["eval"])
     results = evaluate(recipe, Path(recipe.run_dir), args.models)
     print_table(results)
     if args.out:

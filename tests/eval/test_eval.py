@@ -70,3 +70,18 @@ def test_eval_models_cli_compares_directories(trained_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bits/byte" in printed and "final" in printed
     assert len(json.loads((tmp_path / "cmp" / "eval.json").read_text())) == 2
+
+
+def test_eval_without_data_stage_is_a_user_error(trained_run, tmp_path, capsys):
+    _, run_dir, _ = trained_run
+    code = main(["eval", f"run_dir={tmp_path / 'empty'}", "eval.tasks=[perplexity]",
+                 "--models", str(run_dir / "pretrain" / "final")])
+    assert code == 2 and "stage 'data' has not finished" in capsys.readouterr().err
+
+
+def test_eval_on_too_short_text_file_is_a_user_error(trained_run, tmp_path, capsys):
+    _, run_dir, _ = trained_run
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    code = main(["eval", f"eval.text={short}", "eval.tasks=[perplexity]", "--models", str(run_dir / "pretrain" / "final")])
+    assert code == 2 and "short.txt' has" in capsys.readouterr().err

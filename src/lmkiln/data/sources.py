@@ -7,12 +7,12 @@ A path that matches nothing is a user error raised before any work starts.
 from __future__ import annotations
 
 import glob
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from lmkiln.errors import UserError
+from lmkiln.io import iter_jsonl
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".parquet"}
@@ -54,17 +54,10 @@ def check(sources: list[str]) -> None:
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise UserError(f"{path}:{lineno}: expected an object with a string field '{field}'")
-            yield Document(id=f"{path}:{lineno}", source=str(path), group=f"{path}:{lineno}", text=record[field])
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get(field), str):
+            raise UserError(f"{path}:{lineno}: expected a string field '{field}'")
+        yield Document(id=f"{path}:{lineno}", source=str(path), group=f"{path}:{lineno}", text=record[field])
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[Document]:

@@ -37,6 +37,7 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 
 def _texts(recipe: Recipe, run_dir: Path):
     if recipe.eval.text == "val":
+        upstream(run_dir, "data")  # a clear error when there is no finished data stage to read
         return read_split(stage_dir(run_dir, "data"), "val")
     return iter([Path(recipe.eval.text).read_text(encoding="utf-8")])
 
@@ -71,7 +72,11 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         model, tok = load_model(path, device), load_tokenizer(path)
         res: dict = {"path": str(path)}
         if "perplexity" in cfg.tasks:
-            res["perplexity"] = perplexity(model, tok, tokens_of(tok, _texts(recipe, run_dir), cfg.max_tokens), cfg.seq_len)
+            tokens = tokens_of(tok, _texts(recipe, run_dir), cfg.max_tokens)
+            if len(tokens) <= cfg.seq_len:
+                raise UserError(f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
+                                f"than eval.seq_len={cfg.seq_len}")
+            res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len)
         if examples is not None:
             res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len)
         results[name] = res

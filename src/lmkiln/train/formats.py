@@ -3,7 +3,6 @@ rendered with the chat template and tokenised with labels only on the assistant'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from tokenizers import Tokenizer
 
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
+from lmkiln.io import iter_jsonl
 from lmkiln.tokenizer.chat import instruction_messages, render
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
@@ -27,24 +27,14 @@ def check_source(source: str) -> None:
 
 def read_instruction_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object")
-            for key in ("instruction", "output"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise UserError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
-            if not isinstance(row.get("input", ""), str):
-                raise UserError(f"{path}:{lineno}: field 'input' must be a string")
-            rows.append({"instruction": row["instruction"], "input": row.get("input", ""),
-                         "output": row["output"], "id": f"{path.name}:{lineno}",
-                         "split": row.get("split")})
+    for lineno, row in iter_jsonl(path):
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise UserError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
+        if not isinstance(row.get("input", ""), str):
+            raise UserError(f"{path}:{lineno}: field 'input' must be a string")
+        rows.append({"instruction": row["instruction"], "input": row.get("input", ""),
+                     "output": row["output"], "id": f"{path.name}:{lineno}", "split": row.get("split")})
     if not rows:
         raise UserError(f"{path}: no examples")
     return rows
