@@ -47,7 +47,7 @@ def test_pretrain_writes_hf_model_and_manifest(prepared):
     assert (out / "final" / "config.json").is_file() and (out / "final" / "trainer_state.pt").is_file()
     assert (out / "loss.png").stat().st_size > 1000
     losses = _losses(prepared.run_dir)
-    assert len(losses) == 12 and losses[-1][1] < losses[0][1]
+    assert [s for s, _ in losses] == [3, 6, 9, 12] and losses[-1][1] < losses[0][1]
 
 
 @pytest.mark.parametrize("exc,resume_step", [(Killed(), 8), (KeyboardInterrupt(), 10)])

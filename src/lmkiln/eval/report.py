@@ -52,7 +52,10 @@ def _eval_section(run_dir: Path) -> list[str]:
     from lmkiln.eval.stage import markdown_table
 
     results = json.loads(path.read_text())
-    out = ["## Evaluation: base against tuned", "", markdown_table(results)]
+    out = ["## Evaluation: base against tuned", "", markdown_table(results),
+           "Held-out loss: nats per token on the held-out text; bits/byte: the same per UTF-8 byte, comparable "
+           "across tokenizers. Docstring loss: nats per token of the reference docstrings of functions in "
+           "held-out modules; ROUGE-L: F1 of the greedy generated docstring against the reference.", ""]
     with_samples = {k: v["docstrings"]["samples"] for k, v in results.items() if "docstrings" in v}
     if with_samples:
         out += ["## Sample generations (held-out modules)", ""]

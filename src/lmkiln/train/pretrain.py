@@ -96,25 +96,33 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
     opt = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     config_hash = sha256_json(config_of(recipe))
     ckpt_dir = out / "checkpoints"
-    start = 0
+    start, resumed_losses = 0, []
     resume = latest_checkpoint(ckpt_dir, config_hash)
     if resume is not None:
         from safetensors.torch import load_file
 
         state = load_file(resume / "model.safetensors")
         model.load_state_dict(state, strict=not args.tie_embeddings)
-        start = load_trainer_state(resume, opt)["step"]
+        state = load_trainer_state(resume, opt)
+        start = state["step"]
+        resumed_losses = state.get("interval_losses", [])
         console.print(f"resuming from {resume} (step {start})")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     console.print(f"model: {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, hidden {args.hidden_size}, "
                   f"vocab {args.vocab_size}; {tokens_per_step:,} tokens/step on {device}; "
                   f"train tokens {len(train_tokens):,}")
     log = MetricsLog(out / "metrics.jsonl", resume_step=start)
-    save = lambda path, step: save_checkpoint(path, model, opt, step, config_hash, tok_dir, [ids["end"]])  # noqa: E731
 
     step, loss_val, last_val = start, float("nan"), None
+    interval_losses: list[float] = list(resumed_losses)  # a resumed interval continues its mean
+    train_loss = float("nan")  # the mean over the last logging interval
     t_log, tokens_since = time.perf_counter(), 0
     previous_term = _sigterm_as_interrupt()
+
+    def save(path: Path, at_step: int) -> None:
+        save_checkpoint(path, model, opt, at_step, config_hash, tok_dir, [ids["end"]],
+                        extra={"interval_losses": list(interval_losses)})
+
     try:
         with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s") as bar:
             task = bar.add_task("pretrain", total=cfg.max_steps, completed=start, loss=float("nan"), tps=0.0)
@@ -138,18 +146,22 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
                 if not math.isfinite(loss_val):
                     raise UserError(f"pretrain: loss became {loss_val} at step {step}; lower pretrain.lr (now {cfg.lr})")
                 tokens_since += tokens_per_step
+                interval_losses.append(loss_val)
                 record = None
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     now = time.perf_counter()
                     tps = tokens_since / (now - t_log)
                     t_log, tokens_since = now, 0
-                    record = {"step": step, "loss": round(loss_val, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                    # The mean over the interval: one small batch's loss is too noisy to read a curve from.
+                    train_loss = sum(interval_losses) / len(interval_losses)
+                    interval_losses.clear()
+                    record = {"step": step, "loss": round(train_loss, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                               "tokens": step * tokens_per_step, "tokens_per_s": round(tps, 1)}
                     bar.update(task, tps=tps)
                 if step % cfg.eval_every == 0 or step == cfg.max_steps:
                     last_val = val_loss(model, val_tokens, cfg.seq_len, cfg.eval_batches, cfg.batch_size, device)
                     record = {**(record or {"step": step}), "val_loss": round(last_val, 5)}
-                    console.print(f"step {step}: train loss {loss_val:.4f}, val loss {last_val:.4f}")
+                    console.print(f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}")
                 if record:
                     log.log(record)
                 if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
@@ -169,7 +181,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
     save(out / "final", step)
     plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r]
-    return {"steps": step, "final_loss": round(loss_val, 5), "val_loss": round(last_val, 5) if last_val else None,
+    return {"steps": step, "final_loss": round(train_loss, 5), "val_loss": round(last_val, 5) if last_val else None,
             "parameters": args.num_params(), "tokens_seen": step * tokens_per_step,
             "tokens_per_s": round(float(np.median([r["tokens_per_s"] for r in rows])), 1) if rows else None,
             "device": str(device), "resumed_from": start or None}
