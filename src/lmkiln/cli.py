@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
             p.add_argument("--out", type=Path, help="with --models: also write eval.json and eval.md here")
 
+    p = sub.add_parser("estimate", help="parameters, memory per device and time per step of a recipe's pretraining, "
+                       "before any training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
+    p.add_argument("--world", type=int, default=1, help="number of ranks (torchrun processes) to plan for")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: pretrain.device)")
+    _add_quiet(p)
+
     p = sub.add_parser("generate", help="continue a prompt with a model directory (KV cache, sampling)")
     p.add_argument("model", type=Path, help="a model directory (e.g. runs/quickstart/finetune/final)")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -166,6 +173,10 @@ def dispatch(args) -> int:
         _generate(args)
     elif args.verb == "serve":
         _serve(args)
+    elif args.verb == "estimate":
+        from lmkiln.train.estimate import estimate, print_estimate
+
+        print_estimate(estimate(_load(args.recipe), world=args.world, device=args.device))
     elif args.verb == "eval" and args.models:
         _eval_models(args)
     else:

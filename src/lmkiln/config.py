@@ -59,6 +59,8 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
+    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = Field(
+        "llama", description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window)")
     preset: Literal["tiny", "mini", "small", "medium", "1b"] | None = Field(
         None, description="named size; explicit dims given beside it override it")
     hidden_size: int | None = Field(None, gt=0)
@@ -66,6 +68,8 @@ class ModelConfig(Section):
     num_heads: int | None = Field(None, gt=0)
     num_kv_heads: int | None = Field(None, gt=0)
     intermediate_size: int | None = Field(None, gt=0)
+    head_dim: int | None = Field(None, gt=0, description="per-head width; default hidden_size / num_heads")
+    sliding_window: int | None = Field(None, gt=0, description="mistral only: attend to the last N tokens")
     max_seq_len: int = Field(1024, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -84,10 +88,14 @@ class PretrainConfig(Section):
     seq_len: int = Field(256, gt=1)
     batch_size: int = Field(16, gt=0, description="sequences per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    batch_tokens: Size | None = Field(None, gt=0, description="tokens per optimizer step; sets grad_accum")
     max_steps: int = Field(1000, gt=0)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    schedule: Literal["cosine", "wsd"] = "cosine"
     lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a share of lr (cosine)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a share of lr")
     warmup_steps: int = Field(50, ge=0)
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
@@ -98,6 +106,11 @@ class PretrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="under torchrun: DDP, or FSDP2 sharding")
+    compile: bool = Field(False, description="torch.compile the model")
+    on_nan: Literal["stop", "skip"] = Field("stop", description="a non-finite loss: stop, or skip that batch")
+    tracker: Literal["none", "tensorboard"] = "none"
+    stop_after: int | None = Field(None, gt=0, description="stop with a checkpoint after this step; rerun to go on")
 
 
 class FinetuneConfig(Section):

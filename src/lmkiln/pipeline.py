@@ -11,6 +11,7 @@ skipped. The manifest is written last, so a killed stage is never taken as done.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import time
 from pathlib import Path
@@ -69,6 +70,14 @@ def is_fresh(out: Path, config: dict, inputs: dict) -> dict | None:
     return manifest
 
 
+DISTRIBUTED_STAGES = {"pretrain"}
+
+
+def rank() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
     module = importlib.import_module(STAGE_MODULES[name])
     run_dir = Path(recipe.run_dir)
@@ -81,13 +90,19 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
             console.print(f"[dim]{name}: up to date, skipped ({out / MANIFEST})[/dim]")
             manifest["skipped"] = True
             return manifest
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    my_rank, world = rank()
+    if world > 1 and name not in DISTRIBUTED_STAGES:
+        raise UserError(f"stage '{name}' runs in one process: run `kiln {name}` without torchrun first")
+    if my_rank == 0:  # under torchrun, rank 0 alone touches the stage folder; the others only read
+        if force and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
     console.rule(f"[bold]{name}")
     timer = Timer()
     metrics = module.build(recipe, run_dir, out)
+    if my_rank != 0:
+        return {"stage": name, "metrics": metrics, "rank": my_rank}
     manifest = {
         "stage": name,
         "config": config,
@@ -132,7 +147,7 @@ def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = Non
     check_recipe(recipe, stages)
     Path(recipe.run_dir).mkdir(parents=True, exist_ok=True)
     results = {name: run_stage(name, recipe, force=force) for name in stages}
-    if only is None:
+    if only is None and rank()[0] == 0:
         from lmkiln.eval.report import write_report
 
         path = write_report(Path(recipe.run_dir), skip_if_current=not force)

@@ -16,19 +16,40 @@ def tiny(**kw) -> Transformer:
 
 
 def test_param_count_matches_formula():
-    for tie in (True, False):
-        model = tiny(tie_embeddings=tie)
+    for kw in VARIANTS.values():
+        model = tiny(**kw)
         unique = {id(p): p.numel() for p in model.parameters()}
         assert sum(unique.values()) == model.args.num_params()
 
 
-@pytest.mark.parametrize("tie,kv,theta", [(True, 2, 10000.0), (False, 4, 500000.0)])
-def test_logits_equal_transformers(tmp_path, tie, kv, theta):
+VARIANTS = {
+    "llama-tied-gqa": dict(tie_embeddings=True, kv=2),
+    "llama-untied": dict(tie_embeddings=False, kv=4, rope_theta=500000.0),
+    "qwen2": dict(arch="qwen2", tie_embeddings=False),
+    "qwen3": dict(arch="qwen3", head_dim=16),  # head_dim apart from hidden / heads, as Qwen3 allows
+    "mistral": dict(arch="mistral", sliding_window=8, tie_embeddings=False),
+}
+HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "mistral": "MistralForCausalLM"}
+
+
+def _randomise_biases_and_norms(model):
+    # init_weights leaves biases at 0 and norms at 1: perturb them so a misplaced one would show
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_equal_transformers(tmp_path, variant):
     transformers = pytest.importorskip("transformers")
-    model = tiny(tie_embeddings=tie, kv=kv, rope_theta=theta)
+    model = tiny(**VARIANTS[variant])
+    _randomise_biases_and_norms(model)
     save_model(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert type(hf).__name__ == HF_CLASS[model.args.arch]
     x = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(x), hf(x).logits
@@ -38,8 +59,9 @@ def test_logits_equal_transformers(tmp_path, tie, kv, theta):
         assert torch.equal(reloaded(x), ours)
 
 
-def test_kv_cache_equals_full_forward():
-    model = tiny()
+@pytest.mark.parametrize("variant", ["llama-tied-gqa", "mistral"])
+def test_kv_cache_equals_full_forward(variant):
+    model = tiny(**VARIANTS[variant])
     x = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(x)

@@ -23,6 +23,9 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
@@ -38,21 +41,43 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    arch: str = "llama"  # llama | qwen2 (q/k/v bias) | qwen3 (QK-norm) | mistral (sliding window)
+    head_dim: int | None = None  # defaults to hidden_size // num_heads (Qwen3 sets its own)
+    sliding_window: int | None = None  # attend to the last N tokens, this one included (Mistral)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch '{self.arch}' is not one of {', '.join(ARCHS)}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} must divide by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must divide by num_kv_heads {self.num_kv_heads}")
+        if self.sliding_window is not None and self.arch != "mistral":
+            raise ValueError("sliding_window is a Mistral feature: set arch to mistral")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def qkv_bias(self) -> bool:
+        return self.arch == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch == "qwen3"
 
     def num_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        h, i, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        q, kv = self.num_heads * hd, self.num_kv_heads * hd
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.qkv_bias else 0) + (2 * hd if self.qk_norm else 0)
+        per_layer = attn + 3 * h * i + 2 * h
         return v * h * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + h
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 per weight multiply-add plus attention (PaLM appendix B)."""
         non_embed = self.num_params() - self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
-        return 6 * (non_embed + self.vocab_size * self.hidden_size) + 12 * self.num_layers * self.hidden_size * seq_len
+        attended = min(seq_len, self.sliding_window or seq_len)
+        return 6 * (non_embed + self.vocab_size * self.hidden_size) + \
+            12 * self.num_layers * self.num_heads * self.head_dim * attended
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,23 +121,49 @@ class KVCache:
         self.max_len = max_len
 
 
+CAUSAL = "causal"
+
+
+def attention_mask(start: int, t: int, window: int | None, device) -> str | torch.Tensor | None:
+    """What queries at positions start..start+t-1 may see of keys 0..start+t-1: CAUSAL (SDPA's own
+    causal path, the fast one), None (everything: one new token, no window in play), or a bool mask."""
+    total = start + t
+    if window is None or total <= window:
+        if start == 0:
+            return CAUSAL
+        if t == 1:
+            return None
+    i = torch.arange(start, total, device=device)[:, None]
+    j = torch.arange(total, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed &= j > i - window
+    return allowed
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
         self.args, self.layer = args, layer
         hd = args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=False)
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * hd, args.hidden_size, bias=False)
+        if args.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
+            self.q_norm = RMSNorm(hd, args.norm_eps)
+            self.k_norm = RMSNorm(hd, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                mask: str | torch.Tensor | None = CAUSAL) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.args
-        q = self.q_proj(x).view(b, t, a.num_heads, a.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, a.num_heads, a.head_dim)
+        k = self.k_proj(x).view(b, t, a.num_kv_heads, a.head_dim)
         v = self.v_proj(x).view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         start = 0
         if cache is not None:
             start = cache.length
@@ -124,12 +175,9 @@ class Attention(nn.Module):
             rep = a.num_heads // a.num_kv_heads
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        if start == 0:
+        if isinstance(mask, str):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif t == 1:
-            y = F.scaled_dot_product_attention(q, k, v)
-        else:  # a chunk appended after cached tokens: causal within the chunk, full over the past
-            mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -153,8 +201,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,8 +217,6 @@ class Backbone(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        if args.hidden_size % args.num_heads or args.num_heads % args.num_kv_heads:
-            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
         self.args = args
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
@@ -178,10 +224,13 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)."""
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers);
+        biases 0, norms 1."""
         std = 0.02
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
             else:
                 s = std / math.sqrt(2 * self.args.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
@@ -196,8 +245,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        mask = attention_mask(start, t, self.args.sliding_window, idx.device)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length += t
         x = self.model.norm(x)
@@ -216,6 +266,7 @@ def build_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> Mo
     if model_cfg.num_heads is not None and model_cfg.num_kv_heads is None:
         dims["num_kv_heads"] = dims["num_heads"]
     return ModelArgs(vocab_size=vocab_size, max_seq_len=model_cfg.max_seq_len, rope_theta=model_cfg.rope_theta,
-                     norm_eps=model_cfg.norm_eps, tie_embeddings=model_cfg.tie_embeddings,
+                     norm_eps=model_cfg.norm_eps, tie_embeddings=model_cfg.tie_embeddings, arch=model_cfg.arch,
+                     head_dim=model_cfg.head_dim, sliding_window=model_cfg.sliding_window,
                      bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
                      pad_token_id=special.get("pad"), **dims)

@@ -1,0 +1,119 @@
+"""`kiln estimate`: parameters, memory per device and time per step, before any training.
+
+Activation memory is not guessed from a formula: one forward pass of the real model runs on the meta
+device (no memory is allocated) while a `saved_tensors_hooks` pack hook adds up every tensor autograd
+keeps for the backward pass. On top of that: weights, gradients, optimizer state, and the logits (held
+by the loss, then two logits-sized gradient buffers at the start of the backward pass).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lmkiln.config import Recipe
+from lmkiln.errors import UserError
+from lmkiln.model.transformer import ModelArgs, Transformer, build_args
+from lmkiln.train.speed import device_peak
+
+ALLOCATOR_OVERHEAD = 1.08  # small temporaries and allocator slack, measured on CPU runs
+EFFICIENCY = {"cpu": 0.6, "cuda": 0.4}  # assumed share of peak FLOP/s, for the time estimate
+
+
+def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int) -> int:
+    """Bytes autograd saves for backward in one forward pass of a (batch, seq_len) micro-batch."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in params:
+            storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        x = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        logits = model(x)
+        F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+    return sum(storages.values())
+
+
+def _vocab_size(recipe: Recipe) -> int:
+    header = Path(recipe.run_dir) / "tokenizer" / "train.json"
+    if header.is_file():
+        import json
+
+        return json.loads(header.read_text())["vocab_size"]
+    return recipe.tokenizer.vocab_size
+
+
+def optimizer_bytes(args: ModelArgs, kind: str, param_bytes: int = 4) -> int:
+    """AdamW keeps two moments per parameter; Muon one momentum per hidden matrix (AdamW on the rest)."""
+    total = args.num_params()
+    if kind == "adamw":
+        return 2 * total * param_bytes
+    hidden = args.num_params() - args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2) \
+        - args.hidden_size - args.num_layers * 2 * args.hidden_size
+    return (hidden + 2 * (total - hidden)) * param_bytes
+
+
+def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
+    cfg = recipe.pretrain
+    try:
+        args = build_args(recipe.model, _vocab_size(recipe), {})
+    except ValueError as exc:
+        raise UserError(f"model: {exc}") from None
+    from lmkiln.device import pick_device
+    from lmkiln.train.pretrain import _grad_accum
+
+    dev = pick_device(device or cfg.device)
+    shard = world if cfg.strategy == "fsdp" else 1
+    weights = args.num_params() * 4  # fp32 master weights (bf16 autocast on GPU computes in bf16)
+    grads = weights
+    optim = optimizer_bytes(args, cfg.optimizer)
+    act_scale = 0.5 if dev.type == "cuda" else 1.0  # bf16 activations under autocast
+    activations = int(saved_activation_bytes(args, cfg.batch_size, cfg.seq_len) * act_scale)
+    logits = cfg.batch_size * cfg.seq_len * args.vocab_size * 4
+    total = int(((weights + grads + optim) / shard + activations + 3 * logits) * ALLOCATOR_OVERHEAD)
+    accum = _grad_accum(recipe, world)
+    tokens_per_step = cfg.batch_size * cfg.seq_len * accum * world
+    flops = args.flops_per_token(cfg.seq_len) * tokens_per_step / world
+    peak, source = device_peak(dev)
+    seconds = flops / (peak * EFFICIENCY.get(dev.type, 0.4)) if peak else None
+    return {
+        "parameters": args.num_params(), "flops_per_token": args.flops_per_token(cfg.seq_len),
+        "device": str(dev), "world_size": world, "strategy": cfg.strategy if world > 1 else "single",
+        "memory_bytes": {"weights": weights // shard, "gradients": grads // shard, "optimizer": optim // shard,
+                         "activations": activations, "logits": 3 * logits, "total": total},
+        "tokens_per_step": tokens_per_step, "seconds_per_step": seconds,
+        "tokens_per_s": tokens_per_step / seconds if seconds else None,
+        "run_hours": seconds * cfg.max_steps / 3600 if seconds else None, "peak_source": source,
+    }
+
+
+def print_estimate(est: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 2**30
+    table = Table(title="estimate (per device)", show_edge=False, show_header=False)
+    table.add_column(justify="left")
+    table.add_column(justify="right")
+    table.add_row("parameters", f"{est['parameters'] / 1e6:,.2f}M")
+    table.add_row("FLOPs per token (training)", f"{est['flops_per_token'] / 1e6:,.1f}M")
+    for key, value in est["memory_bytes"].items():
+        table.add_row(f"memory: {key}", f"{value / gib:,.3f} GiB")
+    table.add_row("tokens per step", f"{est['tokens_per_step']:,}")
+    if est["seconds_per_step"]:
+        table.add_row("time per step", f"{est['seconds_per_step']:,.3f} s ({est['peak_source']})")
+        table.add_row("whole run", f"{est['run_hours']:,.2f} h")
+    Console().print(table)
+
+
+def fits(est: dict, available: int) -> bool:
+    return est["memory_bytes"]["total"] <= available and not math.isnan(est["memory_bytes"]["total"])

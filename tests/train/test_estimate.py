@@ -1,0 +1,72 @@
+"""`kiln estimate` against a real CPU run's peak memory, measured in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lmkiln import data, tokenizer
+from lmkiln.cli import main
+from lmkiln.train.estimate import estimate
+
+MODEL = ["model.hidden_size=256", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=4",
+         "model.intermediate_size=688", "model.max_seq_len=256", "pretrain.seq_len=256", "pretrain.batch_size=16",
+         "pretrain.max_steps=2", "pretrain.eval_batches=1", "pretrain.checkpoint_every=100"]
+
+PROBE = """
+import json, os, resource, sys
+from pathlib import Path
+from lmkiln.config import load_recipe
+from lmkiln.log import set_quiet
+from lmkiln.train import pretrain
+from lmkiln.train.estimate import estimate
+set_quiet(True)
+recipe = load_recipe(None, sys.argv[1:])
+predicted = estimate(recipe)["memory_bytes"]["total"]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = rss()
+out = Path(recipe.run_dir) / "pretrain"
+out.mkdir(parents=True, exist_ok=True)
+pretrain.build(recipe, Path(recipe.run_dir), out)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"predicted": predicted, "measured": peak - base}))
+"""
+
+
+@pytest.fixture
+def prepared(tiny_recipe):
+    recipe = tiny_recipe(*MODEL)
+    data.run(recipe)
+    tokenizer.run(recipe)
+    return recipe
+
+
+def test_estimate_within_20_percent_of_measured_cpu_peak(prepared, tiny_recipe):
+    from tests.conftest import TINY
+
+    overrides = [*TINY, f"run_dir={prepared.run_dir}", *MODEL]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
+    res = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    ratio = figures["predicted"] / figures["measured"]
+    assert 0.8 <= ratio <= 1.2, figures
+
+
+def test_estimate_scales_with_sharding_and_batch(prepared):
+    one = estimate(prepared)["memory_bytes"]
+    fsdp = prepared.model_copy(deep=True)
+    fsdp.pretrain.strategy = "fsdp"
+    sharded = estimate(fsdp, world=4)["memory_bytes"]
+    assert sharded["optimizer"] * 4 == one["optimizer"] and sharded["activations"] == one["activations"]
+    bigger = prepared.model_copy(deep=True)
+    bigger.pretrain.batch_size *= 2
+    assert estimate(bigger)["memory_bytes"]["activations"] == pytest.approx(2 * one["activations"], rel=0.01)
+
+
+def test_estimate_cli_prints_table(prepared, capsys):
+    assert main(["estimate", f"run_dir={prepared.run_dir}", *MODEL]) == 0
+    out = capsys.readouterr().out
+    assert "memory: total" in out and "time per step" in out
