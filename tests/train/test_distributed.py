@@ -46,12 +46,18 @@ def _assert_close(a, b, atol):
 GLOBAL_BATCH = "pretrain.batch_tokens=512"  # 2 × (4 sequences × 64 tokens): accum 2 on one rank, 1 on two
 
 
-def test_ddp_two_ranks_equal_one_rank_with_double_accumulation(prepared, tmp_path):
+def _reference_and_copy(prepared, tmp_path, name):
+    """A one-process reference run, and a copy of its data and tokenizer stages for a torchrun run."""
     single = prepared("single", GLOBAL_BATCH)
     run_pretrain(single)
-    ddp_dir = tmp_path / "ddp"
-    shutil.copytree(single.run_dir, ddp_dir)
-    shutil.rmtree(ddp_dir / "pretrain")
+    other = tmp_path / name
+    shutil.copytree(single.run_dir, other)
+    shutil.rmtree(other / "pretrain")
+    return single, other
+
+
+def test_ddp_two_ranks_equal_one_rank_with_double_accumulation(prepared, tmp_path):
+    single, ddp_dir = _reference_and_copy(prepared, tmp_path, "ddp")
     res = torchrun(ddp_dir, GLOBAL_BATCH, "pretrain.strategy=ddp")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 accum × 2 ranks" in res.stderr and (ddp_dir / "pretrain" / "manifest.json").is_file()
@@ -59,11 +65,7 @@ def test_ddp_two_ranks_equal_one_rank_with_double_accumulation(prepared, tmp_pat
 
 
 def test_fsdp_trains_checkpoints_and_resumes_on_one_rank(prepared, tmp_path):
-    single = prepared("single", GLOBAL_BATCH)
-    run_pretrain(single)
-    fsdp_dir = tmp_path / "fsdp"
-    shutil.copytree(single.run_dir, fsdp_dir)
-    shutil.rmtree(fsdp_dir / "pretrain")
+    single, fsdp_dir = _reference_and_copy(prepared, tmp_path, "fsdp")
     res = torchrun(fsdp_dir, GLOBAL_BATCH, "pretrain.strategy=fsdp", "pretrain.stop_after=3")
     assert res.returncode != 0 and "interrupted at step 3" in res.stderr, res.stderr[-3000:]
     assert (fsdp_dir / "pretrain" / "checkpoints" / "step_0000003" / "trainer_state.pt").is_file()
