@@ -95,6 +95,7 @@ class PretrainConfig(Section):
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a share of lr")
     warmup_steps: int = Field(50, ge=0)
+    fim_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of sequences rearranged for fill-in-the-middle")
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)

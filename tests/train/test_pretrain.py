@@ -114,3 +114,31 @@ def test_bad_model_dims_are_a_user_error(tiny_recipe):
     _prepare(recipe)
     with pytest.raises(UserError, match="model:"):
         run_pretrain(recipe)
+
+
+def test_fim_rearranges_windows_prefix_suffix_middle():
+    import numpy as np
+
+    from lmkiln.train.pretrain import batch_at, fim_rearrange
+
+    window = np.arange(100, 120)
+    rng = np.random.default_rng(0)
+    out = fim_rearrange(window, rng, 1, 2, 3)
+    assert len(out) == len(window) and out[0] == 1
+    s, m = list(out).index(3), list(out).index(2)
+    assert 0 < s < m  # prefix, then suffix, then middle
+    full = np.concatenate([[1], out[1:s], [3], out[s + 1:m], [2], out[m + 1:]])
+    assert np.array_equal(full, out)
+    # every token kept comes from the window, in two runs that were contiguous there
+    assert set(out[out >= 100]) <= set(window)
+    tokens = np.arange(1000, 2000)
+    x, _ = batch_at(tokens, 0, 5, 0, 8, 16, fim=(1.0, 1, 2, 3))
+    assert (x[:, 0] == 1).all()
+    plain, _ = batch_at(tokens, 0, 5, 0, 8, 16)
+    assert (plain[:, 1:] - plain[:, :-1] == 1).all()
+
+
+def test_pretrain_with_fim(prepared):
+    recipe = prepared.model_copy(deep=True)
+    recipe.pretrain.fim_rate = 0.5
+    assert run_pretrain(recipe)["metrics"]["steps"] == 12

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
-SPECIAL_TOKENS = [BOS, EOS, PAD, END] + [f"<|{r}|>" for r in ROLES]
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, END] + [f"<|{r}|>" for r in ROLES] + [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -59,8 +59,11 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     from lmkiln.tokenizer.chat import END
 
+    from lmkiln.tokenizer.chat import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+
     return {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD),
-            "end": tok.token_to_id(END)}
+            "end": tok.token_to_id(END), "fim_prefix": tok.token_to_id(FIM_PREFIX),
+            "fim_middle": tok.token_to_id(FIM_MIDDLE), "fim_suffix": tok.token_to_id(FIM_SUFFIX)}
 
 
 def token_byte_lengths(tok: Tokenizer) -> list[int]:

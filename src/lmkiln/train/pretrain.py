@@ -42,13 +42,28 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     return {"tokenizer": upstream(run_dir, "tokenizer")}
 
 
-def batch_at(tokens: np.ndarray, seed: int, step: int, micro: int, batch: int, seq_len: int):
+def fim_rearrange(window: np.ndarray, rng: np.random.Generator, prefix: int, middle: int, suffix: int) -> np.ndarray:
+    """Fill-in-the-middle (Bavarian et al. 2022, PSM order): cut the window at two random points and
+    move the middle span to the end behind sentinels, so next-token prediction learns to fill a gap
+    from both sides. The result keeps the window's length (its last 3 tokens fall off)."""
+    n = len(window)
+    a, b = np.sort(rng.integers(0, n + 1, size=2))
+    out = np.concatenate([[prefix], window[:a], [suffix], window[b:], [middle], window[a:b]])
+    return out[:n]
+
+
+def batch_at(tokens: np.ndarray, seed: int, step: int, micro: int, batch: int, seq_len: int,
+             fim: tuple[float, int, int, int] | None = None):
     """The micro-batch of a step: random windows drawn from a generator keyed by (seed, step, micro).
     The data position is the step number, so resume needs no sampler state; under torchrun rank r
-    draws micro-batch `micro * world + r`, so N ranks see what one process with N× accumulation sees."""
+    draws micro-batch `micro * world + r`, so N ranks see what one process with N× accumulation sees.
+    `fim` = (rate, prefix id, middle id, suffix id) rearranges that share of the windows."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
-    chunk = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    windows = [np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]
+    if fim is not None and fim[0] > 0:
+        windows = [fim_rearrange(w, rng, *fim[1:]) if rng.random() < fim[0] else w for w in windows]
+    chunk = torch.from_numpy(np.stack(windows))
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -91,12 +106,14 @@ def _grad_accum(recipe: Recipe, world: int) -> int:
     return max(1, math.ceil(cfg.batch_tokens / per_micro))
 
 
-def _check(recipe: Recipe, train_tokens: np.ndarray) -> None:
+def _check(recipe: Recipe, train_tokens: np.ndarray, ids: dict) -> None:
     cfg = recipe.pretrain
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the training data ({len(train_tokens)} tokens)")
     if cfg.seq_len > recipe.model.max_seq_len:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
+    if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
+        raise UserError("pretrain.fim_rate needs a tokenizer with FIM tokens: rerun `kiln tokenizer --force`")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
         raise UserError("pretrain.optimizer=muon with pretrain.strategy=fsdp is not supported: Muon needs whole matrices")
 
@@ -158,8 +175,8 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     tok_dir = stage_dir(run_dir, "tokenizer")
     train_tokens, header = open_shard(tok_dir / "train")
     val_tokens, _ = open_shard(tok_dir / "val")
-    _check(recipe, train_tokens)
     ids = special_ids(load_tokenizer(tok_dir))
+    _check(recipe, train_tokens, ids)
     model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
     config_hash = sha256_json(config_of(recipe))
     ckpt_dir = out / "checkpoints"
@@ -194,7 +211,8 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         dist.barrier(ctx)
 
     loop = _Loop(recipe, ctx, step_model, model, opt, train_tokens, val_tokens, accum, tokens_per_step,
-                 flops_per_token, peak, track, save, ckpt_dir, on_step)
+                 flops_per_token, peak, track, save, ckpt_dir, on_step,
+                 fim=(cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None)
     step, train_loss, last_val = loop.run(start, carried)
     save(out / "final", step, [])
     track.close()
@@ -228,6 +246,7 @@ class _Loop:
     save: Callable[[Path, int, list], None]
     ckpt_dir: Path
     on_step: Callable[[int], None] | None
+    fim: tuple[float, int, int, int] | None = None
 
     @property
     def cfg(self):
@@ -245,7 +264,7 @@ class _Loop:
         loss_sum = 0.0
         for micro in range(self.accum):
             x, y = batch_at(self.train_tokens, self.recipe.seed, step, micro * ctx.world + ctx.rank,
-                            c.batch_size, c.seq_len)
+                            c.batch_size, c.seq_len, self.fim)
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with dist.grad_sync(self.model, micro == self.accum - 1), autocast(ctx.device):
                 logits = self.step_model(x)
