@@ -34,7 +34,8 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
     out = [f"## {title}", ""]
     if stage == "pretrain":
         out.append(f"{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, {m['tokens_seen']:,} tokens, "
-                   f"{m['tokens_per_s']} tokens/s on {m['device']}, {manifest['wall_time_s']:.0f} s. "
+                   f"{m['tokens_per_s']} tokens/s on {m['device']}"
+                   + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "") + f", {manifest['wall_time_s']:.0f} s. "
                    f"Final train loss {m['final_loss']}, validation loss {m['val_loss']}.")
     else:
         out.append(f"{m['method']} fine-tuning on {m['examples']:,} examples, {m['steps']} steps, "

@@ -265,6 +265,8 @@ class _Loop:
         for micro in range(self.accum):
             x, y = batch_at(self.train_tokens, self.recipe.seed, step, micro * ctx.world + ctx.rank,
                             c.batch_size, c.seq_len, self.fim)
+            if ctx.device.type == "cuda":  # pinned pages make the copy asynchronous
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with dist.grad_sync(self.model, micro == self.accum - 1), autocast(ctx.device):
                 logits = self.step_model(x)
