@@ -142,3 +142,21 @@ def test_pretrain_with_fim(prepared):
     recipe = prepared.model_copy(deep=True)
     recipe.pretrain.fim_rate = 0.5
     assert run_pretrain(recipe)["metrics"]["steps"] == 12
+
+
+def test_prefetched_batches_equal_inline_batches(prepared):
+    """The accelerator path reads the next step on a thread; its batches must be the inline ones."""
+    from lmkiln.tokenizer.encode import open_shard
+    from lmkiln.train.dist import DistContext
+    from lmkiln.train.pretrain import _Loop
+
+    tokens, _ = open_shard(prepared.run_dir / "tokenizer" / "train")
+    loop = _Loop(prepared, DistContext(device=torch.device("meta")), None, None, None, tokens, tokens, 2, 0, 0.0,
+                 None, None, None, None, None)
+    try:
+        for step in range(4):
+            fetched = loop.batches(step)
+            inline = loop.host_batches(step)
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fetched, inline))
+    finally:
+        loop._pool.shutdown()

@@ -247,6 +247,8 @@ class _Loop:
     ckpt_dir: Path
     on_step: Callable[[int], None] | None
     fim: tuple[float, int, int, int] | None = None
+    _pool: object = None
+    _pending: tuple | None = None
 
     @property
     def cfg(self):
@@ -258,15 +260,37 @@ class _Loop:
             return wsd_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
         return cosine_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
 
+    def host_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches of a step, in host memory (pinned on CUDA for async copies)."""
+        c, ctx = self.cfg, self.ctx
+        out = []
+        for micro in range(self.accum):
+            x, y = batch_at(self.train_tokens, self.recipe.seed, step, micro * ctx.world + ctx.rank,
+                            c.batch_size, c.seq_len, self.fim)
+            out.append((x.pin_memory(), y.pin_memory()) if ctx.device.type == "cuda" else (x, y))
+        return out
+
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """On an accelerator the next step's batches are read on a thread while this step computes (the
+        sampler is a pure function of the step, so order and resume are unchanged); on CPU the cores
+        are busy with the step itself, so batches are read in line."""
+        if self.ctx.device.type == "cpu":
+            return self.host_batches(step)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkiln-loader")
+        pending = self._pending if self._pending is not None and self._pending[0] == step else None
+        current = pending[1].result() if pending else self.host_batches(step)
+        if step + 1 < self.cfg.max_steps:
+            self._pending = (step + 1, self._pool.submit(self.host_batches, step + 1))
+        return current
+
     def train_step(self, step: int) -> tuple[float, float]:
         """One optimizer step over `accum` micro-batches; returns (mean loss over ranks, grad norm)."""
         c, ctx = self.cfg, self.ctx
         loss_sum = 0.0
-        for micro in range(self.accum):
-            x, y = batch_at(self.train_tokens, self.recipe.seed, step, micro * ctx.world + ctx.rank,
-                            c.batch_size, c.seq_len, self.fim)
-            if ctx.device.type == "cuda":  # pinned pages make the copy asynchronous
-                x, y = x.pin_memory(), y.pin_memory()
+        for micro, (x, y) in enumerate(self.batches(step)):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with dist.grad_sync(self.model, micro == self.accum - 1), autocast(ctx.device):
                 logits = self.step_model(x)
@@ -340,4 +364,6 @@ class _Loop:
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
         return step, train_loss, last_val
