@@ -40,6 +40,54 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class GopherQualityConfig(Section):
+    enabled: bool = False
+    min_words: int = Field(50, ge=0)
+    max_words: int = Field(100_000, gt=0)
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, gt=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0)
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1)
+    min_alpha_words_ratio: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0)
+
+
+class GopherRepetitionConfig(Section):
+    enabled: bool = False
+    max_dup_line_frac: float = Field(0.3, ge=0, le=1)
+    max_dup_para_frac: float = Field(0.3, ge=0, le=1)
+    max_dup_line_char_frac: float = Field(0.2, ge=0, le=1)
+    max_dup_para_char_frac: float = Field(0.2, ge=0, le=1)
+    top_ngram_char_frac: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
+    dup_ngram_char_frac: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+
+
+class C4Config(Section):
+    enabled: bool = False
+    min_words_per_line: int = Field(3, ge=0)
+    max_word_length: int = Field(1000, gt=0)
+    min_sentences: int = Field(5, ge=0)
+    drop_lorem_ipsum: bool = True
+    drop_curly_bracket: bool = True
+
+
+class FineWebConfig(Section):
+    enabled: bool = False
+    min_line_punct_ratio: float = Field(0.12, ge=0, le=1)
+    max_short_line_ratio: float = Field(0.67, ge=0, le=1)
+    short_line_length: int = Field(30, ge=0)
+    max_char_dup_ratio: float = Field(0.01, ge=0, le=1)
+    max_newline_ratio: float = Field(0.3, ge=0)
+
+
+class PiiConfig(Section):
+    enabled: bool = False
+    kinds: list[Literal["email", "phone", "ip", "card", "ssn"]] = Field(
+        default_factory=lambda: ["email", "phone", "ip", "card", "ssn"])
+
+
 class DataConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["builtin:python-stdlib"],
                                description="files, globs, folders, or builtin:NAME")
@@ -50,6 +98,12 @@ class DataConfig(Section):
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
     shard_docs: int = Field(5000, gt=0, description="documents per output Parquet shard")
     max_docs: Size | None = Field(None, gt=0, description="stop after this many documents in (for quick runs)")
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    removed_samples: int = Field(20, ge=0, description="removed documents kept per reason in removed_samples.jsonl")
 
 
 class TokenizerConfig(Section):

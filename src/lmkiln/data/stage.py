@@ -1,8 +1,10 @@
-"""`kiln data`: read sources, clean, filter by length, remove exact duplicates, write Parquet shards + stats."""
+"""`kiln data`: read sources, clean, filter (length, Gopher, C4, FineWeb), redact personal data, remove
+exact duplicates, write Parquet shards, stats.json and a sample of removed documents per reason."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import pyarrow.parquet as pq
 from lmkiln.config import Recipe
 from lmkiln.data import sources
 from lmkiln.data.clean import clean_text
+from lmkiln.data.filters import apply_filters
+from lmkiln.data.pii import redact
 from lmkiln.data.split import is_heldout
-from lmkiln.io import atomic_path, write_json
+from lmkiln.io import atomic_path, write_json, write_text
 from lmkiln.log import console, progress
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
@@ -50,36 +54,49 @@ class ShardWriter:
         self.rows = []
 
 
+def _judge(text: str, cfg, seen: set[bytes]) -> tuple[str, str | None, Counter]:
+    """(final text, reason it is removed or None, PII found) for one cleaned document."""
+    pii: Counter = Counter()
+    if len(text) < cfg.min_chars:
+        return text, "empty" if not text else "too_short", pii
+    if len(text) > cfg.max_chars:
+        return text, "too_long", pii
+    filtered, reason = apply_filters(text, cfg)
+    if filtered is None:
+        return text, reason, pii
+    text = filtered
+    if cfg.pii.enabled:
+        text, pii = redact(text, set(cfg.pii.kinds))
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    if digest in seen:
+        return text, "duplicate", pii
+    seen.add(digest)
+    return text, None, pii
+
+
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     cfg = recipe.data
     for old in out.glob("*.parquet"):
         old.unlink()
     writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
-    removed: Counter = Counter()
-    stats = Counter()
-    seen: set[bytes] = set()
+    removed: dict[str, Counter] = {r: Counter() for r in ("empty", "too_short", "too_long", "duplicate")}
+    samples: list[dict] = []
+    stats, pii_total, seen = Counter(), Counter(), set()
     with progress("{task.fields[kept]} kept") as bar:
         task = bar.add_task("data", total=cfg.max_docs, kept=0)
         for doc in sources.read(cfg.sources, cfg.text_field):
             if cfg.max_docs is not None and stats["docs_in"] >= cfg.max_docs:
                 break
+            size = len(doc.text.encode("utf-8"))
             stats["docs_in"] += 1
-            stats["bytes_in"] += len(doc.text.encode("utf-8"))
-            text = clean_text(doc.text, cfg.unicode_form)
-            reason = None
-            if len(text) < cfg.min_chars:
-                reason = "empty" if not text else "too_short"
-            elif len(text) > cfg.max_chars:
-                reason = "too_long"
-            else:
-                digest = hashlib.sha256(text.encode("utf-8")).digest()
-                if digest in seen:
-                    reason = "duplicate"
-                seen.add(digest)
+            stats["bytes_in"] += size
+            text, reason, pii = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen)
             if reason:
-                removed[reason] += 1
-                removed[f"{reason}_bytes"] += len(doc.text.encode("utf-8"))
+                removed.setdefault(reason, Counter()).update(docs=1, bytes=size)
+                if removed[reason]["docs"] <= cfg.removed_samples:
+                    samples.append({"reason": reason, "id": doc.id, "source": doc.source, "text": doc.text[:2000]})
             else:
+                pii_total.update(pii)
                 split = "val" if is_heldout(doc.group, cfg.val_fraction) else "train"
                 writers[split].add(doc, text)
                 stats[f"{split}_docs"] += 1
@@ -87,13 +104,13 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             bar.update(task, advance=1, kept=stats["train_docs"] + stats["val_docs"])
     for w in writers.values():
         w.flush()
+    write_text(out / "removed_samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
     stats["docs_out"] = stats["train_docs"] + stats["val_docs"]
     stats["bytes_out"] = stats["train_bytes"] + stats["val_bytes"]
-    reasons = {r: {"docs": removed[r], "bytes": removed[f"{r}_bytes"]}
-               for r in ("empty", "too_short", "too_long", "duplicate")}
     result = {**{k: stats[k] for k in ("docs_in", "bytes_in", "docs_out", "bytes_out", "train_docs",
                                          "val_docs", "train_bytes", "val_bytes")},
-              "removed": reasons, "shards": {s: w.shards for s, w in writers.items()}}
+              "removed": {r: {"docs": c["docs"], "bytes": c["bytes"]} for r, c in removed.items()},
+              "pii_redacted": dict(pii_total), "shards": {s: w.shards for s, w in writers.items()}}
     write_json(out / "stats.json", result)
     print_stats(result)
     return result
@@ -110,6 +127,8 @@ def print_stats(stats: dict) -> None:
         table.add_row(f"removed: {reason}", f"{r['docs']:,}", f"{r['bytes']:,}")
     table.add_row("out (train)", f"{stats['train_docs']:,}", f"{stats['train_bytes']:,}")
     table.add_row("out (val)", f"{stats['val_docs']:,}", f"{stats['val_bytes']:,}")
+    for kind, n in stats.get("pii_redacted", {}).items():
+        table.add_row(f"redacted: {kind}", f"{n:,}", "")
     console.print(table)
 
 

@@ -1,0 +1,22 @@
+from lmkiln.data.pii import luhn_ok, redact
+
+
+def test_redacts_each_kind_with_placeholders():
+    text = ("Mail anna@kiln.org, phone (212) 555-0147 or +44 20 7946 0958, server 192.168.10.4 "
+            "and 2001:db8::8a2e:370:7334, card 4111 1111 1111 1111, SSN 123-45-6789.")
+    out, counts = redact(text)
+    assert out == ("Mail <EMAIL>, phone <PHONE> or <PHONE>, server <IP_ADDRESS> and <IP_ADDRESS>, "
+                   "card <CARD_NUMBER>, SSN <US_SSN>.")
+    assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1, "ssn": 1}
+
+
+def test_leaves_non_personal_numbers_alone():
+    text = "Order 4111 1111 1111 1112 shipped on 2024-05-17; version 3.11.7; 1,234,567 users; call 999."
+    out, counts = redact(text)
+    assert out == text and not counts  # the order number fails the Luhn check
+
+
+def test_luhn_and_kind_selection():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    out, counts = redact("anna@kiln.org 10.0.0.1", kinds={"ip"})
+    assert out == "anna@kiln.org <IP_ADDRESS>" and counts == {"ip": 1}
