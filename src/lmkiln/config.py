@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmkiln.errors import UserError
 
@@ -88,6 +88,26 @@ class PiiConfig(Section):
         default_factory=lambda: ["email", "phone", "ip", "card", "ssn"])
 
 
+class NearDedupConfig(Section):
+    enabled: bool = False
+    ngram: int = Field(5, gt=0, description="words per shingle")
+    num_perm: int = Field(128, gt=0, description="MinHash permutations")
+    bands: int = Field(16, gt=0, description="LSH bands (rows per band = num_perm / bands)")
+    threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity that makes a duplicate")
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> "NearDedupConfig":
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+        return self
+
+
+class DecontamConfig(Section):
+    eval_files: list[str] = Field(default_factory=list, description="ICL JSONL evaluation sets to protect")
+    ngram: int = Field(13, gt=0)
+    action: Literal["remove", "flag"] = Field("remove", description="remove, or keep and list in contaminated.jsonl")
+
+
 class DataConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["builtin:python-stdlib"],
                                description="files, globs, folders, or builtin:NAME")
@@ -103,6 +123,8 @@ class DataConfig(Section):
     c4: C4Config = Field(default_factory=C4Config)
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
+    near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
+    decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     removed_samples: int = Field(20, ge=0, description="removed documents kept per reason in removed_samples.jsonl")
 
 

@@ -127,6 +127,9 @@ def check_recipe(recipe: Recipe, stages: list[str]) -> None:
 
     if "data" in stages:
         check(recipe.data.sources)
+        for name in recipe.data.decontam.eval_files:
+            if not Path(name).is_file():
+                raise UserError(f"data.decontam.eval_files: '{name}' does not exist")
     if "finetune" in stages:
         from lmkiln.train.formats import check_source
 

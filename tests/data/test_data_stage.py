@@ -40,6 +40,7 @@ def test_data_stage_dedups_filters_and_reports(tmp_path):
     texts = _texts(tmp_path / "run" / "data", "train")
     assert sorted(texts) == sorted([clean_text(body), clean_text("Another document " * 10)])
     assert json.loads((tmp_path / "run" / "data" / "stats.json").read_text())["docs_out"] == 2
+    assert (tmp_path / "run" / "data" / "removals.png").stat().st_size > 1000
 
 
 def test_bad_jsonl_line_names_file_and_line(tmp_path):

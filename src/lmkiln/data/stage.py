@@ -14,6 +14,8 @@ import pyarrow.parquet as pq
 from lmkiln.config import Recipe
 from lmkiln.data import sources
 from lmkiln.data.clean import clean_text
+from lmkiln.data.decontam import Contamination
+from lmkiln.data.dedup import NearDuplicates
 from lmkiln.data.filters import apply_filters
 from lmkiln.data.pii import redact
 from lmkiln.data.split import is_heldout
@@ -28,7 +30,31 @@ def config_of(recipe: Recipe) -> dict:
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
-    return {"sources": sources.fingerprint(recipe.data.sources)}
+    from lmkiln.io import sha256_file
+
+    evals = {f: sha256_file(f) for f in recipe.data.decontam.eval_files if Path(f).is_file()}
+    return {"sources": sources.fingerprint(recipe.data.sources), "eval_files": evals}
+
+
+def plot_removals(stats: dict, png: Path) -> None:
+    """A bar chart of documents kept and removed per reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("kept", stats["docs_out"])] + [(r, v["docs"]) for r, v in stats["removed"].items() if v["docs"]]
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2), dpi=110)
+    ax.barh([r for r, _ in rows][::-1], [n for _, n in rows][::-1],
+            color=["#c44e52"] * (len(rows) - 1) + ["#4c72b0"])
+    for i, (_, n) in enumerate(rows[::-1]):
+        ax.text(n, i, f" {n:,}", va="center", fontsize=8)
+    ax.set_xlabel("documents")
+    ax.set_title(f"data: {stats['docs_in']:,} documents in")
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
 
 
 class ShardWriter:
@@ -54,7 +80,8 @@ class ShardWriter:
         self.rows = []
 
 
-def _judge(text: str, cfg, seen: set[bytes]) -> tuple[str, str | None, Counter]:
+def _judge(text: str, cfg, seen: set[bytes], near: NearDuplicates | None,
+           contamination: Contamination | None) -> tuple[str, str | None, Counter]:
     """(final text, reason it is removed or None, PII found) for one cleaned document."""
     pii: Counter = Counter()
     if len(text) < cfg.min_chars:
@@ -65,11 +92,15 @@ def _judge(text: str, cfg, seen: set[bytes]) -> tuple[str, str | None, Counter]:
     if filtered is None:
         return text, reason, pii
     text = filtered
+    if contamination is not None and cfg.decontam.action == "remove" and contamination.hits(text):
+        return text, "contaminated", pii
     if cfg.pii.enabled:
         text, pii = redact(text, set(cfg.pii.kinds))
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     if digest in seen:
         return text, "duplicate", pii
+    if near is not None and near.add(len(seen), text):
+        return text, "near_duplicate", pii
     seen.add(digest)
     return text, None, pii
 
@@ -79,9 +110,15 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     for old in out.glob("*.parquet"):
         old.unlink()
     writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
-    removed: dict[str, Counter] = {r: Counter() for r in ("empty", "too_short", "too_long", "duplicate")}
+    removed: dict[str, Counter] = {r: Counter() for r in ("empty", "too_short", "too_long", "duplicate",
+                                                         *(["near_duplicate"] if cfg.near_dedup.enabled else []),
+                                                         *(["contaminated"] if cfg.decontam.eval_files else []))}
     samples: list[dict] = []
     stats, pii_total, seen = Counter(), Counter(), set()
+    nd = cfg.near_dedup
+    near = NearDuplicates(nd.num_perm, nd.bands, nd.ngram, nd.threshold, recipe.seed) if nd.enabled else None
+    contamination = Contamination(cfg.decontam.eval_files, cfg.decontam.ngram) if cfg.decontam.eval_files else None
+    flagged: list[dict] = []
     with progress("{task.fields[kept]} kept") as bar:
         task = bar.add_task("data", total=cfg.max_docs, kept=0)
         for doc in sources.read(cfg.sources, cfg.text_field):
@@ -90,13 +127,15 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             size = len(doc.text.encode("utf-8"))
             stats["docs_in"] += 1
             stats["bytes_in"] += size
-            text, reason, pii = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen)
+            text, reason, pii = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen, near, contamination)
             if reason:
                 removed.setdefault(reason, Counter()).update(docs=1, bytes=size)
                 if removed[reason]["docs"] <= cfg.removed_samples:
                     samples.append({"reason": reason, "id": doc.id, "source": doc.source, "text": doc.text[:2000]})
             else:
                 pii_total.update(pii)
+                if contamination is not None and cfg.decontam.action == "flag" and (hits := contamination.hits(text)):
+                    flagged.append({"id": doc.id, "source": doc.source, "shared_ngrams": hits})
                 split = "val" if is_heldout(doc.group, cfg.val_fraction) else "train"
                 writers[split].add(doc, text)
                 stats[f"{split}_docs"] += 1
@@ -104,14 +143,17 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             bar.update(task, advance=1, kept=stats["train_docs"] + stats["val_docs"])
     for w in writers.values():
         w.flush()
+    if contamination is not None and cfg.decontam.action == "flag":
+        write_text(out / "contaminated.jsonl", "".join(json.dumps(r) + "\n" for r in flagged))
     write_text(out / "removed_samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
     stats["docs_out"] = stats["train_docs"] + stats["val_docs"]
     stats["bytes_out"] = stats["train_bytes"] + stats["val_bytes"]
     result = {**{k: stats[k] for k in ("docs_in", "bytes_in", "docs_out", "bytes_out", "train_docs",
                                          "val_docs", "train_bytes", "val_bytes")},
               "removed": {r: {"docs": c["docs"], "bytes": c["bytes"]} for r, c in removed.items()},
-              "pii_redacted": dict(pii_total), "shards": {s: w.shards for s, w in writers.items()}}
+              "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged), "shards": {s: w.shards for s, w in writers.items()}}
     write_json(out / "stats.json", result)
+    plot_removals(result, out / "removals.png")
     print_stats(result)
     return result
 

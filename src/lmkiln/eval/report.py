@@ -18,6 +18,9 @@ def _data_section(run_dir: Path) -> list[str]:
     out += [f"| removed: {k} | {v['docs']:,} | {v['bytes']:,} |" for k, v in s["removed"].items()]
     out += [f"| out (train) | {s['train_docs']:,} | {s['train_bytes']:,} |",
             f"| out (val) | {s['val_docs']:,} | {s['val_bytes']:,} |", ""]
+    out += [f"Redacted: {', '.join(f'{n:,} {k}' for k, n in s['pii_redacted'].items())}.", ""] if s.get("pii_redacted") else []
+    if (run_dir / "data" / "removals.png").exists():
+        out += ["![documents kept and removed per reason](data/removals.png)", ""]
     tok = read_manifest(run_dir / "tokenizer")
     if tok:
         m = tok["metrics"]
