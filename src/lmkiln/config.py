@@ -112,6 +112,7 @@ class DataConfig(Section):
     sources: list[str] = Field(default_factory=lambda: ["builtin:python-stdlib"],
                                description="files, globs, folders, or builtin:NAME")
     text_field: str = Field("text", description="field holding the text in jsonl/parquet sources")
+    on_error: Literal["fail", "skip"] = Field("fail", description="a bad file or line: stop, or report and skip it")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out, split by document group")
     min_chars: int = Field(100, ge=0, description="drop documents shorter than this after cleaning")
     max_chars: Size = Field(1_000_000, gt=0, description="drop documents longer than this")

@@ -115,21 +115,53 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a UserError naming file and line otherwise."""
+COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
+
+
+def base_suffix(path: str | Path) -> str:
+    """`a.jsonl.zst` -> `.jsonl`: the format under any compression suffix."""
+    path = Path(path)
+    return Path(path.stem).suffix.lower() if path.suffix.lower() in COMPRESSED else path.suffix.lower()
+
+
+def open_text(path: str | Path):
+    """A UTF-8 text stream over a plain, .gz, .zst or .bz2 file (decompressed by pyarrow)."""
+    import io as _io
+
+    import pyarrow as pa
+
+    compression = COMPRESSED.get(Path(path).suffix.lower())
+    raw = pa.input_stream(str(path), compression=compression) if compression else open(path, "rb")
+    return _io.TextIOWrapper(raw, encoding="utf-8", newline="")
+
+
+def iter_jsonl(path: str | Path, on_bad=None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line. A bad line is a UserError naming file and line,
+    or, with `on_bad`, is passed to it as a message and skipped."""
     from lmkiln.errors import UserError
 
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+    def bad(message: str) -> None:
+        if on_bad is None:
+            raise UserError(message)
+        on_bad(message)
+
+    with open_text(path) as fh:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    bad(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+                    continue
+                if not isinstance(record, dict):
+                    bad(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                    continue
+                yield lineno, record
+        except UnicodeDecodeError:
+            bad(f"{path}:{lineno + 1}: not valid UTF-8; the rest of the file is skipped")
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:

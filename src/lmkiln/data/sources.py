@@ -1,21 +1,24 @@
 """Sources: files, globs, folders and builtin corpora, read as a stream of Documents.
 
-txt/md: a document per file. jsonl: a document per line (`text_field`). parquet: a document per row.
-A path that matches nothing is a user error raised before any work starts.
+txt/md: a document per file. jsonl: a document per line (`text_field`). csv/tsv and parquet: a document
+per row (`text_field` names the column). Any of them may be compressed (.gz, .zst, .bz2). A path that
+matches nothing is a user error raised before any work starts. A bad file or line stops the run with
+its name and line, or, with `on_error="skip"`, is reported, counted and skipped.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from lmkiln.errors import UserError
-from lmkiln.io import iter_jsonl
+from lmkiln.io import base_suffix, iter_jsonl, open_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
-RECORD_SUFFIXES = {".jsonl", ".parquet"}
+RECORD_SUFFIXES = {".jsonl", ".parquet", ".csv", ".tsv"}
 
 
 @dataclass
@@ -35,11 +38,27 @@ def expand(source: str) -> list[Path]:
         if not path.exists():
             raise UserError(f"data source '{source}' does not exist")
         paths = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in paths if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | RECORD_SUFFIXES]
+    files = [p for p in paths if p.is_file() and base_suffix(p) in TEXT_SUFFIXES | RECORD_SUFFIXES]
     if not files:
         kinds = ", ".join(sorted(TEXT_SUFFIXES | RECORD_SUFFIXES))
-        raise UserError(f"data source '{source}' matches no readable file (expected {kinds})")
+        raise UserError(f"data source '{source}' matches no readable file (expected {kinds}, optionally .gz/.zst/.bz2)")
     return files
+
+
+@dataclass
+class Errors:
+    """What to do with bad input: raise it (`fail`), or report, count and skip it (`skip`)."""
+
+    policy: str = "fail"
+    messages: list[str] = field(default_factory=list)
+
+    def __call__(self, message: str) -> None:
+        if self.policy == "fail":
+            raise UserError(message)
+        from lmkiln.log import console
+
+        console.print(f"[yellow]skipped: {message}[/yellow]")
+        self.messages.append(message)
 
 
 def check(sources: list[str]) -> None:
@@ -53,22 +72,40 @@ def check(sources: list[str]) -> None:
             expand(source)
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[Document]:
-    for lineno, record in iter_jsonl(path):
+def _read_jsonl(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    for lineno, record in iter_jsonl(path, on_bad=None if errors.policy == "fail" else errors):
         if not isinstance(record.get(field), str):
-            raise UserError(f"{path}:{lineno}: expected a string field '{field}'")
+            errors(f"{path}:{lineno}: expected a string field '{field}'")
+            continue
         yield Document(id=f"{path}:{lineno}", source=str(path), group=f"{path}:{lineno}", text=record[field])
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+def _read_csv(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    delimiter = "\t" if base_suffix(path) == ".tsv" else ","
+    with open_text(path) as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if field not in (reader.fieldnames or []):
+            errors(f"{path}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])})")
+            return
+        for row in reader:
+            text = row.get(field)
+            if text is None:  # a short row
+                errors(f"{path}:{reader.line_num}: row has no value for '{field}'")
+                continue
+            yield Document(id=f"{path}:{reader.line_num}", source=str(path), group=f"{path}:{reader.line_num}", text=text)
+
+
+def _read_parquet(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:  # pyarrow raises several types for a broken file
-        raise UserError(f"{path}: not a readable Parquet file ({exc})") from None
+        errors(f"{path}: not a readable Parquet file ({exc})")
+        return
     if field not in table.schema_arrow.names:
-        raise UserError(f"{path}: no column '{field}' (columns: {', '.join(table.schema_arrow.names)})")
+        errors(f"{path}: no column '{field}' (columns: {', '.join(table.schema_arrow.names)})")
+        return
     row = 0
     for batch in table.iter_batches(columns=[field]):
         for text in batch.column(0).to_pylist():
@@ -77,18 +114,17 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
                 yield Document(id=f"{path}:{row}", source=str(path), group=f"{path}:{row}", text=text)
 
 
-def _read_file(path: Path, field: str) -> Iterator[Document]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _read_jsonl(path, field)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path, field)
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
-        yield Document(id=str(path), source=str(path), group=str(path), text=text)
+def _read_text(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    try:
+        with open_text(path) as fh:
+            text = fh.read()
+    except UnicodeDecodeError as exc:
+        errors(f"{path}: not valid UTF-8 (byte {exc.start} of a read block)")
+        return
+    yield Document(id=str(path), source=str(path), group=str(path), text=text)
+
+
+READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
 
 
 def _builtin_stdlib() -> Iterator[Document]:
@@ -100,14 +136,15 @@ def _builtin_stdlib() -> Iterator[Document]:
 BUILTINS = {"builtin:python-stdlib": _builtin_stdlib}
 
 
-def read(sources: list[str], text_field: str = "text") -> Iterator[Document]:
+def read(sources: list[str], text_field: str = "text", errors: Errors | None = None) -> Iterator[Document]:
+    errors = errors or Errors()
     for source in sources:
         if source.startswith("builtin:"):
             check([source])
             yield from BUILTINS[source]()
         else:
             for path in expand(source):
-                yield from _read_file(path, text_field)
+                yield from READERS.get(base_suffix(path), _read_text)(path, text_field, errors)
 
 
 def fingerprint(sources: list[str]) -> dict[str, str]:

@@ -119,9 +119,10 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     near = NearDuplicates(nd.num_perm, nd.bands, nd.ngram, nd.threshold, recipe.seed) if nd.enabled else None
     contamination = Contamination(cfg.decontam.eval_files, cfg.decontam.ngram) if cfg.decontam.eval_files else None
     flagged: list[dict] = []
+    errors = sources.Errors(cfg.on_error)
     with progress("{task.fields[kept]} kept") as bar:
         task = bar.add_task("data", total=cfg.max_docs, kept=0)
-        for doc in sources.read(cfg.sources, cfg.text_field):
+        for doc in sources.read(cfg.sources, cfg.text_field, errors):
             if cfg.max_docs is not None and stats["docs_in"] >= cfg.max_docs:
                 break
             size = len(doc.text.encode("utf-8"))
@@ -151,7 +152,8 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     result = {**{k: stats[k] for k in ("docs_in", "bytes_in", "docs_out", "bytes_out", "train_docs",
                                          "val_docs", "train_bytes", "val_bytes")},
               "removed": {r: {"docs": c["docs"], "bytes": c["bytes"]} for r, c in removed.items()},
-              "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged), "shards": {s: w.shards for s, w in writers.items()}}
+              "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged),
+              "skipped_input": errors.messages, "shards": {s: w.shards for s, w in writers.items()}}
     write_json(out / "stats.json", result)
     plot_removals(result, out / "removals.png")
     print_stats(result)
