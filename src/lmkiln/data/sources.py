@@ -62,8 +62,6 @@ class Errors:
 
 
 def check(sources: list[str]) -> None:
-    from lmkiln.data import builtin  # noqa: F401 (import check only)
-
     for source in sources:
         if source.startswith("builtin:"):
             if source not in BUILTINS:

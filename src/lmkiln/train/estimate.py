@@ -8,7 +8,6 @@ by the loss, then two logits-sized gradient buffers at the start of the backward
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -114,6 +113,3 @@ def print_estimate(est: dict) -> None:
         table.add_row("whole run", f"{est['run_hours']:,.2f} h")
     Console().print(table)
 
-
-def fits(est: dict, available: int) -> bool:
-    return est["memory_bytes"]["total"] <= available and not math.isnan(est["memory_bytes"]["total"])

@@ -114,7 +114,8 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     log = MetricsLog(out / "metrics.jsonl")
 
     val_sum, val_n = reply_loss(model, val, cfg.batch_size, pad, device)
-    best = {"epoch": 0, "val_loss": val_sum / val_n, "state": None}
+    base_val = val_sum / val_n
+    best = {"epoch": 0, "val_loss": base_val, "state": None}
     log.log({"step": 0, "epoch": 0, "val_loss": round(best["val_loss"], 5)})
     console.print(f"epoch 0 (base): val loss {best['val_loss']:.4f}")
     rng = random.Random(recipe.seed)
@@ -173,12 +174,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
     return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long, "steps": step,
             "best_epoch": best["epoch"], "best_val_loss": round(best["val_loss"], 5),
-            "base_val_loss": round(log_first_val(out), 5), "trainable_parameters": trainable,
+            "base_val_loss": round(base_val, 5), "trainable_parameters": trainable,
             "total_parameters": model.args.num_params(),
             "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
 
-
-def log_first_val(out: Path) -> float:
-    from lmkiln.train.metrics import read_metrics
-
-    return next(r["val_loss"] for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r)
