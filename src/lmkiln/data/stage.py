@@ -81,28 +81,30 @@ class ShardWriter:
 
 
 def _judge(text: str, cfg, seen: set[bytes], near: NearDuplicates | None,
-           contamination: Contamination | None) -> tuple[str, str | None, Counter]:
-    """(final text, reason it is removed or None, PII found) for one cleaned document."""
+           contamination: Contamination | None) -> tuple[str, str | None, Counter, int]:
+    """(final text, reason it is removed or None, PII found, n-grams shared with the evaluation sets)
+    for one cleaned document."""
     pii: Counter = Counter()
     if len(text) < cfg.min_chars:
-        return text, "empty" if not text else "too_short", pii
+        return text, "empty" if not text else "too_short", pii, 0
     if len(text) > cfg.max_chars:
-        return text, "too_long", pii
+        return text, "too_long", pii, 0
     filtered, reason = apply_filters(text, cfg)
     if filtered is None:
-        return text, reason, pii
+        return text, reason, pii, 0
     text = filtered
-    if contamination is not None and cfg.decontam.action == "remove" and contamination.hits(text):
-        return text, "contaminated", pii
+    hits = contamination.hits(text) if contamination is not None else 0
+    if hits and cfg.decontam.action == "remove":
+        return text, "contaminated", pii, hits
     if cfg.pii.enabled:
         text, pii = redact(text, set(cfg.pii.kinds))
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     if digest in seen:
-        return text, "duplicate", pii
+        return text, "duplicate", pii, hits
     if near is not None and near.add(len(seen), text):
-        return text, "near_duplicate", pii
+        return text, "near_duplicate", pii, hits
     seen.add(digest)
-    return text, None, pii
+    return text, None, pii, hits
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
@@ -128,14 +130,14 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             size = len(doc.text.encode("utf-8"))
             stats["docs_in"] += 1
             stats["bytes_in"] += size
-            text, reason, pii = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen, near, contamination)
+            text, reason, pii, hits = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen, near, contamination)
             if reason:
                 removed.setdefault(reason, Counter()).update(docs=1, bytes=size)
                 if removed[reason]["docs"] <= cfg.removed_samples:
                     samples.append({"reason": reason, "id": doc.id, "source": doc.source, "text": doc.text[:2000]})
             else:
                 pii_total.update(pii)
-                if contamination is not None and cfg.decontam.action == "flag" and (hits := contamination.hits(text)):
+                if hits:  # kept although contaminated: action is flag
                     flagged.append({"id": doc.id, "source": doc.source, "shared_ngrams": hits})
                 split = "val" if is_heldout(doc.group, cfg.val_fraction) else "train"
                 writers[split].add(doc, text)

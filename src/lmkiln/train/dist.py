@@ -38,11 +38,13 @@ class DistContext:
 
 def setup(device_name: str) -> DistContext:
     """Join the process group torchrun describes in the environment, or run as one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from lmkiln.pipeline import rank as torchrun_rank
+
+    rank, world = torchrun_rank()
     device = pick_device(device_name)
     if world == 1:
         return DistContext(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
