@@ -63,6 +63,13 @@ class GopherRepetitionConfig(Section):
     dup_ngram_char_frac: dict[int, float] = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
 
+    @field_validator("top_ngram_char_frac", "dup_ngram_char_frac")
+    @classmethod
+    def _ngrams_of_two_or_more(cls, value: dict[int, float]) -> dict[int, float]:
+        if any(n < 2 for n in value):
+            raise ValueError(f"n-gram lengths must be 2 or more, got {sorted(value)}")
+        return value
+
 
 class C4Config(Section):
     enabled: bool = False
@@ -102,6 +109,18 @@ class NearDedupConfig(Section):
         return self
 
 
+class LanguageConfig(Section):
+    enabled: bool = False
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="ISO 639-1 codes to keep")
+    min_score: float = Field(0.65, ge=0, le=1, description="fastText probability of the top language (FineWeb: 0.65)")
+    max_chars: int = Field(1000, gt=0, description="characters of each document the model reads")
+
+
+class BlocklistConfig(Section):
+    file: str | None = Field(None, description="a text file of blocked words or phrases, one per line")
+    max_matches: int = Field(0, ge=0, description="documents with more matches than this are dropped")
+
+
 class DecontamConfig(Section):
     eval_files: list[str] = Field(default_factory=list, description="ICL JSONL evaluation sets to protect")
     ngram: int = Field(13, gt=0)
@@ -117,12 +136,20 @@ class DataConfig(Section):
     min_chars: int = Field(100, ge=0, description="drop documents shorter than this after cleaning")
     max_chars: Size = Field(1_000_000, gt=0, description="drop documents longer than this")
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    fix_mojibake: bool = Field(True, description="repair text decoded with the wrong codec (ftfy)")
+    boilerplate_lines: bool = Field(False, description="drop javascript/cookie/policy notice lines (as C4 does)")
     shard_docs: int = Field(5000, gt=0, description="documents per output Parquet shard")
+    work_docs: int = Field(1000, gt=0, description="documents per work shard: the unit of parallel work and of resume")
+    executor: Literal["local", "ray"] = Field("local", description="local process pool, or a Ray cluster")
+    workers: int | None = Field(None, gt=0, description="parallel shard workers (default: the CPU count)")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
     max_docs: Size | None = Field(None, gt=0, description="stop after this many documents in (for quick runs)")
     gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
     gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
     c4: C4Config = Field(default_factory=C4Config)
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    blocklist: BlocklistConfig = Field(default_factory=BlocklistConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)

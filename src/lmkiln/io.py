@@ -124,15 +124,19 @@ def base_suffix(path: str | Path) -> str:
     return Path(path.stem).suffix.lower() if path.suffix.lower() in COMPRESSED else path.suffix.lower()
 
 
-def open_text(path: str | Path):
-    """A UTF-8 text stream over a plain, .gz, .zst or .bz2 file (decompressed by pyarrow)."""
-    import io as _io
-
+def open_bytes(path: str | Path):
+    """A binary stream over a plain, .gz, .zst or .bz2 file (decompressed by pyarrow)."""
     import pyarrow as pa
 
     compression = COMPRESSED.get(Path(path).suffix.lower())
-    raw = pa.input_stream(str(path), compression=compression) if compression else open(path, "rb")
-    return _io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    return pa.input_stream(str(path), compression=compression) if compression else open(path, "rb")
+
+
+def open_text(path: str | Path):
+    """A UTF-8 text stream over a plain, .gz, .zst or .bz2 file."""
+    import io as _io
+
+    return _io.TextIOWrapper(open_bytes(path), encoding="utf-8", newline="")
 
 
 def iter_jsonl(path: str | Path, on_bad=None) -> Iterator[tuple[int, dict]]:

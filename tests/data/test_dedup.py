@@ -7,7 +7,7 @@ import pytest
 
 from lmkiln import data
 from lmkiln.config import load_recipe
-from lmkiln.data.dedup import NearDuplicates
+from lmkiln.data.dedup import LshIndex, signatures
 from lmkiln.errors import UserError
 
 VOCAB = [f"w{i}" for i in range(5000)]
@@ -29,9 +29,9 @@ def _corpus(n: int = 500, seed: int = 0):
 
 def test_planted_near_duplicates_recall_and_precision():
     originals, planted = _corpus()
-    near = NearDuplicates(num_perm=128, bands=16, ngram=5, threshold=0.8)
-    kept_originals = [not near.add(i, doc) for i, doc in enumerate(originals)]
-    caught = [near.add(len(originals) + i, doc) for i, doc in enumerate(planted)]
+    index = LshIndex(num_perm=128, bands=16, threshold=0.8)
+    kept_originals = [not index.add(sig) for sig in signatures(originals, 5, 128, seed=1)]
+    caught = [index.add(sig) for sig in signatures(planted, 5, 128, seed=1)]
     recall = sum(caught) / len(caught)
     false_drops = kept_originals.count(False)  # distinct documents wrongly taken as duplicates
     assert recall >= 0.95, recall

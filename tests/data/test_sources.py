@@ -58,3 +58,88 @@ def test_skip_policy_reports_and_goes_on(tmp_path):
     with pytest.raises(UserError, match=r"a.jsonl:2: not valid JSON"):
         data.run(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", f"data.sources=[{src}]"]))
     assert not (tmp_path / "run2" / "data" / "manifest.json").exists()
+
+
+PAGE = ("<html><head><title>Kilns</title><script>var tracking = 1;</script></head><body>"
+        "<nav><a href='/'>Home</a> <a href='/shop'>Shop</a></nav>"
+        "<article><h1>Firing clay</h1><p>A kiln turns clay into ceramic at about a thousand degrees.</p>"
+        "<p>Café owners buy the mugs.</p></article>"
+        "<footer>© 2026 Kiln Co. All rights reserved.</footer></body></html>")
+
+
+def _warc_record(uri: str, html: str, record_id: str) -> bytes:
+    body = html.encode("utf-8")
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: " \
+        + str(len(body)).encode() + b"\r\n\r\n" + body
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Record-ID: <urn:uuid:{record_id}>\r\n"
+            f"WARC-Target-URI: {uri}\r\nWARC-Date: 2026-01-01T00:00:00Z\r\n"
+            f"Content-Type: application/http; msgtype=response\r\nContent-Length: {len(http)}\r\n\r\n").encode()
+    return head + http + b"\r\n\r\n"
+
+
+def _warcinfo() -> bytes:
+    payload = b"software: lmkiln tests\r\n"
+    return (b"WARC/1.0\r\nWARC-Type: warcinfo\r\nWARC-Record-ID: <urn:uuid:00000000-0000-0000-0000-000000000000>\r\n"
+            b"WARC-Date: 2026-01-01T00:00:00Z\r\nContent-Type: application/warc-fields\r\nContent-Length: "
+            + str(len(payload)).encode() + b"\r\n\r\n" + payload + b"\r\n\r\n")
+
+
+def test_html_page_gives_its_main_text(tmp_path):
+    (tmp_path / "page.html").write_text(PAGE, encoding="utf-8")
+    (text,) = _texts([tmp_path / "page.html"])
+    assert "A kiln turns clay into ceramic" in text and "Café owners" in text
+    assert "tracking" not in text and "Shop" not in text and "rights reserved" not in text
+
+
+def test_warc_gives_each_html_response(tmp_path):
+    pytest.importorskip("fastwarc")
+    other = PAGE.replace("Firing clay", "Glazes").replace("A kiln turns clay", "A glaze is glass fused")
+    with gzip.open(tmp_path / "crawl.warc.gz", "wb") as fh:
+        fh.write(_warcinfo() + _warc_record("https://kiln.example/a", PAGE, "11111111-1111-1111-1111-111111111111")
+                 + _warc_record("https://kiln.example/b", other, "22222222-2222-2222-2222-222222222222"))
+    docs = list(read([str(tmp_path / "crawl.warc.gz")]))
+    assert [d.group for d in docs] == ["https://kiln.example/a", "https://kiln.example/b"]
+    assert docs[0].id == "<urn:uuid:11111111-1111-1111-1111-111111111111>"
+    assert "A kiln turns clay" in docs[0].text and "A glaze is glass fused" in docs[1].text
+    assert "Home" not in docs[1].text
+
+
+def test_json_array_source(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    assert _texts([tmp_path / "a.json"]) == ["one", "two"]
+    (tmp_path / "b.json").write_text(json.dumps({"text": "not an array"}))
+    with pytest.raises(UserError, match=r"b.json: expected a JSON array of objects, got dict"):
+        _texts([tmp_path / "b.json"])
+
+
+def test_hf_source_streams_through_datasets(monkeypatch):
+    """No network here: a stand-in `datasets` module records the call the real one would get."""
+    import sys
+    import types
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first row"}, {"text": None}, {"text": "third row"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    errors = Errors("skip")
+    docs = list(read(["hf:HuggingFaceFW/fineweb-edu:sample-10BT@train"], errors=errors))
+    assert calls == [("HuggingFaceFW/fineweb-edu", "sample-10BT", "train", True)]
+    assert [d.text for d in docs] == ["first row", "third row"] and docs[0].origin.startswith("hf:")
+    assert errors.messages == ["hf:HuggingFaceFW/fineweb-edu:sample-10BT@train: row 1: expected a string field 'text'"]
+
+
+def test_hf_source_offline_is_a_user_error(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(UserError, match=r"'hf:someone/corpus': cannot stream it from the Hugging Face hub"):
+        list(read(["hf:someone/corpus"]))
+    with pytest.raises(UserError, match=r"expected hf:OWNER/NAME"):
+        list(read(["hf:a/b/c"]))

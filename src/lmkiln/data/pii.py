@@ -1,6 +1,7 @@
 """Redaction of personal data: e-mail addresses, phone numbers, IP addresses, payment card numbers
-(Luhn-checked, so order numbers are left alone) and US social security numbers, each replaced by a
-placeholder and counted by kind."""
+(a card network's prefix and length, and the Luhn check: one random number in ten passes Luhn, so order
+numbers need the prefix test too) and US social security numbers, each replaced by a placeholder and
+counted by kind."""
 
 from __future__ import annotations
 
@@ -33,9 +34,26 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def card_network_ok(digits: str) -> bool:
+    """Whether a digit string has the prefix (IIN) and length of a major card network."""
+    n, p2, p3, p4 = len(digits), int(digits[:2]), int(digits[:3]), int(digits[:4])
+    if digits[0] == "4":  # Visa
+        return n in (13, 16, 19)
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:  # Mastercard
+        return n == 16
+    if p2 in (34, 37):  # American Express
+        return n == 15
+    if p4 == 6011 or p2 in (62, 65) or 644 <= p3 <= 649 or 3528 <= p4 <= 3589:  # Discover, UnionPay, JCB
+        return 16 <= n <= 19
+    if 300 <= p3 <= 305 or p2 in (36, 38, 39):  # Diners Club
+        return 14 <= n <= 19
+    return (p2 == 50 or 56 <= p2 <= 69) and 12 <= n <= 19  # Maestro
+
+
 def _card(match: re.Match) -> str | None:
     digits = re.sub(r"\D", "", match.group())
-    return PLACEHOLDERS["card"] if 13 <= len(digits) <= 19 and luhn_ok(digits) else None
+    ok = 13 <= len(digits) <= 19 and card_network_ok(digits) and luhn_ok(digits)
+    return PLACEHOLDERS["card"] if ok else None
 
 
 def _ipv6(match: re.Match) -> str | None:

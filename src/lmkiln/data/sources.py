@@ -1,24 +1,28 @@
 """Sources: files, globs, folders and builtin corpora, read as a stream of Documents.
 
-txt/md: a document per file. jsonl: a document per line (`text_field`). csv/tsv and parquet: a document
-per row (`text_field` names the column). Any of them may be compressed (.gz, .zst, .bz2). A path that
-matches nothing is a user error raised before any work starts. A bad file or line stops the run with
-its name and line, or, with `on_error="skip"`, is reported, counted and skipped.
+txt/md: a document per file. jsonl: a document per line (`text_field`); json: a document per object of
+a top-level array. csv/tsv and parquet: a document per row (`text_field` names the column). html: the
+page's main text. WARC: the main text of each HTML response. Any of them may be compressed (.gz, .zst,
+.bz2). `hf:OWNER/NAME[:CONFIG][@SPLIT]` streams a Hugging Face dataset (needs `datasets` and a network).
+A path that matches nothing is a user error raised before any work starts. A bad file or line stops the
+run with its name and line, or, with `on_error="skip"`, is reported, counted and skipped.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from lmkiln.errors import UserError
-from lmkiln.io import base_suffix, iter_jsonl, open_text
+from lmkiln.data.web import HTML_SUFFIXES, html_to_text, read_warc
+from lmkiln.io import base_suffix, iter_jsonl, open_bytes, open_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
-RECORD_SUFFIXES = {".jsonl", ".parquet", ".csv", ".tsv"}
+RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".warc"} | HTML_SUFFIXES
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Document:
     source: str
     group: str  # documents of one group land in the same split (a module, a file)
     text: str
+    origin: str = ""  # the recipe's source entry it came from, for per-source statistics
 
 
 def expand(source: str) -> list[Path]:
@@ -63,7 +68,9 @@ class Errors:
 
 def check(sources: list[str]) -> None:
     for source in sources:
-        if source.startswith("builtin:"):
+        if source.startswith("hf:"):
+            hf_spec(source)
+        elif source.startswith("builtin:"):
             if source not in BUILTINS:
                 raise UserError(f"data source '{source}' is not a builtin (known: {', '.join(BUILTINS)})")
         else:
@@ -76,6 +83,61 @@ def _read_jsonl(path: Path, field: str, errors: Errors) -> Iterator[Document]:
             errors(f"{path}:{lineno}: expected a string field '{field}'")
             continue
         yield Document(id=f"{path}:{lineno}", source=str(path), group=f"{path}:{lineno}", text=record[field])
+
+
+def _read_json(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    try:
+        with open_text(path) as fh:
+            records = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        errors(f"{path}: not valid JSON ({exc})")
+        return
+    if not isinstance(records, list):
+        errors(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
+        return
+    for i, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            errors(f"{path}: item {i}: expected an object with a string field '{field}'")
+            continue
+        yield Document(id=f"{path}:{i}", source=str(path), group=f"{path}:{i}", text=record[field])
+
+
+def _read_html(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    with open_bytes(path) as fh:
+        raw = fh.read()
+    yield Document(id=str(path), source=str(path), group=str(path), text=html_to_text(raw))
+
+
+def _read_warc(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    for record_id, uri, text in read_warc(path, errors):
+        yield Document(id=record_id, source=str(path), group=uri or record_id, text=text)
+
+
+def hf_spec(source: str) -> tuple[str, str | None, str]:
+    """`hf:OWNER/NAME[:CONFIG][@SPLIT]` -> (name, config, split); the split defaults to train."""
+    spec = source[3:]
+    spec, _, split = spec.partition("@")
+    name, _, config = spec.partition(":")
+    if not name or name.count("/") > 1 or " " in name:
+        raise UserError(f"data source '{source}': expected hf:OWNER/NAME[:CONFIG][@SPLIT]")
+    return name, config or None, split or "train"
+
+
+def _read_hf(source: str, field: str, errors: Errors) -> Iterator[Document]:
+    name, config, split = hf_spec(source)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data source '{source}' needs the datasets package: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, config, split=split, streaming=True)
+        for i, record in enumerate(stream):
+            if not isinstance(record.get(field), str):
+                errors(f"{source}: row {i}: expected a string field '{field}'")
+                continue
+            yield Document(id=f"{source}:{i}", source=source, group=f"{source}:{i}", text=record[field])
+    except (OSError, ValueError, ConnectionError) as exc:  # offline, unknown dataset, bad config
+        raise UserError(f"data source '{source}': cannot stream it from the Hugging Face hub ({exc})") from None
 
 
 def _read_csv(path: Path, field: str, errors: Errors) -> Iterator[Document]:
@@ -122,7 +184,8 @@ def _read_text(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     yield Document(id=str(path), source=str(path), group=str(path), text=text)
 
 
-READERS = {".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet}
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
+           ".parquet": _read_parquet, ".warc": _read_warc, **{s: _read_html for s in HTML_SUFFIXES}}
 
 
 def _builtin_stdlib() -> Iterator[Document]:
@@ -137,12 +200,20 @@ BUILTINS = {"builtin:python-stdlib": _builtin_stdlib}
 def read(sources: list[str], text_field: str = "text", errors: Errors | None = None) -> Iterator[Document]:
     errors = errors or Errors()
     for source in sources:
-        if source.startswith("builtin:"):
-            check([source])
-            yield from BUILTINS[source]()
-        else:
-            for path in expand(source):
-                yield from READERS.get(base_suffix(path), _read_text)(path, text_field, errors)
+        for doc in _read_source(source, text_field, errors):
+            doc.origin = source
+            yield doc
+
+
+def _read_source(source: str, text_field: str, errors: Errors) -> Iterator[Document]:
+    if source.startswith("hf:"):
+        yield from _read_hf(source, text_field, errors)
+    elif source.startswith("builtin:"):
+        check([source])
+        yield from BUILTINS[source]()
+    else:
+        for path in expand(source):
+            yield from READERS.get(base_suffix(path), _read_text)(path, text_field, errors)
 
 
 def fingerprint(sources: list[str]) -> dict[str, str]:
@@ -154,6 +225,8 @@ def fingerprint(sources: list[str]) -> dict[str, str]:
     for source in sources:
         if source == "builtin:python-stdlib":
             out[source] = stdlib_fingerprint()
+        elif source.startswith("hf:"):  # a hub dataset is named, not hashed: streaming it twice costs too much
+            out[source] = source
         else:
             for path in expand(source):
                 out[str(path)] = sha256_file(path)

@@ -1,32 +1,42 @@
-"""`kiln data`: read sources, clean, filter (length, Gopher, C4, FineWeb), redact personal data, remove
-exact duplicates, write Parquet shards, stats.json and a sample of removed documents per reason."""
+"""`kiln data`: read sources, clean, filter, redact personal data, remove exact and near duplicates and
+benchmark contamination, write Parquet shards, stats.json, removals.png and a sample of removed
+documents per reason.
+
+Two passes. The first cuts the input into work shards of `data.work_docs` documents and processes them
+in parallel (`data.executor`: a local process pool or Ray); each finished shard is saved under `.work/`
+at once, so a rerun after an interruption redoes only the shards that had not finished. The second
+pass walks the saved shards in order and removes duplicates across all of them, so every executor and
+worker count gives the same output."""
 
 from __future__ import annotations
 
-import hashlib
 import json
+import shutil
+import threading
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmkiln.config import Recipe
 from lmkiln.data import sources
-from lmkiln.data.clean import clean_text
-from lmkiln.data.decontam import Contamination
-from lmkiln.data.dedup import NearDuplicates
-from lmkiln.data.filters import apply_filters
-from lmkiln.data.pii import redact
+from lmkiln.data.dedup import LshIndex
+from lmkiln.data.executor import map_shards
+from lmkiln.data.shards import SAMPLE_CHARS, process_shard, signature_rows
 from lmkiln.data.split import is_heldout
-from lmkiln.io import atomic_path, write_json, write_text
+from lmkiln.data.stats import Tally, load_pyplot, plot_removals, print_stats
+from lmkiln.io import atomic_path, sha256_json, write_json, write_text
 from lmkiln.log import console, progress
 
 SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+EXECUTION_KEYS = ("executor", "workers", "ray_address", "work_docs")  # how, not what: the output is the same
 
 
 def config_of(recipe: Recipe) -> dict:
-    return recipe.data.model_dump(mode="json")
+    cfg = recipe.data.model_dump(mode="json", exclude=set(EXECUTION_KEYS))
+    return {**cfg, "seed": recipe.seed}
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
@@ -34,27 +44,6 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 
     evals = {f: sha256_file(f) for f in recipe.data.decontam.eval_files if Path(f).is_file()}
     return {"sources": sources.fingerprint(recipe.data.sources), "eval_files": evals}
-
-
-def plot_removals(stats: dict, png: Path) -> None:
-    """A bar chart of documents kept and removed per reason."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [("kept", stats["docs_out"])] + [(r, v["docs"]) for r, v in stats["removed"].items() if v["docs"]]
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(rows) + 1.2), dpi=110)
-    ax.barh([r for r, _ in rows][::-1], [n for _, n in rows][::-1],
-            color=["#c44e52"] * (len(rows) - 1) + ["#4c72b0"])
-    for i, (_, n) in enumerate(rows[::-1]):
-        ax.text(n, i, f" {n:,}", va="center", fontsize=8)
-    ax.set_xlabel("documents")
-    ax.set_title(f"data: {stats['docs_in']:,} documents in")
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
 
 
 class ShardWriter:
@@ -65,8 +54,8 @@ class ShardWriter:
         self.rows: list[dict] = []
         self.shards: list[str] = []
 
-    def add(self, doc: sources.Document, text: str) -> None:
-        self.rows.append({"id": doc.id, "source": doc.source, "text": text})
+    def add(self, doc_id: str, source: str, text: str) -> None:
+        self.rows.append({"id": doc_id, "source": source, "text": text})
         if len(self.rows) >= self.shard_docs:
             self.flush()
 
@@ -80,102 +69,130 @@ class ShardWriter:
         self.rows = []
 
 
-def _judge(text: str, cfg, seen: set[bytes], near: NearDuplicates | None,
-           contamination: Contamination | None) -> tuple[str, str | None, Counter, int]:
-    """(final text, reason it is removed or None, PII found, n-grams shared with the evaluation sets)
-    for one cleaned document."""
-    pii: Counter = Counter()
-    if len(text) < cfg.min_chars:
-        return text, "empty" if not text else "too_short", pii, 0
-    if len(text) > cfg.max_chars:
-        return text, "too_long", pii, 0
-    filtered, reason = apply_filters(text, cfg)
-    if filtered is None:
-        return text, reason, pii, 0
-    text = filtered
-    hits = contamination.hits(text) if contamination is not None else 0
-    if hits and cfg.decontam.action == "remove":
-        return text, "contaminated", pii, hits
-    if cfg.pii.enabled:
-        text, pii = redact(text, set(cfg.pii.kinds))
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    if digest in seen:
-        return text, "duplicate", pii, hits
-    if near is not None and near.add(len(seen), text):
-        return text, "near_duplicate", pii, hits
-    seen.add(digest)
-    return text, None, pii, hits
+def _work_shards(cfg, errors: sources.Errors) -> Iterator[tuple[int, list[tuple]]]:
+    """(index, documents) of each work shard, in input order, up to `max_docs` documents in all."""
+    batch: list[tuple] = []
+    index = n = 0
+    for doc in sources.read(cfg.sources, cfg.text_field, errors):
+        if cfg.max_docs is not None and n >= cfg.max_docs:
+            break
+        n += 1
+        batch.append((doc.id, doc.source, doc.origin, doc.group, doc.text))
+        if len(batch) == cfg.work_docs:
+            yield index, batch
+            index, batch = index + 1, []
+    if batch:
+        yield index, batch
+
+
+def _open_work(work: Path, key: str) -> None:
+    """The scratch folder of finished work shards, emptied if it belongs to other settings or inputs."""
+    stamp = work / "key"
+    if work.exists() and (not stamp.is_file() or stamp.read_text() != key):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+
+
+def _process(recipe: Recipe, work: Path, errors: sources.Errors) -> tuple[list[Path], int]:
+    """Run every unfinished work shard; (all work shard files in order, how many were already done)."""
+    cfg = recipe.data
+    payload = cfg.model_dump_json(exclude=set(EXECUTION_KEYS))
+    files: list[Path] = []
+    reused = 0
+
+    def todo() -> Iterator[tuple[int, tuple]]:
+        nonlocal reused
+        for index, docs in _work_shards(cfg, errors):
+            path = work / f"shard-{index:05d}.parquet"
+            files.append(path)
+            if path.is_file():
+                reused += 1
+                bar.update(task, advance=len(docs), shards=reused)
+                continue
+            yield index, (docs, payload, recipe.seed)
+
+    with progress("{task.fields[shards]} shards") as bar:
+        task = bar.add_task("data", total=cfg.max_docs, shards=0)
+        finished = 0
+        for index, table in map_shards(process_shard, todo(), cfg.executor, cfg.workers, cfg.ray_address):
+            with atomic_path(work / f"shard-{index:05d}.parquet") as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+            finished += 1
+            bar.update(task, advance=table.num_rows, shards=reused + finished)
+    if reused:
+        console.print(f"data: {reused} of {len(files)} work shards were already done, reused")
+    return files, reused
+
+
+def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
+    """One ordered pass over the work shards: exact and near dedup across all of them, splits, outputs."""
+    cfg = recipe.data
+    reasons = ["empty", "too_short", "too_long", "duplicate"] + (["near_duplicate"] if cfg.near_dedup.enabled else []) \
+        + (["contaminated"] if cfg.decontam.eval_files else [])
+    tally = Tally(reasons)
+    writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
+    nd = cfg.near_dedup
+    lsh = LshIndex(nd.num_perm, nd.bands, nd.threshold) if nd.enabled else None
+    seen: set[bytes] = set()
+    pii_total: Counter = Counter()
+    samples: list[dict] = []
+    sampled: Counter = Counter()
+    flagged: list[dict] = []
+
+    def removed(row: dict, reason: str, text: str | None) -> None:
+        tally.add_removed(row["origin"], reason, row["bytes_in"])
+        sampled[reason] += 1
+        if sampled[reason] <= cfg.removed_samples and text is not None:
+            samples.append({"reason": reason, "id": row["id"], "source": row["source"], "text": text[:SAMPLE_CHARS]})
+
+    for path in files:
+        table = pq.read_table(path)
+        sigs = signature_rows(table, nd.num_perm) if lsh is not None else None
+        for i, row in enumerate(table.drop_columns(["signature"]).to_pylist()):
+            tally.add_in(row["origin"], row["bytes_in"])
+            if row["reason"] is not None:
+                removed(row, row["reason"], row["text"])
+            elif row["digest"] in seen:
+                removed(row, "duplicate", row["text"])
+            elif lsh is not None and lsh.add(sigs[i]):
+                removed(row, "near_duplicate", row["text"])
+            else:
+                seen.add(row["digest"])
+                pii_total.update(json.loads(row["pii"]) if row["pii"] else {})
+                if row["hits"]:  # kept although contaminated: the action is flag
+                    flagged.append({"id": row["id"], "source": row["source"], "shared_ngrams": row["hits"]})
+                split = "val" if is_heldout(row["group"], cfg.val_fraction) else "train"
+                writers[split].add(row["id"], row["source"], row["text"])
+                tally.add_kept(row["origin"], split, len(row["text"].encode("utf-8")))
+    for w in writers.values():
+        w.flush()
+    if cfg.decontam.eval_files and cfg.decontam.action == "flag":
+        write_text(out / "contaminated.jsonl", "".join(json.dumps(r) + "\n" for r in flagged))
+    write_text(out / "removed_samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
+    return {**tally.result(), "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged),
+            "shards": {s: w.shards for s, w in writers.items()}}
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
-    cfg = recipe.data
     for old in out.glob("*.parquet"):
         old.unlink()
-    writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
-    removed: dict[str, Counter] = {r: Counter() for r in ("empty", "too_short", "too_long", "duplicate",
-                                                         *(["near_duplicate"] if cfg.near_dedup.enabled else []),
-                                                         *(["contaminated"] if cfg.decontam.eval_files else []))}
-    samples: list[dict] = []
-    stats, pii_total, seen = Counter(), Counter(), set()
-    nd = cfg.near_dedup
-    near = NearDuplicates(nd.num_perm, nd.bands, nd.ngram, nd.threshold, recipe.seed) if nd.enabled else None
-    contamination = Contamination(cfg.decontam.eval_files, cfg.decontam.ngram) if cfg.decontam.eval_files else None
-    flagged: list[dict] = []
-    errors = sources.Errors(cfg.on_error)
-    with progress("{task.fields[kept]} kept") as bar:
-        task = bar.add_task("data", total=cfg.max_docs, kept=0)
-        for doc in sources.read(cfg.sources, cfg.text_field, errors):
-            if cfg.max_docs is not None and stats["docs_in"] >= cfg.max_docs:
-                break
-            size = len(doc.text.encode("utf-8"))
-            stats["docs_in"] += 1
-            stats["bytes_in"] += size
-            text, reason, pii, hits = _judge(clean_text(doc.text, cfg.unicode_form), cfg, seen, near, contamination)
-            if reason:
-                removed.setdefault(reason, Counter()).update(docs=1, bytes=size)
-                if removed[reason]["docs"] <= cfg.removed_samples:
-                    samples.append({"reason": reason, "id": doc.id, "source": doc.source, "text": doc.text[:2000]})
-            else:
-                pii_total.update(pii)
-                if hits:  # kept although contaminated: action is flag
-                    flagged.append({"id": doc.id, "source": doc.source, "shared_ngrams": hits})
-                split = "val" if is_heldout(doc.group, cfg.val_fraction) else "train"
-                writers[split].add(doc, text)
-                stats[f"{split}_docs"] += 1
-                stats[f"{split}_bytes"] += len(text.encode("utf-8"))
-            bar.update(task, advance=1, kept=stats["train_docs"] + stats["val_docs"])
-    for w in writers.values():
-        w.flush()
-    if contamination is not None and cfg.decontam.action == "flag":
-        write_text(out / "contaminated.jsonl", "".join(json.dumps(r) + "\n" for r in flagged))
-    write_text(out / "removed_samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-    stats["docs_out"] = stats["train_docs"] + stats["val_docs"]
-    stats["bytes_out"] = stats["train_bytes"] + stats["val_bytes"]
-    result = {**{k: stats[k] for k in ("docs_in", "bytes_in", "docs_out", "bytes_out", "train_docs",
-                                         "val_docs", "train_bytes", "val_bytes")},
-              "removed": {r: {"docs": c["docs"], "bytes": c["bytes"]} for r, c in removed.items()},
-              "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged),
-              "skipped_input": errors.messages, "shards": {s: w.shards for s, w in writers.items()}}
+    work = out / ".work"
+    _open_work(work, sha256_json({"config": config_of(recipe), "inputs": inputs_of(recipe, run_dir),
+                                  "work_docs": recipe.data.work_docs}))
+    errors = sources.Errors(recipe.data.on_error)
+    # matplotlib takes most of a second to import: do it while the workers run, not after them
+    warm = threading.Thread(target=load_pyplot, daemon=True)
+    warm.start()
+    files, reused = _process(recipe, work, errors)
+    result = _merge(recipe, files, out)
+    result.update(skipped_input=errors.messages, work_shards=len(files), work_shards_reused=reused)
     write_json(out / "stats.json", result)
+    warm.join()
     plot_removals(result, out / "removals.png")
     print_stats(result)
+    shutil.rmtree(work)
     return result
-
-
-def print_stats(stats: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title="data", show_edge=False)
-    for col in ("", "documents", "bytes"):
-        table.add_column(col, justify="right" if col else "left")
-    table.add_row("in", f"{stats['docs_in']:,}", f"{stats['bytes_in']:,}")
-    for reason, r in stats["removed"].items():
-        table.add_row(f"removed: {reason}", f"{r['docs']:,}", f"{r['bytes']:,}")
-    table.add_row("out (train)", f"{stats['train_docs']:,}", f"{stats['train_bytes']:,}")
-    table.add_row("out (val)", f"{stats['val_docs']:,}", f"{stats['val_bytes']:,}")
-    for kind, n in stats.get("pii_redacted", {}).items():
-        table.add_row(f"redacted: {kind}", f"{n:,}", "")
-    console.print(table)
 
 
 def read_split(data_dir: Path, split: str):

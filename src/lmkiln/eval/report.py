@@ -19,8 +19,13 @@ def _data_section(run_dir: Path) -> list[str]:
     out += [f"| out (train) | {s['train_docs']:,} | {s['train_bytes']:,} |",
             f"| out (val) | {s['val_docs']:,} | {s['val_bytes']:,} |", ""]
     out += [f"Redacted: {', '.join(f'{n:,} {k}' for k, n in s['pii_redacted'].items())}.", ""] if s.get("pii_redacted") else []
+    if len(s.get("per_source", {})) > 1:
+        out += ["| source | in | kept | removed |", "|---|---:|---:|---|"]
+        out += [f"| {src} | {p['docs_in']:,} | {p['docs_out']:,} | "
+                f"{', '.join(f'{r} {n:,}' for r, n in sorted(p['removed'].items(), key=lambda kv: -kv[1]))} |"
+                for src, p in s["per_source"].items()] + [""]
     if (run_dir / "data" / "removals.png").exists():
-        out += ["![documents kept and removed per reason](data/removals.png)", ""]
+        out += ["![documents and bytes kept and removed per reason and source](data/removals.png)", ""]
     tok = read_manifest(run_dir / "tokenizer")
     if tok:
         m = tok["metrics"]
