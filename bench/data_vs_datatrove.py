@@ -12,7 +12,7 @@ Both tools run their whole pipeline as a user would, with the same number of wor
 Prints documents per second for each, the ratio, and how often the two agree on keeping a document.
 
     pip install datatrove "xxhash<4" spacy orjson     # the peer; spaCy does datatrove's English word splitting
-    python bench/data_vs_datatrove.py [--workers 2] [--repeat 1] [--show 5]
+    python bench/data_vs_datatrove.py [--workers 2] [--show 5]
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ PII = ["You can write to {name}@example-mail.com for details.",
        "Card 4111 1111 1111 1111 was charged twice for the order."]
 
 
-def build_corpus(repeat: int, seed: int = 0) -> list[dict]:
+def build_corpus(seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     paragraphs = [p.strip() for p in (SHARED / "tinyshakespeare" / "input.txt").read_text().split("\n\n") if p.strip()]
     with open(SHARED / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv",
               newline="", encoding="utf-8") as fh:
         responses = [row["response"] for row in csv.DictReader(fh)]
-    texts = list(dict.fromkeys(paragraphs + responses)) * repeat
+    texts = list(dict.fromkeys(paragraphs + responses))
     planted = []
     for text in rng.sample([t for t in texts if len(t.split()) >= 60], 300):
         words = text.split(" ")
@@ -113,13 +113,12 @@ def run_lmkiln(paths: list[Path], run_dir: Path, workers: int) -> tuple[float, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for each tool")
-    parser.add_argument("--repeat", type=int, default=1, help="copies of the source texts (larger runs)")
     parser.add_argument("--show", type=int, default=0, help="print this many documents the tools disagree on")
     args = parser.parse_args()
     if importlib.util.find_spec("datatrove") is None:
         sys.exit('datatrove is the peer here: pip install datatrove "xxhash<4" spacy orjson')
 
-    docs = build_corpus(args.repeat)
+    docs = build_corpus()
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     try:
         paths = write_inputs(docs, tmp / "in", args.workers)

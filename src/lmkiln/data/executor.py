@@ -46,8 +46,9 @@ def _pool_map(fn, tasks: Iterator[Task], workers: int) -> Iterator[tuple[int, An
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    # spawn, not fork: the driver runs a progress thread, and forking a threaded process can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # spawn, not fork: the driver runs a progress thread, and forking a threaded process can deadlock.
+    # Workers ignore Ctrl-C: the driver takes it, lets running shards finish and stops cleanly.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
     pending: dict = {}
     try:
         for index, args in tasks:
@@ -62,6 +63,12 @@ def _pool_map(fn, tasks: Iterator[Task], workers: int) -> Iterator[tuple[int, An
                 yield pending.pop(future), future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _ray(fn, tasks: Iterator[Task], workers: int, address: str | None) -> Iterator[tuple[int, Any]]:
