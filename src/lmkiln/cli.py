@@ -100,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     _add_quiet(p)
 
+    p = sub.add_parser("import", help="import a Hugging Face model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) "
+                       "into an lmkiln model directory, checked")
+    p.add_argument("source", help="an HF model directory, or a hub id (OWNER/NAME) where a network exists")
+    p.add_argument("out", type=Path, help="the model directory to write")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the checkpoint's)")
+    _add_quiet(p)
+
+    p = sub.add_parser("export", help="export a model: merge a LoRA adapter, change dtype, or write GGUF "
+                       "(llama.cpp, Ollama) with a Modelfile")
+    p.add_argument("model", type=Path, help="a model directory, or a LoRA adapter directory (adapter_config.json)")
+    p.add_argument("out", type=Path, help="the directory to write")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into its base model")
+    p.add_argument("--base", type=Path, default=None,
+                   help="the adapter's base model directory (default: base_model_name_or_path of adapter_config.json)")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers directory (default); gguf: model.gguf + Modelfile")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the model's)")
+    _add_quiet(p)
+
     p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
     p.add_argument("model", type=Path, help="a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -148,6 +167,26 @@ def _serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
+def _import(args) -> None:
+    from lmkiln.log import console
+    from lmkiln.model.checks import print_checks
+    from lmkiln.model.importer import describe, import_model
+
+    checks = import_model(args.source, args.out, args.dtype)
+    console.print(f"imported {args.source} -> {args.out}\n{describe(args.out)}\nchecks:")
+    print_checks(checks)
+
+
+def _export(args) -> None:
+    from lmkiln.log import console
+    from lmkiln.model.checks import print_checks
+    from lmkiln.model.export import export_model
+
+    checks = export_model(args.model, args.out, merge=args.merge, base=args.base, fmt=args.format, dtype=args.dtype)
+    console.print(f"exported {args.model} -> {args.out}\nchecks:")
+    print_checks(checks)
+
+
 def _eval_models(args) -> None:
     from lmkiln.eval.stage import evaluate, print_table, write_results
 
@@ -173,6 +212,10 @@ def dispatch(args) -> int:
         _generate(args)
     elif args.verb == "serve":
         _serve(args)
+    elif args.verb == "import":
+        _import(args)
+    elif args.verb == "export":
+        _export(args)
     elif args.verb == "estimate":
         from lmkiln.train.estimate import estimate, print_estimate
 

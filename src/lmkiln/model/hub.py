@@ -10,8 +10,12 @@ import json
 import shutil
 from pathlib import Path
 
+from typing import Iterator
+
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
@@ -35,7 +39,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
         "head_dim": args.head_dim,
         "max_position_embeddings": args.max_seq_len,
         "rope_theta": args.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": args.rope_scaling,
         "rms_norm_eps": args.norm_eps,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
@@ -59,11 +63,13 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
 
 
 def args_from_hf(config: dict, where: str) -> ModelArgs:
-    cls = (config.get("architectures") or ["?"])[0]
+    # a config saved without `architectures` still names its family in model_type
+    cls = (config.get("architectures") or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")])[0]
     arch = ARCH_OF_CLASS.get(cls)
     if arch is None:
         raise UserError(f"{where}: architecture '{cls}' is not supported (supported: {', '.join(sorted(ARCH_OF_CLASS))})")
-    refused = [("rope_scaling", None), ("mlp_bias", False), ("hidden_act", "silu")]
+    refused = [("mlp_bias", False), ("hidden_act", "silu"), ("attn_logit_softcapping", None),
+               ("final_logit_softcapping", None)]
     if arch in ("llama", "qwen3"):
         refused.append(("attention_bias", False))  # bias on all four projections: not implemented
     if arch in ("qwen2", "qwen3"):
@@ -72,7 +78,8 @@ def args_from_hf(config: dict, where: str) -> ModelArgs:
         if config.get(key, ok) != ok:
             raise UserError(f"{where}: {key}={config[key]!r} is not supported (expected {ok!r})")
     eos = config.get("eos_token_id")
-    heads = config["num_attention_heads"]
+    heads = config.get("num_attention_heads", 0)
+    rope = _rope_settings(config)
     try:
         return ModelArgs(
             vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
@@ -80,7 +87,7 @@ def args_from_hf(config: dict, where: str) -> ModelArgs:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             intermediate_size=config["intermediate_size"],
             max_seq_len=config.get("max_position_embeddings", 2048),
-            rope_theta=float(config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=rope["theta"], rope_scaling=rope["scaling"],
             norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
             bos_token_id=config.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
             pad_token_id=config.get("pad_token_id"), arch=arch, head_dim=config.get("head_dim"),
@@ -90,6 +97,19 @@ def args_from_hf(config: dict, where: str) -> ModelArgs:
         raise UserError(f"{where}: missing key {exc}") from None
     except ValueError as exc:
         raise UserError(f"{where}: {exc}") from None
+
+
+def _rope_settings(config: dict) -> dict:
+    """Rotary settings from either config style: transformers 4's `rope_theta` + `rope_scaling`, or
+    transformers 5's `rope_parameters` {rope_type, rope_theta, factor, ...}."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(config.get("rope_theta", params.pop("rope_theta", 10000.0)))
+    params.pop("rope_theta", None)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type")
+    return {"theta": theta, "scaling": scaling}
 
 
 def save_model(model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None,
@@ -122,36 +142,93 @@ def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, t
                 shutil.copyfile(src, out_dir / name)
 
 
-def _read_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    single = model_dir / "model.safetensors"
-    if single.exists():
-        return load_file(single)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            state.update(load_file(model_dir / shard))
-        return state
-    raise UserError(f"{model_dir}: no model.safetensors (or model.safetensors.index.json) found")
+WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+IGNORED_WEIGHTS = (".rotary_emb.inv_freq",)  # a buffer old Llama checkpoints saved; we compute it
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
+def weight_shards(model_dir: Path) -> list[Path]:
+    """The weight files of a model directory: safetensors (single or sharded) first, else PyTorch .bin."""
+    for single, index in WEIGHT_LAYOUTS:
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        if (model_dir / index).is_file():
+            try:
+                names = json.loads((model_dir / index).read_text())["weight_map"].values()
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise UserError(f"{model_dir / index}: not a weight index (expected a 'weight_map' object)") from None
+            return [model_dir / name for name in sorted(set(names))]
+    raise UserError(f"{model_dir}: no weights (model.safetensors, pytorch_model.bin, or their .index.json)")
+
+
+def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) one at a time, so at most one tensor of the file is in memory besides what the
+    caller keeps. .bin files are read with weights_only=True (no code runs) and memory-mapped."""
+    if not path.is_file():
+        raise UserError(f"{path}: weight file named in the index is missing")
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # pickle and zip errors have no common base
+            raise UserError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})") from None
+        yield from state.items()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    path, leaf = name.rsplit(".", 1)
+    module = model.get_submodule(path)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
+
+
+def iter_checked_weights(model_dir: Path, args: ModelArgs) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every weight the model needs, checked against config.json by name and
+    shape; a missing, unexpected or misshapen weight is a UserError naming it."""
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("lm_head.weight")
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            if name.endswith(IGNORED_WEIGHTS) or (args.tie_embeddings and name == "lm_head.weight"):
+                continue
+            if name not in expected:
+                raise UserError(f"{shard}: weight '{name}' is not part of a {args.arch} model as config.json describes it")
+            if tensor.shape != expected[name]:
+                raise UserError(f"{shard}: weight '{name}' has shape {list(tensor.shape)}; "
+                                f"config.json implies {list(expected[name])}")
+            seen.add(name)
+            yield shard, name, tensor
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(f"{model_dir}: {len(missing)} weights missing, e.g. '{missing[0]}'")
+
+
+def read_args(model_dir: Path) -> ModelArgs:
+    cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"'{model_dir}' is not a model directory (no config.json)")
-    args = args_from_hf(json.loads(cfg_path.read_text()), str(cfg_path))
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg_path}: not valid JSON ({exc})") from None
+    return args_from_hf(config, str(cfg_path))
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> Transformer:
+    """The model of an HF directory, built on the meta device and filled tensor by tensor (converted to
+    `dtype` one at a time), so loading takes about the model's size in memory, not twice it."""
+    model_dir = Path(model_dir)
+    args = read_args(model_dir)
     with torch.device("meta"):
         model = Transformer(args)
-    state = _read_weights(model_dir)
-    if args.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if args.tie_embeddings else set())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(f"{model_dir}: weights do not match config.json "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False, assign=True)
+    for _, name, tensor in iter_checked_weights(model_dir, args):
+        _assign(model, name, tensor.to(dtype))
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device)

@@ -44,6 +44,7 @@ class ModelArgs:
     arch: str = "llama"  # llama | qwen2 (q/k/v bias) | qwen3 (QK-norm) | mistral (sliding window)
     head_dim: int | None = None  # defaults to hidden_size // num_heads (Qwen3 sets its own)
     sliding_window: int | None = None  # attend to the last N tokens, this one included (Mistral)
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "llama3", "factor": ..., ...} as in HF configs
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -56,6 +57,10 @@ class ModelArgs:
             raise ValueError(f"num_heads {self.num_heads} must divide by num_kv_heads {self.num_kv_heads}")
         if self.sliding_window is not None and self.arch != "mistral":
             raise ValueError("sliding_window is a Mistral feature: set arch to mistral")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ROPE_SCALINGS:
+                raise ValueError(f"rope_scaling type {kind!r} is not implemented (implemented: {', '.join(ROPE_SCALINGS)})")
 
     @property
     def qkv_bias(self) -> bool:
@@ -97,8 +102,32 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tensor:
+    """Rotary frequencies for a longer context: `linear` divides them all by the factor; `llama3`
+    (Llama 3.1/3.2) divides the low ones, keeps the high ones, and blends those between."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    inv_freq = scaled_inv_freq(inv_freq, scaling)
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
@@ -242,7 +271,7 @@ class Transformer(nn.Module):
         t = idx.shape[1]
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + t, device=idx.device)
-        cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta)
+        cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta, self.args.rope_scaling)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = attention_mask(start, t, self.args.sliding_window, idx.device)

@@ -1,0 +1,138 @@
+"""Train/serve consistency checks, the most common silent failure of fine-tuning tools: a chat template
+that does not render, an end-of-turn token the server does not stop on, padding that hides the end
+token from the loss, an exported model that does not generate what the trained one did."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from lmkiln.errors import UserError
+
+PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."},
+         {"role": "assistant", "content": "Hi there"}]
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | fixed | warning | failed
+    detail: str
+
+
+def tokenizer_config(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
+def chat_template(model_dir: Path) -> str | None:
+    """The template from tokenizer_config.json, or from chat_template.jinja (newer HF layout)."""
+    template = tokenizer_config(model_dir).get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    jinja = model_dir / "chat_template.jinja"
+    if template is None and jinja.is_file():
+        template = jinja.read_text()
+    return template
+
+
+@lru_cache(maxsize=8)
+def _compiled(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: "")
+    return env.from_string(template)
+
+
+def render_chat(model_dir: Path, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render messages as transformers' apply_chat_template does (sandboxed Jinja, same options)."""
+    template = chat_template(model_dir)
+    if template is None:
+        raise UserError(f"{model_dir}: no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    cfg = tokenizer_config(model_dir)
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+
+def _special_tokens(model_dir: Path) -> dict[str, int]:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    added = json.loads(path.read_text()).get("added_tokens", [])
+    return {t["content"]: t["id"] for t in added if t.get("special", True)}
+
+
+def _eos_ids(model_dir: Path) -> list[int]:
+    path = model_dir / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def end_of_turn(model_dir: Path) -> tuple[str, int] | None:
+    """The special token the chat template puts right after an assistant reply (<|eot_id|>, <|im_end|>,
+    </s>, ...), or None if it puts none there."""
+    text = render_chat(model_dir, PROBE)
+    after = text[text.rfind(PROBE[-1]["content"]) + len(PROBE[-1]["content"]):].lstrip(" ")
+    for token, token_id in sorted(_special_tokens(model_dir).items(), key=lambda kv: -len(kv[0])):
+        if after.startswith(token):
+            return token, token_id
+    return None
+
+
+def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
+    """Check the chat template, the end-of-turn stop token and padding; with `fix`, add a missing
+    end-of-turn token to generation_config.json's eos_token_id."""
+    model_dir = Path(model_dir)
+    checks: list[Check] = []
+    if chat_template(model_dir) is None:
+        return [Check("chat template", "warning", "none: chat fine-tuning and /v1/chat/completions need one")]
+    try:
+        render_chat(model_dir, PROBE)
+        render_chat(model_dir, PROBE[:2], add_generation_prompt=True)
+        checks.append(Check("chat template", "ok", "renders system, user and assistant turns"))
+    except Exception as exc:  # a template can raise anything: its own raise_exception, undefined names
+        return [Check("chat template", "failed", f"does not render: {type(exc).__name__}: {exc}")]
+    eot = end_of_turn(model_dir)
+    eos = _eos_ids(model_dir)
+    if eot is None:
+        checks.append(Check("end-of-turn token", "warning", "the template ends replies with no special token"))
+    elif eot[1] in eos:
+        checks.append(Check("end-of-turn token", "ok", f"{eot[0]} (id {eot[1]}) is a stop token in generation_config"))
+    elif fix:
+        path = model_dir / "generation_config.json"
+        gen = json.loads(path.read_text()) if path.is_file() else {}
+        gen["eos_token_id"] = eos + [eot[1]]
+        path.write_text(json.dumps(gen, indent=2) + "\n")
+        checks.append(Check("end-of-turn token", "fixed", f"added {eot[0]} (id {eot[1]}) to generation_config eos_token_id"))
+    else:
+        checks.append(Check("end-of-turn token", "failed", f"{eot[0]} (id {eot[1]}) is not in generation_config "
+                                                            f"eos_token_id {eos}: generation would run past replies"))
+    config = json.loads((model_dir / "config.json").read_text())
+    pad = config.get("pad_token_id")
+    ends = set(eos) | ({eot[1]} if eot else set())
+    detail = (f"pad id {pad} is also an end token; lmkiln builds loss masks from lengths, not from the pad id, "
+              f"so the end token is still trained (tools that mask by pad id would not train it)"
+              if pad in ends else f"pad id {pad}; loss masks come from lengths, so padding never hides a token")
+    checks.append(Check("padding", "ok", detail))
+    return checks
+
+
+def print_checks(checks: list[Check]) -> None:
+    from lmkiln.log import console
+
+    colour = {"ok": "green", "fixed": "yellow", "warning": "yellow", "failed": "red"}
+    for c in checks:
+        console.print(f"  [{colour[c.status]}]{c.status:>7}[/] {c.name}: {c.detail}")
