@@ -1,0 +1,178 @@
+"""GGUF for llama.cpp and Ollama, written with the `gguf` package (llama.cpp's own Python writer), and
+read back to check it.
+
+Names, layouts and metadata follow llama.cpp's convert_hf_to_gguf.py: Llama and Mistral are the `llama`
+architecture, whose rotary embedding pairs neighbouring dimensions, so q and k rows are permuted from
+HF's rotate-half order; Qwen2 and Qwen3 keep HF's order. Llama 3.1's rope scaling becomes a
+`rope_freqs` tensor of per-frequency divisors. The byte-level BPE tokenizer goes in as `gpt2` tokens
+and merges, with the chat template and the special token ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmkiln.errors import UserError
+from lmkiln.model.transformer import ModelArgs, scaled_inv_freq
+
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+# pre-tokenizer regexes llama.cpp knows, by the name it knows them under
+PRE_TOKENIZERS = {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
+                  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2"}
+
+
+def gguf_name(name: str) -> str:
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    parts = name.split(".", 3)  # model.layers.N.rest
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in LAYER_NAMES:
+        return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
+    raise UserError(f"weight '{name}' has no GGUF name")
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GGUF name -> tensor, in llama.cpp's layout."""
+    out = {}
+    for name, w in state.items():
+        if args.tie_embeddings and name == "lm_head.weight":
+            continue
+        if GGUF_ARCH[args.arch] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = _permute(w, args.num_heads if "q_proj" in name else args.num_kv_heads)
+        out[gguf_name(name)] = w
+    if args.rope_scaling and args.rope_scaling.get("rope_type") == "llama3":
+        inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
+        out["rope_freqs.weight"] = (inv / scaled_inv_freq(inv, args.rope_scaling)).float()
+    return out
+
+
+def _tokenizer_fields(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json; GGUF needs the tokenizer inside")
+    spec = json.loads(path.read_text())
+    model = spec.get("model", {})
+    pre = spec.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre])
+    if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in pres):
+        raise UserError(f"{path}: GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, lmkiln's own); "
+                        f"for a SentencePiece one run llama.cpp's convert_hf_to_gguf.py on the HF directory")
+    vocab = dict(model["vocab"])
+    added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
+    for content, (token_id, _) in added.items():
+        vocab[content] = token_id
+    tokens = [""] * (max(vocab.values()) + 1)
+    for token, token_id in vocab.items():
+        tokens[token_id] = token
+    types = [3 if added.get(t, (0, False))[1] else 4 if t in added else 1 for t in tokens]  # control, user, normal
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    regex = next((p.get("pattern", {}).get("Regex") for p in pres if p.get("type") == "Split"), None)
+    pre_name = PRE_TOKENIZERS.get(regex, "gpt-2" if regex is None else "default")
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre_name}
+
+
+def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path, path: Path, name: str,
+               dtype: torch.dtype) -> None:
+    """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("GGUF export needs the gguf package: pip install 'lmkiln[export]'") from None
+    from lmkiln.model.checks import chat_template
+    from lmkiln.model.hub import generation_eos
+
+    arch = GGUF_ARCH[args.arch]
+    tok = _tokenizer_fields(model_dir)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.hidden_size)
+    w.add_block_count(args.num_layers)
+    w.add_feed_forward_length(args.intermediate_size)
+    w.add_head_count(args.num_heads)
+    w.add_head_count_kv(args.num_kv_heads)
+    w.add_key_length(args.head_dim)
+    w.add_value_length(args.head_dim)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_vocab_size(args.vocab_size)
+    if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+    file_type = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+                 torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    w.add_file_type(file_type)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for setter, value in ((w.add_bos_token_id, args.bos_token_id), (w.add_eos_token_id, args.eos_token_id),
+                          (w.add_pad_token_id, args.pad_token_id)):
+        if value is not None:
+            setter(value)
+    eos = generation_eos(model_dir)
+    if len(eos) > 1:
+        w.add_eot_token_id(eos[-1])
+    w.add_add_bos_token(False)  # the chat template writes BOS itself
+    template = chat_template(model_dir)
+    if template:
+        w.add_chat_template(template)
+    for gname, tensor in gguf_tensors(args, state).items():
+        array, kwargs = _gguf_array(tensor, dtype, gguf)
+        w.add_tensor(gname, array, **kwargs)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _gguf_array(t: torch.Tensor, dtype: torch.dtype, gguf) -> tuple[np.ndarray, dict]:
+    """Norms, biases and rope factors stay f32 (as llama.cpp's converter keeps 1-D tensors); matrices take
+    the export dtype. bf16 has no numpy type: its raw 16-bit words go in with the type named."""
+    t = t.detach().cpu()
+    if t.ndim == 1 or dtype == torch.float32:
+        return t.float().numpy(), {}
+    if dtype == torch.float16:
+        return t.half().numpy(), {}
+    return t.bfloat16().view(torch.int16).numpy().view(np.uint16), {"raw_dtype": gguf.GGMLQuantizationType.BF16}
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, GGUF name -> tensor as float32 in HF's shape order) from a GGUF file."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {}
+    for t in reader.tensors:  # .data is in numpy (HF) order already; .shape is GGUF's reversed one
+        data = np.asarray(t.data)
+        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
+            data = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+        tensors[t.name] = data.astype(np.float32)
+    return meta, tensors
+
+
+def modelfile(gguf_name: str, stops: list[str]) -> str:
+    """An Ollama Modelfile: Ollama reads the chat template from the GGUF; the stops make replies end."""
+    lines = [f"FROM ./{gguf_name}", ""]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
