@@ -129,3 +129,20 @@ def test_import_checks_and_fixes_the_end_of_turn_stop(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(broken))
     checks = {c.name: c for c in import_model(str(src), tmp_path / "out2")}
     assert checks["chat template"].status == "failed" and "nosuchfilter" in checks["chat template"].detail
+
+
+def test_streamed_safetensors_match_the_library(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lmkiln.model.stream_safetensors import iter_tensors, write_streamed
+
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+             "d": torch.randn(2, 2).half()}
+    save_file(state, tmp_path / "lib.safetensors")
+    assert {k: v for k, v in iter_tensors(tmp_path / "lib.safetensors")}.keys() == state.keys()
+    for name, tensor in iter_tensors(tmp_path / "lib.safetensors"):
+        assert torch.equal(tensor, state[name])
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    write_streamed(tmp_path / "ours.safetensors", specs, iter(state.values()))
+    back = load_file(tmp_path / "ours.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in state.items())

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
+from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
@@ -167,9 +167,7 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not path.is_file():
         raise UserError(f"{path}: weight file named in the index is missing")
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        yield from iter_tensors(path)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -184,28 +182,45 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
 
 
-def iter_checked_weights(model_dir: Path, args: ModelArgs) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every weight the model needs, checked against config.json by name and
-    shape; a missing, unexpected or misshapen weight is a UserError naming it."""
+def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
         expected.pop("lm_head.weight")
-    seen = set()
-    for shard in weight_shards(model_dir):
-        for name, tensor in read_shard(shard):
-            if name.endswith(IGNORED_WEIGHTS) or (args.tie_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in expected:
-                raise UserError(f"{shard}: weight '{name}' is not part of a {args.arch} model as config.json describes it")
-            if tensor.shape != expected[name]:
-                raise UserError(f"{shard}: weight '{name}' has shape {list(tensor.shape)}; "
-                                f"config.json implies {list(expected[name])}")
-            seen.add(name)
-            yield shard, name, tensor
+    return expected
+
+
+def skipped_weight(name: str, args: ModelArgs) -> bool:
+    """A stored weight the model does not need: a cached rotary buffer, or a tied head's copy."""
+    return name.endswith(IGNORED_WEIGHTS) or (args.tie_embeddings and name == "lm_head.weight")
+
+
+def check_weight(shard: Path, name: str, shape, expected: dict) -> None:
+    if name not in expected:
+        raise UserError(f"{shard}: weight '{name}' is not part of the model config.json describes")
+    if tuple(shape) != tuple(expected[name]):
+        raise UserError(f"{shard}: weight '{name}' has shape {list(shape)}; config.json implies {list(expected[name])}")
+
+
+def check_missing(model_dir: Path, expected: dict, seen: set[str]) -> None:
     missing = sorted(set(expected) - seen)
     if missing:
         raise UserError(f"{model_dir}: {len(missing)} weights missing, e.g. '{missing[0]}'")
+
+
+def iter_checked_weights(model_dir: Path, args: ModelArgs) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every weight the model needs, checked against config.json by name and
+    shape; a missing, unexpected or misshapen weight is a UserError naming it."""
+    expected = expected_shapes(args)
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            if skipped_weight(name, args):
+                continue
+            check_weight(shard, name, tensor.shape, expected)
+            seen.add(name)
+            yield shard, name, tensor
+    check_missing(model_dir, expected, seen)
 
 
 def read_args(model_dir: Path) -> ModelArgs:

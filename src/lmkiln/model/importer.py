@@ -3,8 +3,9 @@ Hugging Face directory on disk, or a hub id where a network exists, into an lmki
 
 Everything is validated first: the architecture and every config value lmkiln does not implement are
 refused by name, never approximated; each weight is checked against config.json by name and shape.
-Weights are streamed tensor by tensor into output shards of at most `max_shard_bytes`, so importing
-takes about one shard of memory, not the model's size. The result is again an HF directory."""
+Safetensors weights whose headers check out are copied as files, reading no tensor; otherwise (.bin,
+a dtype change) they are streamed tensor by tensor into new files, so importing holds one tensor in
+memory, not the model. The result is again an HF directory."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
-from lmkiln.model.hub import hf_config, iter_checked_weights, read_args
+from lmkiln.model.hub import (check_missing, check_weight, expected_shapes, hf_config, read_args, read_shard,
+                              skipped_weight, weight_shards)
+from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES, read_header, write_streamed
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
@@ -52,60 +55,76 @@ def resolve_source(source: str) -> Path:
         raise UserError(f"'{source}': cannot download it from the Hugging Face hub ({type(exc).__name__}: {exc})") from None
 
 
-class ShardedWriter:
-    """Collects tensors into safetensors shards of at most `max_bytes`, named as transformers names them."""
-
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.current: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.current and self.size + nbytes > self.max_bytes:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def _flush(self) -> None:
-        name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.current, self.out / name, metadata={"format": "pt"})
-        self.files.append((name, list(self.current)))
-        self.current, self.size = {}, 0
-
-    def close(self) -> None:
-        if self.current:
-            self._flush()
-        if len(self.files) == 1:
-            (self.out / self.files[0][0]).rename(self.out / "model.safetensors")
-            return
-        weight_map = {}
-        for i, (name, keys) in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{len(self.files):05d}.safetensors"
-            (self.out / name).rename(self.out / final)
-            weight_map.update({k: final for k in keys})
-        write_json(self.out / "model.safetensors.index.json",
-                   {"metadata": {"total_size": self.total}, "weight_map": weight_map})
+def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> torch.dtype:
+    """Each weight file into a safetensors file of the same tensors (in `target` dtype), one tensor in
+    memory at a time; returns the dtype written."""
+    expected, seen, weight_map, total, written = expected_shapes(args), set(), {}, 0, None
+    files = weight_shards(src)
+    for k, shard in enumerate(files, 1):
+        if shard.suffix == ".safetensors":
+            header, _ = read_header(shard)
+            entries = [(n, STORED_DTYPES[m["dtype"]], tuple(m["shape"]))
+                       for n, m in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
+        else:
+            entries = [(n, t.dtype, tuple(t.shape)) for n, t in read_shard(shard)]
+        specs = [(n, target or d, s) for n, d, s in entries if not skipped_weight(n, args)]
+        for n, _, s in specs:
+            check_weight(shard, n, s, expected)
+            seen.add(n)
+        name = "model.safetensors" if len(files) == 1 else f"model-{k:05d}-of-{len(files):05d}.safetensors"
+        tensors = (t.to(target or t.dtype) for n, t in read_shard(shard) if not skipped_weight(n, args))
+        write_streamed(out / name, specs, tensors)
+        weight_map.update({n: name for n, _, _ in specs})
+        total += sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for _, d, s in specs)
+        written = written or (specs[0][1] if specs else None)
+    check_missing(src, expected, seen)
+    if len(files) > 1:
+        write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return written or torch.float32
 
 
-def import_model(source: str, out: str | Path, dtype: str | None = None,
-                 max_shard_bytes: int = 1 << 30) -> list[Check]:
+def copyable_weights(src: Path, args) -> tuple[bool, torch.dtype | None]:
+    """Check safetensors weights by their headers alone (no tensor is read); (whether the files can be
+    copied as they are, their dtype). Anything else (.bin, extra buffers, mixed dtypes) is rewritten."""
+    shards = weight_shards(src)
+    if any(s.suffix != ".safetensors" for s in shards):
+        return False, None
+    expected, seen, dtypes, extra = expected_shapes(args), set(), set(), False
+    for shard in shards:
+        with safe_open(shard, framework="pt") as f:
+            for name in f.keys():
+                if skipped_weight(name, args):
+                    extra = True
+                    continue
+                piece = f.get_slice(name)
+                check_weight(shard, name, piece.get_shape(), expected)
+                dtypes.add(piece.get_dtype())
+                seen.add(name)
+    check_missing(src, expected, seen)
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop()) if len(dtypes) == 1 else None
+    return not extra and dtype is not None, dtype
+
+
+def _copy_weights(src: Path, out: Path) -> None:
+    for shard in weight_shards(src):
+        shutil.copyfile(shard, out / shard.name)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        shutil.copyfile(index, out / index.name)
+
+
+def import_model(source: str, out: str | Path, dtype: str | None = None) -> list[Check]:
     """Import `source` into `out` (written whole or not at all); returns the consistency checks."""
     src = resolve_source(source)
     args = read_args(src)
     target = parse_dtype(dtype)
     out = Path(out)
+    copy, stored = copyable_weights(src, args)
     with atomic_dir(out) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
-        stored = None
-        for _, name, tensor in iter_checked_weights(src, args):
-            tensor = tensor.to(target) if target is not None else tensor
-            stored = stored or tensor.dtype
-            writer.add(name, tensor)
-        writer.close()
+        if copy and target in (None, stored):  # the common case: a file copy, no tensor in memory
+            _copy_weights(src, tmp)
+        else:
+            stored = _rewrite_weights(src, args, tmp, target)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
