@@ -146,3 +146,22 @@ def test_streamed_safetensors_match_the_library(tmp_path):
     write_streamed(tmp_path / "ours.safetensors", specs, iter(state.values()))
     back = load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(back[k], v) for k, v in state.items())
+
+
+def test_hub_id_goes_through_huggingface_hub(tmp_path, monkeypatch):
+    """No network here: the download is stood in for at huggingface_hub's boundary."""
+    hub = pytest.importorskip("huggingface_hub")
+    src = _save(tmp_path, "qwen3", torch.float32, None)
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(repo_id)
+        if repo_id == "someone/missing":
+            raise hub.errors.LocalEntryNotFoundError("offline and not in the cache")
+        return str(src)
+
+    monkeypatch.setattr(hub, "snapshot_download", snapshot_download)
+    import_model("Qwen/Qwen3-0.6B", tmp_path / "out")
+    assert calls == ["Qwen/Qwen3-0.6B"] and (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(UserError, match="'someone/missing': cannot download it from the Hugging Face hub"):
+        import_model("someone/missing", tmp_path / "out2")
