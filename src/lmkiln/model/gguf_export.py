@@ -101,19 +101,14 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     arch = GGUF_ARCH[args.arch]
     tok = _tokenizer_fields(model_dir)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.hidden_size)
-    w.add_block_count(args.num_layers)
-    w.add_feed_forward_length(args.intermediate_size)
-    w.add_head_count(args.num_heads)
-    w.add_head_count_kv(args.num_kv_heads)
-    w.add_key_length(args.head_dim)
-    w.add_value_length(args.head_dim)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_vocab_size(args.vocab_size)
+    for setter, value in ((w.add_name, name), (w.add_context_length, args.max_seq_len),
+                          (w.add_embedding_length, args.hidden_size), (w.add_block_count, args.num_layers),
+                          (w.add_feed_forward_length, args.intermediate_size), (w.add_head_count, args.num_heads),
+                          (w.add_head_count_kv, args.num_kv_heads), (w.add_key_length, args.head_dim),
+                          (w.add_value_length, args.head_dim), (w.add_rope_dimension_count, args.head_dim),
+                          (w.add_rope_freq_base, args.rope_theta), (w.add_layer_norm_rms_eps, args.norm_eps),
+                          (w.add_vocab_size, args.vocab_size)):
+        setter(value)
     if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
