@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_recipe_args(p)
+        if name == "finetune":
+            p.add_argument("--preview", type=int, metavar="N", default=None,
+                           help="print N training examples as rendered, trained tokens highlighted, and stop")
         if name == "eval":
             p.add_argument("--models", nargs="+", metavar="MODEL",
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
@@ -220,6 +223,10 @@ def dispatch(args) -> int:
         from lmkiln.train.estimate import estimate, print_estimate
 
         print_estimate(estimate(_load(args.recipe), world=args.world, device=args.device))
+    elif args.verb == "finetune" and args.preview is not None:
+        from lmkiln.train.finetune import preview
+
+        preview(_load(args.recipe), args.preview)
     elif args.verb == "eval" and args.models:
         _eval_models(args)
     else:

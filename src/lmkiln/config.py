@@ -219,7 +219,13 @@ class PretrainConfig(Section):
 
 
 class FinetuneConfig(Section):
-    data: str = Field("builtin:python-docstrings", description="builtin:python-docstrings or a JSONL file")
+    data: str = Field("builtin:python-docstrings",
+                      description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file")
+    format: Literal["auto", "text", "instruction", "chat"] = Field("auto", description="auto: told by each row's fields")
+    columns: dict[str, str] = Field(default_factory=dict,
+                                    description="canonical field -> column in the file, e.g. {instruction: question}")
+    on_bad_rows: Literal["fail", "skip"] = Field("fail", description="a row that is not a valid example")
+    loss_on: Literal["assistant", "all"] = Field("assistant", description="train on replies only, or every token")
     base: str = Field("pretrain", description="a stage name (pretrain) or a model directory")
     method: Literal["full", "lora"] = "full"
     lora: LoraConfig = Field(default_factory=LoraConfig)

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 from lmkiln.model.generate import generate
 from lmkiln.model.transformer import Transformer
 from lmkiln.tokenizer.train import special_ids
-from lmkiln.train.formats import encode_all, prompt_ids
+from lmkiln.train.formats import ChatFormat, encode_all, prompt_ids
 
 
 def rouge_l(prediction: str, reference: str, scorer=None) -> float:
@@ -17,18 +17,18 @@ def rouge_l(prediction: str, reference: str, scorer=None) -> float:
 
 
 def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int,
-                       max_len: int) -> dict:
+                       max_len: int, chat: ChatFormat | None = None) -> dict:
     """Reply loss (nats/token) over the references, greedy generations, and their mean ROUGE-L F1."""
     from lmkiln.train.finetune import reply_loss
 
     device = next(model.parameters()).device
     ids = special_ids(tok)
-    encoded, _ = encode_all(tok, examples, max_len)
+    encoded, _ = encode_all(tok, examples, max_len, chat)
     nats, count = reply_loss(model, encoded, 8, ids["pad"], device)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     samples, total = [], 0.0
     for ex in examples:
-        prompt = prompt_ids(tok, ex)
+        prompt = prompt_ids(tok, ex, chat)
         if len(prompt) >= model.args.max_seq_len:
             prompt = prompt[-(model.args.max_seq_len - max_new_tokens):]
         out = generate(model, prompt, max_new_tokens, stop_ids=[ids["end"], ids["eos"]])

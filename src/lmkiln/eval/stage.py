@@ -53,7 +53,7 @@ def display_names(models: list[str]) -> dict[str, str]:
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.generative import score_instructions
     from lmkiln.eval.perplexity import perplexity, tokens_of
-    from lmkiln.train.formats import load_splits, sample
+    from lmkiln.train.formats import ChatFormat, load_splits, sample
 
     cfg = recipe.eval
     device = pick_device(cfg.device)
@@ -78,7 +78,8 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
                                 f"than eval.seq_len={cfg.seq_len}")
             res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len)
         if examples is not None:
-            res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len)
+            res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len,
+                                                   ChatFormat(path))
         results[name] = res
     return results
 

@@ -20,7 +20,7 @@ from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, lora_state, merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
-from lmkiln.train.formats import IGNORE, collate, encode_all, load_splits, sample
+from lmkiln.train.formats import IGNORE, ChatFormat, collate, encode_all, load_splits, sample
 from lmkiln.train.metrics import MetricsLog, plot_curves
 from lmkiln.train.optim import adamw, cosine_lr, set_lr
 
@@ -83,6 +83,44 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
+def preview(recipe: Recipe, n: int) -> None:
+    """Print n training examples as the model sees them, the tokens the loss trains on highlighted."""
+    from rich.console import Console
+    from rich.text import Text
+
+    out = Console(highlight=False)  # a result: stdout, even with -q
+    cfg = recipe.finetune
+    base_dir = model_dir_of(Path(recipe.run_dir), cfg.base)
+    if not (base_dir / "config.json").is_file():
+        raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
+    tok = load_tokenizer(base_dir)
+    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    chat = ChatFormat(base_dir)
+    for ex in splits["train"][:n]:
+        ids, labels = encode_all(tok, [ex], 10**9, chat, cfg.loss_on)[0][0]
+        text = Text()
+        for i, token in enumerate(ids):  # token i is trained when it is the label of position i - 1
+            trained = i > 0 and labels[i - 1] != IGNORE
+            text.append(tok.decode([token], skip_special_tokens=False), style="bold green" if trained else "dim")
+        out.rule(f"{ex['id']}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
+        out.print(text)
+    out.print(f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
+                  f"[bold green]trained tokens[/bold green] in green[/dim]")
+
+
+def check_base(base_dir: Path) -> None:
+    """The train/serve consistency checks on the base model, before any training: a chat template
+    that does not render stops the run; the rest is reported."""
+    from lmkiln.model.checks import consistency_checks, print_checks
+
+    checks = consistency_checks(base_dir)
+    console.print(f"base model checks ({base_dir}):")
+    print_checks(checks)
+    failed = [c for c in checks if c.status == "failed" and c.name == "chat template"]
+    if failed:
+        raise UserError(f"finetune.base: {base_dir}: chat template {failed[0].detail}")
+
+
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     cfg = recipe.finetune
     base_dir = model_dir_of(run_dir, cfg.base)
@@ -92,10 +130,12 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     seed_everything(recipe.seed)
     tok = load_tokenizer(base_dir)
     pad = special_ids(tok)["pad"]
-    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction)
+    check_base(base_dir)
+    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    chat = ChatFormat(base_dir)
     train_ex = sample(splits["train"], cfg.max_examples) if cfg.max_examples else splits["train"]
-    train, too_long = encode_all(tok, train_ex, cfg.max_seq_len)
-    val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len)
+    train, too_long = encode_all(tok, train_ex, cfg.max_seq_len, chat, cfg.loss_on)
+    val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
     if not train or not val:
         raise UserError(f"finetune.data: no training or validation examples fit in max_seq_len={cfg.max_seq_len}")
     console.print(f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
@@ -172,7 +212,8 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     with atomic_dir(out / "final") as tmp:
         save_model(model, tmp, base_dir, [ids["end"]])
     plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
-    return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long, "steps": step,
+    return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long,
+            "skipped_rows": len(splits["skipped"]), "steps": step,
             "best_epoch": best["epoch"], "best_val_loss": round(best["val_loss"], 5),
             "base_val_loss": round(base_val, 5), "trainable_parameters": trainable,
             "total_parameters": model.args.num_params(),

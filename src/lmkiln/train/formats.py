@@ -1,8 +1,18 @@
-"""Fine-tuning data: instruction records (instruction, input, output) from JSONL or the builtin task,
-rendered with the chat template and tokenised with labels only on the assistant's reply."""
+"""Fine-tuning data: records in any supported file format, with the recipe's column mapping, validated
+row by row and turned into examples:
+
+  text          {text}                                 continued pretraining: every token trained
+  instruction   {instruction, input?, output, system?} one user turn and one reply (Alpaca)
+  chat          {messages: [{role, content}]}          multi-turn, system prompts; or ShareGPT's
+                {conversations: [{from, value}]}
+
+Each example is rendered with the base model's own chat template (tokenizer_config.json; lmkiln's when
+it has none) and tokenised with labels on the assistant's replies and their end-of-turn token only
+(`loss_on: all` trains every token)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,11 +20,16 @@ from tokenizers import Tokenizer
 
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
-from lmkiln.io import iter_jsonl
 from lmkiln.tokenizer.chat import instruction_messages, render
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 IGNORE = -100
+FORMATS = ("auto", "text", "instruction", "chat")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BadRow(ValueError):
+    """A row that cannot be an example; the message says why."""
 
 
 def check_source(source: str) -> None:
@@ -22,38 +37,119 @@ def check_source(source: str) -> None:
         if source not in BUILTIN_TASKS:
             raise UserError(f"finetune.data: '{source}' is not a builtin task (known: {', '.join(BUILTIN_TASKS)})")
     elif not Path(source).is_file():
-        raise UserError(f"finetune.data: '{source}' does not exist (expected a JSONL file or {BUILTIN_TASKS[0]})")
+        raise UserError(f"finetune.data: '{source}' does not exist (expected a data file or {BUILTIN_TASKS[0]})")
 
 
-def read_instruction_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, row in iter_jsonl(path):
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise UserError(f"{path}:{lineno}: field '{key}' must be a non-empty string")
-        if not isinstance(row.get("input", ""), str):
-            raise UserError(f"{path}:{lineno}: field 'input' must be a string")
-        rows.append({"instruction": row["instruction"], "input": row.get("input", ""),
-                     "output": row["output"], "id": f"{path.name}:{lineno}", "split": row.get("split")})
-    if not rows:
-        raise UserError(f"{path}: no examples")
-    return rows
+def detect_format(record: dict) -> str:
+    if "messages" in record or "conversations" in record:
+        return "chat"
+    if "instruction" in record or "output" in record:
+        return "instruction"
+    if "text" in record:
+        return "text"
+    raise BadRow(f"cannot tell its format from its fields ({', '.join(sorted(record)) or 'none'}); set "
+                 f"finetune.format and map columns with finetune.columns")
 
 
-def load_splits(source: str, val_fraction: float, heldout_fraction: float) -> dict[str, list[dict]]:
-    """train/val/test examples. The builtin task's test modules are those the corpus held out at
-    `heldout_fraction`; a JSONL file uses its `split` field, or carves `val_fraction` out by row."""
+def _string(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise BadRow(f"field '{key}' must be a non-empty string" if required else f"field '{key}' must be a string")
+    return value
+
+
+def _messages(record: dict) -> list[dict]:
+    if "conversations" in record and "messages" not in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list):
+            raise BadRow("field 'conversations' must be a list of {from, value}")
+        messages = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict) or t.get("from") not in SHAREGPT_ROLES or not isinstance(t.get("value"), str):
+                raise BadRow(f"conversations[{i}]: expected {{from: human|gpt|system, value: string}}")
+            messages.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    else:
+        messages = record.get("messages")
+        if not isinstance(messages, list):
+            raise BadRow("field 'messages' must be a list of {role, content}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise BadRow(f"messages[{i}]: expected {{role: system|user|assistant, content: string}}")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRow("the conversation has no assistant reply to train on")
+    if messages[0]["role"] == "assistant":
+        raise BadRow("the conversation starts with an assistant turn")
+    return messages
+
+
+def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dict:
+    """A validated example from one record; BadRow says what is wrong with it."""
+    for canonical, column in columns.items():
+        if column not in record:
+            raise BadRow(f"no column '{column}' (mapped to '{canonical}'; columns: {', '.join(sorted(record))})")
+        record = {**record, canonical: record[column]}
+    fmt = detect_format(record) if fmt == "auto" else fmt
+    example = {"id": ref, "split": record.get("split") or None}
+    if fmt == "text":
+        return {**example, "text": _string(record, "text")}
+    if fmt == "instruction":
+        ins, inp, out = _string(record, "instruction"), _string(record, "input", False), _string(record, "output")
+        system = _string(record, "system", False)
+        messages = ([{"role": "system", "content": system}] if system else []) + instruction_messages(ins, inp, out)
+        return {**example, "instruction": ins, "input": inp, "output": out, "messages": messages}
+    return {**example, "messages": _messages(record)}
+
+
+def load_file_examples(path: Path, fmt: str, columns: dict[str, str], on_bad_rows: str) -> tuple[list[dict], list[str]]:
+    """(examples, messages about the rows skipped) of a data file; with on_bad_rows=fail the first bad
+    row is a UserError naming file, row and reason."""
+    from lmkiln.train.records import read_records
+
+    skipped: list[str] = []
+
+    def bad(message: str) -> None:
+        if on_bad_rows == "fail":
+            raise UserError(message)
+        skipped.append(message)
+
+    examples = []
+    for ref, record in read_records(path, bad):
+        try:
+            examples.append(to_example(ref, record, fmt, columns))
+        except BadRow as exc:
+            bad(f"{ref}: {exc}")
+    if skipped:
+        from lmkiln.log import console
+
+        console.print(f"[yellow]skipped {len(skipped)} bad rows of {path}, the first: {skipped[0]}[/yellow]")
+    if not examples:
+        raise UserError(f"{path}: no usable examples" + (f" ({len(skipped)} bad rows)" if skipped else ""))
+    return examples, skipped
+
+
+def load_splits(source: str, val_fraction: float, heldout_fraction: float, fmt: str = "auto",
+                columns: dict[str, str] | None = None, on_bad_rows: str = "fail") -> dict[str, list]:
+    """train/val/test examples, and `skipped` (messages about bad rows). The builtin task's test modules
+    are those the corpus held out at `heldout_fraction`; a data file uses its `split` field, or carves
+    `val_fraction` out by row."""
     check_source(source)
     if source == "builtin:python-docstrings":
         from lmkiln.data.builtin import docstring_splits
 
-        return docstring_splits(heldout_fraction, val_fraction)
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for row in read_instruction_jsonl(Path(source)):
-        split = row.pop("split") or ("val" if is_heldout(row["id"], val_fraction) else "train")
-        if split not in splits:
-            raise UserError(f"{source}: row {row['id']}: split '{split}' is not train, val or test")
-        splits[split].append(row)
+        splits = {k: [{**ex, "messages": instruction_messages(ex["instruction"], ex["input"], ex["output"])}
+                      for ex in v] for k, v in docstring_splits(heldout_fraction, val_fraction).items()}
+        return {**splits, "skipped": []}
+    examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows)
+    splits: dict[str, list] = {"train": [], "val": [], "test": [], "skipped": skipped}
+    for ex in examples:
+        split = ex.pop("split") or ("val" if is_heldout(ex["id"], val_fraction) else "train")
+        if split not in ("train", "val", "test"):
+            raise UserError(f"{ex['id']}: split '{split}' is not train, val or test")
+        splits[split].append(ex)
     if not splits["val"]:
         splits["val"] = splits["test"]
     return splits
@@ -64,18 +160,70 @@ def sample(examples: list[dict], n: int, salt: str = "sample") -> list[dict]:
     return sorted(examples, key=lambda ex: unit_hash(ex["id"], salt))[:n]
 
 
-def encode_example(tok: Tokenizer, ex: dict) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with labels = -100 everywhere but the assistant reply and its end token.
+class ChatFormat:
+    """How a model's conversations become text: its own chat template (tokenizer_config.json or
+    chat_template.jinja), or lmkiln's when it has none."""
+
+    def __init__(self, model_dir: Path | None = None) -> None:
+        from lmkiln.model.checks import chat_template
+
+        self.model_dir = Path(model_dir) if model_dir is not None and chat_template(Path(model_dir)) else None
+        config = Path(model_dir or "") / "config.json"
+        cfg = json.loads(config.read_text()) if model_dir is not None and config.is_file() else {}
+        eos = cfg.get("eos_token_id")
+        self.bos, self.eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.model_dir is None:
+            return render(messages, add_generation_prompt)[0]
+        from lmkiln.model.checks import render_chat
+
+        return render_chat(self.model_dir, messages, add_generation_prompt)
+
+    def reply_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the character span of each assistant reply with its end-of-turn
+        token: the text the template adds for that message after the generation prompt, found by
+        rendering the conversation up to it (whatever the template, the prompt is what a server sends)."""
+        text = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[:i + 1])
+            if not upto.startswith(before) or not text.startswith(upto):
+                where = self.model_dir or "lmkiln's template"
+                raise UserError(f"the chat template of {where} does not render a conversation as a prefix of its "
+                                f"continuation, so the reply tokens cannot be found; set finetune.loss_on=all")
+            spans.append((len(before), len(upto.rstrip())))
+        return text, spans
+
+
+def messages_of(ex: dict) -> list[dict]:
+    """The conversation of an example (an instruction record is one user turn and one reply)."""
+    return ex.get("messages") or instruction_messages(ex["instruction"], ex.get("input", ""), ex["output"])
+
+
+def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
+                   loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """(input ids, labels): labels are the next token where it is trained, -100 elsewhere.
 
     Prompt and reply are encoded as separate pieces, so the prompt's tokens are exactly those a
     generation request sends (BPE could otherwise merge the newline before a reply into its first word).
     """
-    text, spans = render(instruction_messages(ex["instruction"], ex.get("input", ""), ex["output"]))
+    chat = chat or ChatFormat()
+    if "text" in ex:  # a document as in pretraining: BOS, the text, EOS, every token trained
+        bos = chat.bos if chat.bos is not None else tok.token_to_id("<|bos|>")
+        eos = chat.eos if chat.eos is not None else tok.token_to_id("<|eos|>")
+        ids = ([bos] if bos is not None else []) + tok.encode(ex["text"], add_special_tokens=False).ids \
+            + ([eos] if eos is not None else [])
+        return ids, ids[1:] + [IGNORE]
+    text, spans = chat.reply_spans(messages_of(ex))
     ids: list[int] = []
     trained: list[bool] = []
     pos = 0
     for start, end in spans + [(len(text), len(text))]:
-        for piece, train in ((text[pos:start], False), (text[start:end], True)):
+        for piece, train in ((text[pos:start], loss_on == "all"), (text[start:end], True)):
             if piece:
                 piece_ids = tok.encode(piece, add_special_tokens=False).ids
                 ids += piece_ids
@@ -86,8 +234,9 @@ def encode_example(tok: Tokenizer, ex: dict) -> tuple[list[int], list[int]]:
     return ids, labels
 
 
-def prompt_ids(tok: Tokenizer, ex: dict) -> list[int]:
-    text, _ = render(instruction_messages(ex["instruction"], ex.get("input", "")), add_generation_prompt=True)
+def prompt_ids(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None) -> list[int]:
+    """The conversation up to its last reply, with the generation prompt: what a server would send."""
+    text = (chat or ChatFormat()).render(messages_of(ex)[:-1], add_generation_prompt=True)
     return tok.encode(text, add_special_tokens=False).ids
 
 
@@ -101,11 +250,13 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
     return x, y
 
 
-def encode_all(tok: Tokenizer, examples: list[dict], max_len: int) -> tuple[list, int]:
+def encode_all(tok: Tokenizer, examples: list[dict], max_len: int, chat: ChatFormat | None = None,
+               loss_on: str = "assistant") -> tuple[list, int]:
     """Encoded examples that fit in max_len tokens, and how many were too long."""
+    chat = chat or ChatFormat()
     out, too_long = [], 0
     for ex in examples:
-        ids, labels = encode_example(tok, ex)
+        ids, labels = encode_example(tok, ex, chat, loss_on)
         if len(ids) > max_len:
             too_long += 1
         else:

@@ -1,0 +1,108 @@
+"""Fine-tuning data: every format and the column mapping, bad rows, and the exact tokens the loss trains."""
+
+import csv
+import json
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lmkiln.cli import main
+from lmkiln.errors import UserError
+from lmkiln.tokenizer.train import load_tokenizer
+from lmkiln.train import run_finetune
+from lmkiln.train.formats import IGNORE, ChatFormat, encode_example, load_splits
+
+CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
+        {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "And grass?"},
+        {"role": "assistant", "content": "Green"}]
+
+
+def _all(splits):
+    return splits["train"] + splits["val"] + splits["test"]
+
+
+def test_each_format_and_the_column_mapping(tmp_path):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    sharegpt = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    (tmp_path / "share.json").write_text(json.dumps([{"conversations": sharegpt}]))
+    with open(tmp_path / "faq.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["question", "answer", "intent"])
+        w.writerow(["Where is my order?", "It ships tomorrow.", "track_order"])
+    pq.write_table(pa.table({"body": ["Clay is fired in a kiln."]}), tmp_path / "corpus.parquet")
+
+    (chat,) = _all(load_splits(str(tmp_path / "chat.jsonl"), 0.5, 0.05))
+    assert chat["messages"] == CHAT and chat["id"].endswith("chat.jsonl:1")
+    (share,) = _all(load_splits(str(tmp_path / "share.json"), 0.5, 0.05))
+    assert [m["role"] for m in share["messages"]] == ["system", "user", "assistant"] and share["id"].endswith(":item 1")
+    (faq,) = _all(load_splits(str(tmp_path / "faq.csv"), 0.5, 0.05,
+                              columns={"instruction": "question", "output": "answer"}))
+    assert faq["messages"] == [{"role": "user", "content": "Where is my order?"},
+                               {"role": "assistant", "content": "It ships tomorrow."}]
+    (doc,) = _all(load_splits(str(tmp_path / "corpus.parquet"), 0.5, 0.05, fmt="text", columns={"text": "body"}))
+    assert doc["text"] == "Clay is fired in a kiln." and doc["id"].endswith(":row 1")
+    with pytest.raises(UserError, match=r"faq.csv:2: no column 'query' \(mapped to 'instruction'; columns: answer, intent, question\)"):
+        load_splits(str(tmp_path / "faq.csv"), 0.5, 0.05, columns={"instruction": "query"})
+
+
+def _trained_text(tok, ids, labels):
+    return tok.decode([l for l in labels if l != IGNORE], skip_special_tokens=False)
+
+
+def test_multi_turn_masking_trains_exactly_the_replies(trained_run):
+    _, run_dir, _ = trained_run
+    model_dir = run_dir / "pretrain" / "final"
+    tok = load_tokenizer(model_dir)
+    chat = ChatFormat(model_dir)
+    ids, labels = encode_example(tok, {"messages": CHAT}, chat)
+    assert _trained_text(tok, ids, labels) == "Blue<|end|>Green<|end|>"
+    trained = [i for i, l in enumerate(labels) if l != IGNORE]
+    assert all(ids[i + 1] == labels[i] for i in trained)  # label i is the token at i + 1
+    # exactly the positions of the replies: the tokens right after each assistant header
+    text = chat.render(CHAT)
+    head = tok.encode(text[:text.index("Blue")], add_special_tokens=False).ids
+    assert trained[0] == len(head) - 1
+    everything = encode_example(tok, {"messages": CHAT}, chat, loss_on="all")[1]
+    assert sum(l != IGNORE for l in everything) == len(ids) - 1
+
+
+def test_the_model_own_template_decides_the_reply_tokens(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    model_dir = tmp_path / "model"
+    shutil.copytree(run_dir / "pretrain" / "final", model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | upper }}<|end|>{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(model_dir)
+    ids, labels = encode_example(tok, {"messages": CHAT}, ChatFormat(model_dir))
+    assert _trained_text(tok, ids, labels) == "BLUE<|end|>GREEN<|end|>"
+
+
+def test_bad_rows_fail_with_file_row_and_reason_or_are_skipped_and_counted(trained_run, tiny_recipe, tmp_path):
+    _, run_dir, _ = trained_run
+    rows = [{"instruction": f"What sound does animal {i} make?", "output": f"Sound {i}."} for i in range(30)]
+    rows[6] = {"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"sft.jsonl:7: messages\[1\]: expected \{role: system\|user\|assistant"):
+        load_splits(str(path), 0.2, 0.05)
+    recipe = tiny_recipe(f"finetune.data={path}", f"finetune.base={run_dir / 'pretrain' / 'final'}",
+                         "finetune.on_bad_rows=skip", "finetune.epochs=1", run_dir=tmp_path / "run")
+    metrics = run_finetune(recipe)["metrics"]
+    assert metrics["skipped_rows"] == 1 and metrics["examples"] + 1 < 30
+    manifest = json.loads((tmp_path / "run" / "finetune" / "manifest.json").read_text())
+    assert manifest["metrics"]["skipped_rows"] == 1
+
+
+def test_preview_prints_rendered_examples(trained_run, tmp_path, capsys):
+    recipe_file, run_dir, _ = trained_run
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": CHAT}) + "\n")
+    code = main(["finetune", f"finetune.data={path}", f"finetune.base={run_dir / 'pretrain' / 'final'}",
+                 f"run_dir={tmp_path / 'run'}", "--preview", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Colour of the sky?" in out and "Green<|end|>" in out and "1 of 1 training examples" in out
+    assert not (tmp_path / "run" / "finetune").exists()
