@@ -242,6 +242,8 @@ class FinetuneConfig(Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held out when the data has no split")
     max_val_examples: int = Field(256, gt=0)
     log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="validate every N steps; 0: at the end of each epoch")
+    patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 

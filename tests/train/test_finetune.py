@@ -68,3 +68,13 @@ def test_length_grouped_batches_cover_every_example_once():
     assert sorted(i for b in batches for i in b) == list(range(1000))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 20  # similar lengths share a batch: little padding
+
+
+def test_early_stopping_keeps_the_best_weights(pretrained):
+    recipe = pretrained("finetune.lr=0.5", "finetune.eval_every=2", "finetune.patience=2", "finetune.epochs=5",
+                        "finetune.warmup_steps=0")
+    m = run_finetune(recipe)["metrics"]
+    assert m["stopped_early"] and m["steps"] < 5 * 12  # far fewer than five epochs of steps
+    lines = [json.loads(line) for line in (recipe.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in lines if "val_loss" in r]
+    assert m["best_val_loss"] == min(vals) and len(vals) >= 3

@@ -129,7 +129,7 @@ def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, t
     dtype = next(iter(state.values())).dtype
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     write_json(out_dir / "config.json", hf_config(args, dtype))
-    eos = [args.eos_token_id] + [e for e in (extra_eos or []) if e != args.eos_token_id]
+    eos = list(dict.fromkeys([args.eos_token_id] + [e for e in (extra_eos or []) if e is not None]))
     write_json(out_dir / "generation_config.json", {
         "bos_token_id": args.bos_token_id,
         "eos_token_id": eos if len(eos) > 1 else eos[0],

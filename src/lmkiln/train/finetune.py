@@ -16,8 +16,8 @@ from lmkiln.device import autocast, pick_device, seed_everything
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, sha256_file
 from lmkiln.log import console, progress
-from lmkiln.model.hub import load_model, save_model
-from lmkiln.model.lora import apply_lora, lora_state, merge_lora, save_adapter
+from lmkiln.model.hub import generation_eos, load_model, save_model
+from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train.formats import IGNORE, ChatFormat, collate, encode_all, load_splits, sample
@@ -67,6 +67,53 @@ def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tu
         count += int((y != IGNORE).sum())
     model.train()
     return total, count
+
+
+class Validation:
+    """The overfitting guards: validation loss on a schedule, the best state kept, early stopping after
+    `patience` evaluations without improvement, and a warning when training loss keeps falling while
+    validation loss rises."""
+
+    def __init__(self, model, val: list, cfg, pad: int, device, log: MetricsLog) -> None:
+        self.model, self.val, self.cfg, self.pad, self.device, self.log = model, val, cfg, pad, device, log
+        self.base = self.best = self._loss()
+        self.best_state, self.best_epoch, self.best_step = None, 0, 0
+        self.history: list[tuple[float, float]] = []  # (mean train loss since the last check, val loss)
+        self.train_losses: list[float] = []
+        self.waited, self.stopped, self.diverged = 0, False, False
+        log.log({"step": 0, "epoch": 0, "val_loss": round(self.base, 5)})
+        console.print(f"base model: val loss {self.base:.4f}")
+
+    def _loss(self) -> float:
+        total, count = reply_loss(self.model, self.val, self.cfg.batch_size, self.pad, self.device)
+        return total / count
+
+    def check(self, step: int, epoch: int) -> bool:
+        """Evaluate now; True when training should stop."""
+        vloss = self._loss()
+        train = sum(self.train_losses) / max(len(self.train_losses), 1)
+        self.train_losses = []
+        self.log.log({"step": step, "epoch": epoch, "val_loss": round(vloss, 5)})
+        improved = vloss < self.best
+        console.print(f"step {step} (epoch {epoch}): val loss {vloss:.4f}" + (" (best)" if improved else ""))
+        if improved:
+            state = self.model.state_dict()
+            keep = {k: v.detach().clone() for k, v in state.items() if self.cfg.method != "lora" or ".lora_" in k}
+            self.best, self.best_state, self.best_epoch, self.best_step, self.waited = vloss, keep, epoch, step, 0
+        else:
+            self.waited += 1
+        self.history.append((train, vloss))
+        if len(self.history) >= 3 and not self.diverged:
+            (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
+            if t2 < t1 < t0 and v2 > v1 > v0:
+                self.diverged = True
+                console.print("[yellow]warning: training loss falls while validation loss rises: the model is "
+                              "overfitting (fewer epochs, a lower lr, or finetune.patience)[/yellow]")
+        if self.cfg.patience and self.waited >= self.cfg.patience:
+            console.print(f"stopping early: {self.waited} evaluations without improvement; "
+                          f"keeping step {self.best_step}")
+            self.stopped = True
+        return self.stopped
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -129,7 +176,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     device = pick_device(cfg.device)
     seed_everything(recipe.seed)
     tok = load_tokenizer(base_dir)
-    pad = special_ids(tok)["pad"]
+    pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     check_base(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
     chat = ChatFormat(base_dir)
@@ -153,11 +200,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     max_steps = steps_per_epoch * cfg.epochs
     log = MetricsLog(out / "metrics.jsonl")
 
-    val_sum, val_n = reply_loss(model, val, cfg.batch_size, pad, device)
-    base_val = val_sum / val_n
-    best = {"epoch": 0, "val_loss": base_val, "state": None}
-    log.log({"step": 0, "epoch": 0, "val_loss": round(best["val_loss"], 5)})
-    console.print(f"epoch 0 (base): val loss {best['val_loss']:.4f}")
+    guard = Validation(model, val, cfg, pad, device, log)
     rng = random.Random(recipe.seed)
     step, t0, tokens = 0, time.perf_counter(), 0
     model.train()
@@ -185,22 +228,19 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 tps = tokens / (time.perf_counter() - t0)
+                guard.train_losses.append(loss_sum / n_target)
                 if step % cfg.log_every == 0:
                     log.log({"step": step, "epoch": epoch, "loss": round(loss_sum / n_target, 5), "tokens_per_s": round(tps, 1)})
                 bar.update(task, completed=step, loss=loss_sum / n_target, tps=tps)
-            val_sum, val_n = reply_loss(model, val, cfg.batch_size, pad, device)
-            vloss = val_sum / val_n
-            log.log({"step": step, "epoch": epoch, "val_loss": round(vloss, 5)})
-            improved = vloss < best["val_loss"]
-            console.print(f"epoch {epoch}: val loss {vloss:.4f}" + (" (best)" if improved else ""))
-            if improved:
-                state = lora_state(model) if cfg.method == "lora" else {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = {"epoch": epoch, "val_loss": vloss, "state": state}
+                if cfg.eval_every and step % cfg.eval_every == 0 and guard.check(step, epoch):
+                    break
+            if guard.stopped or (not cfg.eval_every and guard.check(step, epoch)):
+                break
 
-    if best["state"] is not None:
-        model.load_state_dict(best["state"], strict=False)
+    if guard.best_state is not None:
+        model.load_state_dict(guard.best_state, strict=False)
     else:
-        console.print("[yellow]warning: no epoch improved on the base model's validation loss; keeping the base weights[/yellow]")
+        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
         model = load_model(base_dir, device)
         if cfg.method == "lora":
             apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
@@ -208,14 +248,15 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
         with atomic_dir(out / "adapter") as tmp:
             save_adapter(model, tmp, str(base_dir), cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
         merge_lora(model)
-    ids = special_ids(tok)
+    end = special_ids(tok)["end"]
     with atomic_dir(out / "final") as tmp:
-        save_model(model, tmp, base_dir, [ids["end"]])
+        save_model(model, tmp, base_dir, generation_eos(base_dir) + ([end] if end is not None else []))
     plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
     return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long,
             "skipped_rows": len(splits["skipped"]), "steps": step,
-            "best_epoch": best["epoch"], "best_val_loss": round(best["val_loss"], 5),
-            "base_val_loss": round(base_val, 5), "trainable_parameters": trainable,
+            "best_epoch": guard.best_epoch, "best_step": guard.best_step, "best_val_loss": round(guard.best, 5),
+            "base_val_loss": round(guard.base, 5), "stopped_early": guard.stopped, "overfit_warning": guard.diverged,
+            "trainable_parameters": trainable,
             "total_parameters": model.args.num_params(),
             "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
 
