@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             p.add_argument("--preview", type=int, metavar="N", default=None,
                            help="print N training examples as rendered, trained tokens highlighted, and stop")
+            p.add_argument("--task", choices=("generate", "classify"), default=None,
+                           help="classify: train a label head on {text, label} rows (same as finetune.task=classify)")
         if name == "eval":
             p.add_argument("--models", nargs="+", metavar="MODEL",
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
@@ -232,6 +234,8 @@ def dispatch(args) -> int:
     else:
         from lmkiln.pipeline import run_recipe
 
+        if getattr(args, "task", None):
+            args.recipe = [*args.recipe, f"finetune.task={args.task}"]
         recipe = _load(args.recipe)
         run_recipe(recipe, force=args.force, only=None if args.verb == "run" else [args.verb])
     return 0

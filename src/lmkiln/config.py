@@ -221,7 +221,9 @@ class PretrainConfig(Section):
 class FinetuneConfig(Section):
     data: str = Field("builtin:python-docstrings",
                       description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file")
-    format: Literal["auto", "text", "instruction", "chat"] = Field("auto", description="auto: told by each row's fields")
+    task: Literal["generate", "classify"] = Field("generate", description="generate: a language model; classify: a label head")
+    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field(
+        "auto", description="auto: told by each row's fields")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="canonical field -> column in the file, e.g. {instruction: question}")
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="a row that is not a valid example")

@@ -106,3 +106,34 @@ def test_preview_prints_rendered_examples(trained_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "Colour of the sky?" in out and "Green<|end|>" in out and "1 of 1 training examples" in out
     assert not (tmp_path / "run" / "finetune").exists()
+
+
+def test_classification_head_learns_and_loads_in_transformers(trained_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from lmkiln.train.classify import load_classifier
+
+    _, run_dir, _ = trained_run
+    words = {"refund": ["money back", "refund please", "return the charge"], "ship": ["where is the parcel",
+             "track my delivery", "when does it ship"], "login": ["reset my password", "cannot sign in", "locked out"]}
+    rows = [{"query": f"{phrase} {i}", "intent": intent} for i in range(16) for intent, phrases in words.items()
+            for phrase in phrases[i % 3:i % 3 + 1]]
+    path = tmp_path / "intents.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["query", "intent"])
+        w.writeheader()
+        w.writerows(rows)
+    code = main(["-q", "finetune", "--task", "classify", f"finetune.data={path}", f"run_dir={tmp_path / 'run'}",
+                 f"finetune.base={run_dir / 'pretrain' / 'final'}", "finetune.columns={text: query, label: intent}",
+                 "finetune.epochs=6", "finetune.lr=3e-3", "finetune.batch_size=8", "finetune.val_fraction=0.25"])
+    assert code == 0
+    m = json.loads((tmp_path / "run" / "finetune" / "manifest.json").read_text())["metrics"]
+    assert m["labels"] == ["login", "refund", "ship"] and m["val_accuracy"] > m["majority_accuracy"] + 0.3, m
+    final = tmp_path / "run" / "finetune" / "final"
+    ours, names = load_classifier(final)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32).eval()
+    assert hf.config.id2label[0] == names[0]
+    ids = torch.tensor([[1, 40, 41, 42, 43], [1, 50, 51, 52, 53]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids, torch.tensor([5, 5])), hf(ids).logits, atol=1e-4)

@@ -176,7 +176,7 @@ def read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield from state.items()
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def assign_weight(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     path, leaf = name.rsplit(".", 1)
     module = model.get_submodule(path)
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
@@ -243,7 +243,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     with torch.device("meta"):
         model = Transformer(args)
     for _, name, tensor in iter_checked_weights(model_dir, args):
-        _assign(model, name, tensor.to(dtype))
+        assign_weight(model, name, tensor.to(dtype))
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device)

@@ -268,6 +268,13 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given."""
+        x = self.hidden_states(idx, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> the final normed hidden states (B, T, hidden)."""
         t = idx.shape[1]
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + t, device=idx.device)
@@ -279,10 +286,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length += t
-        x = self.model.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)
+        return self.model.norm(x)
 
 
 def build_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> ModelArgs:

@@ -179,6 +179,12 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     check_base(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    if cfg.task == "classify":
+        from lmkiln.train.classify import build_classifier
+
+        if cfg.max_examples:
+            splits["train"] = sample(splits["train"], cfg.max_examples)
+        return build_classifier(recipe, base_dir, splits, tok, out)
     chat = ChatFormat(base_dir)
     train_ex = sample(splits["train"], cfg.max_examples) if cfg.max_examples else splits["train"]
     train, too_long = encode_all(tok, train_ex, cfg.max_seq_len, chat, cfg.loss_on)

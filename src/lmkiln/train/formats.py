@@ -5,6 +5,7 @@ row by row and turned into examples:
   instruction   {instruction, input?, output, system?} one user turn and one reply (Alpaca)
   chat          {messages: [{role, content}]}          multi-turn, system prompts; or ShareGPT's
                 {conversations: [{from, value}]}
+  classification {text, label}                         `kiln finetune --task classify`
 
 Each example is rendered with the base model's own chat template (tokenizer_config.json; lmkiln's when
 it has none) and tokenised with labels on the assistant's replies and their end-of-turn token only
@@ -24,7 +25,7 @@ from lmkiln.tokenizer.chat import instruction_messages, render
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 IGNORE = -100
-FORMATS = ("auto", "text", "instruction", "chat")
+FORMATS = ("auto", "text", "instruction", "chat", "classification")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -45,6 +46,8 @@ def detect_format(record: dict) -> str:
         return "chat"
     if "instruction" in record or "output" in record:
         return "instruction"
+    if "label" in record:
+        return "classification"
     if "text" in record:
         return "text"
     raise BadRow(f"cannot tell its format from its fields ({', '.join(sorted(record)) or 'none'}); set "
@@ -96,6 +99,11 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
     example = {"id": ref, "split": record.get("split") or None}
     if fmt == "text":
         return {**example, "text": _string(record, "text")}
+    if fmt == "classification":
+        label = record.get("label")
+        if not isinstance(label, (str, int)) or isinstance(label, bool) or str(label).strip() == "":
+            raise BadRow("field 'label' must be a non-empty string or an integer")
+        return {**example, "text": _string(record, "text"), "label": str(label)}
     if fmt == "instruction":
         ins, inp, out = _string(record, "instruction"), _string(record, "input", False), _string(record, "output")
         system = _string(record, "system", False)

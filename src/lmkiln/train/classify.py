@@ -1,0 +1,199 @@
+"""`kiln finetune --task classify`: a label head on the decoder, in transformers' *ForSequenceClassification
+layout (the hidden state of each text's last token through a bias-free `score` layer), trained with
+cross-entropy, full or LoRA (the head is always trained). Validation accuracy and macro-F1 are measured
+before and after, against the majority class, and the best evaluation's weights are kept."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkiln.errors import UserError
+from lmkiln.io import atomic_dir, write_json
+from lmkiln.log import console, progress
+from lmkiln.model.hub import HF_CLASSES, load_model, save_state
+from lmkiln.model.lora import apply_lora, merge_lora
+from lmkiln.model.transformer import Transformer
+from lmkiln.train.formats import ChatFormat
+from lmkiln.train.metrics import MetricsLog, plot_curves
+from lmkiln.train.optim import adamw, cosine_lr, set_lr
+
+SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
+
+
+class Classifier(nn.Module):
+    def __init__(self, body: Transformer, num_labels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.score = nn.Linear(body.args.hidden_size, num_labels, bias=False)
+        nn.init.normal_(self.score.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        hidden = self.body.hidden_states(ids)
+        return self.score(hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
+
+
+def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat) -> list[list[int]]:
+    """BOS and the text's tokens, cut to max_len (the start of a text decides its class most often)."""
+    bos = [chat.bos] if chat.bos is not None else []
+    return [(bos + tok.encode(ex["text"], add_special_tokens=False).ids)[:max_len] for ex in examples]
+
+
+def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: int, device):
+    width = max(len(encoded[i]) for i in idx)
+    x = torch.full((len(idx), width), pad, dtype=torch.long)
+    for row, i in enumerate(idx):
+        x[row, :len(encoded[i])] = torch.tensor(encoded[i])
+    lengths = torch.tensor([len(encoded[i]) for i in idx])
+    return x.to(device), lengths.to(device), torch.tensor([labels[i] for i in idx], device=device)
+
+
+def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
+    scores = []
+    for c in range(num_labels):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
+
+
+@torch.no_grad()
+def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: int) -> dict:
+    model.eval()
+    pred, loss = [], 0.0
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    by_index = {}
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        x, lengths, y = _batches(encoded, labels, idx, pad, device)
+        logits = model(x, lengths).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        by_index.update(zip(idx, logits.argmax(-1).tolist()))
+    model.train()
+    pred = [by_index[i] for i in range(len(encoded))]
+    n = len(labels)
+    return {"loss": loss / n, "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
+            "macro_f1": macro_f1(pred, labels, model.score.out_features)}
+
+
+def save_classifier(model: Classifier, out: Path, base_dir: Path, names: list[str]) -> None:
+    """An HF *ForSequenceClassification directory: the backbone's weights (no LM head) and `score`."""
+    args = model.body.args
+    state = {k: v for k, v in model.body.state_dict().items() if k != "lm_head.weight"}
+    state["score.weight"] = model.score.weight
+    save_state(args, state, out, base_dir)
+    config = json.loads((out / "config.json").read_text())
+    config.update(architectures=[SEQ_CLS[args.arch]], num_labels=len(names),
+                  id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
+                  tie_word_embeddings=False, problem_type="single_label_classification")
+    write_json(out / "config.json", config)
+
+
+def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str]]:
+    """A classifier directory saved by `save_classifier` (or by transformers), and its label names."""
+    from lmkiln.model.hub import assign_weight, args_from_hf, read_shard, weight_shards
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
+    # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
+    args = args_from_hf({**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
+                        str(model_dir / "config.json"))
+    with torch.device("meta"):
+        model = Classifier(Transformer(args), len(names))
+    expected = {k for k in model.state_dict() if k != "body.lm_head.weight"}
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            key = name if name == "score.weight" else f"body.{name}"
+            if key not in expected:
+                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
+            assign_weight(model, key, tensor.float())
+            seen.add(key)
+    if expected - seen:
+        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+    model.body.lm_head.weight = model.body.model.embed_tokens.weight
+    return model.to(device).eval(), names
+
+
+def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path) -> dict:
+    """Train, validate and save a classifier; returns the stage metrics."""
+    from lmkiln.device import pick_device
+    from lmkiln.train.finetune import length_grouped_batches
+
+    cfg = recipe.finetune
+    if any("label" not in ex for ex in splits["train"] + splits["val"]):
+        raise UserError("finetune.task=classify needs classification rows {text, label}; "
+                        "map your columns with finetune.columns (e.g. {label: intent})")
+    names = sorted({ex["label"] for ex in splits["train"]})
+    index = {n: i for i, n in enumerate(names)}
+    val_ex = [ex for ex in splits["val"] if ex["label"] in index]
+    if len(names) < 2 or not val_ex:
+        raise UserError(f"finetune.data: classification needs 2 or more labels and validation rows (labels: {names})")
+    device = pick_device(cfg.device)
+    chat = ChatFormat(base_dir)
+    train_ids, val_ids = encode_texts(tok, splits["train"], cfg.max_seq_len, chat), encode_texts(tok, val_ex, cfg.max_seq_len, chat)
+    train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
+    pad = chat.eos if chat.eos is not None else 0  # padded positions are never read: the last real token is
+    torch.manual_seed(recipe.seed)
+    model = Classifier(load_model(base_dir, device), len(names)).to(device)
+    if cfg.method == "lora":
+        apply_lora(model.body, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
+        model.score.weight.requires_grad_(True)
+        model.to(device)
+    majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
+    console.print(f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
+                  f"majority class {majority:.1%} of val")
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    steps = math.ceil(len(train_ids) / cfg.batch_size) * cfg.epochs
+    log = MetricsLog(out / "metrics.jsonl")
+    base = evaluate(model, val_ids, val_y, pad, device, cfg.batch_size)
+    best = {**base, "step": 0, "state": None}
+    log.log({"step": 0, "val_loss": round(base["loss"], 5), "val_accuracy": round(base["accuracy"], 4)})
+    rng, step, t0 = random.Random(recipe.seed), 0, time.perf_counter()
+    with progress("loss {task.fields[loss]:.3f}") as bar:
+        task = bar.add_task("classify", total=steps, loss=float("nan"))
+        for epoch in range(1, cfg.epochs + 1):
+            for idx in length_grouped_batches([len(t) for t in train_ids], cfg.batch_size, rng):
+                set_lr(opt, cosine_lr(step, steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
+                x, lengths, y = _batches(train_ids, train_y, idx, pad, device)
+                loss = F.cross_entropy(model(x, lengths).float(), y)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if step % cfg.log_every == 0:
+                    log.log({"step": step, "epoch": epoch, "loss": round(loss.item(), 5)})
+                bar.update(task, completed=step, loss=loss.item())
+            res = evaluate(model, val_ids, val_y, pad, device, cfg.batch_size)
+            log.log({"step": step, "epoch": epoch, "val_loss": round(res["loss"], 5),
+                     "val_accuracy": round(res["accuracy"], 4), "val_macro_f1": round(res["macro_f1"], 4)})
+            console.print(f"epoch {epoch}: val accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f}, "
+                          f"loss {res['loss']:.4f}")
+            if res["loss"] < best["loss"]:
+                best = {**res, "step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    if cfg.method == "lora":
+        merge_lora(model.body)
+    with atomic_dir(out / "final") as tmp:
+        save_classifier(model, tmp, base_dir, names)
+    plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
+    return {"task": "classify", "method": cfg.method, "labels": names, "examples": len(train_ids), "steps": step,
+            "skipped_rows": len(splits["skipped"]), "majority_accuracy": round(majority, 4),
+            "base_val_accuracy": round(base["accuracy"], 4), "val_accuracy": round(best["accuracy"], 4),
+            "val_macro_f1": round(best["macro_f1"], 4), "best_val_loss": round(best["loss"], 5),
+            "base_val_loss": round(base["loss"], 5), "best_step": best["step"],
+            "seconds": round(time.perf_counter() - t0, 1)}
