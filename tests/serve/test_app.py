@@ -28,14 +28,16 @@ def test_completion_greedy_is_deterministic_with_usage(client):
 
 
 def test_streaming_matches_non_streaming(client):
-    req = {"prompt": "import os\n", "max_tokens": 8, "temperature": 0}
-    whole = client.post("/v1/completions", json=req).json()["choices"][0]["text"]
+    req = {"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    body = client.post("/v1/completions", json=req).json()
+    whole = body["choices"][0]["text"]
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as resp:
         lines = [line for line in resp.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == whole
-    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+    assert chunks[-1]["usage"] == body["usage"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
 
 def test_errors_use_openai_shape(client):

@@ -45,10 +45,21 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
                    f"{m['tokens_per_s']} tokens/s on {m['device']}"
                    + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "") + f", {manifest['wall_time_s']:.0f} s. "
                    f"Final train loss {m['final_loss']}, validation loss {m['val_loss']}.")
+    elif m.get("task") == "classify":
+        out.append(f"{m['method']} classification fine-tuning on {m['examples']:,} examples, {len(m['labels'])} labels, "
+                   f"{m['steps']} steps, {manifest['wall_time_s']:.0f} s.")
+        out += ["", "| validation | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|",
+                f"| majority class | {m['majority_accuracy']:.1%} | | |",
+                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {m['base_val_loss']} |",
+                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.3f} | {m['best_val_loss']} |"]
     else:
         out.append(f"{m['method']} fine-tuning on {m['examples']:,} examples, {m['steps']} steps, "
                    f"{manifest['wall_time_s']:.0f} s. Validation reply loss {m['base_val_loss']} (base) → "
-                   f"{m['best_val_loss']} (best epoch {m['best_epoch']}).")
+                   f"{m['best_val_loss']} (best: epoch {m['best_epoch']}, step {m.get('best_step', '?')})"
+                   + (", stopped early" if m.get("stopped_early") else "") + "."
+                   + (" Warning: validation loss rose while training loss fell (overfitting)." if m.get("overfit_warning") else ""))
+        if m.get("skipped_rows"):
+            out.append(f"{m['skipped_rows']} bad rows skipped (finetune.on_bad_rows=skip).")
     if (run_dir / stage / "loss.png").exists():
         out += ["", f"![{title} loss]({stage}/loss.png)"]
     return out + [""]

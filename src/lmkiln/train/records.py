@@ -1,5 +1,5 @@
 """Fine-tuning records from JSONL, JSON, CSV/TSV or Parquet (any of them .gz/.zst/.bz2), each with the
-reference a user finds it by: `file:line` for JSONL and CSV, `file:item N` for a JSON array,
+reference a user finds it by: `file:line` for JSONL, CSV and the paragraphs of a .txt/.md file, `file:item N` for a JSON array,
 `file:row N` for Parquet."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 from lmkiln.errors import UserError
 from lmkiln.io import base_suffix, iter_jsonl, open_text
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
 
 
 def read_records(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
@@ -42,6 +42,18 @@ def read_records(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[st
                     on_bad(f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])} columns")
                     continue
                 yield f"{path}:{reader.line_num}", row
+    elif kind in (".txt", ".md"):  # a plain-text corpus: a {text} record per paragraph
+        with open_text(path) as fh:
+            lineno, start, lines = 0, 1, []
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    start = start if lines else lineno
+                    lines.append(line)
+                elif lines:
+                    yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
+                    lines = []
+            if lines:
+                yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
