@@ -186,6 +186,7 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
+    dora: bool = Field(False, description="DoRA: also learn a magnitude per output row of each adapted weight")
 
 
 class PretrainConfig(Section):
@@ -221,8 +222,9 @@ class PretrainConfig(Section):
 class FinetuneConfig(Section):
     data: str = Field("builtin:python-docstrings",
                       description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file")
-    task: Literal["generate", "classify"] = Field("generate", description="generate: a language model; classify: a label head")
-    format: Literal["auto", "text", "instruction", "chat", "classification"] = Field(
+    task: Literal["generate", "classify", "dpo"] = Field(
+        "generate", description="generate: a language model; classify: a label head; dpo: preference pairs")
+    format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = Field(
         "auto", description="auto: told by each row's fields")
     columns: dict[str, str] = Field(default_factory=dict,
                                     description="canonical field -> column in the file, e.g. {instruction: question}")
@@ -246,7 +248,32 @@ class FinetuneConfig(Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="validate every N steps; 0: at the end of each epoch")
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")
+    packing: bool = Field(False, description="several examples per row, each attending only to itself")
+    gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
+    dpo_beta: float = Field(0.1, gt=0, description="dpo: how far the tuned model may move from the base")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+
+class Range(Section):
+    low: float
+    high: float
+    log: bool = Field(False, description="sample on a log scale")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class TuneConfig(Section):
+    trials: int = Field(20, gt=0, description="trials when --trials is not given")
+    space: dict[str, Range | list[Any]] = Field(
+        default_factory=dict, description="finetune key -> {low, high, log} or a list of choices; "
+        "default: lr, epochs, and lora.r with LoRA")
+    pruner_warmup: int = Field(1, ge=0, description="evaluations a trial always gets before it can be pruned")
 
 
 class EvalConfig(Section):
@@ -275,6 +302,7 @@ class Recipe(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @field_validator("stages")
     @classmethod

@@ -43,3 +43,44 @@ def test_adapter_loads_in_peft_with_equal_logits(tmp_path):
     x = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         assert torch.allclose(model(x), hf(input_ids=x).logits, atol=1e-4)
+
+
+def _trained_dora():
+    model = tiny()
+    apply_lora(model, TARGETS, r=4, alpha=8, dropout=0.0, dora=True)
+    with torch.no_grad():  # stand-in for training: move B and the magnitudes off their initial values
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "magnitude" in n:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    return model
+
+
+def test_dora_starts_equal_to_the_base_and_merges_exactly():
+    x = torch.randint(0, 97, (2, 16))
+    base, dora = tiny(), tiny()
+    apply_lora(dora, TARGETS, r=4, alpha=8, dropout=0.0, dora=True)
+    with torch.no_grad():
+        assert torch.allclose(base(x), dora(x), atol=1e-5)
+        model = _trained_dora()
+        before = model(x)
+        merge_lora(model)
+        assert torch.allclose(before, model(x), atol=1e-4)
+
+
+def test_dora_adapter_loads_in_peft_and_merges_on_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from lmkiln.model.export import merged_adapter
+
+    save_model(tiny(), tmp_path / "base")
+    model = _trained_dora()
+    (tmp_path / "adapter").mkdir()
+    save_adapter(model, tmp_path / "adapter", str(tmp_path / "base"), 4, 8, 0.0, TARGETS, dora=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ours = model(x)
+        assert torch.allclose(ours, hf(input_ids=x).logits, atol=1e-4)
+        merged, _ = merged_adapter(tmp_path / "adapter", None)
+        assert torch.allclose(ours, merged(x), atol=1e-4)

@@ -6,7 +6,7 @@ import torch
 from lmkiln import data, tokenizer
 from lmkiln.errors import UserError
 from lmkiln.train import run_finetune, run_pretrain
-from lmkiln.train.finetune import length_grouped_batches
+from lmkiln.train.loop import length_grouped_batches
 from lmkiln.train.formats import load_splits
 
 
@@ -78,3 +78,14 @@ def test_early_stopping_keeps_the_best_weights(pretrained):
     lines = [json.loads(line) for line in (recipe.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in lines if "val_loss" in r]
     assert m["best_val_loss"] == min(vals) and len(vals) >= 3
+
+
+def test_packed_dora_finetune_learns_and_saves_a_peft_dora_adapter(pretrained):
+    recipe = pretrained("finetune.method=lora", "finetune.lora.dora=true", "finetune.packing=true",
+                        "finetune.gradient_checkpointing=true", "finetune.lr=3e-3", "finetune.epochs=3",
+                        "finetune.batch_size=2", "finetune.max_seq_len=256")
+    m = run_finetune(recipe)["metrics"]
+    assert m["dora"] and m["packed_rows"] < m["examples"] / 2
+    assert m["best_val_loss"] < m["base_val_loss"]
+    cfg = json.loads((recipe.run_dir / "finetune" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True

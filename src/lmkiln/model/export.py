@@ -18,6 +18,7 @@ from lmkiln.model.checks import Check, consistency_checks, end_of_turn
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_state
 from lmkiln.model.importer import TOKENIZER_FILES, parse_dtype
+from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
 from lmkiln.model.transformer import Transformer
 
 PROBE_PROMPT = [1, 5, 9, 14, 3, 7]  # token ids every vocabulary has
@@ -25,27 +26,27 @@ INTEGRITY_CHECKS = ("exported model generates", "GGUF read back")
 
 
 def merged_adapter(adapter_dir: Path, base: Path | None) -> tuple[Transformer, Path]:
-    """The base model with a PEFT LoRA adapter folded in (W += B A · alpha / r), and the base's directory."""
+    """The base model with a PEFT LoRA or DoRA adapter folded in, and the base's directory."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("fan_in_fan_out"):
-        raise UserError(f"{adapter_dir}: only plain LoRA adapters can be merged "
-                        f"(peft_type {cfg.get('peft_type')}, use_dora {cfg.get('use_dora')})")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("fan_in_fan_out"):
+        raise UserError(f"{adapter_dir}: only LoRA and DoRA adapters can be merged (peft_type {cfg.get('peft_type')})")
     base = base or Path(cfg.get("base_model_name_or_path") or "")
     if not (base / "config.json").is_file():
         raise UserError(f"{adapter_dir}: base model '{base}' is not a model directory; give it with --base")
     model = load_model(base)
-    scale = cfg["lora_alpha"] / cfg["r"] if not cfg.get("use_rslora") else cfg["lora_alpha"] / cfg["r"] ** 0.5
     weights = load_file(adapter_dir / "adapter_model.safetensors")
-    params = dict(model.named_parameters())
-    for key, a in weights.items():
-        if ".lora_A." not in key:
-            continue
-        target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-        b = weights[key.replace(".lora_A.", ".lora_B.")]
-        if target not in params:
-            raise UserError(f"{adapter_dir}: adapter weight '{key}' has no layer '{target}' in the base model")
-        with torch.no_grad():
-            params[target] += (b.float() @ a.float()) * scale
+    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights})
+    apply_lora(model, targets, cfg["r"], cfg["lora_alpha"], 0.0, bool(cfg.get("use_dora")))
+    ours = {peft_key(key): key for key in lora_state(model)}
+    unknown = sorted(set(weights) - set(ours))
+    if unknown:
+        raise UserError(f"{adapter_dir}: adapter weight '{unknown[0]}' has no layer in the base model {base}")
+    if cfg.get("use_rslora"):
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.scaling = cfg["lora_alpha"] / cfg["r"] ** 0.5
+    model.load_state_dict({ours[key]: value.float() for key, value in weights.items()}, strict=False)
+    merge_lora(model)
     return model, base
 
 

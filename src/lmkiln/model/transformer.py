@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 PRESETS: dict[str, dict[str, int]] = {
@@ -128,7 +129,7 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     inv_freq = scaled_inv_freq(inv_freq, scaling)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq  # positions (T,) or (B, T) for packed rows
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -168,6 +169,24 @@ def attention_mask(start: int, t: int, window: int | None, device) -> str | torc
     if window is not None:
         allowed &= j > i - window
     return allowed
+
+
+def packed_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each example of a packed row begins (segments: (B, T) ids)."""
+    t = segments.shape[1]
+    index = torch.arange(t, device=segments.device).expand_as(segments)
+    begins = torch.ones_like(segments, dtype=torch.bool)
+    begins[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return index - torch.where(begins, index, 0).cummax(dim=1).values
+
+
+def packed_mask(segments: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) bool: causal, and only within the same example, so packed examples never see
+    each other."""
+    t = segments.shape[1]
+    allowed = attention_mask(0, t, window, segments.device)
+    allowed = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril() if isinstance(allowed, str) else allowed
+    return ((segments[:, :, None] == segments[:, None, :]) & allowed)[:, None]
 
 
 class Attention(nn.Module):
@@ -247,6 +266,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
+        self.gradient_checkpointing = False
         self.model = Backbone(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -266,24 +286,37 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.normal_(0.0, s, generator=generator)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given."""
-        x = self.hidden_states(idx, cache)
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given.
+        `segments` (B, T) marks the examples of packed rows: each attends only to itself."""
+        x = self.hidden_states(idx, cache, segments)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the final normed hidden states (B, T, hidden)."""
         t = idx.shape[1]
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + t, device=idx.device)
+        window = self.args.sliding_window
+        if segments is None:
+            positions = torch.arange(start, start + t, device=idx.device)
+            mask = attention_mask(start, t, window, idx.device)
+        else:
+            positions, mask = packed_positions(segments), packed_mask(segments, window)
         cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta, self.args.rope_scaling)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        mask = attention_mask(start, t, self.args.sliding_window, idx.device)
+        if segments is not None:
+            cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, cache, mask)
+            if checkpointed:  # keep only each block's input; recompute the rest in the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, mask)
         if cache is not None:
             cache.length += t
         return self.model.norm(x)

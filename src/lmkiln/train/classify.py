@@ -1,16 +1,14 @@
 """`kiln finetune --task classify`: a label head on the decoder, in transformers' *ForSequenceClassification
 layout (the hidden state of each text's last token through a bias-free `score` layer), trained with
-cross-entropy, full or LoRA (the head is always trained). Validation accuracy and macro-F1 are measured
+cross-entropy, full or LoRA/DoRA (the head is always trained). Validation accuracy and macro-F1 are measured
 before and after, against the majority class, and the best evaluation's weights are kept."""
 
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,13 +16,13 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, write_json
-from lmkiln.log import console, progress
+from lmkiln.log import console
 from lmkiln.model.hub import HF_CLASSES, load_model, save_state
-from lmkiln.model.lora import apply_lora, merge_lora
+from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.train.formats import ChatFormat
+from lmkiln.train.loop import Validation, make_trainable, train_loop
 from lmkiln.train.metrics import MetricsLog, plot_curves
-from lmkiln.train.optim import adamw, cosine_lr, set_lr
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
 
@@ -126,15 +124,13 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     return model.to(device).eval(), names
 
 
-def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path) -> dict:
+def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
+                     on_eval: Callable[[int, float], None] | None = None, save: bool = True) -> dict:
     """Train, validate and save a classifier; returns the stage metrics."""
     from lmkiln.device import pick_device
-    from lmkiln.train.finetune import length_grouped_batches
+    from lmkiln.train.finetune import print_memory
 
     cfg = recipe.finetune
-    if any("label" not in ex for ex in splits["train"] + splits["val"]):
-        raise UserError("finetune.task=classify needs classification rows {text, label}; "
-                        "map your columns with finetune.columns (e.g. {label: intent})")
     names = sorted({ex["label"] for ex in splits["train"]})
     index = {n: i for i, n in enumerate(names)}
     val_ex = [ex for ex in splits["val"] if ex["label"] in index]
@@ -146,54 +142,32 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path) -> di
     train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
     pad = chat.eos if chat.eos is not None else 0  # padded positions are never read: the last real token is
     torch.manual_seed(recipe.seed)
-    model = Classifier(load_model(base_dir, device), len(names)).to(device)
-    if cfg.method == "lora":
-        apply_lora(model.body, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        model.score.weight.requires_grad_(True)
-        model.to(device)
+    model = Classifier(load_model(base_dir, device), len(names))
+    trainable = make_trainable(model.body, cfg) + model.score.weight.numel()
+    model.score.weight.requires_grad_(True)
+    model.to(device)
     majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
     console.print(f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
                   f"majority class {majority:.1%} of val")
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    steps = math.ceil(len(train_ids) / cfg.batch_size) * cfg.epochs
+    print_memory(model.body, cfg, max(map(len, train_ids)), vocab_logits=False)
     log = MetricsLog(out / "metrics.jsonl")
-    base = evaluate(model, val_ids, val_y, pad, device, cfg.batch_size)
-    best = {**base, "step": 0, "state": None}
-    log.log({"step": 0, "val_loss": round(base["loss"], 5), "val_accuracy": round(base["accuracy"], 4)})
-    rng, step, t0 = random.Random(recipe.seed), 0, time.perf_counter()
-    with progress("loss {task.fields[loss]:.3f}") as bar:
-        task = bar.add_task("classify", total=steps, loss=float("nan"))
-        for epoch in range(1, cfg.epochs + 1):
-            for idx in length_grouped_batches([len(t) for t in train_ids], cfg.batch_size, rng):
-                set_lr(opt, cosine_lr(step, steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-                x, lengths, y = _batches(train_ids, train_y, idx, pad, device)
-                loss = F.cross_entropy(model(x, lengths).float(), y)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if step % cfg.log_every == 0:
-                    log.log({"step": step, "epoch": epoch, "loss": round(loss.item(), 5)})
-                bar.update(task, completed=step, loss=loss.item())
-            res = evaluate(model, val_ids, val_y, pad, device, cfg.batch_size)
-            log.log({"step": step, "epoch": epoch, "val_loss": round(res["loss"], 5),
-                     "val_accuracy": round(res["accuracy"], 4), "val_macro_f1": round(res["macro_f1"], 4)})
-            console.print(f"epoch {epoch}: val accuracy {res['accuracy']:.1%}, macro-F1 {res['macro_f1']:.3f}, "
-                          f"loss {res['loss']:.4f}")
-            if res["loss"] < best["loss"]:
-                best = {**res, "step": step, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    if cfg.method == "lora":
-        merge_lora(model.body)
-    with atomic_dir(out / "final") as tmp:
-        save_classifier(model, tmp, base_dir, names)
-    plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
-    return {"task": "classify", "method": cfg.method, "labels": names, "examples": len(train_ids), "steps": step,
+
+    def micro_loss(batch: list[int]) -> tuple[torch.Tensor, int]:
+        x, lengths, y = _batches(train_ids, train_y, batch, pad, device)
+        return F.cross_entropy(model(x, lengths).float(), y, reduction="sum"), x.numel()
+
+    guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, log, on_eval)
+    run = train_loop(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
+                     guard, log, recipe.seed, "classify")
+    guard.restore_best()
+    if save:
+        if cfg.method == "lora":
+            merge_lora(model.body)
+        with atomic_dir(out / "final") as tmp:
+            save_classifier(model, tmp, base_dir, names)
+        plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
+    best, base = guard.best, guard.base
+    return {"task": "classify", "method": cfg.method, "labels": names, "examples": len(train_ids),
             "skipped_rows": len(splits["skipped"]), "majority_accuracy": round(majority, 4),
             "base_val_accuracy": round(base["accuracy"], 4), "val_accuracy": round(best["accuracy"], 4),
-            "val_macro_f1": round(best["macro_f1"], 4), "best_val_loss": round(best["loss"], 5),
-            "base_val_loss": round(base["loss"], 5), "best_step": best["step"],
-            "seconds": round(time.perf_counter() - t0, 1)}
+            "val_macro_f1": round(best["macro_f1"], 4), **run, **guard.summary(), "trainable_parameters": trainable}

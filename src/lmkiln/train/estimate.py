@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lmkiln.config import Recipe
 from lmkiln.errors import UserError
+from lmkiln.log import console
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.train.speed import device_peak
 
@@ -22,10 +24,9 @@ ALLOCATOR_OVERHEAD = 1.15  # temporaries and allocator slack: the mean under-cou
 EFFICIENCY = {"cpu": 0.6, "cuda": 0.4}  # assumed share of peak FLOP/s, for the time estimate
 
 
-def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int) -> int:
-    """Bytes autograd saves for backward in one forward pass of a (batch, seq_len) micro-batch."""
-    with torch.device("meta"):
-        model = Transformer(args)
+def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1) -> int:
+    """Bytes autograd saves for backward in one forward pass of a (batch, seq_len) micro-batch of a
+    model built on the meta device. With gradient checkpointing, what it keeps is each block's input."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -36,10 +37,36 @@ def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        x = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
+        x = torch.zeros(batch * pairs, seq_len, dtype=torch.long, device="meta")
         logits = model(x)
         F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
-    return sum(storages.values())
+    kept = sum(storages.values())
+    if getattr(model, "gradient_checkpointing", False):
+        args = model.args
+        kept += args.num_layers * batch * pairs * seq_len * args.hidden_size * 4
+    return kept
+
+
+def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int) -> int:
+    with torch.device("meta"):
+        model = Transformer(args)
+    return saved_bytes(model, batch, seq_len)
+
+
+def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> dict:
+    """Memory of a fine-tuning run (fp32 on CPU): weights, gradients and AdamW state of what trains,
+    the activations of one micro-batch of `seq_len`-token rows (twice the rows for DPO pairs)."""
+    from lmkiln.train.loop import make_trainable
+
+    with torch.device("meta"), console.capture():  # the meta copy's LoRA line is not news
+        model = Transformer(args)
+        trainable = make_trainable(model, cfg)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    activations = saved_bytes(model, cfg.batch_size, seq_len, pairs)
+    logits = 3 * cfg.batch_size * pairs * seq_len * args.vocab_size * 4 if vocab_logits else 0
+    parts = {"weights": weights, "gradients": trainable * 4, "optimizer": 2 * trainable * 4,
+             "activations": activations, "logits": logits}
+    return {**parts, "total": int(sum(parts.values()) * ALLOCATOR_OVERHEAD)}
 
 
 def _vocab_size(recipe: Recipe) -> int:

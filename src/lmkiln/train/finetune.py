@@ -1,12 +1,11 @@
-"""`kiln finetune`: supervised fine-tuning on instruction data, full or LoRA, loss on replies only,
-validation each epoch, and the best epoch kept."""
+"""`kiln finetune`: supervised fine-tuning (full, LoRA or DoRA; loss on replies only; optional packing),
+DPO on preference pairs (train/dpo.py) and classification heads (train/classify.py), all through the
+shared loop with validation, early stopping and the best state kept (train/loop.py)."""
 
 from __future__ import annotations
 
-import math
-import random
-import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,15 +14,16 @@ from lmkiln.config import STAGES, Recipe
 from lmkiln.device import autocast, pick_device, seed_everything
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, sha256_file
-from lmkiln.log import console, progress
+from lmkiln.log import console
 from lmkiln.model.hub import generation_eos, load_model, save_model
-from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
+from lmkiln.model.lora import merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
-from lmkiln.train.formats import IGNORE, ChatFormat, collate, encode_all, load_splits, sample
+from lmkiln.train.formats import (IGNORE, ChatFormat, encode_all, encode_example, load_splits, preference_pair,
+                                  sample)
+from lmkiln.train.loop import Validation, make_trainable, train_loop
 from lmkiln.train.metrics import MetricsLog, plot_curves
-from lmkiln.train.optim import adamw, cosine_lr, set_lr
-
+from lmkiln.train.packing import collate_rows, fill, pack
 
 def model_dir_of(run_dir: Path, ref: str) -> Path:
     """A stage name (its `final` model) or a model directory."""
@@ -53,81 +53,28 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     return ident
 
 
+def token_losses(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss at every position of a batch of (ids, labels[, segments]) rows (0 where not
+    trained), and the labels."""
+    x, y, seg = collate_rows(batch, pad_id)
+    x, y = x.to(device), y.to(device)
+    with autocast(device):
+        logits = model(x, segments=seg.to(device) if seg is not None else None)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
+    return loss.view_as(y), y
+
+
 @torch.no_grad()
 def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tuple[float, int]:
     """Summed next-token loss over reply tokens, and their count."""
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        x, y = collate(encoded[i:i + batch_size], pad_id)
-        x, y = x.to(device), y.to(device)
-        with autocast(device):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
+        loss, y = token_losses(model, encoded[i:i + batch_size], pad_id, device)
+        total += loss.sum().item()
         count += int((y != IGNORE).sum())
     model.train()
     return total, count
-
-
-class Validation:
-    """The overfitting guards: validation loss on a schedule, the best state kept, early stopping after
-    `patience` evaluations without improvement, and a warning when training loss keeps falling while
-    validation loss rises."""
-
-    def __init__(self, model, val: list, cfg, pad: int, device, log: MetricsLog) -> None:
-        self.model, self.val, self.cfg, self.pad, self.device, self.log = model, val, cfg, pad, device, log
-        self.base = self.best = self._loss()
-        self.best_state, self.best_epoch, self.best_step = None, 0, 0
-        self.history: list[tuple[float, float]] = []  # (mean train loss since the last check, val loss)
-        self.train_losses: list[float] = []
-        self.waited, self.stopped, self.diverged = 0, False, False
-        log.log({"step": 0, "epoch": 0, "val_loss": round(self.base, 5)})
-        console.print(f"base model: val loss {self.base:.4f}")
-
-    def _loss(self) -> float:
-        total, count = reply_loss(self.model, self.val, self.cfg.batch_size, self.pad, self.device)
-        return total / count
-
-    def check(self, step: int, epoch: int) -> bool:
-        """Evaluate now; True when training should stop."""
-        vloss = self._loss()
-        train = sum(self.train_losses) / max(len(self.train_losses), 1)
-        self.train_losses = []
-        self.log.log({"step": step, "epoch": epoch, "val_loss": round(vloss, 5)})
-        improved = vloss < self.best
-        console.print(f"step {step} (epoch {epoch}): val loss {vloss:.4f}" + (" (best)" if improved else ""))
-        if improved:
-            state = self.model.state_dict()
-            keep = {k: v.detach().clone() for k, v in state.items() if self.cfg.method != "lora" or ".lora_" in k}
-            self.best, self.best_state, self.best_epoch, self.best_step, self.waited = vloss, keep, epoch, step, 0
-        else:
-            self.waited += 1
-        self.history.append((train, vloss))
-        if len(self.history) >= 3 and not self.diverged:
-            (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
-            if t2 < t1 < t0 and v2 > v1 > v0:
-                self.diverged = True
-                console.print("[yellow]warning: training loss falls while validation loss rises: the model is "
-                              "overfitting (fewer epochs, a lower lr, or finetune.patience)[/yellow]")
-        if self.cfg.patience and self.waited >= self.cfg.patience:
-            console.print(f"stopping early: {self.waited} evaluations without improvement; "
-                          f"keeping step {self.best_step}")
-            self.stopped = True
-        return self.stopped
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of similar-length examples: shuffle, sort within windows of 50 batches, cut,
-    shuffle the batches. Padding drops several-fold while the order stays random."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lengths.__getitem__)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
 
 
 def preview(recipe: Recipe, n: int) -> None:
@@ -144,13 +91,15 @@ def preview(recipe: Recipe, n: int) -> None:
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
     chat = ChatFormat(base_dir)
     for ex in splits["train"][:n]:
-        ids, labels = encode_all(tok, [ex], 10**9, chat, cfg.loss_on)[0][0]
-        text = Text()
-        for i, token in enumerate(ids):  # token i is trained when it is the label of position i - 1
-            trained = i > 0 and labels[i - 1] != IGNORE
-            text.append(tok.decode([token], skip_special_tokens=False), style="bold green" if trained else "dim")
-        out.rule(f"{ex['id']}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
-        out.print(text)
+        pair = "chosen" in ex
+        for name, part in zip(("chosen: ", "rejected: "), preference_pair(ex)) if pair else [("", ex)]:
+            ids, labels = encode_example(tok, part, chat, cfg.loss_on, last_reply_only=pair)
+            text = Text()
+            for i, token in enumerate(ids):  # token i is trained when it is the label of position i - 1
+                trained = i > 0 and labels[i - 1] != IGNORE
+                text.append(tok.decode([token], skip_special_tokens=False), style="bold green" if trained else "dim")
+            out.rule(f"{name}{ex['id']}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
+            out.print(text)
     out.print(f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
                   f"[bold green]trained tokens[/bold green] in green[/dim]")
 
@@ -168,101 +117,120 @@ def check_base(base_dir: Path) -> None:
         raise UserError(f"finetune.base: {base_dir}: chat template {failed[0].detail}")
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+TASK_FORMATS = {"generate": ("text", "instruction", "chat"), "dpo": ("preference",), "classify": ("classification",)}
+
+
+def kind_of(ex: dict) -> str:
+    if "chosen" in ex:
+        return "preference"
+    if "label" in ex:
+        return "classification"
+    return "text" if "text" in ex else "chat"
+
+
+def check_task(examples: list[dict], task: str) -> None:
+    """Every example must suit the task: a preference pair cannot train a plain language model."""
+    allowed = TASK_FORMATS[task]
+    for ex in examples:
+        kind = kind_of(ex)
+        if kind not in allowed:
+            raise UserError(f"finetune.data: {ex['id']} is a {kind} example; finetune.task={task} takes "
+                            f"{' or '.join(allowed)} rows (set finetune.task or finetune.format)")
+
+
+def load_base(recipe: Recipe, run_dir: Path):
+    """The base model's directory, tokenizer and data splits, checked before any training."""
     cfg = recipe.finetune
     base_dir = model_dir_of(run_dir, cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
-    device = pick_device(cfg.device)
     seed_everything(recipe.seed)
     tok = load_tokenizer(base_dir)
-    pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     check_base(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    check_task(splits["train"] + splits["val"], cfg.task)
+    if cfg.max_examples:
+        splits["train"] = sample(splits["train"], cfg.max_examples)
+    return base_dir, tok, splits
+
+
+def print_memory(model, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> None:
+    from lmkiln.train.estimate import finetune_memory
+
+    mem = finetune_memory(model.args, cfg, seq_len, pairs, vocab_logits)
+    gib = 2**30
+    console.print(f"memory estimate: {mem['total'] / gib:.2f} GiB (weights {mem['weights'] / gib:.2f}, gradients "
+                  f"{mem['gradients'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
+                  f"{(mem['activations'] + mem['logits']) / gib:.2f} for {cfg.batch_size * pairs} x {seq_len} tokens)")
+
+
+def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, device) -> None:
+    """The best weights as a model directory (and, for LoRA/DoRA, the adapter in PEFT's layout)."""
+    if not guard.restore_best():
+        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
+        model = load_model(base_dir, device)
+        make_trainable(model, cfg)
+    if cfg.method == "lora":
+        with atomic_dir(out / "adapter") as tmp:
+            lo = cfg.lora
+            save_adapter(model, tmp, str(base_dir), lo.r, lo.alpha, lo.dropout, lo.targets, lo.dora)
+        merge_lora(model)
+    end = special_ids(tok)["end"]
+    with atomic_dir(out / "final") as tmp:
+        save_model(model, tmp, base_dir, generation_eos(base_dir) + ([end] if end is not None else []))
+
+
+def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None,
+          save: bool = True) -> dict:
+    """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics."""
+    cfg = recipe.finetune
+    base_dir, tok, splits = load_base(recipe, run_dir)
     if cfg.task == "classify":
         from lmkiln.train.classify import build_classifier
 
-        if cfg.max_examples:
-            splits["train"] = sample(splits["train"], cfg.max_examples)
-        return build_classifier(recipe, base_dir, splits, tok, out)
+        return build_classifier(recipe, base_dir, splits, tok, out, on_eval, save)
+    if cfg.task == "dpo":
+        from lmkiln.train.dpo import build_dpo
+
+        return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save)
+    device = pick_device(cfg.device)
+    pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     chat = ChatFormat(base_dir)
-    train_ex = sample(splits["train"], cfg.max_examples) if cfg.max_examples else splits["train"]
-    train, too_long = encode_all(tok, train_ex, cfg.max_seq_len, chat, cfg.loss_on)
+    train, too_long = encode_all(tok, splits["train"], cfg.max_seq_len, chat, cfg.loss_on)
     val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
     if not train or not val:
         raise UserError(f"finetune.data: no training or validation examples fit in max_seq_len={cfg.max_seq_len}")
     console.print(f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
                   f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)")
+    n_examples = len(train)
+    if cfg.packing:
+        train = pack(train, cfg.max_seq_len)
+        console.print(f"packing: {n_examples:,} examples in {len(train):,} rows of up to {cfg.max_seq_len} tokens "
+                      f"({fill(train, cfg.max_seq_len):.0%} full)")
 
     model = load_model(base_dir, device)
-    if cfg.method == "lora":
-        wrapped = apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-        model.to(device)
-        console.print(f"LoRA r={cfg.lora.r} on {len(wrapped)} layers")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = make_trainable(model, cfg)
+    model.to(device)
     console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * cfg.grad_accum))
-    max_steps = steps_per_epoch * cfg.epochs
+    print_memory(model, cfg, max(len(t[0]) for t in train))
     log = MetricsLog(out / "metrics.jsonl")
 
-    guard = Validation(model, val, cfg, pad, device, log)
-    rng = random.Random(recipe.seed)
-    step, t0, tokens = 0, time.perf_counter(), 0
-    model.train()
-    with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s") as bar:
-        task = bar.add_task("finetune", total=max_steps, loss=float("nan"), tps=0.0)
-        for epoch in range(1, cfg.epochs + 1):
-            micro = length_grouped_batches([len(ids) for ids, _ in train], cfg.batch_size, rng)
-            for s in range(0, len(micro), cfg.grad_accum):
-                set_lr(opt, cosine_lr(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-                group = micro[s:s + cfg.grad_accum]
-                n_target = sum(sum(l != IGNORE for l in train[i][1]) for idx in group for i in idx)
-                loss_sum = 0.0
-                for idx in group:
-                    x, y = collate([train[i] for i in idx], pad)
-                    x, y = x.to(device), y.to(device)
-                    with autocast(device):
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
-                    (loss / n_target).backward()
-                    loss_sum += loss.item()
-                    tokens += x.numel()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                tps = tokens / (time.perf_counter() - t0)
-                guard.train_losses.append(loss_sum / n_target)
-                if step % cfg.log_every == 0:
-                    log.log({"step": step, "epoch": epoch, "loss": round(loss_sum / n_target, 5), "tokens_per_s": round(tps, 1)})
-                bar.update(task, completed=step, loss=loss_sum / n_target, tps=tps)
-                if cfg.eval_every and step % cfg.eval_every == 0 and guard.check(step, epoch):
-                    break
-            if guard.stopped or (not cfg.eval_every and guard.check(step, epoch)):
-                break
+    def evaluate() -> dict:
+        total, count = reply_loss(model, val, cfg.batch_size, pad, device)
+        return {"loss": total / count}
 
-    if guard.best_state is not None:
-        model.load_state_dict(guard.best_state, strict=False)
-    else:
-        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
-        model = load_model(base_dir, device)
-        if cfg.method == "lora":
-            apply_lora(model, cfg.lora.targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout)
-    if cfg.method == "lora":
-        with atomic_dir(out / "adapter") as tmp:
-            save_adapter(model, tmp, str(base_dir), cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-        merge_lora(model)
-    end = special_ids(tok)["end"]
-    with atomic_dir(out / "final") as tmp:
-        save_model(model, tmp, base_dir, generation_eos(base_dir) + ([end] if end is not None else []))
-    plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
-    return {"method": cfg.method, "examples": len(train), "dropped_too_long": too_long,
-            "skipped_rows": len(splits["skipped"]), "steps": step,
-            "best_epoch": guard.best_epoch, "best_step": guard.best_step, "best_val_loss": round(guard.best, 5),
-            "base_val_loss": round(guard.base, 5), "stopped_early": guard.stopped, "overfit_warning": guard.diverged,
-            "trainable_parameters": trainable,
-            "total_parameters": model.args.num_params(),
-            "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+    def micro_loss(batch: list) -> tuple[torch.Tensor, int]:
+        loss, y = token_losses(model, batch, pad, device)
+        return loss.sum(), y.numel()
 
+    guard = Validation(model, evaluate, cfg, log, on_eval)
+    run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
+                     lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
+                     guard, log, recipe.seed, "finetune")
+    if save:
+        save_tuned(model, guard, cfg, base_dir, tok, out, device)
+        plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
+    return {"method": cfg.method, "dora": cfg.method == "lora" and cfg.lora.dora, "examples": n_examples,
+            "packed_rows": len(train) if cfg.packing else None, "dropped_too_long": too_long,
+            "skipped_rows": len(splits["skipped"]), **run, **guard.summary(),
+            "trainable_parameters": trainable, "total_parameters": model.args.num_params()}

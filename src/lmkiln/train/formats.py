@@ -5,6 +5,8 @@ row by row and turned into examples:
   instruction   {instruction, input?, output, system?} one user turn and one reply (Alpaca)
   chat          {messages: [{role, content}]}          multi-turn, system prompts; or ShareGPT's
                 {conversations: [{from, value}]}
+  preference    {prompt, chosen, rejected, system?}      `finetune.task: dpo`; prompt a string or
+                                                       messages, each reply a string or [{role: assistant, content}]
   classification {text, label}                         `kiln finetune --task classify`
 
 Each example is rendered with the base model's own chat template (tokenizer_config.json; lmkiln's when
@@ -25,7 +27,7 @@ from lmkiln.tokenizer.chat import instruction_messages, render
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 IGNORE = -100
-FORMATS = ("auto", "text", "instruction", "chat", "classification")
+FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -42,6 +44,8 @@ def check_source(source: str) -> None:
 
 
 def detect_format(record: dict) -> str:
+    if "chosen" in record or "rejected" in record:
+        return "preference"
     if "messages" in record or "conversations" in record:
         return "chat"
     if "instruction" in record or "output" in record:
@@ -89,6 +93,39 @@ def _messages(record: dict) -> list[dict]:
     return messages
 
 
+def _reply(record: dict, key: str) -> str:
+    value = record.get(key)
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant":
+        value = value[0].get("content")
+    if not isinstance(value, str) or not value.strip():
+        raise BadRow(f"field '{key}' must be a non-empty string or [{{role: assistant, content: string}}]")
+    return value
+
+
+def _preference(record: dict) -> dict:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        messages = _messages({"messages": prompt + [{"role": "assistant", "content": "-"}]})[:-1]
+        if messages[-1]["role"] != "user":
+            raise BadRow("field 'prompt' must end with a user turn")
+    else:
+        messages = [{"role": "user", "content": _string(record, "prompt")}]
+    system = _string(record, "system", False)
+    if system:
+        messages = [{"role": "system", "content": system}] + messages
+    chosen, rejected = _reply(record, "chosen"), _reply(record, "rejected")
+    if chosen == rejected:
+        raise BadRow("'chosen' and 'rejected' are the same reply")
+    return {"prompt_messages": messages, "chosen": chosen, "rejected": rejected}
+
+
+def preference_pair(ex: dict) -> tuple[dict, dict]:
+    """The chosen and the rejected conversation of a preference example."""
+    return tuple({"id": ex["id"], "messages": ex["prompt_messages"] + [{"role": "assistant", "content": ex[k]}]}
+                 for k in ("chosen", "rejected"))
+
+
 def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dict:
     """A validated example from one record; BadRow says what is wrong with it."""
     for canonical, column in columns.items():
@@ -109,6 +146,8 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
         system = _string(record, "system", False)
         messages = ([{"role": "system", "content": system}] if system else []) + instruction_messages(ins, inp, out)
         return {**example, "instruction": ins, "input": inp, "output": out, "messages": messages}
+    if fmt == "preference":
+        return {**example, **_preference(record)}
     return {**example, "messages": _messages(record)}
 
 
@@ -213,8 +252,9 @@ def messages_of(ex: dict) -> list[dict]:
 
 
 def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
-                   loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+                   loss_on: str = "assistant", last_reply_only: bool = False) -> tuple[list[int], list[int]]:
     """(input ids, labels): labels are the next token where it is trained, -100 elsewhere.
+    `last_reply_only` trains the final reply alone (DPO scores just the reply the pair differs in).
 
     Prompt and reply are encoded as separate pieces, so the prompt's tokens are exactly those a
     generation request sends (BPE could otherwise merge the newline before a reply into its first word).
@@ -230,8 +270,9 @@ def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
     ids: list[int] = []
     trained: list[bool] = []
     pos = 0
-    for start, end in spans + [(len(text), len(text))]:
-        for piece, train in ((text[pos:start], loss_on == "all"), (text[start:end], True)):
+    for n, (start, end) in enumerate(spans + [(len(text), len(text))]):
+        is_trained = not last_reply_only or n == len(spans) - 1
+        for piece, train in ((text[pos:start], loss_on == "all" and not last_reply_only), (text[start:end], is_trained)):
             if piece:
                 piece_ids = tok.encode(piece, add_special_tokens=False).ids
                 ids += piece_ids
