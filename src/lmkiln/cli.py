@@ -17,7 +17,8 @@ STAGE_HELP = {
     "data": "gather, clean, filter and deduplicate text into Parquet shards (run_dir/data)",
     "tokenizer": "train a byte-level BPE tokenizer and encode the shards into token shards (run_dir/tokenizer)",
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
-    "finetune": "supervised fine-tuning, full or LoRA, loss on replies only (run_dir/finetune)",
+    "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, or a classification "
+                "head (run_dir/finetune)",
     "eval": "score models side by side: perplexity, bits/byte, docstring loss and ROUGE-L (run_dir/eval)",
 }
 
@@ -79,12 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             p.add_argument("--preview", type=int, metavar="N", default=None,
                            help="print N training examples as rendered, trained tokens highlighted, and stop")
-            p.add_argument("--task", choices=("generate", "classify"), default=None,
-                           help="classify: train a label head on {text, label} rows (same as finetune.task=classify)")
+            p.add_argument("--task", choices=("generate", "classify", "dpo"), default=None,
+                           help="classify: a label head on {text, label} rows; dpo: preference pairs "
+                           "{prompt, chosen, rejected} (same as finetune.task=...)")
         if name == "eval":
             p.add_argument("--models", nargs="+", metavar="MODEL",
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
             p.add_argument("--out", type=Path, help="with --models: also write eval.json and eval.md here")
+
+    p = sub.add_parser("tune", help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
+                       "Optuna, pruning bad trials early; writes run_dir/tune/best.yaml, trials.csv, trials.png",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
+    p.add_argument("--trials", type=int, default=None, help="trials to run in all (default: tune.trials)")
+    _add_quiet(p)
 
     p = sub.add_parser("estimate", help="parameters, memory per device and time per step of a recipe's pretraining, "
                        "before any training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,6 +234,12 @@ def dispatch(args) -> int:
         from lmkiln.train.estimate import estimate, print_estimate
 
         print_estimate(estimate(_load(args.recipe), world=args.world, device=args.device))
+    elif args.verb == "tune":
+        from lmkiln.train.tune import tune
+
+        if args.trials is not None and args.trials < 1:
+            raise UserError(f"--trials must be 1 or more, got {args.trials}")
+        tune(_load(args.recipe), args.trials)
     elif args.verb == "finetune" and args.preview is not None:
         from lmkiln.train.finetune import preview
 

@@ -70,7 +70,7 @@ def is_fresh(out: Path, config: dict, inputs: dict) -> dict | None:
     return manifest
 
 
-DISTRIBUTED_STAGES = {"pretrain"}
+DISTRIBUTED_STAGES = {"pretrain", "finetune"}
 
 
 def rank() -> tuple[int, int]:

@@ -75,3 +75,28 @@ def test_fsdp_trains_checkpoints_and_resumes_on_one_rank(prepared, tmp_path):
     manifest = run_pretrain(resumed)
     assert manifest["metrics"]["resumed_from"] == 3 and manifest["metrics"]["steps"] == 6
     _assert_close(_weights(fsdp_dir), _weights(single.run_dir), atol=1e-5)
+
+
+def test_ddp_finetune_two_ranks_equal_one_rank_with_double_accumulation(trained_run, tiny_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from lmkiln.train import run_finetune
+
+    _, run_dir, _ = trained_run
+    common = [f"finetune.base={run_dir / 'pretrain' / 'final'}", "finetune.method=lora", "finetune.lora.r=4",
+              "finetune.epochs=1", "finetune.batch_size=4", "finetune.lr=3e-3", "finetune.warmup_steps=2",
+              "finetune.max_examples=40"]
+    single = tiny_recipe(*common, "finetune.grad_accum=2", run_dir=tmp_path / "single")
+    run_finetune(single)
+    data_file = single.finetune.data
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmkiln",
+           "finetune", *TINY, f"run_dir={tmp_path / 'ddp'}", f"finetune.data={data_file}", *common,
+           "finetune.grad_accum=1"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = (tmp_path / "ddp" / "finetune" / "manifest.json").read_text()
+    assert '"world_size": 2' in manifest
+    ours = load_file(tmp_path / "ddp" / "finetune" / "adapter" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "single" / "finetune" / "adapter" / "adapter_model.safetensors")
+    _assert_close(ours, ref, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from lmkiln.io import read_manifest, write_text
@@ -45,24 +46,39 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
                    f"{m['tokens_per_s']} tokens/s on {m['device']}"
                    + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "") + f", {manifest['wall_time_s']:.0f} s. "
                    f"Final train loss {m['final_loss']}, validation loss {m['val_loss']}.")
-    elif m.get("task") == "classify":
-        out.append(f"{m['method']} classification fine-tuning on {m['examples']:,} examples, {len(m['labels'])} labels, "
-                   f"{m['steps']} steps, {manifest['wall_time_s']:.0f} s.")
-        out += ["", "| validation | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|",
-                f"| majority class | {m['majority_accuracy']:.1%} | | |",
-                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {m['base_val_loss']} |",
-                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.3f} | {m['best_val_loss']} |"]
     else:
-        out.append(f"{m['method']} fine-tuning on {m['examples']:,} examples, {m['steps']} steps, "
-                   f"{manifest['wall_time_s']:.0f} s. Validation reply loss {m['base_val_loss']} (base) → "
-                   f"{m['best_val_loss']} (best: epoch {m['best_epoch']}, step {m.get('best_step', '?')})"
-                   + (", stopped early" if m.get("stopped_early") else "") + "."
-                   + (" Warning: validation loss rose while training loss fell (overfitting)." if m.get("overfit_warning") else ""))
-        if m.get("skipped_rows"):
-            out.append(f"{m['skipped_rows']} bad rows skipped (finetune.on_bad_rows=skip).")
+        out += _finetune_lines(m, manifest)
     if (run_dir / stage / "loss.png").exists():
         out += ["", f"![{title} loss]({stage}/loss.png)"]
     return out + [""]
+
+
+def _finetune_lines(m: dict, manifest: dict) -> list[str]:
+    """Base against tuned on validation, in the task's own measures."""
+    task, method = m.get("task", "generate"), m["method"] + (" (DoRA)" if m.get("dora") else "")
+    head = f"{method} {({'dpo': 'DPO ', 'classify': 'classification '}).get(task, '')}fine-tuning"
+    out = [f"{head} on {m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
+           + (f", {len(m['labels'])} labels" if task == "classify" else "")
+           + f", {m['steps']} steps, {manifest['wall_time_s']:.0f} s. Best: step {m.get('best_step', '?')}"
+           + (", stopped early" if m.get("stopped_early") else "") + ".", ""]
+    base, best = m["base_val_loss"], m["best_val_loss"]
+    if task == "classify":
+        out += ["| validation | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|",
+                f"| majority class | {m['majority_accuracy']:.1%} | | |",
+                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base} |",
+                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.3f} | {best} |"]
+    elif task == "dpo":
+        out += ["| validation | DPO loss | reward accuracy | reward margin |", "|---|---:|---:|---:|",
+                f"| base (the reference) | {base} | {m['base_val_reward_accuracy']:.1%} | 0 |",
+                f"| tuned | {best} | {m['val_reward_accuracy']:.1%} | {m['val_reward_margin']} |"]
+    else:
+        out += ["| validation | reply loss | perplexity |", "|---|---:|---:|",
+                f"| base | {base} | {math.exp(base):,.1f} |", f"| tuned | {best} | {math.exp(best):,.1f} |"]
+    if m.get("overfit_warning"):
+        out += ["", "Warning: validation loss rose while training loss fell (overfitting)."]
+    if m.get("skipped_rows"):
+        out += ["", f"{m['skipped_rows']} bad rows skipped (finetune.on_bad_rows=skip)."]
+    return out
 
 
 def _eval_section(run_dir: Path) -> list[str]:

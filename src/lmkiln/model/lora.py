@@ -44,9 +44,13 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
         dropped = self.dropout(x)
-        update = self.lora_B["default"](self.lora_A["default"](dropped)) * self.scaling
+        down = self.lora_A["default"](dropped)
         if not hasattr(self, "lora_magnitude_vector"):
-            return base + update
+            # base + scaling * down @ B^T in one addmm: no separate scaled update to write, add and free
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), down.reshape(-1, self.r),
+                              self.lora_B["default"].weight.t(), alpha=self.scaling)
+            return out.view(base.shape)
+        update = self.lora_B["default"](down) * self.scaling
         weight = self.base_layer.weight
         scale = self.lora_magnitude_vector["default"] / (weight + self.delta().detach()).norm(dim=1).detach()
         if dropped is x:

@@ -152,6 +152,7 @@ class KVCache:
 
 
 CAUSAL = "causal"
+SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA's enable_gqa
 
 
 def attention_mask(start: int, t: int, window: int | None, device) -> str | torch.Tensor | None:
@@ -219,14 +220,17 @@ class Attention(nn.Module):
             cache.v[self.layer][:, :, start:start + t] = v
             k = cache.k[self.layer][:, :, :start + t]
             v = cache.v[self.layer][:, :, :start + t]
+        gqa = {}
         if a.num_kv_heads != a.num_heads:
-            rep = a.num_heads // a.num_kv_heads
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if SDPA_GQA:  # grouped heads inside the kernel: no repeated keys/values held for backward
+                gqa = {"enable_gqa": True}
+            else:
+                rep = a.num_heads // a.num_kv_heads
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if isinstance(mask, str):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -287,10 +291,13 @@ class Transformer(nn.Module):
                     p.normal_(0.0, s, generator=generator)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given.
-        `segments` (B, T) marks the examples of packed rows: each attends only to itself."""
+        `segments` (B, T) marks the examples of packed rows: each attends only to itself. `hidden_only`
+        returns the final hidden states instead (a loss that runs the head itself; DDP still sees a forward)."""
         x = self.hidden_states(idx, cache, segments)
+        if hidden_only:
+            return x
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)

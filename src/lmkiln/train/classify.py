@@ -21,8 +21,9 @@ from lmkiln.model.hub import HF_CLASSES, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.train.formats import ChatFormat
-from lmkiln.train.loop import Validation, make_trainable, train_loop
-from lmkiln.train.metrics import MetricsLog, plot_curves
+from lmkiln.train.dist import DistContext
+from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop
+from lmkiln.train.metrics import plot_curves
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
 
@@ -125,18 +126,20 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
 
 
 def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
-                     on_eval: Callable[[int, float], None] | None = None, save: bool = True) -> dict:
+                     on_eval: Callable[[int, float], None] | None = None, save: bool = True,
+                     ctx: DistContext | None = None) -> dict:
     """Train, validate and save a classifier; returns the stage metrics."""
     from lmkiln.device import pick_device
     from lmkiln.train.finetune import print_memory
 
     cfg = recipe.finetune
+    ctx = ctx or DistContext(device=pick_device(cfg.device))
     names = sorted({ex["label"] for ex in splits["train"]})
     index = {n: i for i, n in enumerate(names)}
     val_ex = [ex for ex in splits["val"] if ex["label"] in index]
     if len(names) < 2 or not val_ex:
         raise UserError(f"finetune.data: classification needs 2 or more labels and validation rows (labels: {names})")
-    device = pick_device(cfg.device)
+    device = ctx.device
     chat = ChatFormat(base_dir)
     train_ids, val_ids = encode_texts(tok, splits["train"], cfg.max_seq_len, chat), encode_texts(tok, val_ex, cfg.max_seq_len, chat)
     train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
@@ -145,22 +148,24 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
     model = Classifier(load_model(base_dir, device), len(names))
     trainable = make_trainable(model.body, cfg) + model.score.weight.numel()
     model.score.weight.requires_grad_(True)
+    if model.body.lm_head.weight is not model.body.model.embed_tokens.weight:
+        model.body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
     model.to(device)
     majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
     console.print(f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
                   f"majority class {majority:.1%} of val")
     print_memory(model.body, cfg, max(map(len, train_ids)), vocab_logits=False)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = metrics_log(out, ctx)
 
-    def micro_loss(batch: list[int]) -> tuple[torch.Tensor, int]:
+    def micro_loss(net, batch: list[int]) -> tuple[torch.Tensor, int]:
         x, lengths, y = _batches(train_ids, train_y, batch, pad, device)
-        return F.cross_entropy(model(x, lengths).float(), y, reduction="sum"), x.numel()
+        return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
     guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, log, on_eval)
     run = train_loop(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
-                     guard, log, recipe.seed, "classify")
+                     guard, log, recipe.seed, "classify", ctx)
     guard.restore_best()
-    if save:
+    if save and ctx.is_main:
         if cfg.method == "lora":
             merge_lora(model.body)
         with atomic_dir(out / "final") as tmp:

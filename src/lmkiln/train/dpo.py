@@ -21,9 +21,10 @@ from lmkiln.errors import UserError
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
 from lmkiln.tokenizer.train import special_ids
-from lmkiln.train.formats import IGNORE, ChatFormat, collate, encode_example, preference_pair, sample
-from lmkiln.train.loop import Validation, make_trainable, train_loop
-from lmkiln.train.metrics import MetricsLog, plot_curves
+from lmkiln.train.formats import ChatFormat, collate, encode_example, preference_pair, sample
+from lmkiln.train.dist import DistContext
+from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop, trained_token_losses
+from lmkiln.train.metrics import plot_curves
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -38,9 +39,8 @@ def reply_logprobs(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
     x, y = collate(encoded, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
-        logits = model(x)
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
-    return logp.view_as(y).sum(-1)
+        loss, rows = trained_token_losses(model, x, y)
+    return torch.zeros(len(x), device=device).index_add(0, rows, -loss)
 
 
 def encode_pairs(tok, examples: list[dict], max_len: int, chat: ChatFormat) -> tuple[list[dict], int]:
@@ -80,11 +80,13 @@ def batch_loss(model, batch: list[dict], beta: float, pad: int, device) -> tuple
 
 
 def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
-              on_eval: Callable[[int, float], None] | None = None, save: bool = True) -> dict:
+              on_eval: Callable[[int, float], None] | None = None, save: bool = True,
+              ctx: DistContext | None = None) -> dict:
     from lmkiln.train.finetune import print_memory, save_tuned
 
     cfg = recipe.finetune
-    device = pick_device(cfg.device)
+    ctx = ctx or DistContext(device=pick_device(cfg.device))
+    device = ctx.device
     pad = special_ids(tok)["pad"] or 0
     chat = ChatFormat(base_dir)
     train, too_long = encode_pairs(tok, splits["train"], cfg.max_seq_len, chat)
@@ -100,7 +102,7 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
     longest = max(max(len(p["chosen"][0]), len(p["rejected"][0])) for p in train)
     print_memory(model, cfg, longest, pairs=2)
     add_reference(model, train + val, cfg.batch_size, pad, device)
-    log = MetricsLog(out / "metrics.jsonl")
+    log = metrics_log(out, ctx)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -116,14 +118,14 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
         return {"loss": loss.mean().item(), "reward_accuracy": wins.mean().item(),
                 "reward_margin": margin.mean().item() / cfg.dpo_beta}
 
-    def micro_loss(batch: list[dict]) -> tuple[torch.Tensor, int]:
-        loss, _ = batch_loss(model, batch, cfg.dpo_beta, pad, device)
+    def micro_loss(net, batch: list[dict]) -> tuple[torch.Tensor, int]:
+        loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
         return loss.sum(), sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in batch)
 
     guard = Validation(model, evaluate, cfg, log, on_eval)
     lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
-    run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, log, recipe.seed, "dpo")
-    if save:
+    run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, log, recipe.seed, "dpo", ctx)
+    if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "DPO")
     return {"task": "dpo", "method": cfg.method, "examples": len(train), "dropped_too_long": too_long,

@@ -8,21 +8,22 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from lmkiln.config import STAGES, Recipe
-from lmkiln.device import autocast, pick_device, seed_everything
+from lmkiln.device import autocast, seed_everything
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, sha256_file
-from lmkiln.log import console
+from lmkiln.log import console, set_quiet
 from lmkiln.model.hub import generation_eos, load_model, save_model
 from lmkiln.model.lora import merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train.formats import (IGNORE, ChatFormat, encode_all, encode_example, load_splits, preference_pair,
                                   sample)
-from lmkiln.train.loop import Validation, make_trainable, train_loop
-from lmkiln.train.metrics import MetricsLog, plot_curves
+from lmkiln.train import dist
+from lmkiln.train.dist import DistContext
+from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop, trained_token_losses
+from lmkiln.train.metrics import plot_curves
 from lmkiln.train.packing import collate_rows, fill, pack
 
 def model_dir_of(run_dir: Path, ref: str) -> Path:
@@ -53,15 +54,14 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     return ident
 
 
-def token_losses(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token loss at every position of a batch of (ids, labels[, segments]) rows (0 where not
-    trained), and the labels."""
+def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token loss over the trained tokens of (ids, labels[, segments]) rows, their count,
+    and the tokens the batch holds."""
     x, y, seg = collate_rows(batch, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
-        logits = model(x, segments=seg.to(device) if seg is not None else None)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="none")
-    return loss.view_as(y), y
+        loss, _ = trained_token_losses(model, x, y, seg.to(device) if seg is not None else None)
+    return loss.sum(), len(loss), x.numel()
 
 
 @torch.no_grad()
@@ -70,9 +70,9 @@ def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tu
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        loss, y = token_losses(model, encoded[i:i + batch_size], pad_id, device)
-        total += loss.sum().item()
-        count += int((y != IGNORE).sum())
+        loss, n, _ = batch_loss(model, encoded[i:i + batch_size], pad_id, device)
+        total += loss.item()
+        count += n
     model.train()
     return total, count
 
@@ -182,18 +182,33 @@ def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, de
 
 def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None,
           save: bool = True) -> dict:
-    """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics."""
+    """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics.
+    Under torchrun, DDP over the ranks (train/loop.py)."""
+    ctx = dist.setup(recipe.finetune.device)
+    quiet = console.quiet
+    if not ctx.is_main:
+        set_quiet(True)
+    try:
+        cfg = recipe.finetune
+        base_dir, tok, splits = load_base(recipe, run_dir)
+        if cfg.task == "classify":
+            from lmkiln.train.classify import build_classifier
+
+            return build_classifier(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
+        if cfg.task == "dpo":
+            from lmkiln.train.dpo import build_dpo
+
+            return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
+        return build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
+    finally:
+        dist.teardown(ctx)
+        set_quiet(quiet)
+
+
+def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
+              on_eval: Callable[[int, float], None] | None, save: bool, ctx: DistContext) -> dict:
     cfg = recipe.finetune
-    base_dir, tok, splits = load_base(recipe, run_dir)
-    if cfg.task == "classify":
-        from lmkiln.train.classify import build_classifier
-
-        return build_classifier(recipe, base_dir, splits, tok, out, on_eval, save)
-    if cfg.task == "dpo":
-        from lmkiln.train.dpo import build_dpo
-
-        return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save)
-    device = pick_device(cfg.device)
+    device = ctx.device
     pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     chat = ChatFormat(base_dir)
     train, too_long = encode_all(tok, splits["train"], cfg.max_seq_len, chat, cfg.loss_on)
@@ -213,21 +228,21 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
     model.to(device)
     console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
     print_memory(model, cfg, max(len(t[0]) for t in train))
-    log = MetricsLog(out / "metrics.jsonl")
+    log = metrics_log(out, ctx)
 
     def evaluate() -> dict:
         total, count = reply_loss(model, val, cfg.batch_size, pad, device)
         return {"loss": total / count}
 
-    def micro_loss(batch: list) -> tuple[torch.Tensor, int]:
-        loss, y = token_losses(model, batch, pad, device)
-        return loss.sum(), y.numel()
+    def micro_loss(net, batch: list) -> tuple[torch.Tensor, int]:
+        loss, _, tokens = batch_loss(net, batch, pad, device)
+        return loss, tokens
 
     guard = Validation(model, evaluate, cfg, log, on_eval)
     run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
                      lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
-                     guard, log, recipe.seed, "finetune")
-    if save:
+                     guard, log, recipe.seed, "finetune", ctx)
+    if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
     return {"method": cfg.method, "dora": cfg.method == "lora" and cfg.lora.dora, "examples": n_examples,

@@ -15,8 +15,23 @@ from torch import nn
 
 from lmkiln.log import console, progress
 from lmkiln.model.lora import apply_lora
+from lmkiln.train import dist
+from lmkiln.train.dist import DistContext, unwrap
+from lmkiln.train.formats import IGNORE
+from lmkiln.train.linear_ce import linear_cross_entropy
 from lmkiln.train.metrics import MetricsLog
 from lmkiln.train.optim import adamw, cosine_lr, set_lr
+
+
+def trained_token_losses(model, x: torch.Tensor, y: torch.Tensor,
+                         segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at the trained positions only, and the row of each. The LM head runs on those
+    positions alone (prompts, padding and untrained turns never become logits), a chunk at a time
+    (train/linear_ce.py), so the vocabulary-sized logits are never in memory whole."""
+    hidden = model(x, segments=segments, hidden_only=True)
+    rows, cols = (y != IGNORE).nonzero(as_tuple=True)
+    head = unwrap(model).lm_head.weight
+    return linear_cross_entropy(hidden[rows, cols], head, y[rows, cols]), rows
 
 
 class Validation:
@@ -112,15 +127,33 @@ def make_trainable(model: nn.Module, cfg) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-MicroLoss = Callable[[list], tuple[torch.Tensor, int]]  # batch -> (summed loss, tokens processed)
+class NullLog:
+    """The metrics log of a rank other than 0: rank 0 alone writes."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+
+def metrics_log(out, ctx: DistContext) -> MetricsLog | NullLog:
+    return MetricsLog(out / "metrics.jsonl") if ctx.is_main else NullLog()
+
+
+# (model to call, batch) -> (summed loss, tokens processed); the model is the DDP wrapper under torchrun
+MicroLoss = Callable[[nn.Module, list], tuple[torch.Tensor, int]]
 
 
 def train_loop(model: nn.Module, cfg, items: list, lengths: list[int], micro_loss: MicroLoss,
-               weight: Callable[[list], int], guard: Validation, log: MetricsLog, seed: int, name: str) -> dict:
+               weight: Callable[[list], int], guard: Validation, log, seed: int, name: str,
+               ctx: DistContext | None = None) -> dict:
     """Train until the epochs run out or the guard stops it. Each optimizer step's loss is the summed
-    micro-batch losses over the step's total `weight` (trained tokens, pairs, examples)."""
+    micro-batch losses over the step's total `weight` (trained tokens, pairs, examples). Under torchrun
+    each rank takes every world-th micro-batch of the same shuffled list, so N ranks with accumulation A
+    take the steps one process takes with accumulation N x A."""
+    ctx = ctx or DistContext()
+    net = dist.wrap(model, "ddp", ctx)
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    max_steps = math.ceil(len(items) / (cfg.batch_size * cfg.grad_accum)) * cfg.epochs
+    per_step = cfg.grad_accum * ctx.world
+    max_steps = math.ceil(len(items) / (cfg.batch_size * per_step)) * cfg.epochs
     rng = random.Random(seed)
     step, tokens, t0 = 0, 0, time.perf_counter()
     model.train()
@@ -128,16 +161,24 @@ def train_loop(model: nn.Module, cfg, items: list, lengths: list[int], micro_los
         task = bar.add_task(name, total=max_steps, loss=float("nan"), tps=0.0)
         for epoch in range(1, cfg.epochs + 1):
             micro = length_grouped_batches(lengths, cfg.batch_size, rng)
-            for s in range(0, len(micro), cfg.grad_accum):
+            for s in range(0, len(micro), per_step):
                 set_lr(opt, cosine_lr(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-                batches = [[items[i] for i in idx] for idx in micro[s:s + cfg.grad_accum]]
-                total = sum(weight(b) for b in batches)
+                group = micro[s:s + per_step]
+                mine = [[items[i] for i in idx] for idx in group[ctx.rank::ctx.world]]
+                # DDP averages gradients over ranks: scale by world so the step's loss is the global sum
+                # over the global weight, as in one process.
+                total = sum(weight([items[i] for i in idx]) for idx in group)
                 loss_sum = 0.0
-                for batch in batches:
-                    loss, n = micro_loss(batch)
-                    (loss / total).backward()
+                for k, batch in enumerate(mine):
+                    with dist.grad_sync(net, k == len(mine) - 1):
+                        loss, n = micro_loss(net, batch)
+                        (loss * ctx.world / total).backward()
                     loss_sum += loss.item()
                     tokens += n
+                if not mine:  # a short last step left this rank nothing: join the all-reduce with zeros
+                    loss, _ = micro_loss(net, [items[i] for i in group[0]])
+                    (loss * 0).backward()
+                loss_sum = dist.all_sum([loss_sum], ctx)[0]
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
@@ -156,4 +197,5 @@ def train_loop(model: nn.Module, cfg, items: list, lengths: list[int], micro_los
             if (not cfg.eval_every or epoch == cfg.epochs) and guard.last_step != step and guard.check(step, epoch):
                 break
     model.eval()
-    return {"steps": step, "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
+    tokens = dist.all_sum([tokens], ctx)[0]
+    return {"steps": step, "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1), "world_size": ctx.world}

@@ -1,0 +1,89 @@
+"""Cross-entropy of a linear head without the whole logits matrix: `linear_cross_entropy(h, W, t)`
+equals `F.cross_entropy(h @ W.T, t, reduction="none")`, in value and gradient.
+
+The head runs a chunk of rows at a time, and the gradient with respect to `h` (and `W`, when it
+trains) is computed in the forward pass, while each chunk's logits are at hand. Peak memory for the
+logits falls from about three N x V float tensors (logits, log-softmax, their gradient) to one chunk,
+at no extra compute. The gradient for `h` is per row, so any upstream gradient scales it exactly. The
+one for `W` sums over rows, so it is kept only when the upstream gradient is the same for every row
+(a mean or sum loss, as in SFT); otherwise (DPO's per-sequence weights) it is recomputed in the
+backward pass from the saved `h`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGITS_PER_CHUNK = 2**24  # chunk rows x vocabulary: 64 MB of float32 logits at a time
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, LOGITS_PER_CHUNK // vocab)
+
+
+def _loss_dtype(h: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(h.dtype, torch.float32)  # half-precision logits are scored in float32
+
+
+def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None,
+                 want_h: bool = True, want_w: bool = False):
+    """Losses of one chunk, and d(sum of scaled losses)/dh and /dW."""
+    logits = (h @ weight.t()).to(_loss_dtype(h))
+    lse = logits.logsumexp(-1)
+    loss = lse - logits.gather(1, target[:, None]).squeeze(1)
+    if not (want_h or want_w):
+        return loss, None, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax in place of the logits
+    probs[torch.arange(len(target), device=target.device), target] -= 1
+    if scale is not None:
+        probs *= scale[:, None]
+    probs = probs.to(h.dtype)
+    return loss, probs @ weight if want_h else None, probs.t() @ h if want_w else None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = _chunk_rows(weight.shape[0])
+        losses = torch.empty(len(target), dtype=_loss_dtype(hidden), device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device) if want_w else None
+        for s in range(0, len(target), rows):
+            loss, gh, gw = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None, want_h, want_w)
+            losses[s:s + rows] = loss
+            if want_h:
+                grad_h[s:s + rows] = gh
+            if want_w:
+                grad_w += gw
+        ctx.save_for_backward(hidden, weight, target, grad_h, grad_w)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, target, grad_h, grad_w = ctx.saved_tensors
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        uniform = bool((grad_losses == grad_losses[0]).all()) if len(grad_losses) else True
+        if want_w and not uniform:  # per-row weights: W's gradient must be summed again, scaled
+            rows = _chunk_rows(weight.shape[0])
+            grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device)
+            for s in range(0, len(target), rows):
+                _, _, gw = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows],
+                                        grad_losses[s:s + rows], want_h=False, want_w=True)
+                grad_w += gw
+        elif want_w:
+            grad_w = grad_w * grad_losses[0]
+        gh = (grad_h * grad_losses[:, None].to(grad_h.dtype)) if want_h else None
+        return gh, grad_w.to(weight.dtype) if want_w else None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy of `hidden @ weight.T` (N x V logits, never held whole) against `target`."""
+    if hidden.device.type != "cpu" and torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, target)
+    rows = _chunk_rows(weight.shape[0])
+    return torch.cat([_chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None, False, False)[0]
+                      for s in range(0, len(target), rows)]) if len(target) else hidden.new_zeros(0)

@@ -1,0 +1,43 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkiln.train import linear_ce
+from lmkiln.train.linear_ce import linear_cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(linear_ce, "LOGITS_PER_CHUNK", 7 * 50)  # 7 rows a chunk: several chunks per call
+
+
+def _inputs(train_weight: bool):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(23, 16, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = (torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.5).requires_grad_(train_weight)
+    t = torch.randint(0, 50, (23,), generator=g)
+    return h, w, t
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+@pytest.mark.parametrize("upstream", ["mean", "per-row"])
+def test_equals_cross_entropy_of_the_full_logits(train_weight, upstream):
+    weights = torch.linspace(0.1, 2.0, 23, dtype=torch.float64) if upstream == "per-row" else None
+    results = []
+    for fn in (lambda h, w, t: linear_cross_entropy(h, w, t),
+               lambda h, w, t: F.cross_entropy(h @ w.t(), t, reduction="none")):
+        h, w, t = _inputs(train_weight)
+        loss = fn(h, w, t)
+        (loss.mean() if weights is None else (loss * weights).sum()).backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    (l1, gh1, gw1), (l2, gh2, gw2) = results
+    assert torch.allclose(l1, l2, atol=1e-6) and torch.allclose(gh1, gh2, atol=1e-6)
+    assert (gw1 is None) == (gw2 is None) == (not train_weight)
+    if train_weight:
+        assert torch.allclose(gw1, gw2, atol=1e-6)
+
+
+def test_without_gradients_it_only_scores():
+    h, w, t = _inputs(False)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.t(), t, reduction="none"))
