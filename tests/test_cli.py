@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from lmkiln.cli import main
 
 
@@ -39,3 +41,12 @@ def test_generate_prints_continuation(trained_run, capsys):
 def test_generate_on_missing_model_exits_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a model directory" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["estimate", "--world", "2", "pretrain.batch_size=4", "pretrain.seq_len=128"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens per step" in out and "1,024" in out  # 4 sequences x 128 tokens x 2 ranks
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", "--world", "2", "--bogus"])
+    assert exc.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

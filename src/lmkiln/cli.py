@@ -258,7 +258,12 @@ def dispatch(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after an option (`kiln tune RECIPE --trials 4 finetune.lr=1e-3`).
+    if extra and isinstance(getattr(args, "recipe", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.recipe += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.verb is None and not args.version:
         parser.print_help()
         return 2

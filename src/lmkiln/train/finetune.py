@@ -98,7 +98,7 @@ def preview(recipe: Recipe, n: int) -> None:
             for i, token in enumerate(ids):  # token i is trained when it is the label of position i - 1
                 trained = i > 0 and labels[i - 1] != IGNORE
                 text.append(tok.decode([token], skip_special_tokens=False), style="bold green" if trained else "dim")
-            out.rule(f"{name}{ex['id']}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
+            out.rule(f"{name}{Path(ex['id']).name}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
             out.print(text)
     out.print(f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
                   f"[bold green]trained tokens[/bold green] in green[/dim]")

@@ -175,9 +175,12 @@ def plot_trials(study, path: Path) -> None:
             curves.plot(steps, [t.intermediate_values[s] for s in steps], marker=".",
                         linestyle="--" if t.state.name == "PRUNED" else "-", label=f"trial {t.number}")
     curves.set(xlabel="evaluation", ylabel="validation loss", title="trials (dashed: pruned)")
-    done = [t for t in study.trials if t.value is not None]
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
     running = [min(t.value for t in done[:i + 1]) for i in range(len(done))]
     best.plot([t.number for t in done], [t.value for t in done], "o", label="trial")
+    best.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
+              label="pruned (its last loss)")
     best.plot([t.number for t in done], running, "-", label="best so far")
     best.set(xlabel="trial", ylabel="best validation loss", title="search")
     for ax in (curves, best):
