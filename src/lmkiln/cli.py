@@ -8,6 +8,7 @@ A user mistake prints one line and exits 2; a bug raises with its traceback (exi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--models", nargs="+", metavar="MODEL",
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
             p.add_argument("--out", type=Path, help="with --models: also write eval.json and eval.md here")
+            p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
+                           help="perplexity, docstrings, ICL task files (.jsonl: multiple choice, schema, language "
+                           "modelling) or suite files (.yaml); same as eval.tasks=[...]")
 
     p = sub.add_parser("tune", help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
                        "Optuna, pruning bad trials early; writes run_dir/tune/best.yaml, trials.csv, trials.png",
@@ -245,10 +249,14 @@ def dispatch(args) -> int:
 
         preview(_load(args.recipe), args.preview)
     elif args.verb == "eval" and args.models:
+        if args.tasks:
+            args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
         _eval_models(args)
     else:
         from lmkiln.pipeline import run_recipe
 
+        if getattr(args, "tasks", None):
+            args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
         if getattr(args, "task", None):
             args.recipe = [*args.recipe, f"finetune.task={args.task}"]
         recipe = _load(args.recipe)
@@ -264,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
         args.recipe += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    for listed in ("models", "tasks"):  # nargs="+" options swallow overrides that follow them
+        values = getattr(args, listed, None)
+        if values and isinstance(getattr(args, "recipe", None), list):
+            setattr(args, listed, [v for v in values if "=" not in v])
+            args.recipe += [v for v in values if "=" in v]
     if args.verb is None and not args.version:
         parser.print_help()
         return 2

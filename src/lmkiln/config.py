@@ -277,9 +277,24 @@ class TuneConfig(Section):
 
 
 class EvalConfig(Section):
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        for t in tasks:
+            if t not in ("perplexity", "docstrings") and not t.endswith((".jsonl", ".yaml", ".yml")):
+                raise ValueError(f"'{t}' is not perplexity, docstrings, an ICL task file (.jsonl) or a suite (.yaml)")
+        return tasks
+
     models: list[str] = Field(default_factory=lambda: ["pretrain", "finetune"],
                               description="stage names or model directories, compared side by side")
-    tasks: list[Literal["perplexity", "docstrings"]] = Field(default_factory=lambda: ["perplexity", "docstrings"])
+    tasks: list[str] = Field(default_factory=lambda: ["perplexity", "docstrings"],
+                             description="perplexity, docstrings, ICL task files (.jsonl) or suite files (.yaml)")
+    shots: int = Field(0, ge=0, description="ICL tasks: examples in each prompt")
+    delimiter: str = Field(" ", description="ICL tasks: written between a context and its continuation")
+    separator: str = Field("\n\n", description="ICL tasks: written between few-shot examples")
+    add_bos: bool = Field(False, description="ICL tasks: start each prompt with BOS (lm-evaluation-harness does not)")
+    icl_max_examples: int | None = Field(None, gt=0, description="ICL tasks: score the first N documents")
+    seed: int = Field(1234, description="ICL tasks: seed of the few-shot draws")
     text: str = Field("val", description="held-out text for perplexity: 'val' (the data stage's split) or a file")
     max_tokens: Size = Field(65536, gt=0, description="tokens scored for perplexity")
     seq_len: int = Field(256, gt=1)

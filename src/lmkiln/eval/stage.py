@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from lmkiln.config import STAGES, Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.device import pick_device
 from lmkiln.errors import UserError
-from lmkiln.io import write_json, write_text
+from lmkiln.io import atomic_path, sha256_file, write_json, write_text
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
 from lmkiln.pipeline import stage_dir, upstream
@@ -28,8 +30,36 @@ def config_of(recipe: Recipe) -> dict:
             "finetune_data": recipe.finetune.data, "finetune_max_seq_len": recipe.finetune.max_seq_len}
 
 
+def icl_tasks(cfg) -> list:
+    """The ICL tasks of eval.tasks: each .jsonl file with eval's settings, each suite's entries with theirs."""
+    from lmkiln.config import read_yaml
+    from lmkiln.eval.icl import KINDS, IclTask
+
+    tasks = []
+    for ref in cfg.tasks:
+        if ref.endswith(".jsonl"):
+            tasks.append(IclTask(Path(ref).stem, ref, None, cfg.shots, cfg.delimiter, cfg.separator, cfg.icl_max_examples))
+        elif ref.endswith((".yaml", ".yml")):
+            suite = read_yaml(Path(ref)).get("tasks")
+            if not isinstance(suite, list):
+                raise UserError(f"{ref}: a suite is a mapping with 'tasks': a list of {{path, name?, kind?, shots?}}")
+            for i, entry in enumerate(suite):
+                allowed = {"name", "path", "kind", "shots", "delimiter", "separator", "max_examples"}
+                if not isinstance(entry, dict) or "path" not in entry or set(entry) - allowed \
+                        or entry.get("kind") not in (None, *KINDS):
+                    raise UserError(f"{ref}: tasks[{i}]: expected {{path, name?, kind?: {'|'.join(KINDS)}, "
+                                    f"shots?, delimiter?, separator?, max_examples?}}, got {entry!r}")
+                path = Path(ref).parent / entry["path"]
+                tasks.append(IclTask(entry.get("name", path.stem), str(path), entry.get("kind"),
+                                     entry.get("shots", cfg.shots), entry.get("delimiter", cfg.delimiter),
+                                     entry.get("separator", cfg.separator), entry.get("max_examples", cfg.icl_max_examples)))
+    return tasks
+
+
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
+    for task in icl_tasks(recipe.eval):
+        ident[f"icl:{task.name}"] = sha256_file(task.path) if Path(task.path).is_file() else task.path
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
         ident["text"] = upstream(run_dir, "data")
     return ident
@@ -55,8 +85,13 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.perplexity import perplexity, tokens_of
     from lmkiln.train.formats import ChatFormat, load_splits, sample
 
+    from lmkiln.eval.icl import evaluate_task, load_docs
+
     cfg = recipe.eval
     device = pick_device(cfg.device)
+    tasks = icl_tasks(cfg)
+    for task in tasks:  # every file checked before any model is loaded
+        load_docs(task.path, task.kind)
     examples = None
     if "docstrings" in cfg.tasks:
         test = load_splits("builtin:python-docstrings", recipe.finetune.val_fraction, recipe.data.val_fraction)["test"]
@@ -80,17 +115,88 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         if examples is not None:
             res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len,
                                                    ChatFormat(path))
+        for task in tasks:
+            res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos)
+        if len(tasks) > 1:  # the average centred score across ICL tasks, as nanochat's CORE
+            res["icl"] = {"centered": round(sum(res[t.name]["centered"] for t in tasks) / len(tasks), 5)}
         results[name] = res
     return results
 
 
-def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
+    """(task, metric, label, higher is better) for every score the results hold."""
     cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
+    first = next(iter(results.values()), {})
+    for task, r in first.items():
+        if isinstance(r, dict) and "kind" in r:
+            cols.append((task, "acc", f"{task} acc", True))
+            if r["kind"] != "language_modeling":
+                cols.append((task, "acc_norm", f"{task} acc_norm", True))
+    if "icl" in first:
+        cols.append(("icl", "centered", "ICL centered", True))
+    return cols
+
+
+def paired_bootstrap(base: list[int], other: list[int], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(other) - mean(base) over documents resampled with replacement (paired: the
+    same documents for both models)."""
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(iters, len(a)))
+    diffs = (b[idx] - a[idx]).mean(axis=1)
+    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+def significant(results: dict) -> set[tuple[str, str]]:
+    """(model, task) pairs whose ICL accuracy differs from the first model's beyond the bootstrap 95%
+    interval (the interval excludes 0)."""
+    names = list(results)
+    marked = set()
+    for name in names[1:]:
+        for task, r in results[name].items():
+            base = results[names[0]].get(task)
+            if isinstance(r, dict) and "correct" in r and isinstance(base, dict) and len(base.get("correct", [])) == len(r["correct"]):
+                low, high = paired_bootstrap(base["correct"], r["correct"])
+                if low > 0 or high < 0:
+                    marked.add((name, task))
+    return marked
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    cols = columns_of(results)
+    marked = significant(results)
     header = ["model"] + [f"{label} {'↑' if up else '↓'}" for _, _, label, up in cols]
     rows = []
     for name, r in results.items():
-        rows.append([name] + [f"{r[task][metric]:.4f}" if task in r else "–" for task, metric, _, _ in cols])
+        rows.append([name] + [f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
+                              if task in r else "–" for task, metric, _, _ in cols])
     return header, rows
+
+
+def plot_results(results: dict, path: Path) -> None:
+    """One panel per score, a bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = columns_of(results)
+    if not cols:
+        return
+    per_row = min(len(cols), 4)
+    rows = (len(cols) + per_row - 1) // per_row
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.2 * per_row, 2.8 * rows), squeeze=False)
+    names = list(results)
+    for ax, (task, metric, label, up) in zip(axes.flat, cols):
+        values = [results[n][task][metric] if task in results[n] else 0.0 for n in names]
+        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+        ax.set_title(f"{label} {'↑' if up else '↓'}", fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7, ha="right")
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 def markdown_table(results: dict) -> str:
@@ -115,12 +221,15 @@ def print_table(results: dict) -> None:
 
 def write_results(results: dict, out: Path) -> None:
     write_json(out / "eval.json", results)
-    write_text(out / "eval.md", "# Evaluation\n\n" + markdown_table(results))
+    note = ("\n\\* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval.\n"
+            if significant(results) else "")
+    write_text(out / "eval.md", "# Evaluation\n\n" + markdown_table(results) + note + "\n![scores](eval.png)\n")
+    plot_results(results, out / "eval.png")
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     results = evaluate(recipe, run_dir, recipe.eval.models)
     write_results(results, out)
     print_table(results)
-    return {name: {task: {k: v for k, v in r[task].items() if k != "samples"}
+    return {name: {task: {k: v for k, v in r[task].items() if k not in ("samples", "correct")}
                    for task in r if task != "path"} for name, r in results.items()}

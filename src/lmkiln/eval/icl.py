@@ -1,0 +1,223 @@
+"""In-context-learning tasks in MosaicML's ICL JSONL format (also nanochat's CORE), zero- or few-shot:
+
+  multiple_choice     {query, choices, gold}             which choice follows the query
+  schema              {context_options, continuation, gold}  which context the continuation follows
+  language_modeling   {context, continuation}            is the continuation the greedy one
+
+Scoring follows lm-evaluation-harness, so the numbers agree with it: a request is a (context,
+continuation) pair with the continuation written as `delimiter + choice` (" " by default); whitespace at
+the end of the context moves to the front of the continuation; the continuation's tokens are those of
+encode(context + continuation) after the first len(encode(context)); no BOS unless `add_bos`.
+`acc` picks the highest summed log-probability, `acc_norm` divides it by the choice's length in
+characters, and `centered` rescales accuracy so the random baseline is 0 and a perfect score 1.
+Language-modelling tasks score `acc` (every continuation token greedy) and, as the harness's
+`perplexity`, exp of the mean negative log-likelihood of a continuation.
+
+Few-shot prompts: k examples drawn from the same file without the scored one (`random.Random(seed +
+index)`), each written as it would be answered (`query + delimiter + gold choice`; for schema, the gold
+context + delimiter + continuation), joined by `separator` ("\n\n"), then the separator and the
+scored document.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmkiln.device import autocast
+from lmkiln.errors import UserError
+from lmkiln.tokenizer.train import special_ids
+
+KINDS = ("multiple_choice", "schema", "language_modeling")
+
+
+@dataclass
+class IclTask:
+    name: str
+    path: str
+    kind: str | None = None  # told by the first line's fields when None
+    shots: int = 0
+    delimiter: str = " "
+    separator: str = "\n\n"
+    max_examples: int | None = None
+
+
+def _kind_of(doc: dict) -> str:
+    if "choices" in doc:
+        return "multiple_choice"
+    if "context_options" in doc:
+        return "schema"
+    if "context" in doc:
+        return "language_modeling"
+    raise ValueError(f"fields {sorted(doc)} match no ICL format (multiple_choice {{query, choices, gold}}, "
+                     f"schema {{context_options, continuation, gold}}, language_modeling {{context, continuation}})")
+
+
+def _check(doc: dict, kind: str) -> None:
+    def strings(key: str) -> None:
+        v = doc.get(key)
+        if not isinstance(v, list) or len(v) < 2 or not all(isinstance(s, str) for s in v):
+            raise ValueError(f"'{key}' must be a list of 2 or more strings")
+
+    def string(key: str) -> None:
+        if not isinstance(doc.get(key), str):
+            raise ValueError(f"'{key}' must be a string")
+
+    if kind == "multiple_choice":
+        string("query"), strings("choices")
+        options = doc["choices"]
+    elif kind == "schema":
+        strings("context_options"), string("continuation")
+        options = doc["context_options"]
+    else:
+        string("context"), string("continuation")
+        return
+    gold = doc.get("gold")
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(options):
+        raise ValueError(f"'gold' must be an index into the {len(options)} options, got {gold!r}")
+
+
+def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], str]:
+    """The documents of an ICL file, each checked; a bad line is a UserError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"eval task file '{path}' does not exist")
+    docs = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                if not isinstance(doc, dict):
+                    raise ValueError("expected a JSON object")
+                kind = kind or _kind_of(doc)
+                _check(doc, kind)
+            except (json.JSONDecodeError, ValueError) as exc:
+                raise UserError(f"{path}:{n}: {exc}") from None
+            docs.append(doc)
+    if not docs:
+        raise UserError(f"{path}: no documents")
+    return docs, kind
+
+
+def _answered(doc: dict, kind: str, delimiter: str) -> str:
+    if kind == "multiple_choice":
+        return doc["query"] + delimiter + doc["choices"][doc["gold"]]
+    if kind == "schema":
+        return doc["context_options"][doc["gold"]] + delimiter + doc["continuation"]
+    return doc["context"] + delimiter + doc["continuation"]
+
+
+def requests_of(docs: list[dict], kind: str, index: int, task: IclTask, seed: int) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs that score document `index`, one per option."""
+    doc = docs[index]
+    prefix = ""
+    if task.shots:
+        others = [j for j in range(len(docs)) if j != index]
+        shots = random.Random(seed + index).sample(others, min(task.shots, len(others)))
+        prefix = task.separator.join(_answered(docs[j], kind, task.delimiter) for j in shots) + task.separator
+    if kind == "multiple_choice":
+        return [(prefix + doc["query"], task.delimiter + c) for c in doc["choices"]]
+    if kind == "schema":
+        return [(prefix + c, task.delimiter + doc["continuation"]) for c in doc["context_options"]]
+    return [(prefix + doc["context"], task.delimiter + doc["continuation"])]
+
+
+def encode_pair(tok, context: str, continuation: str, bos: int | None) -> tuple[list[int], list[int]]:
+    """Context and continuation tokens by the harness's rules (see the module docstring)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tok.encode(context + continuation, add_special_tokens=False).ids
+    ctx = tok.encode(context, add_special_tokens=False).ids
+    start = [bos] if bos is not None else []
+    if not ctx and not start:
+        raise ValueError("an empty context needs a BOS token to condition on (set eval.add_bos)")
+    return start + ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
+    """For each (context ids, continuation ids): the continuation's summed log-probability and whether
+    every one of its tokens is the greedy choice. Longest first, batched with right padding; the LM head
+    runs only where a continuation token is predicted. Inputs longer than the model's context keep
+    their last max_seq_len tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.args.max_seq_len
+    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        seqs = [(pairs[i][0] + pairs[i][1])[-(limit + 1):] for i in idx]
+        width = max(len(s) - 1 for s in seqs)
+        x = torch.zeros(len(idx), width, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for r, (i, s) in enumerate(zip(idx, seqs)):
+            x[r, :len(s) - 1] = torch.tensor(s[:-1])
+            n = len(pairs[i][1])
+            for t in range(len(s) - 1 - n, len(s) - 1):  # position t predicts token t + 1
+                rows.append(r), cols.append(t), targets.append(s[t + 1])
+        with autocast(device):
+            hidden = model(x.to(device), hidden_only=True)
+            logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        logp = torch.log_softmax(logits, -1)
+        target = torch.tensor(targets, device=logp.device)
+        picked = logp.gather(1, target[:, None]).squeeze(1).cpu()
+        greedy = (logp.argmax(-1) == target).cpu()
+        k = 0
+        for i in idx:
+            n = len(pairs[i][1])
+            out[i] = (picked[k:k + n].sum().item(), bool(greedy[k:k + n].all()))
+            k += n
+    return out
+
+
+def score_docs(docs: list[dict], kind: str, results: list[list[tuple[float, bool]]], choices_text: list[list[str]]) -> dict:
+    """acc, acc_norm, centered and the per-document correctness (for paired comparisons)."""
+    correct, correct_norm, baseline, nll = [], [], 0.0, 0.0
+    for doc, res, texts in zip(docs, results, choices_text):
+        if kind == "language_modeling":
+            correct.append(res[0][1])
+            correct_norm.append(res[0][1])
+            nll -= res[0][0]
+            continue
+        ll = [r[0] for r in res]
+        norm = [v / max(len(t), 1) for v, t in zip(ll, texts)]
+        correct.append(max(range(len(ll)), key=ll.__getitem__) == doc["gold"])
+        correct_norm.append(max(range(len(norm)), key=norm.__getitem__) == doc["gold"])
+        baseline += 1 / len(ll)
+    n = len(docs)
+    acc, acc_norm, base = sum(correct) / n, sum(correct_norm) / n, baseline / n
+    return {"acc": round(acc, 5), "acc_norm": round(acc_norm, 5),
+            "centered": round((max(acc, acc_norm) - base) / (1 - base), 5), "random_baseline": round(base, 5),
+            "n": n, "correct": [int(c) for c in correct],
+            **({"perplexity": round(math.exp(nll / n), 4)} if kind == "language_modeling" else {})}
+
+
+def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = False, batch_size: int = 16) -> dict:
+    docs, kind = load_docs(task.path, task.kind)
+    if task.max_examples:
+        docs = docs[:task.max_examples]
+    bos = special_ids(tok)["bos"] if add_bos else None
+    flat, shape, texts = [], [], []
+    for i, doc in enumerate(docs):
+        reqs = requests_of(docs, kind, i, task, seed)
+        shape.append(len(reqs))
+        texts.append(doc["choices"] if kind == "multiple_choice" else [doc["continuation"]] * len(reqs))
+        try:
+            flat += [encode_pair(tok, c, t, bos) for c, t in reqs]
+        except ValueError as exc:
+            raise UserError(f"{task.path}: document {i + 1}: {exc}") from None
+    scored = loglikelihoods(model, flat, batch_size)
+    results, k = [], 0
+    for n in shape:
+        results.append(scored[k:k + n])
+        k += n
+    return {"kind": kind, "shots": task.shots, **score_docs(docs, kind, results, texts)}
