@@ -85,3 +85,23 @@ def test_eval_on_too_short_text_file_is_a_user_error(trained_run, tmp_path, caps
     short.write_text("tiny")
     code = main(["eval", f"eval.text={short}", "eval.tasks=[perplexity]", "--models", str(run_dir / "pretrain" / "final")])
     assert code == 2 and "short.txt' has" in capsys.readouterr().err
+
+
+def test_sliding_window_scores_each_token_once_with_its_window_context(trained_run):
+    _, run_dir, _ = trained_run
+    model_dir = run_dir / "pretrain" / "final"
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    tokens = tokens_of(tok, ["def f(x):\n    return x * 2\n" * 6], 120)
+    seq, stride = 32, 8
+    res = perplexity(model, tok, tokens, seq_len=seq, stride=stride, batch_size=3)
+    nats, count, s = 0.0, 0, 0
+    while s + seq + 1 <= len(tokens):
+        x = torch.tensor(tokens[s:s + seq])[None]
+        with torch.no_grad():
+            logp = F.log_softmax(model(x)[0], -1)
+        first = 0 if s == 0 else seq - stride
+        for j in range(first, seq):
+            nats -= logp[j, tokens[s + j + 1]].item()
+            count += 1
+        s += stride
+    assert res["tokens"] == count and res["loss"] == pytest.approx(nats / count, abs=1e-4)

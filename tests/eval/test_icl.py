@@ -116,3 +116,28 @@ def test_eval_compares_models_on_icl_tasks_with_table_markdown_and_chart(trained
     assert (tmp_path / "out" / "eval.png").stat().st_size > 0
     saved = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert saved["pretrain/final"]["mc"]["n"] == 12 and saved["pretrain/final"]["mc"]["shots"] == 1
+
+
+def test_bias_probes_count_the_pairs_whose_stereotype_is_likelier(trained_run, tmp_path):
+    from lmkiln.eval.icl import IclTask, evaluate_task
+    from lmkiln.tokenizer.train import special_ids
+
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    model, tok = load_model(final), load_tokenizer(final)
+    res = evaluate_task(model, tok, IclTask("bias", "builtin:bias"))
+    docs, kind = load_docs("builtin:bias")
+    assert kind == "bias" and res["n"] == len(docs) == 30
+    bos = special_ids(tok)["bos"]
+
+    def ll(text):
+        ids = [bos] + tok.encode(text, add_special_tokens=False).ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+        return sum(logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0)
+
+    prefers = [ll(d["sent_more"]) > ll(d["sent_less"]) for d in docs]
+    assert res["pct_stereotype"] == pytest.approx(sum(prefers) / 30, abs=1e-4)
+    gender = [p for d, p in zip(docs, prefers) if d["bias_type"] == "gender"]
+    assert res["by_type"]["gender"] == pytest.approx(sum(gender) / len(gender), abs=1e-4)
+    assert set(res["by_type"]) == {"age", "disability", "gender", "nationality", "religion", "socioeconomic"}

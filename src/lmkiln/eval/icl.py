@@ -3,6 +3,7 @@
   multiple_choice     {query, choices, gold}             which choice follows the query
   schema              {context_options, continuation, gold}  which context the continuation follows
   language_modeling   {context, continuation}            is the continuation the greedy one
+  bias                {sent_more, sent_less, bias_type}  CrowS-Pairs: which sentence the model finds likelier
 
 Scoring follows lm-evaluation-harness, so the numbers agree with it: a request is a (context,
 continuation) pair with the continuation written as `delimiter + choice` (" " by default); whitespace at
@@ -12,6 +13,11 @@ encode(context + continuation) after the first len(encode(context)); no BOS unle
 characters, and `centered` rescales accuracy so the random baseline is 0 and a perfect score 1.
 Language-modelling tasks score `acc` (every continuation token greedy) and, as the harness's
 `perplexity`, exp of the mean negative log-likelihood of a continuation.
+
+Bias pairs differ only in a demographic term; `sent_more` is the more stereotyping one. The score,
+`pct_stereotype`, is the share of pairs whose `sent_more` has the higher log-likelihood (each sentence
+scored whole after BOS, or EOS where there is none): 0.5 means no preference either way, overall and per
+`bias_type`. `builtin:bias` is the 30-pair probe set shipped in lmkiln/eval/probes.
 
 Few-shot prompts: k examples drawn from the same file without the scored one (`random.Random(seed +
 index)`), each written as it would be answered (`query + delimiter + gold choice`; for schema, the gold
@@ -33,7 +39,8 @@ from lmkiln.device import autocast
 from lmkiln.errors import UserError
 from lmkiln.tokenizer.train import special_ids
 
-KINDS = ("multiple_choice", "schema", "language_modeling")
+KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
+BUILTIN = {"builtin:bias": Path(__file__).parent / "probes" / "bias_pairs.jsonl"}
 
 
 @dataclass
@@ -54,8 +61,11 @@ def _kind_of(doc: dict) -> str:
         return "schema"
     if "context" in doc:
         return "language_modeling"
+    if "sent_more" in doc:
+        return "bias"
     raise ValueError(f"fields {sorted(doc)} match no ICL format (multiple_choice {{query, choices, gold}}, "
-                     f"schema {{context_options, continuation, gold}}, language_modeling {{context, continuation}})")
+                     f"schema {{context_options, continuation, gold}}, language_modeling {{context, continuation}}, "
+                     f"bias {{sent_more, sent_less, bias_type}})")
 
 
 def _check(doc: dict, kind: str) -> None:
@@ -74,6 +84,9 @@ def _check(doc: dict, kind: str) -> None:
     elif kind == "schema":
         strings("context_options"), string("continuation")
         options = doc["context_options"]
+    elif kind == "bias":
+        string("sent_more"), string("sent_less"), string("bias_type")
+        return
     else:
         string("context"), string("continuation")
         return
@@ -84,7 +97,7 @@ def _check(doc: dict, kind: str) -> None:
 
 def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], str]:
     """The documents of an ICL file, each checked; a bad line is a UserError naming file and line."""
-    path = Path(path)
+    path = BUILTIN.get(str(path), Path(path))
     if not path.is_file():
         raise UserError(f"eval task file '{path}' does not exist")
     docs = []
@@ -201,10 +214,27 @@ def score_docs(docs: list[dict], kind: str, results: list[list[tuple[float, bool
             **({"perplexity": round(math.exp(nll / n), 4)} if kind == "language_modeling" else {})}
 
 
+def bias_scores(model, tok, docs: list[dict], batch_size: int = 16) -> dict:
+    ids = special_ids(tok)
+    start = ids["bos"] if ids["bos"] is not None else ids["eos"]
+    if start is None:
+        raise UserError("bias probes need a BOS or EOS token to start each sentence from")
+    pairs = [([start], tok.encode(d[k], add_special_tokens=False).ids) for d in docs for k in ("sent_more", "sent_less")]
+    scored = loglikelihoods(model, pairs, batch_size)
+    prefers = [scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(docs))]
+    by_type: dict[str, list[bool]] = {}
+    for d, p in zip(docs, prefers):
+        by_type.setdefault(d["bias_type"], []).append(p)
+    return {"kind": "bias", "pct_stereotype": round(sum(prefers) / len(docs), 5), "n": len(docs),
+            "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())}}
+
+
 def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = False, batch_size: int = 16) -> dict:
     docs, kind = load_docs(task.path, task.kind)
     if task.max_examples:
         docs = docs[:task.max_examples]
+    if kind == "bias":
+        return bias_scores(model, tok, docs, batch_size)
     bos = special_ids(tok)["bos"] if add_bos else None
     flat, shape, texts = [], [], []
     for i, doc in enumerate(docs):

@@ -27,26 +27,33 @@ def tokens_of(tok: Tokenizer, texts: Iterable[str], max_tokens: int) -> np.ndarr
 
 
 @torch.no_grad()
-def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int = 8) -> dict:
-    """Non-overlapping windows of seq_len predicted tokens; returns loss, perplexity and bits per byte."""
+def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: int, batch_size: int = 8,
+               stride: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte over windows of seq_len tokens. With `stride` < seq_len the
+    windows overlap (a sliding window): each scores only the targets the previous one did not, so every
+    token is predicted once, with at least seq_len - stride tokens of context."""
     model.eval()
     device = next(model.parameters()).device
     seq_len = min(seq_len, model.args.max_seq_len)
+    stride = min(stride or seq_len, seq_len)
     byte_len = torch.tensor(token_byte_lengths(tok), dtype=torch.float64)
-    n = (len(tokens) - 1) // seq_len
-    if n == 0:
+    starts = list(range(0, len(tokens) - seq_len, stride))
+    if not starts:
         raise ValueError("not enough text for one window")
-    windows = torch.from_numpy(tokens[: n * seq_len + 1])
+    all_tokens = torch.from_numpy(tokens)
     nats, count, nbytes = 0.0, 0, 0.0
-    for i in range(0, n, batch_size):
-        starts = range(i * seq_len, min(n, i + batch_size) * seq_len, seq_len)
-        chunk = torch.stack([windows[s:s + seq_len + 1] for s in starts])
-        x, y = chunk[:, :-1].to(device), chunk[:, 1:]
+    for i in range(0, len(starts), batch_size):
+        chunk = torch.stack([all_tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]])
+        x, y = chunk[:, :-1].to(device), chunk[:, 1:].clone()
+        for row, s in enumerate(starts[i:i + batch_size]):
+            if s > 0:  # the targets before the last `stride` were scored by the previous window
+                y[row, :seq_len - stride] = -100
         with autocast(device):
             logits = model(x)
-        nats += F.cross_entropy(logits.float().flatten(0, 1).cpu(), y.flatten(), reduction="sum").item()
-        count += y.numel()
-        nbytes += byte_len[y.flatten()].sum().item()
+        nats += F.cross_entropy(logits.float().flatten(0, 1).cpu(), y.flatten(), reduction="sum", ignore_index=-100).item()
+        scored = y[y != -100]
+        count += scored.numel()
+        nbytes += byte_len[scored].sum().item()
     loss = nats / count
     return {"loss": round(loss, 5), "perplexity": round(math.exp(loss), 3),
             "bits_per_byte": round(nats / math.log(2) / max(nbytes, 1), 5), "tokens": count}

@@ -33,12 +33,12 @@ def config_of(recipe: Recipe) -> dict:
 def icl_tasks(cfg) -> list:
     """The ICL tasks of eval.tasks: each .jsonl file with eval's settings, each suite's entries with theirs."""
     from lmkiln.config import read_yaml
-    from lmkiln.eval.icl import KINDS, IclTask
+    from lmkiln.eval.icl import BUILTIN, KINDS, IclTask
 
     tasks = []
     for ref in cfg.tasks:
-        if ref.endswith(".jsonl"):
-            tasks.append(IclTask(Path(ref).stem, ref, None, cfg.shots, cfg.delimiter, cfg.separator, cfg.icl_max_examples))
+        if ref.endswith(".jsonl") or ref in BUILTIN:
+            tasks.append(IclTask(Path(ref).stem if ref not in BUILTIN else ref.split(":")[1], ref, None, cfg.shots, cfg.delimiter, cfg.separator, cfg.icl_max_examples))
         elif ref.endswith((".yaml", ".yml")):
             suite = read_yaml(Path(ref)).get("tasks")
             if not isinstance(suite, list):
@@ -58,8 +58,11 @@ def icl_tasks(cfg) -> list:
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
+    from lmkiln.eval.icl import BUILTIN
+
     for task in icl_tasks(recipe.eval):
-        ident[f"icl:{task.name}"] = sha256_file(task.path) if Path(task.path).is_file() else task.path
+        path = BUILTIN.get(task.path, Path(task.path))
+        ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
         ident["text"] = upstream(run_dir, "data")
     return ident
@@ -111,14 +114,15 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             if len(tokens) <= cfg.seq_len:
                 raise UserError(f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
                                 f"than eval.seq_len={cfg.seq_len}")
-            res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len)
+            res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len, stride=cfg.stride)
         if examples is not None:
             res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len,
                                                    ChatFormat(path))
         for task in tasks:
             res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos)
-        if len(tasks) > 1:  # the average centred score across ICL tasks, as nanochat's CORE
-            res["icl"] = {"centered": round(sum(res[t.name]["centered"] for t in tasks) / len(tasks), 5)}
+        scored = [t.name for t in tasks if "centered" in res[t.name]]
+        if len(scored) > 1:  # the average centred score across ICL tasks, as nanochat's CORE
+            res["icl"] = {"centered": round(sum(res[t]["centered"] for t in scored) / len(scored), 5)}
         results[name] = res
     return results
 
@@ -128,7 +132,9 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
     cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
     first = next(iter(results.values()), {})
     for task, r in first.items():
-        if isinstance(r, dict) and "kind" in r:
+        if isinstance(r, dict) and r.get("kind") == "bias":
+            cols.append((task, "pct_stereotype", f"{task} stereotype share (0.5 = none)", None))
+        elif isinstance(r, dict) and "kind" in r:
             cols.append((task, "acc", f"{task} acc", True))
             if r["kind"] != "language_modeling":
                 cols.append((task, "acc_norm", f"{task} acc_norm", True))
@@ -164,7 +170,7 @@ def significant(results: dict) -> set[tuple[str, str]]:
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     cols = columns_of(results)
     marked = significant(results)
-    header = ["model"] + [f"{label} {'↑' if up else '↓'}" for _, _, label, up in cols]
+    header = ["model"] + [label + {True: " ↑", False: " ↓", None: ""}[up] for _, _, label, up in cols]
     rows = []
     for name, r in results.items():
         rows.append([name] + [f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
@@ -189,7 +195,7 @@ def plot_results(results: dict, path: Path) -> None:
     for ax, (task, metric, label, up) in zip(axes.flat, cols):
         values = [results[n][task][metric] if task in results[n] else 0.0 for n in names]
         ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(f"{label} {'↑' if up else '↓'}", fontsize=9)
+        ax.set_title(label + {True: " ↑", False: " ↓", None: ""}[up], fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7, ha="right")
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
@@ -207,16 +213,20 @@ def markdown_table(results: dict) -> str:
 
 
 def print_table(results: dict) -> None:
+    """Scores as rows, models as columns: it stays readable with many tasks in a terminal."""
     from rich.console import Console
     from rich.table import Table
 
     header, rows = table_rows(results)
     table = Table(title="evaluation", show_edge=False)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right")
+    table.add_column("score", justify="left")
     for row in rows:
-        table.add_row(*row)
+        table.add_column(row[0], justify="right")
+    for i, label in enumerate(header[1:], 1):
+        table.add_row(label, *[row[i] for row in rows])
     Console().print(table)
+    if significant(results):
+        Console().print("* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval")
 
 
 def write_results(results: dict, out: Path) -> None:

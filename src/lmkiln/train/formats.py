@@ -193,7 +193,10 @@ def load_splits(source: str, val_fraction: float, heldout_fraction: float, fmt: 
     examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows)
     splits: dict[str, list] = {"train": [], "val": [], "test": [], "skipped": skipped}
     for ex in examples:
-        split = ex.pop("split") or ("val" if is_heldout(ex["id"], val_fraction) else "train")
+        # The row's content decides its side: the same split wherever the file lies or however it is
+        # ordered, and duplicate rows never straddle train and validation.
+        content = json.dumps({k: v for k, v in ex.items() if k not in ("id", "split")}, sort_keys=True)
+        split = ex.pop("split") or ("val" if is_heldout(content, val_fraction) else "train")
         if split not in ("train", "val", "test"):
             raise UserError(f"{ex['id']}: split '{split}' is not train, val or test")
         splits[split].append(ex)
