@@ -281,15 +281,18 @@ class EvalConfig(Section):
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         for t in tasks:
-            if t not in ("perplexity", "docstrings", "builtin:bias") and not t.endswith((".jsonl", ".yaml", ".yml")):
-                raise ValueError(f"'{t}' is not perplexity, docstrings, builtin:bias, an ICL task file (.jsonl) "
-                                 f"or a suite (.yaml)")
+            if t not in ("perplexity", "docstrings", "builtin:bias") and not t.startswith("gen:") \
+                    and not t.endswith((".jsonl", ".yaml", ".yml")):
+                raise ValueError(f"'{t}' is not perplexity, docstrings, builtin:bias, gen:DATAFILE, an ICL task "
+                                 f"file (.jsonl) or a suite (.yaml)")
         return tasks
 
     models: list[str] = Field(default_factory=lambda: ["pretrain", "finetune"],
                               description="stage names or model directories, compared side by side")
     tasks: list[str] = Field(default_factory=lambda: ["perplexity", "docstrings"],
-                             description="perplexity, docstrings, builtin:bias, ICL task files (.jsonl) or suites (.yaml)")
+                             description="perplexity, docstrings, builtin:bias, gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
+                             "or suites (.yaml)")
+    columns: dict[str, str] = Field(default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)")
     shots: int = Field(0, ge=0, description="ICL tasks: examples in each prompt")
     delimiter: str = Field(" ", description="ICL tasks: written between a context and its continuation")
     separator: str = Field("\n\n", description="ICL tasks: written between few-shot examples")
@@ -301,7 +304,7 @@ class EvalConfig(Section):
     seq_len: int = Field(256, gt=1)
     stride: int | None = Field(None, gt=0, description="perplexity: a sliding window moving this many tokens; "
                                "none: windows side by side")
-    max_examples: int = Field(64, gt=0, description="held-out docstring examples scored")
+    max_examples: int = Field(64, gt=0, description="held-out docstring examples scored, and rows sampled from each gen: file")
     max_new_tokens: int = Field(64, gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 

@@ -1,6 +1,12 @@
-"""The docstring task: loss on the reference docstring, and ROUGE-L of the generated one."""
+"""Generative tasks: the reply loss on the references, greedy generations scored by exact match, token
+F1 (SQuAD's normalisation: lower case, no punctuation, no articles) and ROUGE-L; and classification rows
+scored by each label's likelihood after the text (accuracy, macro-F1). The docstring task is one of them."""
 
 from __future__ import annotations
+
+import re
+import string
+from collections import Counter
 
 from rouge_score import rouge_scorer
 from tokenizers import Tokenizer
@@ -16,26 +22,71 @@ def rouge_l(prediction: str, reference: str, scorer=None) -> float:
     return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
+def normalize_answer(text: str) -> list[str]:
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not pred or not ref:
+        return float(pred == ref)
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
 def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int,
                        max_len: int, chat: ChatFormat | None = None) -> dict:
-    """Reply loss (nats/token) over the references, greedy generations, and their mean ROUGE-L F1."""
+    """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
+    exact match, token F1 and ROUGE-L F1."""
     from lmkiln.train.finetune import reply_loss
+    from lmkiln.train.formats import messages_of
 
     device = next(model.parameters()).device
     ids = special_ids(tok)
     encoded, _ = encode_all(tok, examples, max_len, chat)
     nats, count = reply_loss(model, encoded, 8, ids["pad"], device)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    samples, total = [], 0.0
+    samples, totals = [], Counter()
+    stops = sorted({ids["end"], ids["eos"], chat.eos if chat is not None else None} - {None})
     for ex in examples:
         prompt = prompt_ids(tok, ex, chat)
         if len(prompt) >= model.args.max_seq_len:
             prompt = prompt[-(model.args.max_seq_len - max_new_tokens):]
-        out = generate(model, prompt, max_new_tokens, stop_ids=[ids["end"], ids["eos"]])
-        text = tok.decode(out).strip()
-        score = rouge_l(text, ex["output"], scorer)
-        total += score
-        samples.append({"id": ex["id"], "input": ex["input"], "reference": ex["output"],
-                        "generated": text, "rouge_l": round(score, 4)})
-    return {"reply_loss": round(nats / max(count, 1), 5), "rouge_l": round(total / max(len(examples), 1), 5),
-            "examples": len(examples), "samples": samples}
+        text = tok.decode(generate(model, prompt, max_new_tokens, stop_ids=stops)).strip()
+        reference = messages_of(ex)[-1]["content"]
+        scores = {"exact_match": exact_match(text, reference), "token_f1": token_f1(text, reference),
+                  "rouge_l": rouge_l(text, reference, scorer)}
+        totals.update(scores)
+        samples.append({"id": ex["id"], "input": ex.get("input") or messages_of(ex)[-2]["content"],
+                        "reference": reference, "generated": text, **{k: round(v, 4) for k, v in scores.items()}})
+    n = max(len(examples), 1)
+    return {"reply_loss": round(nats / max(count, 1), 5), **{k: round(totals[k] / n, 5) for k in
+            ("exact_match", "token_f1", "rouge_l")}, "examples": len(examples), "samples": samples}
+
+
+def score_labels(model: Transformer, tok: Tokenizer, examples: list[dict], delimiter: str = " ",
+                 add_bos: bool = False) -> dict:
+    """Classification rows {text, label}: each label scored as the continuation of the text (as an ICL
+    multiple-choice task over the file's labels); accuracy and macro-F1 against the majority class."""
+    from lmkiln.eval.icl import encode_pair, loglikelihoods
+    from lmkiln.train.classify import macro_f1
+
+    labels = sorted({ex["label"] for ex in examples})
+    bos = special_ids(tok)["bos"] if add_bos else None
+    pairs = [encode_pair(tok, ex["text"], delimiter + label, bos) for ex in examples for label in labels]
+    scored = loglikelihoods(model, pairs)
+    k = len(labels)
+    pred = [max(range(k), key=lambda j: scored[i * k + j][0]) for i in range(len(examples))]
+    gold = [labels.index(ex["label"]) for ex in examples]
+    majority = Counter(gold).most_common(1)[0][1] / len(gold)
+    return {"accuracy": round(sum(p == g for p, g in zip(pred, gold)) / len(gold), 5),
+            "macro_f1": round(macro_f1(pred, gold, k), 5), "majority_accuracy": round(majority, 5),
+            "labels": labels, "examples": len(examples)}

@@ -27,7 +27,8 @@ COLUMNS = [  # (task, metric, label, higher is better)
 
 def config_of(recipe: Recipe) -> dict:
     return {"eval": recipe.eval.model_dump(mode="json"), "heldout_fraction": recipe.data.val_fraction,
-            "finetune_data": recipe.finetune.data, "finetune_max_seq_len": recipe.finetune.max_seq_len}
+            "finetune_data": recipe.finetune.data, "finetune_max_seq_len": recipe.finetune.max_seq_len,
+            "finetune_val_fraction": recipe.finetune.val_fraction, "finetune_columns": recipe.finetune.columns}
 
 
 def icl_tasks(cfg) -> list:
@@ -37,6 +38,8 @@ def icl_tasks(cfg) -> list:
 
     tasks = []
     for ref in cfg.tasks:
+        if ref.startswith("gen:"):
+            continue
         if ref.endswith(".jsonl") or ref in BUILTIN:
             tasks.append(IclTask(Path(ref).stem if ref not in BUILTIN else ref.split(":")[1], ref, None, cfg.shots, cfg.delimiter, cfg.separator, cfg.icl_max_examples))
         elif ref.endswith((".yaml", ".yml")):
@@ -56,6 +59,34 @@ def icl_tasks(cfg) -> list:
     return tasks
 
 
+def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
+    """`gen:FILE[@SPLIT]` tasks: eval.max_examples rows of a data file in any fine-tuning format
+    (instruction, chat: generate the last reply; classification: score each label), checked row by row.
+    `@val`/`@test` keeps the rows fine-tuning holds out of that file, so base and tuned models are
+    compared on rows neither trained on."""
+    from lmkiln.train.formats import load_splits, sample
+
+    cfg = recipe.eval
+    columns = cfg.columns or recipe.finetune.columns
+    out = {}
+    for ref in cfg.tasks:
+        if not ref.startswith("gen:"):
+            continue
+        path, _, split = ref[len("gen:"):].partition("@")
+        if split not in ("", "train", "val", "test"):
+            raise UserError(f"eval.tasks: '{ref}': the split after @ must be train, val or test")
+        splits = load_splits(path, recipe.finetune.val_fraction, recipe.data.val_fraction, "auto", columns)
+        rows = splits[split] if split else splits["train"] + splits["val"] + splits["test"]
+        rows = sample(rows, cfg.max_examples, salt="eval")
+        if any("chosen" in r or ("text" in r and "label" not in r) for r in rows):
+            raise UserError(f"{ref}: generative tasks take instruction, chat or classification rows")
+        if len({("label" in r) for r in rows}) > 1:
+            raise UserError(f"{ref}: mixes classification rows with instruction or chat rows")
+        if rows:
+            out[Path(path).stem + (f"@{split}" if split else "")] = rows
+    return out
+
+
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
     from lmkiln.eval.icl import BUILTIN
@@ -63,6 +94,10 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     for task in icl_tasks(recipe.eval):
         path = BUILTIN.get(task.path, Path(task.path))
         ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
+    for ref in recipe.eval.tasks:
+        gen_path = ref[len("gen:"):].partition("@")[0]
+        if ref.startswith("gen:") and Path(gen_path).is_file():
+            ident[ref] = sha256_file(gen_path)
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
         ident["text"] = upstream(run_dir, "data")
     return ident
@@ -84,7 +119,7 @@ def display_names(models: list[str]) -> dict[str, str]:
 
 
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
-    from lmkiln.eval.generative import score_instructions
+    from lmkiln.eval.generative import score_instructions, score_labels
     from lmkiln.eval.perplexity import perplexity, tokens_of
     from lmkiln.train.formats import ChatFormat, load_splits, sample
 
@@ -95,6 +130,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     tasks = icl_tasks(cfg)
     for task in tasks:  # every file checked before any model is loaded
         load_docs(task.path, task.kind)
+    generative = generative_tasks(recipe)
     examples = None
     if "docstrings" in cfg.tasks:
         test = load_splits("builtin:python-docstrings", recipe.finetune.val_fraction, recipe.data.val_fraction)["test"]
@@ -120,6 +156,12 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
                                                    ChatFormat(path))
         for task in tasks:
             res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos)
+        for task_name, rows in generative.items():
+            if "label" in rows[0]:
+                res[task_name] = score_labels(model, tok, rows, cfg.delimiter, cfg.add_bos)
+            else:
+                res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len,
+                                               ChatFormat(path))
         scored = [t.name for t in tasks if "centered" in res[t.name]]
         if len(scored) > 1:  # the average centred score across ICL tasks, as nanochat's CORE
             res["icl"] = {"centered": round(sum(res[t]["centered"] for t in scored) / len(scored), 5)}
@@ -138,6 +180,12 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
             cols.append((task, "acc", f"{task} acc", True))
             if r["kind"] != "language_modeling":
                 cols.append((task, "acc_norm", f"{task} acc_norm", True))
+        elif isinstance(r, dict) and "accuracy" in r and "labels" in r:
+            cols += [(task, "accuracy", f"{task} accuracy", True), (task, "macro_f1", f"{task} macro-F1", True)]
+        elif isinstance(r, dict) and "token_f1" in r and task != "docstrings":
+            cols += [(task, "reply_loss", f"{task} reply loss", False),
+                     (task, "exact_match", f"{task} exact match", True), (task, "token_f1", f"{task} token F1", True),
+                     (task, "rouge_l", f"{task} ROUGE-L", True)]
     if "icl" in first:
         cols.append(("icl", "centered", "ICL centered", True))
     return cols
@@ -219,14 +267,17 @@ def print_table(results: dict) -> None:
 
     header, rows = table_rows(results)
     table = Table(title="evaluation", show_edge=False)
-    table.add_column("score", justify="left")
+    table.add_column("score", justify="left", no_wrap=True)
     for row in rows:
-        table.add_column(row[0], justify="right")
+        table.add_column(row[0], justify="right", no_wrap=True)
     for i, label in enumerate(header[1:], 1):
         table.add_row(label, *[row[i] for row in rows])
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe has no width to keep to: long task names stay whole
+        console = Console(width=240)
+    console.print(table)
     if significant(results):
-        Console().print("* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval")
+        console.print("* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval")
 
 
 def write_results(results: dict, out: Path) -> None:
