@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmkiln.errors import UserError
 
@@ -189,6 +189,18 @@ class LoraConfig(Section):
     dora: bool = Field(False, description="DoRA: also learn a magnitude per output row of each adapted weight")
 
 
+def _training_tasks(tasks: list[str]) -> list[str]:
+    for t in tasks:
+        if t != "builtin:bias" and not t.endswith((".jsonl", ".yaml", ".yml")):
+            raise ValueError(f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml) or builtin:bias")
+    return tasks
+
+
+TrainingTasks = Annotated[list[str], AfterValidator(_training_tasks)]
+EVAL_TASKS_HELP = ("ICL task files (.jsonl), suites (.yaml) or builtin:bias, scored at every validation "
+                   "into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)")
+
+
 class PretrainConfig(Section):
     seq_len: int = Field(256, gt=1)
     batch_size: int = Field(16, gt=0, description="sequences per micro-batch")
@@ -208,6 +220,8 @@ class PretrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm; 0 disables")
     eval_every: int = Field(100, gt=0, description="steps between validation losses")
     eval_batches: int = Field(8, gt=0)
+    eval_tasks: TrainingTasks = Field(default_factory=list, description=EVAL_TASKS_HELP)
+    eval_tasks_max_examples: int = Field(100, gt=0, description="eval_tasks: documents scored from each task")
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
@@ -248,10 +262,18 @@ class FinetuneConfig(Section):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="validate every N steps; 0: at the end of each epoch")
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")
+    eval_tasks: TrainingTasks = Field(default_factory=list, description=EVAL_TASKS_HELP)
+    eval_tasks_max_examples: int = Field(100, gt=0, description="eval_tasks: documents scored from each task")
     packing: bool = Field(False, description="several examples per row, each attending only to itself")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
     dpo_beta: float = Field(0.1, gt=0, description="dpo: how far the tuned model may move from the base")
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+
+    @model_validator(mode="after")
+    def _tasks_need_a_language_model(self) -> "FinetuneConfig":
+        if self.task == "classify" and self.eval_tasks:
+            raise ValueError("eval_tasks score a language model; finetune.task=classify trains a label head")
+        return self
 
 
 class Range(Section):

@@ -137,6 +137,12 @@ def check_recipe(recipe: Recipe, stages: list[str]) -> None:
         base = recipe.finetune.base
         if base not in STAGES and not (Path(base) / "config.json").is_file():
             raise UserError(f"finetune.base: '{base}' is neither a stage name nor a model directory with config.json")
+    for stage in ("pretrain", "finetune"):
+        tasks = getattr(recipe, stage).eval_tasks
+        if stage in stages and tasks:  # every task line read now, not at the first validation
+            from lmkiln.eval.during import TaskMonitor
+
+            TaskMonitor(tasks, recipe, getattr(recipe, stage).eval_tasks_max_examples)
     if "eval" in stages:
         for model in recipe.eval.models:
             if model not in STAGES and not (Path(model) / "config.json").is_file():

@@ -251,3 +251,10 @@ def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = F
         results.append(scored[k:k + n])
         k += n
     return {"kind": kind, "shots": task.shots, **score_docs(docs, kind, results, texts)}
+
+
+def core_average(results: dict) -> float | None:
+    """The mean centred score over the ICL tasks in `results` (task name -> scores), as nanochat's
+    CORE; None with fewer than two such tasks."""
+    centred = [r["centered"] for r in results.values() if isinstance(r, dict) and "centered" in r]
+    return round(sum(centred) / len(centred), 5) if len(centred) > 1 else None

@@ -123,7 +123,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.perplexity import perplexity, tokens_of
     from lmkiln.train.formats import ChatFormat, load_splits, sample
 
-    from lmkiln.eval.icl import evaluate_task, load_docs
+    from lmkiln.eval.icl import core_average, evaluate_task, load_docs
 
     cfg = recipe.eval
     device = pick_device(cfg.device)
@@ -162,9 +162,9 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             else:
                 res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len,
                                                ChatFormat(path))
-        scored = [t.name for t in tasks if "centered" in res[t.name]]
-        if len(scored) > 1:  # the average centred score across ICL tasks, as nanochat's CORE
-            res["icl"] = {"centered": round(sum(res[t]["centered"] for t in scored) / len(scored), 5)}
+        core = core_average({t.name: res[t.name] for t in tasks})
+        if core is not None:
+            res["icl"] = {"centered": core}
         results[name] = res
     return results
 

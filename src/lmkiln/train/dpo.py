@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lmkiln.device import autocast, pick_device
 from lmkiln.errors import UserError
+from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
 from lmkiln.tokenizer.train import special_ids
@@ -81,7 +82,7 @@ def batch_loss(model, batch: list[dict], beta: float, pad: int, device) -> tuple
 
 def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
               on_eval: Callable[[int, float], None] | None = None, save: bool = True,
-              ctx: DistContext | None = None) -> dict:
+              ctx: DistContext | None = None, monitor: TaskMonitor | None = None) -> dict:
     from lmkiln.train.finetune import print_memory, save_tuned
 
     cfg = recipe.finetune
@@ -122,7 +123,7 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
         return loss.sum(), sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in batch)
 
-    guard = Validation(model, evaluate, cfg, log, on_eval)
+    guard = Validation(model, evaluate, cfg, log, on_eval, monitor and (lambda: monitor(model, tok)))
     lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
     run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, log, recipe.seed, "dpo", ctx)
     if save and ctx.is_main:

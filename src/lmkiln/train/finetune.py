@@ -12,6 +12,7 @@ import torch
 from lmkiln.config import STAGES, Recipe
 from lmkiln.device import autocast, seed_everything
 from lmkiln.errors import UserError
+from lmkiln.eval.during import TaskMonitor
 from lmkiln.io import atomic_dir, sha256_file
 from lmkiln.log import console, set_quiet
 from lmkiln.model.hub import generation_eos, load_model, save_model
@@ -191,6 +192,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
     try:
         cfg = recipe.finetune
         base_dir, tok, splits = load_base(recipe, run_dir)
+        monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
         if cfg.task == "classify":
             from lmkiln.train.classify import build_classifier
 
@@ -198,15 +200,16 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
         if cfg.task == "dpo":
             from lmkiln.train.dpo import build_dpo
 
-            return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
-        return build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
+            return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor)
+        return build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor)
     finally:
         dist.teardown(ctx)
         set_quiet(quiet)
 
 
 def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
-              on_eval: Callable[[int, float], None] | None, save: bool, ctx: DistContext) -> dict:
+              on_eval: Callable[[int, float], None] | None, save: bool, ctx: DistContext,
+              monitor: TaskMonitor | None = None) -> dict:
     cfg = recipe.finetune
     device = ctx.device
     pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
@@ -238,7 +241,7 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _, tokens = batch_loss(net, batch, pad, device)
         return loss, tokens
 
-    guard = Validation(model, evaluate, cfg, log, on_eval)
+    guard = Validation(model, evaluate, cfg, log, on_eval, monitor and (lambda: monitor(model, tok)))
     run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
                      lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
                      guard, log, recipe.seed, "finetune", ctx)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lmkiln.eval.during import describe
 from lmkiln.log import console, progress
 from lmkiln.model.lora import apply_lora
 from lmkiln.train import dist
@@ -41,10 +42,12 @@ class Validation:
     told each result (`kiln tune` prunes from it)."""
 
     def __init__(self, model: nn.Module, evaluate: Callable[[], dict], cfg, log: MetricsLog,
-                 on_eval: Callable[[int, float], None] | None = None) -> None:
-        self.model, self.evaluate, self.cfg, self.log, self.on_eval = model, evaluate, cfg, log, on_eval
+                 on_eval: Callable[[int, float], None] | None = None, tasks: Callable[[], dict] | None = None) -> None:
+        self.model, self.cfg, self.log, self.on_eval = model, cfg, log, on_eval
+        # in-context task scores (eval/TASK/METRIC) ride along with each validation; only the loss guards
+        self.evaluate = evaluate if tasks is None else (lambda: {**evaluate(), **tasks()})
         self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.base = self.best = evaluate()
+        self.base = self.best = self.evaluate()
         self.best_state, self.best_epoch, self.best_step, self.last_step = None, 0, 0, 0
         self.history: list[tuple[float, float]] = []  # (mean train loss since the last check, val loss)
         self.train_losses: list[float] = []
@@ -54,11 +57,13 @@ class Validation:
 
     @staticmethod
     def _rounded(res: dict) -> dict:
-        return {f"val_{k}": round(v, 5) for k, v in res.items()}
+        return {**{f"val_{k}": round(v, 5) for k, v in res.items() if not k.startswith("eval/")}, **tasks_of(res)}
 
     @staticmethod
     def _describe(res: dict) -> str:
-        return ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in res.items())
+        own = ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in res.items() if not k.startswith("eval/"))
+        tasks = describe({k: v for k, v in res.items() if k.startswith("eval/")})
+        return own + (f"; {tasks}" if tasks else "")
 
     def check(self, step: int, epoch: int) -> bool:
         """Evaluate now; True when training should stop."""
@@ -99,7 +104,13 @@ class Validation:
     def summary(self) -> dict:
         return {"base_val_loss": round(self.base["loss"], 5), "best_val_loss": round(self.best["loss"], 5),
                 "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "stopped_early": self.stopped, "overfit_warning": self.diverged}
+                "stopped_early": self.stopped, "overfit_warning": self.diverged,
+                **({"base_eval_tasks": tasks_of(self.base), "best_eval_tasks": tasks_of(self.best)}
+                   if tasks_of(self.base) else {})}
+
+
+def tasks_of(res: dict) -> dict:
+    return {k: round(v, 5) for k, v in res.items() if k.startswith("eval/")}
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -40,7 +40,9 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     from lmkiln.io import atomic_path
 
     rows = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    tasks = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("acc_norm")})
+    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 3.5), dpi=110, squeeze=False)
+    ax = axes[0, 0]
     for key, label in (("loss", "train"), ("val_loss", "validation")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -50,6 +52,16 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    if tasks:  # the in-context task scores of each validation, beside the loss
+        ax = axes[0, 1]
+        for key in tasks:
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            ax.plot(*zip(*pts), label=key[len("eval/"):].replace("/", " "), marker="o", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("score")
+        ax.set_title("in-context tasks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")

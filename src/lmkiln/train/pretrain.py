@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lmkiln.config import Recipe
 from lmkiln.device import autocast, seed_everything
 from lmkiln.errors import UserError
+from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, progress, set_quiet
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
@@ -33,7 +34,8 @@ from lmkiln.train.speed import device_peak, mfu
 
 def config_of(recipe: Recipe) -> dict:
     cfg = recipe.pretrain.model_dump(mode="json")
-    for key in ("log_every", "tracker", "keep_checkpoints", "stop_after"):  # how a run goes, not what it computes
+    # how a run goes and what it reports, not what it computes
+    for key in ("log_every", "tracker", "keep_checkpoints", "stop_after", "eval_tasks", "eval_tasks_max_examples"):
         cfg.pop(key)
     return {"model": recipe.model.model_dump(mode="json"), "pretrain": cfg, "seed": recipe.seed}
 
@@ -175,8 +177,10 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     tok_dir = stage_dir(run_dir, "tokenizer")
     train_tokens, header = open_shard(tok_dir / "train")
     val_tokens, _ = open_shard(tok_dir / "val")
-    ids = special_ids(load_tokenizer(tok_dir))
+    tok = load_tokenizer(tok_dir)
+    ids = special_ids(tok)
     _check(recipe, train_tokens, ids)
+    monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
     model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
     config_hash = sha256_json(config_of(recipe))
     ckpt_dir = out / "checkpoints"
@@ -211,7 +215,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         dist.barrier(ctx)
 
     loop = _Loop(recipe, ctx, step_model, model, opt, train_tokens, val_tokens, accum, tokens_per_step,
-                 flops_per_token, peak, track, save, ckpt_dir, on_step,
+                 flops_per_token, peak, track, save, ckpt_dir, on_step, monitor, tok,
                  fim=(cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None)
     step, train_loss, last_val = loop.run(start, carried)
     save(out / "final", step, [])
@@ -224,7 +228,8 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     return {"steps": step, "final_loss": round(train_loss, 5), "val_loss": round(last_val, 5) if last_val else None,
             "parameters": args.num_params(), "tokens_seen": step * tokens_per_step,
             "tokens_per_s": round(tps, 1) if tps else None, "mfu": round(util, 4) if util else None,
-            "device": str(ctx.device), "world_size": ctx.world, "resumed_from": start or None}
+            "device": str(ctx.device), "world_size": ctx.world, "resumed_from": start or None,
+            **({"eval_tasks": loop.last_scores} if loop.last_scores else {})}
 
 
 @dataclass
@@ -246,7 +251,10 @@ class _Loop:
     save: Callable[[Path, int, list], None]
     ckpt_dir: Path
     on_step: Callable[[int], None] | None
+    monitor: TaskMonitor | None = None
+    tok: object = None
     fim: tuple[float, int, int, int] | None = None
+    last_scores: dict | None = None
     _pool: object = None
     _pending: tuple | None = None
 
@@ -344,7 +352,13 @@ class _Loop:
                     if step % c.eval_every == 0 or step == c.max_steps:
                         last_val = val_loss(self.model, self.val_tokens, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
                         record = {**(record or {"step": step}), "val_loss": round(last_val, 5)}
-                        console.print(f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}")
+                        message = f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}"
+                        if self.monitor is not None:
+                            scores = self.monitor(dist.unwrap(self.model), self.tok)
+                            record.update(scores)
+                            self.last_scores = scores
+                            message += f"; {describe(scores)}"
+                        console.print(message)
                     if record:
                         self.track(record)
                     if step % c.checkpoint_every == 0 and step < c.max_steps:
