@@ -137,11 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the model's)")
     _add_quiet(p)
 
-    p = sub.add_parser("serve", help="serve a model directory over an OpenAI-compatible HTTP API")
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, "
+                       "and a chat page at /")
     p.add_argument("model", type=Path, help="a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter (PEFT layout) served as model NAME+... i.e. '<model>+NAME'; repeatable")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together, each with a KV-cache slot (default 16)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--context", type=int, default=None,
+                   help="tokens per slot, prompt and reply together (default: the model's max_seq_len)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
+    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template")
+    p.add_argument("model", type=Path, help="a model directory")
+    p.add_argument("--system", default=None, help="a system message to start each conversation with")
+    p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply at most (default 512)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     return parser
 
@@ -181,8 +200,25 @@ def _serve(args) -> None:
         raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
     from lmkiln.serve.app import create_app
 
-    app = create_app(args.model, args.device, args.name)
+    adapters = {}
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "+" in name:
+            raise UserError(f"--adapter '{spec}': expected NAME=DIR (a name without '+')")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {name}: '{path}' has no adapter_config.json")
+        adapters[name] = Path(path)
+    app = create_app(args.model, args.device, args.name, adapters, args.max_batch, args.max_queue, args.context,
+                     args.api_key, args.cors, args.max_request_bytes, background=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _chat(args) -> None:
+    from lmkiln.serve.terminal import chat_loop
+
+    if not (args.model / "config.json").is_file():
+        raise UserError(f"'{args.model}' is not a model directory (no config.json)")
+    chat_loop(args.model, args.device, args.temperature, args.top_p, args.max_tokens, args.system, args.seed)
 
 
 def _import(args) -> None:
@@ -230,6 +266,8 @@ def dispatch(args) -> int:
         _generate(args)
     elif args.verb == "serve":
         _serve(args)
+    elif args.verb == "chat":
+        _chat(args)
     elif args.verb == "import":
         _import(args)
     elif args.verb == "export":

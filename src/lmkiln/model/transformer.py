@@ -141,7 +141,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values per layer; `length` tokens are filled."""
+    """Preallocated keys/values per layer for one batch of sequences that advance together; `length`
+    tokens are filled."""
 
     def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype) -> None:
         shape = (batch, args.num_kv_heads, max_len, args.head_dim)
@@ -149,6 +150,57 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.num_layers)]
         self.length = 0
         self.max_len = max_len
+
+    def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, str | torch.Tensor | None]:
+        start = self.length
+        return torch.arange(start, start + t, device=device), attention_mask(start, t, window, device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values (B, heads, t, dim); return every key/value filled so far."""
+        start, t = self.length, k.shape[2]
+        self.k[layer][:, :, start:start + t] = k
+        self.v[layer][:, :, start:start + t] = v
+        return self.k[layer][:, :, :start + t], self.v[layer][:, :, :start + t]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+
+
+class SlotCache(KVCache):
+    """Keys/values for `slots` independent sequences (continuous batching): each slot has its own
+    length, and a forward runs on any subset of slots (`rows`), each row at its own position. Rows
+    attend to their own slot only; the keys past a row's length are masked out."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_len: int, device, dtype) -> None:
+        super().__init__(args, slots, max_len, device, dtype)
+        self.lengths = [0] * slots
+        self.rows: list[int] = []
+
+    def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, str | torch.Tensor | None]:
+        starts = torch.tensor([self.lengths[r] for r in self.rows], device=device)
+        positions = starts[:, None] + torch.arange(t, device=device)  # (B, t)
+        self._rows = torch.tensor(self.rows, device=device)
+        self._positions, self._span = positions, max(self.lengths[r] for r in self.rows) + t
+        if len(self.rows) == 1:  # one sequence: the plain cache's masks (SDPA's causal path, or none)
+            return positions, attention_mask(self.lengths[self.rows[0]], t, window, device)
+        keys = torch.arange(self._span, device=device)
+        allowed = keys[None, None, :] <= positions[:, :, None]
+        if window is not None:
+            allowed &= keys[None, None, :] > positions[:, :, None] - window
+        return positions, allowed[:, None]  # (B, 1, t, span)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, positions = self._rows[:, None], self._positions
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+        if len(self.rows) == 1:  # a view, no copy: prefill and single-stream decode
+            r = self.rows[0]
+            return self.k[layer][r:r + 1, :, :self._span], self.v[layer][r:r + 1, :, :self._span]
+        return self.k[layer][self._rows, :, :self._span], self.v[layer][self._rows, :, :self._span]
+
+    def advance(self, t: int) -> None:
+        for r in self.rows:
+            self.lengths[r] += t
 
 
 CAUSAL = "causal"
@@ -213,13 +265,8 @@ class Attention(nn.Module):
         if a.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-        start = 0
         if cache is not None:
-            start = cache.length
-            cache.k[self.layer][:, :, start:start + t] = k
-            cache.v[self.layer][:, :, start:start + t] = v
-            k = cache.k[self.layer][:, :, :start + t]
-            v = cache.v[self.layer][:, :, :start + t]
+            k, v = cache.update(self.layer, k, v)
         gqa = {}
         if a.num_kv_heads != a.num_heads:
             if SDPA_GQA:  # grouped heads inside the kernel: no repeated keys/values held for backward
@@ -306,18 +353,18 @@ class Transformer(nn.Module):
                       segments: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the final normed hidden states (B, T, hidden)."""
         t = idx.shape[1]
-        start = cache.length if cache is not None else 0
         window = self.args.sliding_window
-        if segments is None:
-            positions = torch.arange(start, start + t, device=idx.device)
-            mask = attention_mask(start, t, window, idx.device)
-        else:
+        if segments is not None:
             positions, mask = packed_positions(segments), packed_mask(segments, window)
+        elif cache is not None:
+            positions, mask = cache.positions_and_mask(t, window, idx.device)
+        else:
+            positions, mask = torch.arange(t, device=idx.device), attention_mask(0, t, window, idx.device)
         cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta, self.args.rope_scaling)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if segments is not None:
-            cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # a position per row: broadcast over heads
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
             if checkpointed:  # keep only each block's input; recompute the rest in the backward pass
@@ -325,7 +372,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, cos, sin, cache, mask)
         if cache is not None:
-            cache.length += t
+            cache.advance(t)
         return self.model.norm(x)
 
 

@@ -1,132 +1,375 @@
-"""An OpenAI-compatible API: `/v1/models` and `/v1/completions` (streaming by server-sent events)."""
+"""An OpenAI-compatible API over the continuous-batching engine: /v1/models, /v1/completions and
+/v1/chat/completions (the model's chat template), streamed by server-sent events or whole; LoRA
+adapters by name (`base+adapter`); bearer-token auth, CORS and a body limit; /health, /metrics
+(Prometheus) and the chat page at /."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
 from pathlib import Path
+from typing import AsyncIterator
 
 from lmkiln.errors import UserError
 
 try:
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, Field
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from exc
 
+from lmkiln.serve.batching import QueueFull, Sampling, Sequence, Token
+from lmkiln.serve.metrics import ServeMetrics
+from lmkiln.serve.protocol import (ApiError, ChatRequest, CompletionRequest, chat_logprobs,
+                                   completion_logprobs)
 
-class CompletionRequest(BaseModel):
-    model: str | None = None
-    prompt: str
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
+STATIC = Path(__file__).parent / "static"
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": None}})
+class Server:
+    """The model, tokenizer, engine and adapters behind the routes; loaded on a thread when asked, so
+    the routes answer 503 until it is ready."""
+
+    def __init__(self, model_dir: Path, device: str, name: str | None, adapters: dict[str, Path],
+                 max_batch: int, max_queue: int, context: int | None) -> None:
+        self.model_dir, self.device, self.adapter_dirs = Path(model_dir), device, adapters
+        self.name = name or self.model_dir.resolve().name
+        self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
+        self.engine = None
+        self.error: str | None = None
+        self.metrics = ServeMetrics(lambda: self.engine.queue_depth if self.engine else 0,
+                                    lambda: self.engine.batch_size if self.engine else 0)
+
+    def load(self) -> None:
+        from lmkiln.device import pick_device
+        from lmkiln.model.hub import generation_eos, load_model
+        from lmkiln.serve.adapters import AdapterSet
+        from lmkiln.serve.batching import Engine
+        from lmkiln.tokenizer.train import load_tokenizer
+        from lmkiln.train.formats import ChatFormat
+
+        try:
+            model = load_model(self.model_dir, pick_device(self.device))
+            self.tok = load_tokenizer(self.model_dir)
+            self.chat = ChatFormat(self.model_dir)
+            self.stop_ids = frozenset(generation_eos(self.model_dir))
+            self.chat_stop_ids = self.stop_ids | ({self.chat.eos} if self.chat.eos is not None else set())
+            adapters = AdapterSet(model) if self.adapter_dirs else None
+            self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
+            self.engine = Engine(model, self.max_batch, self.max_queue, self.context, adapters,
+                                 on_finish=self.metrics.finished)
+        except UserError as exc:
+            self.error = str(exc)
+            raise
+
+    def ready(self) -> None:
+        if self.engine is None:
+            raise ApiError(503, self.error or f"model {self.name} is loading; retry shortly")
+
+    def model_ids(self) -> list[str]:
+        return [self.name] + [f"{self.name}+{a}" for a in self.adapter_dirs]
+
+    def adapter_of(self, requested: str | None) -> int:
+        if requested in (None, "", self.name):
+            return -1
+        base, _, adapter = requested.partition("+")
+        if base == self.name and adapter in self.adapters:
+            return self.adapters[adapter]
+        raise ApiError(404, f"model '{requested}' is not served here (serving {', '.join(self.model_ids())})", "model")
+
+    def encode(self, text: str, param: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise ApiError(400, f"{param}: empty after tokenisation", param)
+        if len(ids) >= self.engine.context:
+            raise ApiError(413, f"{param}: {len(ids)} tokens; the context is {self.engine.context}", param)
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
 
 
-def create_app(model_dir: str | Path, device: str = "auto", name: str | None = None) -> FastAPI:
-    from lmkiln.device import pick_device
-    from lmkiln.model.generate import stream
-    from lmkiln.model.hub import generation_eos, load_model
-    from lmkiln.tokenizer.train import load_tokenizer
+class Choice:
+    """One generated choice: its sequence in the engine, and its text cut at the request's stop strings
+    (text that could begin a stop string is held back until it cannot)."""
 
-    model_dir = Path(model_dir)
-    model = load_model(model_dir, pick_device(device))
-    tok = load_tokenizer(model_dir)
-    model_name = name or model_dir.resolve().name
-    stop_ids = generation_eos(model_dir)
-    lock = threading.Lock()  # one generation at a time (continuous batching comes with the serving issue)
-    created = int(time.time())
+    def __init__(self, server: Server, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int],
+                 stops: list[str], adapter: int) -> None:
+        self.server, self.stops = server, stops
+        self.queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        self.seq = Sequence(prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+                            stop_ids, adapter)
+        self.tokens = 0
+        try:
+            server.engine.submit(self.seq)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; retry later") from None
+
+    def _held(self, text: str) -> int:
+        """Characters at the end of text that could start a stop string."""
+        return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    async def pieces(self) -> AsyncIterator[tuple[str, list[Token], str | None]]:
+        ids, tokens, emitted = [], [], ""
+        try:
+            while True:
+                event = await self.queue.get()
+                if isinstance(event, str):
+                    if event.startswith("error"):
+                        raise RuntimeError(event)
+                    text = self.server.decode(ids)
+                    yield text[len(emitted):], tokens, "length" if event == "length" else "stop"
+                    return
+                if not ids:
+                    self.server.metrics.first_token(time.perf_counter() - self.seq.submitted)
+                ids.append(event.id)
+                tokens.append(event)
+                self.tokens += 1
+                text = self.server.decode(ids)
+                cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+                if cut >= 0:
+                    yield text[len(emitted):cut], tokens, "stop"
+                    return
+                safe = len(text) - self._held(text)
+                if not text.endswith("\ufffd") and safe > len(emitted):  # whole UTF-8 characters only
+                    yield text[len(emitted):safe], tokens, None
+                    emitted, tokens = text[:safe], []
+        finally:
+            self.seq.cancel()  # done, stopped by a stop string, or the client went away: free the slot
+
+
+def start_choices(server: Server, req, prompts: list[list[int]], stop_ids: frozenset[int], logprobs: int | None,
+                  max_tokens: int) -> list[Choice]:
+    adapter = server.adapter_of(req.model)
+    choices = []
+    try:
+        for prompt in prompts:
+            for j in range(req.n):
+                sampling = Sampling(max_tokens, req.temperature, req.top_p, req.top_k,
+                                    None if req.seed is None else req.seed + j, logprobs)
+                choices.append(Choice(server, prompt, sampling, stop_ids, req.stop or [], adapter))
+    except ApiError:
+        for c in choices:
+            c.seq.cancel()
+        raise
+    return choices
+
+
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[int, str, list[Token], str | None]]:
+    """Every choice's pieces as they come, tagged with the choice's index."""
+    if len(choices) == 1:
+        async for piece in choices[0].pieces():
+            yield (0, *piece)
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, choice: Choice) -> None:
+        try:
+            async for piece in choice.pieces():
+                await queue.put((i, *piece))
+        except Exception as exc:
+            await queue.put(exc)
+
+    tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(choices)]
+    try:
+        for _ in range(len(choices)):
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item[3] is not None:
+                    break
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def create_app(model_dir: str | Path, device: str = "auto", name: str | None = None,
+               adapters: dict[str, Path] | None = None, max_batch: int = 16, max_queue: int = 64,
+               context: int | None = None, api_key: str | None = None, cors_origins: list[str] | None = None,
+               max_request_bytes: int = 1 << 20, background: bool = False) -> FastAPI:
+    """The app; `background=True` loads the model on a thread (the routes answer 503 until then)."""
+    server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context)
+    if background:
+        threading.Thread(target=lambda: _quiet_load(server), name="lmkiln-load", daemon=True).start()
+    else:
+        server.load()
     app = FastAPI(title="lmkiln", version="0.1")
+    app.state.server = server
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc):  # keep OpenAI's error shape even for bugs
-        return _error(500, f"internal error: {exc}", "server_error")
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
-    from fastapi.exceptions import RequestValidationError
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        """Auth and body size before any parsing; requests counted by route and status."""
+        began = time.perf_counter()
+        path = request.url.path
+        if path.startswith("/v1/"):
+            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)"))
+            size = request.headers.get("content-length")
+            if size is not None and int(size) > max_request_bytes:
+                return _error(ApiError(413, f"request body is {size} bytes; the limit is {max_request_bytes}"))
+        response = await call_next(request)
+        if path.startswith("/v1/") and request.method == "POST":
+            server.metrics.request(path, response.status_code, time.perf_counter() - began)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        return _error(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"][1:])
-        return _error(400, f"{param}: {err['msg']}", param=param)
+        param = ".".join(str(p) for p in err["loc"][1:]) or "body"
+        return _error(ApiError(400, f"{param}: {err['msg']}", param))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):  # OpenAI's error shape even for bugs
+        return JSONResponse(status_code=500, content={"error": {"message": f"internal error: {exc}",
+                                                                "type": "server_error", "param": None, "code": None}})
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/health")
+    def health():
+        if server.engine is None:
+            status = "failed" if server.error else "loading"
+            return JSONResponse(status_code=503, content={"status": status, "model": server.name, "error": server.error})
+        return {"status": "ok", "model": server.name, "queue": server.engine.queue_depth,
+                "running": server.engine.batch_size, "max_batch": server.max_batch, "context": server.engine.context}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "lmkiln"}]}
-
-    def _pieces(req: CompletionRequest):
-        prompt = tok.encode(req.prompt, add_special_tokens=False).ids
-        stops = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
-        return prompt, stops
-
-    def _run(req: CompletionRequest, prompt: list[int], stops: list[str]):
-        """Yield text deltas, cut at the first stop string; returns the finish reason via StopIteration."""
-        ids: list[int] = []
-        emitted = ""
-        with lock:
-            for token in stream(model, prompt, req.max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                top_p=req.top_p, stop_ids=stop_ids, seed=req.seed):
-                ids.append(token)
-                text = tok.decode(ids)
-                cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-                if cut >= 0:
-                    if cut > len(emitted):
-                        yield text[len(emitted):cut], len(ids)
-                    return "stop"
-                if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-                    yield text[len(emitted):], len(ids)
-                    emitted = text
-        return "length" if len(ids) >= req.max_tokens else "stop"
+        server.ready()
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "lmkiln"}
+                                           for m in server.model_ids()]}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest):
-        if req.model not in (None, model_name):
-            return _error(404, f"model '{req.model}' is not served here (serving '{model_name}')", param="model")
-        prompt, stops = _pieces(req)
-        if len(prompt) >= model.args.max_seq_len:
-            return _error(413, f"prompt is {len(prompt)} tokens; the context is {model.args.max_seq_len}", param="prompt")
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    async def completions(req: CompletionRequest, request: Request):
+        server.ready()
+        texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        prompts = [server.encode(t, "prompt") for t in texts]
+        choices = start_choices(server, req, prompts, server.stop_ids, req.logprobs, req.max_tokens or 16)
+        return await _respond(server, request, req, choices, prompts, chat=False, echo=texts if req.echo else None)
 
-        def body(text: str, finish: str | None, usage: dict | None = None) -> dict:
-            out = {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                   "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            if usage:
-                out["usage"] = usage
-            return out
-
-        def usage(n: int) -> dict:
-            return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
-
-        if req.stream:
-            def events():
-                gen, n = _run(req, prompt, stops), 0
-                try:
-                    while True:
-                        delta, n = next(gen)
-                        yield f"data: {json.dumps(body(delta, None))}\n\n"
-                except StopIteration as stop:
-                    yield f"data: {json.dumps(body('', stop.value, usage(n)))}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream")
-
-        gen, text, n = _run(req, prompt, stops), "", 0
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        server.ready()
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            while True:
-                delta, n = next(gen)
-                text += delta
-        except StopIteration as stop:
-            finish = stop.value
-        return body(text, finish, usage(n))
+            text = server.chat.render(messages, add_generation_prompt=True)
+        except Exception as exc:
+            raise ApiError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
+        prompt = server.encode(text, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens or server.engine.context
+        choices = start_choices(server, req, [prompt], server.chat_stop_ids, logprobs, max_tokens)
+        return await _respond(server, request, req, choices, [prompt], chat=True)
 
     return app
+
+
+def _quiet_load(server: Server) -> None:
+    try:
+        server.load()
+    except UserError:
+        pass  # /health reports it
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+async def _respond(server: Server, request: Request, req, choices: list[Choice], prompts: list[list[int]],
+                   chat: bool, echo: list[str] | None = None):
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    created = int(time.time())
+    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+            "model": req.model or server.name}
+    n_prompt = sum(len(p) for p in prompts)
+
+    def usage() -> dict:
+        done = sum(c.tokens for c in choices)
+        return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
+
+    def logprobs_of(tokens: list[Token], offset: int):
+        if not tokens or tokens[0].logprob is None:
+            return None
+        return chat_logprobs(tokens, server.decode) if chat else completion_logprobs(tokens, server.decode, offset)
+
+    if req.stream:
+        return StreamingResponse(_events(server, req, choices, head, usage, logprobs_of, chat),
+                                 media_type="text/event-stream")
+
+    results = {i: {"text": echo[i // req.n] if echo else "", "tokens": [], "finish": None} for i in range(len(choices))}
+
+    async def collect() -> None:
+        async for i, text, tokens, finish in merged(choices):
+            r = results[i]
+            r["tokens"] += tokens
+            r["text"] += text
+            r["finish"] = finish or r["finish"]
+
+    task = asyncio.create_task(collect())
+    while not task.done():  # a client that hangs up cancels its sequences
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)
+    task.result()
+    body = []
+    for i, r in results.items():
+        lp = logprobs_of(r["tokens"], len(echo[i // req.n]) if echo else 0)
+        if chat:
+            body.append({"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
+                         "finish_reason": r["finish"]})
+        else:
+            body.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
+    return {**head, "choices": body, "usage": usage()}
+
+
+async def _events(server, req, choices, head, usage, logprobs_of, chat) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+    def event(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if chat:
+        for i in range(len(choices)):
+            yield event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]})
+    offsets = [0] * len(choices)
+    try:
+        async for i, text, tokens, finish in merged(choices):
+            if not text and finish is None:
+                continue
+            lp = logprobs_of(tokens, offsets[i])
+            offsets[i] += len(text)
+            if chat:
+                choice = {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": finish}
+            else:
+                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+            yield event({**head, "choices": [choice]})
+    except Exception as exc:
+        yield event({"error": {"message": f"internal error: {exc}", "type": "server_error", "param": None, "code": None}})
+        return
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield event({**head, "choices": [], "usage": usage()})
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,184 @@
+"""Continuous batching: one thread owns the model and a KV cache with a preallocated slot per running
+sequence. Between two decode steps, finished or cancelled sequences leave their slots and waiting ones
+are prefilled into free slots, so a request never waits for a whole batch to end. Each step runs every
+running sequence's next token in one forward, each row at its own position (model/transformer.py's
+SlotCache)."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lmkiln.model.generate import sample_next
+from lmkiln.model.transformer import SlotCache, Transformer
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+
+
+@dataclass
+class Token:
+    id: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+# What a sequence tells its owner: a Token, or the finish reason ("stop", "length", "cancelled", or an
+# error message) as a str, which is always the last event.
+Event = Token | str
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[Event], None]
+    stop_ids: frozenset[int] = frozenset()
+    adapter: int = -1  # index in the engine's AdapterSet; -1: the base model
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    slot: int = -1
+    generated: int = 0
+    last: int = 0  # the token fed to the next step
+    logits: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Thread-safe: the engine frees the slot before its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
+                 adapters=None, on_finish: Callable[[Sequence, str], None] | None = None) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.context = min(context or model.args.max_seq_len, model.args.max_seq_len)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.cache = SlotCache(model.args, max_batch, self.context, self.device, next(model.parameters()).dtype)
+        self.adapters, self.on_finish = adapters, on_finish
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self.wake = threading.Condition()
+        self.steps = itertools.count()
+        self._stop = False
+        self.thread = threading.Thread(target=self._loop, name="lmkiln-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(seq)
+            self.wake.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.running)
+
+    def close(self) -> None:
+        with self.wake:
+            self._stop = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self.wake.wait()
+                if self._stop:
+                    return
+            try:
+                with torch.no_grad():
+                    self._admit()
+                    if self.running:
+                        self._decode()
+            except Exception as exc:  # a bug must not leave clients waiting forever
+                for seq in list(self.running.values()) + list(self.waiting):
+                    self._finish(seq, f"error: {exc}")
+                self.waiting.clear()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.slot >= 0:
+            self.running.pop(seq.slot, None)
+            seq.slot = -1
+        seq.emit(reason)
+        if self.on_finish is not None:
+            self.on_finish(seq, reason)
+
+    def _admit(self) -> None:
+        """Prefill waiting sequences into free slots, one forward each (prompts differ in length)."""
+        for seq in [s for s in self.running.values() if s.cancelled]:
+            self._finish(seq, "cancelled")
+        while self.waiting and len(self.running) < self.max_batch:
+            with self.wake:
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                seq.emit("cancelled")
+                continue
+            seq.slot = next(s for s in range(self.max_batch) if s not in self.running)
+            self.running[seq.slot] = seq
+            if seq.sampling.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
+            self.cache.lengths[seq.slot] = 0
+            seq.logits = self._forward([seq], [seq.prompt], last_only=True)[0]
+            self._sample(seq)
+
+    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
+        self.cache.rows = [s.slot for s in seqs]
+        if self.adapters is not None:
+            self.adapters.select([s.adapter for s in seqs])
+        x = torch.tensor(tokens, device=self.device)
+        return self.model(x, cache=self.cache, last_only=last_only)[:, -1].float()
+
+    def _decode(self) -> None:
+        seqs = list(self.running.values())
+        logits = self._forward(seqs, [[s.last] for s in seqs])
+        next(self.steps)
+        for seq, row in zip(seqs, logits):
+            seq.logits = row
+            self._sample(seq)
+
+    def _sample(self, seq: Sequence) -> None:
+        """Pick the next token from seq.logits, tell the owner, and retire the sequence when done."""
+        if seq.cancelled:
+            return self._finish(seq, "cancelled")
+        p = seq.sampling
+        token = sample_next(seq.logits, p.temperature, p.top_k, p.top_p, seq.generator)
+        if token in seq.stop_ids:
+            return self._finish(seq, "stop")
+        event = Token(token)
+        if p.logprobs is not None:
+            logp = torch.log_softmax(seq.logits, -1)
+            event.logprob = float(logp[token])
+            if p.logprobs > 0:
+                values, ids = logp.topk(p.logprobs)
+                event.top = list(zip(ids.tolist(), values.tolist()))
+        seq.generated += 1
+        seq.last = token
+        seq.emit(event)
+        length = self.cache.lengths[seq.slot] + 1  # with this token, once it is fed back
+        if seq.generated >= p.max_tokens or length >= self.context:
+            self._finish(seq, "length")

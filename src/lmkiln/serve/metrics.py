@@ -1,0 +1,40 @@
+"""What /metrics reports, in Prometheus' text format: requests by route and status, tokens in and out,
+time to first token, request latency, and the queue and batch as they are now."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServeMetrics:
+    def __init__(self, queue_depth: Callable[[], int], batch_size: Callable[[], int]) -> None:
+        self.registry = r = CollectorRegistry()  # one per app: tests and several servers never share counts
+        self.requests = Counter("lmkiln_requests", "HTTP requests to /v1", ["route", "status"], registry=r)
+        self.prompt_tokens = Counter("lmkiln_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.completion_tokens = Counter("lmkiln_completion_tokens", "tokens generated", registry=r)
+        self.finishes = Counter("lmkiln_sequences_finished", "sequences ended, by reason", ["reason"], registry=r)
+        self.ttft = Histogram("lmkiln_time_to_first_token_seconds", "from submission to the first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("lmkiln_request_duration_seconds", "whole request, streaming included",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        Gauge("lmkiln_queue_depth", "requests waiting for a slot", registry=r).set_function(queue_depth)
+        Gauge("lmkiln_batch_size", "sequences in the running batch", registry=r).set_function(batch_size)
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def finished(self, seq, reason: str) -> None:
+        self.prompt_tokens.inc(len(seq.prompt))
+        self.completion_tokens.inc(seq.generated)
+        self.finishes.labels(reason.split(":")[0]).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

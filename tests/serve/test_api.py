@@ -1,0 +1,202 @@
+"""The OpenAI-compatible API through the official `openai` client against a server on loopback:
+completions and chat, whole and streamed, sampling parameters, logprobs, stop strings, usage, and
+OpenAI's error shapes and status codes."""
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from lmkiln.model.generate import generate
+from lmkiln.model.hub import generation_eos, load_model
+from lmkiln.serve.app import create_app
+from lmkiln.tokenizer.train import load_tokenizer
+from lmkiln.train.formats import ChatFormat
+from tests.serve.conftest import serving
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    app = create_app(tiny_model, device="cpu", name="tiny", max_batch=4, max_queue=8)
+    with serving(app) as url:
+        yield url, openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+
+    def greedy(text: str, n: int, stops: list[int]) -> list[int]:
+        return generate(model, tok.encode(text, add_special_tokens=False).ids, n, stop_ids=stops)
+
+    return model, tok, greedy
+
+
+def test_models_lists_the_served_model(server):
+    _, client = server
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_greedy_completion_equals_generate_with_usage(server, reference, tiny_model):
+    _, client = server
+    _, tok, greedy = reference
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0)
+    ids = greedy(PROMPT, 12, generation_eos(tiny_model))
+    assert out.choices[0].text == tok.decode(ids)
+    assert out.usage.prompt_tokens == len(tok.encode(PROMPT, add_special_tokens=False).ids)
+    assert out.usage.completion_tokens == len(ids) and out.usage.total_tokens == out.usage.prompt_tokens + len(ids)
+    assert out.choices[0].finish_reason == ("length" if len(ids) == 12 else "stop")
+
+
+def test_streamed_completion_equals_the_whole_one(server):
+    _, client = server
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_uses_the_chat_template_whole_and_streamed(server, reference, tiny_model):
+    _, client = server
+    model, tok, _ = reference
+    messages = [{"role": "user", "content": "What sound does a cat make?"}]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    chat = ChatFormat(tiny_model)
+    prompt = tok.encode(chat.render(messages, add_generation_prompt=True), add_special_tokens=False).ids
+    ids = generate(model, prompt, 12, stop_ids=sorted(set(generation_eos(tiny_model)) | {chat.eos}))
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == tok.decode(ids)
+    assert out.usage.prompt_tokens == len(prompt)
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == out.choices[0].message.content
+    assert streamed[-1].choices[0].finish_reason == out.choices[0].finish_reason
+
+
+def test_n_choices_and_seeds_reproduce(server):
+    _, client = server
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=8, temperature=1.0, n=3, seed=7)
+    a = client.completions.create(**kw, extra_body={"top_k": 20})
+    b = client.completions.create(**kw, extra_body={"top_k": 20})
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    streamed = list(client.completions.create(**kw, stream=True, extra_body={"top_k": 20}))
+    texts = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.text for c in a.choices]
+
+
+def test_logprobs_equal_the_model_distribution(server, reference):
+    _, client = server
+    model, tok, _ = reference
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert len(lp.token_logprobs) == out.usage.completion_tokens and all(len(t) <= 3 for t in lp.top_logprobs)
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0, -1].double(), -1).max().item()
+    assert lp.token_logprobs[0] == pytest.approx(expected, abs=1e-4)
+    assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-6)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob <= 0 and not math.isnan(c.logprob) for c in content)
+
+
+def test_stop_strings_cut_the_text(server):
+    _, client = server
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0).choices[0].text
+    stop = full[3:6]
+    assert stop and stop in full
+    cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_bad_requests_get_openai_errors(server):
+    url, client = server
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt="x", max_tokens=0)
+    assert err.value.status_code == 400 and err.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="other", prompt="x")
+    assert "not served" in err.value.message
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model="tiny", prompt="word " * 400)
+    assert err.value.status_code == 413 and "context" in err.value.message
+    big = httpx.post(url + "/v1/completions", content=json.dumps({"prompt": "x" * (2 << 20)}),
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_health_and_metrics(server):
+    url, client = server
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 4
+    text = httpx.get(url + "/metrics").text
+    assert 'lmkiln_requests_total{route="/v1/completions",status="200"}' in text
+    assert "lmkiln_time_to_first_token_seconds_count" in text and "lmkiln_queue_depth 0.0" in text
+    assert "lmkiln_completion_tokens_total" in text
+
+
+def test_api_key_is_required_when_set(tiny_model):
+    app = create_app(tiny_model, device="cpu", name="tiny", api_key="sekret")
+    with serving(app) as url:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0).models.list()
+        assert ok.data[0].id == "tiny"
+        assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_full_queue_is_429_and_loading_is_503(tiny_model, monkeypatch):
+    import threading
+
+    from lmkiln.serve.app import Server
+
+    app = create_app(tiny_model, device="cpu", name="tiny", max_batch=1, max_queue=1)
+    engine = app.state.server.engine
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        engine.max_batch = 0  # hold admissions: the first request waits in the queue
+        waiting = {}
+        t = threading.Thread(target=lambda: waiting.update(out=client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)))
+        t.start()
+        while engine.queue_depth == 0:
+            pass
+        with pytest.raises(openai.RateLimitError) as err:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        assert "busy" in err.value.message
+        engine.max_batch = 1
+        with engine.wake:
+            engine.wake.notify()
+        t.join(timeout=30)
+        assert waiting["out"].usage.completion_tokens >= 1  # the queued request was not lost
+
+    gate = threading.Event()
+    original = Server.load
+    monkeypatch.setattr(Server, "load", lambda self: (gate.wait(30), original(self)))
+    app = create_app(tiny_model, device="cpu", name="tiny", background=True)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
+        assert err.value.status_code == 503 and "loading" in err.value.message
+        assert httpx.get(url + "/health").status_code == 503
+        gate.set()
+        while httpx.get(url + "/health").status_code != 200:
+            pass
+        assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
