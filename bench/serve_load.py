@@ -1,0 +1,185 @@
+"""Serving under load, and single-stream decode speed against transformers, in one run.
+
+1. Decode: the same model directory, greedy, batch 1, `--decode-tokens` new tokens from the same prompt:
+   lmkiln's KV-cache `generate` against transformers' `generate` (best of 3 each; the tokens must agree).
+2. Load: `kiln serve` in its own process on loopback, driven by the official `openai` client (async) at
+   1, 4 and 16 concurrent streams, `--requests-per-stream` streamed requests per stream of `--max-tokens`
+   tokens each. Prints time to first token p50/p95, aggregate tokens/s, errors and lost requests (a
+   request lost is one that neither finished nor failed), and the 16-stream / 1-stream throughput ratio.
+
+The model is a random-init Llama of the reference shape in shared/DEPENDENCY-NOTES.md (16.9M
+parameters: vocab 8192, hidden 384, intermediate 1024, 6 layers, 6 heads) with a BPE tokenizer
+trained on the Bitext sample, unless --model names a directory.
+
+    python bench/serve_load.py            # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+SHAPE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6)
+PROMPT = "I want to cancel my order and get a refund, how do I do that?"
+
+
+def make_model(out: Path) -> Path:
+    import torch
+
+    from lmkiln.model.hub import save_model
+    from lmkiln.model.transformer import ModelArgs, Transformer
+    from lmkiln.tokenizer.train import save_tokenizer, train_bpe
+
+    with open(DATA, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    tok = train_bpe((r["instruction"] + "\n" + r["response"] for r in rows), SHAPE["vocab_size"])
+    args = ModelArgs(max_seq_len=1024, tie_embeddings=True, bos_token_id=tok.token_to_id("<|bos|>"),
+                     eos_token_id=tok.token_to_id("<|eos|>"), pad_token_id=tok.token_to_id("<|pad|>"), **SHAPE)
+    model = Transformer(args)
+    model.init_weights(torch.Generator().manual_seed(0))
+    save_tokenizer(tok, out)
+    save_model(model, out)
+    return out
+
+
+def decode_speed(model_dir: Path, n: int) -> tuple[float, float, bool]:
+    """(lmkiln tokens/s, transformers tokens/s, same tokens)."""
+    import torch
+    import transformers
+
+    from lmkiln.model.generate import generate
+    from lmkiln.model.hub import load_model
+    from lmkiln.tokenizer.train import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    prompt = tok.encode(PROMPT, add_special_tokens=False).ids
+    ours = load_model(model_dir)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+    def best(fn) -> tuple[float, list[int]]:
+        fn()  # warm-up
+        times, out = [], None
+        for _ in range(3):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+        return n / min(times), out
+
+    ours_tps, ours_ids = best(lambda: generate(ours, prompt, n))
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        hf_tps, hf_out = best(lambda: theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                      pad_token_id=0)[0, len(prompt):].tolist())
+    return ours_tps, hf_tps, ours_ids == hf_out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_request(client, max_tokens: int) -> tuple[float | None, int, str | None]:
+    """(time to first token, completion tokens, error)."""
+    began, first, tokens, finished = time.perf_counter(), None, 0, False
+    try:
+        stream = await client.chat.completions.create(
+            model="bench", messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0.8,
+            stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content and first is None:
+                first = time.perf_counter() - began
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finished = True
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+    except Exception as exc:  # counted, not raised: the table reports errors
+        return None, 0, f"{type(exc).__name__}: {exc}"
+    return first, tokens, None if finished else "lost: no finish_reason"
+
+
+async def load_level(url: str, streams: int, per_stream: int, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+
+    async def worker() -> list:
+        return [await one_request(client, max_tokens) for _ in range(per_stream)]
+
+    began = time.perf_counter()
+    results = [r for rs in await asyncio.gather(*[worker() for _ in range(streams)]) for r in rs]
+    wall = time.perf_counter() - began
+    ttft = sorted(r[0] for r in results if r[0] is not None)
+    errors = [r[2] for r in results if r[2] and not r[2].startswith("lost")]
+    lost = [r for r in results if r[2] and r[2].startswith("lost")]
+    q = statistics.quantiles(ttft, n=20) if len(ttft) > 1 else ttft * 19
+    return {"streams": streams, "requests": len(results), "tokens": sum(r[1] for r in results), "wall": wall,
+            "ttft_p50": statistics.median(ttft) if ttft else float("nan"), "ttft_p95": q[18] if q else float("nan"),
+            "errors": len(errors), "lost": len(lost), "first_error": errors[0] if errors else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="a model directory (default: the reference shape, random init)")
+    ap.add_argument("--decode-tokens", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the load test")
+    ap.add_argument("--requests-per-stream", type=int, default=4)
+    ap.add_argument("--levels", default="1,4,16")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or make_model(Path(tmp) / "model")
+        ours, hf, same = decode_speed(model_dir, args.decode_tokens)
+        print(f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s, transformers "
+              f"{hf:,.1f} tok/s, ratio {ours / hf:.2f}; same tokens: {same}")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench",
+                                   "--port", str(port), "--device", "cpu", "--max-batch", "16", "--max-queue", "256"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            import httpx
+
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if httpx.get(url + "/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.time() > deadline or server.poll() is not None:
+                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+                time.sleep(0.2)
+            rows = [asyncio.run(load_level(url, int(s), args.requests_per_stream, args.max_tokens))
+                    for s in args.levels.split(",")]
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print(f"\nload: {args.requests_per_stream} streamed chat requests per stream, {args.max_tokens} tokens each, "
+          f"kiln serve --max-batch 16 on this machine's CPU")
+    print(f"{'streams':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
+          f"{'errors':>6} {'lost':>5}")
+    for r in rows:
+        print(f"{r['streams']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall']:>8.1f} {r['tokens'] / r['wall']:>8.1f} "
+              f"{r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p95'] * 1000:>7.0f}ms {r['errors']:>6} {r['lost']:>5}")
+        if r["first_error"]:
+            print(f"  first error: {r['first_error']}")
+    tps = {r["streams"]: r["tokens"] / r["wall"] for r in rows}
+    if 1 in tps and max(tps) != 1:
+        top = max(tps)
+        print(f"aggregate tokens/s at {top} streams / 1 stream: {tps[top] / tps[1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
