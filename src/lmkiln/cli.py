@@ -200,6 +200,10 @@ def _serve(args) -> None:
         raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
     from lmkiln.serve.app import create_app
 
+    for flag in ("max_batch", "max_queue", "context", "max_request_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
     adapters = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")

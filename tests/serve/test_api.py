@@ -200,3 +200,13 @@ def test_full_queue_is_429_and_loading_is_503(tiny_model, monkeypatch):
         while httpx.get(url + "/health").status_code != 200:
             pass
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_serve_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
+    from lmkiln.cli import main
+
+    assert main(["serve", str(tiny_model), "--max-batch", "0"]) == 2
+    assert main(["serve", str(tiny_model), "--adapter", f"a={tmp_path}"]) == 2
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch 0" in err and "no adapter_config.json" in err and "not a model directory" in err
