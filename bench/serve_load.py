@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
 SHAPE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6)
+WEIGHT_MB = 0.0
 PROMPT = "I want to cancel my order and get a refund, how do I do that?"
 
 
@@ -76,6 +77,9 @@ def decode_speed(model_dir: Path, n: int) -> tuple[float, float, bool]:
             times.append(time.perf_counter() - t)
         return n / min(times), out
 
+    # Batch-1 decode reads every weight once per token: bytes/token x tokens/s is the memory bandwidth used.
+    global WEIGHT_MB
+    WEIGHT_MB = sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e6
     ours_tps, ours_ids = best(lambda: generate(ours, prompt, n))
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -120,6 +124,7 @@ async def load_level(url: str, streams: int, per_stream: int, max_tokens: int) -
     began = time.perf_counter()
     results = [r for rs in await asyncio.gather(*[worker() for _ in range(streams)]) for r in rs]
     wall = time.perf_counter() - began
+    await client.close()
     ttft = sorted(r[0] for r in results if r[0] is not None)
     errors = [r[2] for r in results if r[2] and not r[2].startswith("lost")]
     lost = [r for r in results if r[2] and r[2].startswith("lost")]
@@ -143,6 +148,8 @@ def main() -> None:
         ours, hf, same = decode_speed(model_dir, args.decode_tokens)
         print(f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s, transformers "
               f"{hf:,.1f} tok/s, ratio {ours / hf:.2f}; same tokens: {same}")
+        print(f"  both stream {WEIGHT_MB:.0f} MB of fp32 weights per token: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s, "
+              f"transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s of memory bandwidth")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench",

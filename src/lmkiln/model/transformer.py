@@ -181,6 +181,9 @@ class SlotCache(KVCache):
         positions = starts[:, None] + torch.arange(t, device=device)  # (B, t)
         self._rows = torch.tensor(self.rows, device=device)
         self._positions, self._span = positions, max(self.lengths[r] for r in self.rows) + t
+        first, last = self.rows[0], self.rows[-1]
+        # rows that are consecutive slots read the cache as a view; any other set is gathered (a copy)
+        self._view = slice(first, last + 1) if self.rows == list(range(first, last + 1)) else None
         if len(self.rows) == 1:  # one sequence: the plain cache's masks (SDPA's causal path, or none)
             return positions, attention_mask(self.lengths[self.rows[0]], t, window, device)
         keys = torch.arange(self._span, device=device)
@@ -193,9 +196,8 @@ class SlotCache(KVCache):
         rows, positions = self._rows[:, None], self._positions
         self.k[layer][rows, :, positions] = k.transpose(1, 2)
         self.v[layer][rows, :, positions] = v.transpose(1, 2)
-        if len(self.rows) == 1:  # a view, no copy: prefill and single-stream decode
-            r = self.rows[0]
-            return self.k[layer][r:r + 1, :, :self._span], self.v[layer][r:r + 1, :, :self._span]
+        if self._view is not None:
+            return self.k[layer][self._view, :, :self._span], self.v[layer][self._view, :, :self._span]
         return self.k[layer][self._rows, :, :self._span], self.v[layer][self._rows, :, :self._span]
 
     def advance(self, t: int) -> None:

@@ -154,7 +154,7 @@ class Engine:
         return self.model(x, cache=self.cache, last_only=last_only)[:, -1].float()
 
     def _decode(self) -> None:
-        seqs = list(self.running.values())
+        seqs = [self.running[slot] for slot in sorted(self.running)]  # slot order: the cache is read as a view
         logits = self._forward(seqs, [[s.last] for s in seqs])
         next(self.steps)
         for seq, row in zip(seqs, logits):
