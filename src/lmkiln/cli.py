@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args) -> None:
     from lmkiln.device import pick_device
-    from lmkiln.model.generate import stream
+    from lmkiln.model.generate import TextStream, stream
     from lmkiln.model.hub import generation_eos, load_model
     from lmkiln.tokenizer.chat import instruction_messages, render
     from lmkiln.tokenizer.train import load_tokenizer
@@ -176,18 +176,13 @@ def _generate(args) -> None:
     tok = load_tokenizer(args.model)
     text = render(instruction_messages(args.prompt), add_generation_prompt=True)[0] if args.chat else args.prompt
     prompt = tok.encode(text, add_special_tokens=False).ids
-    ids: list[int] = []
-    shown = ""
+    out = TextStream(tok)
     if not args.chat:
         sys.stdout.write(args.prompt)
     for token in stream(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, stop_ids=generation_eos(args.model), seed=args.seed):
-        ids.append(token)
-        decoded = tok.decode(ids)
-        if not decoded.endswith("\ufffd"):
-            sys.stdout.write(decoded[len(shown):])
-            sys.stdout.flush()
-            shown = decoded
+        sys.stdout.write(out.push(token))
+        sys.stdout.flush()
     sys.stdout.write("\n")
 
 

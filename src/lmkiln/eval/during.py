@@ -18,15 +18,16 @@ class TaskMonitor:
         cfg = recipe.eval.model_copy(update={"tasks": refs})
         self.tasks = [dataclasses.replace(t, max_examples=min(t.max_examples or max_examples, max_examples))
                       for t in icl_tasks(cfg)]
-        for task in self.tasks:  # a malformed line stops the run before any training
-            load_docs(task.path, task.kind)
+        # read once, here: a malformed line stops the run before any training, and validations reuse them
+        self.loaded = [load_docs(task.path, task.kind) for task in self.tasks]
         self.seed, self.add_bos = cfg.seed, cfg.add_bos
 
     def __call__(self, model: torch.nn.Module, tok) -> dict[str, float]:
         """Flat scores of the model as it is now; it is left in the mode it was in."""
         training = model.training
         with torch.no_grad():
-            results = {t.name: evaluate_task(model, tok, t, self.seed, self.add_bos) for t in self.tasks}
+            results = {t.name: evaluate_task(model, tok, t, self.seed, self.add_bos, loaded=docs)
+                       for t, docs in zip(self.tasks, self.loaded)}
         model.train(training)
         return flat_scores(results)
 

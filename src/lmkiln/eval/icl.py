@@ -229,8 +229,11 @@ def bias_scores(model, tok, docs: list[dict], batch_size: int = 16) -> dict:
             "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())}}
 
 
-def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = False, batch_size: int = 16) -> dict:
-    docs, kind = load_docs(task.path, task.kind)
+def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = False, batch_size: int = 16,
+                  loaded: tuple[list[dict], str] | None = None) -> dict:
+    """Score one task; `loaded` is load_docs' result when the file was already read (each model, each
+    validation would otherwise read it again)."""
+    docs, kind = loaded or load_docs(task.path, task.kind)
     if task.max_examples:
         docs = docs[:task.max_examples]
     if kind == "bias":

@@ -128,8 +128,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     cfg = recipe.eval
     device = pick_device(cfg.device)
     tasks = icl_tasks(cfg)
-    for task in tasks:  # every file checked before any model is loaded
-        load_docs(task.path, task.kind)
+    loaded = [load_docs(task.path, task.kind) for task in tasks]  # every file checked before any model loads
     generative = generative_tasks(recipe)
     examples = None
     if "docstrings" in cfg.tasks:
@@ -143,7 +142,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             raise UserError(f"eval.models: no model at '{path}'")
         name = names[ref]
         console.print(f"evaluating {name} ({path})")
-        model, tok = load_model(path, device), load_tokenizer(path)
+        model, tok, chat = load_model(path, device), load_tokenizer(path), ChatFormat(path)
         res: dict = {"path": str(path)}
         if "perplexity" in cfg.tasks:
             tokens = tokens_of(tok, _texts(recipe, run_dir), cfg.max_tokens)
@@ -152,16 +151,15 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
                                 f"than eval.seq_len={cfg.seq_len}")
             res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len, stride=cfg.stride)
         if examples is not None:
-            res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len,
-                                                   ChatFormat(path))
-        for task in tasks:
-            res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos)
+            res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens,
+                                                   recipe.finetune.max_seq_len, chat)
+        for task, docs in zip(tasks, loaded):
+            res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos, loaded=docs)
         for task_name, rows in generative.items():
             if "label" in rows[0]:
                 res[task_name] = score_labels(model, tok, rows, cfg.delimiter, cfg.add_bos)
             else:
-                res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len,
-                                               ChatFormat(path))
+                res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat)
         core = core_average({t.name: res[t.name] for t in tasks})
         if core is not None:
             res["icl"] = {"centered": core}

@@ -53,5 +53,26 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperatu
             logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
 
 
+class TextStream:
+    """Generated token ids to text as it grows, whole UTF-8 characters at a time: a byte-level token can
+    end inside a character, and its half would print as U+FFFD."""
+
+    def __init__(self, tok) -> None:
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def push(self, token: int) -> str:
+        """Add a token; the new text it completes ('' while a character is unfinished)."""
+        self.ids.append(token)
+        decoded = self.tok.decode(self.ids)
+        if decoded.endswith("\ufffd"):
+            return ""
+        delta, self.shown = decoded[len(self.shown):], decoded
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.tok.decode(self.ids)
+
+
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     return list(stream(model, prompt, max_new_tokens, **kwargs))

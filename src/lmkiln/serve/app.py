@@ -57,7 +57,6 @@ class Server:
             self.tok = load_tokenizer(self.model_dir)
             self.chat = ChatFormat(self.model_dir)
             self.stop_ids = frozenset(generation_eos(self.model_dir))
-            self.chat_stop_ids = self.stop_ids | ({self.chat.eos} if self.chat.eos is not None else set())
             adapters = AdapterSet(model) if self.adapter_dirs else None
             self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
             self.engine = Engine(model, self.max_batch, self.max_queue, self.context, adapters,
@@ -235,8 +234,7 @@ def create_app(model_dir: str | Path, device: str = "auto", name: str | None = N
 
     @app.exception_handler(Exception)
     async def _internal(request, exc):  # OpenAI's error shape even for bugs
-        return JSONResponse(status_code=500, content={"error": {"message": f"internal error: {exc}",
-                                                                "type": "server_error", "param": None, "code": None}})
+        return _error(ApiError(500, f"internal error: {exc}"))
 
     @app.get("/", include_in_schema=False)
     def page():
@@ -280,7 +278,7 @@ def create_app(model_dir: str | Path, device: str = "auto", name: str | None = N
         prompt = server.encode(text, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or server.engine.context
-        choices = start_choices(server, req, [prompt], server.chat_stop_ids, logprobs, max_tokens)
+        choices = start_choices(server, req, [prompt], server.chat.stop_ids, logprobs, max_tokens)
         return await _respond(server, request, req, choices, [prompt], chat=True)
 
     return app
@@ -368,7 +366,7 @@ async def _events(server, req, choices, head, usage, logprobs_of, chat) -> Async
                 choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
             yield event({**head, "choices": [choice]})
     except Exception as exc:
-        yield event({"error": {"message": f"internal error: {exc}", "type": "server_error", "param": None, "code": None}})
+        yield event(ApiError(500, f"internal error: {exc}").body())
         return
     if req.stream_options is not None and req.stream_options.include_usage:
         yield event({**head, "choices": [], "usage": usage()})

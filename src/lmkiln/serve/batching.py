@@ -57,7 +57,6 @@ class Sequence:
     slot: int = -1
     generated: int = 0
     last: int = 0  # the token fed to the next step
-    logits: torch.Tensor | None = None
     generator: torch.Generator | None = None
 
     def cancel(self) -> None:
@@ -116,9 +115,11 @@ class Engine:
                     if self.running:
                         self._decode()
             except Exception as exc:  # a bug must not leave clients waiting forever
-                for seq in list(self.running.values()) + list(self.waiting):
+                with self.wake:  # taken under the lock: a request submitted meanwhile is not dropped unanswered
+                    waiting = list(self.waiting)
+                    self.waiting.clear()
+                for seq in list(self.running.values()) + waiting:
                     self._finish(seq, f"error: {exc}")
-                self.waiting.clear()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.slot >= 0:
@@ -143,8 +144,7 @@ class Engine:
             if seq.sampling.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
             self.cache.lengths[seq.slot] = 0
-            seq.logits = self._forward([seq], [seq.prompt], last_only=True)[0]
-            self._sample(seq)
+            self._sample(seq, self._forward([seq], [seq.prompt], last_only=True)[0])
 
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
         self.cache.rows = [s.slot for s in seqs]
@@ -158,20 +158,19 @@ class Engine:
         logits = self._forward(seqs, [[s.last] for s in seqs])
         next(self.steps)
         for seq, row in zip(seqs, logits):
-            seq.logits = row
-            self._sample(seq)
+            self._sample(seq, row)
 
-    def _sample(self, seq: Sequence) -> None:
-        """Pick the next token from seq.logits, tell the owner, and retire the sequence when done."""
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Pick the next token from the sequence's logits, tell the owner, and retire it when done."""
         if seq.cancelled:
             return self._finish(seq, "cancelled")
         p = seq.sampling
-        token = sample_next(seq.logits, p.temperature, p.top_k, p.top_p, seq.generator)
+        token = sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator)
         if token in seq.stop_ids:
             return self._finish(seq, "stop")
         event = Token(token)
         if p.logprobs is not None:
-            logp = torch.log_softmax(seq.logits, -1)
+            logp = torch.log_softmax(logits, -1)
             event.logprob = float(logp[token])
             if p.logprobs > 0:
                 values, ids = logp.topk(p.logprobs)

@@ -222,6 +222,11 @@ class ChatFormat:
         cfg = json.loads(config.read_text()) if model_dir is not None and config.is_file() else {}
         eos = cfg.get("eos_token_id")
         self.bos, self.eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
+        from lmkiln.model.hub import generation_eos
+
+        # what ends a generated reply: generation_config's stop tokens and the template's end of turn
+        self.stop_ids = frozenset(generation_eos(model_dir) if model_dir is not None else []) | \
+            ({self.eos} if self.eos is not None else set())
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         if self.model_dir is None:
