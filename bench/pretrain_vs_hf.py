@@ -23,6 +23,7 @@ from lmkiln.device import autocast
 from lmkiln.model.hub import save_model
 from lmkiln.model.transformer import PRESETS, ModelArgs, Transformer
 from lmkiln.train.optim import make_optimizer
+from lmkiln.train.pretrain import next_token_loss
 from lmkiln.train.speed import device_peak, mfu
 
 REFERENCE = dict(hidden_size=384, num_layers=6, num_heads=6, num_kv_heads=6, intermediate_size=1024)
@@ -46,8 +47,7 @@ def build(args: argparse.Namespace):
 def make_steps(args, ours, hf, device):
     """One training step for each side; each returns its loss."""
     opt_ours = make_optimizer(ours, "adamw", 1e-3, 0.1)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
-                               fused=device.type == "cuda" or None)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     run_ours = torch.compile(ours) if args.compile else ours
     gen = torch.Generator().manual_seed(1)
 
@@ -58,8 +58,7 @@ def make_steps(args, ours, hf, device):
     def step_ours():
         x, y = batch()
         with autocast(device):
-            logits = run_ours(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = next_token_loss(run_ours, ours, x, y)  # what `kiln pretrain` computes
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt_ours.step()

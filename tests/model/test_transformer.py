@@ -3,7 +3,7 @@ import torch
 
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_model
-from lmkiln.model.transformer import KVCache, ModelArgs, Transformer
+from lmkiln.model.transformer import KVCache, ModelArgs, RMSNorm, Transformer, _RMSNorm
 
 
 def tiny(**kw) -> Transformer:
@@ -91,3 +91,31 @@ def test_sampling_is_seeded_and_respects_stops():
     assert a == b and len(a) == 10
     first = generate(model, [3, 4], 10, temperature=0.0)[0]
     assert generate(model, [3, 4], 10, temperature=0.0, stop_ids=[first]) == []
+
+
+def _hf_rms_norm(x, weight, eps):
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def test_rms_norm_gradient_is_exact():
+    """The hand-written backward of RMSNorm against autograd's, and against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(12, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(12, generator=g, dtype=torch.float64) + 0.5)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _RMSNorm.apply(a, w, 1e-5), (x, norm.weight))
+    upstream = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(norm(x), (x, norm.weight), upstream)
+    ref = torch.autograd.grad(_hf_rms_norm(x, norm.weight, 1e-5), (x, norm.weight), upstream)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours, ref))
+
+
+def test_rms_norm_in_bf16_matches_hf_numerics():
+    norm = RMSNorm(64, 1e-6)
+    x = (torch.randn(4, 64) * 3).to(torch.bfloat16).requires_grad_(True)
+    ours, ref = norm(x), _hf_rms_norm(x, norm.weight, 1e-6)
+    assert ours.dtype == ref.dtype and torch.equal(ours, ref)
+    up = torch.randn_like(ours)
+    assert torch.allclose(torch.autograd.grad(ours, x, up)[0].float(), torch.autograd.grad(ref, x, up)[0].float(), rtol=2e-2, atol=1e-2)

@@ -9,6 +9,7 @@ from lmkiln.train.linear_ce import linear_cross_entropy
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(linear_ce, "LOGITS_PER_CHUNK", 7 * 50)  # 7 rows a chunk: several chunks per call
+    monkeypatch.setattr(linear_ce, "MIN_CHUNK_ROWS", 1)
 
 
 def _inputs(train_weight: bool):
@@ -41,3 +42,20 @@ def test_without_gradients_it_only_scores():
     h, w, t = _inputs(False)
     with torch.no_grad():
         assert torch.allclose(linear_cross_entropy(h, w, t), F.cross_entropy(h @ w.t(), t, reduction="none"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_confident_wrong_rows_keep_their_exact_loss(dtype):
+    """Rows whose target probability underflows (losses in the hundreds) are scored from their logits."""
+    h, w, t = _inputs(True)
+    h = (h.detach() * 40).to(dtype).requires_grad_(True)
+    w = w.detach().to(dtype).requires_grad_(True)
+    loss = linear_cross_entropy(h, w, t)
+    want = F.cross_entropy(h @ w.t(), t, reduction="none")
+    assert want.max() > 200 and torch.isfinite(loss).all()
+    assert torch.allclose(loss, want, rtol=1e-5)
+    loss.mean().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want.mean().backward()
+    assert torch.allclose(gh, h.grad, atol=1e-5) and torch.allclose(gw, w.grad, atol=1e-5)

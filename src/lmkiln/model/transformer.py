@@ -96,11 +96,31 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 as HF does, so bf16 runs match its numerics.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
+        return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """HF's RMSNorm (normalised in fp32, so bf16 runs match its numerics) with its gradient written out:
+    autograd's chain through pow, mean, rsqrt and two products takes about twice the memory passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (xf * inv).to(x.dtype)
+        ctx.save_for_backward(normed, inv, weight)
+        return weight * normed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normed, inv, weight = ctx.saved_tensors
+        n = normed.to(inv.dtype)
+        g = grad.to(inv.dtype) * weight.to(inv.dtype)
+        # d/dx of x * inv(x) applied to g: (g - n * mean(g * n)) * inv
+        mean = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1) / n.shape[-1]
+        grad_x = torch.addcmul(g, n, mean, value=-1).mul_(inv).to(normed.dtype)
+        grad_w = (grad * normed).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
 
 
 ROPE_SCALINGS = ("default", "linear", "llama3")
@@ -127,17 +147,18 @@ def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tenso
 
 def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, each angle twice (the halves HF's layout rotates
+    together); the first half of sin is negated, so `apply_rope` needs no negation."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
     inv_freq = scaled_inv_freq(inv_freq, scaling)
     freqs = positions.float()[..., None] * inv_freq  # positions (T,) or (B, T) for packed rows
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+    """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): the swap of halves is a
+    roll and its sign is in `sin`, three passes over x where the textbook form takes five."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
 
 
 class KVCache:

@@ -79,11 +79,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") and not hasattr(model, "args") else model
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """FSDP2: parameters are whole only inside the model's own forward and backward."""
+    return hasattr(model, "set_requires_gradient_sync")
+
+
 def grad_sync(model: nn.Module, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
     if hasattr(model, "no_sync") and not sync:
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if is_sharded(model):
         model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 

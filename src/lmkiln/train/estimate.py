@@ -2,8 +2,8 @@
 
 Activation memory is not guessed from a formula: one forward pass of the real model runs on the meta
 device (no memory is allocated) while a `saved_tensors_hooks` pack hook adds up every tensor autograd
-keeps for the backward pass. On top of that: weights, gradients, optimizer state, and the logits (held
-by the loss, then two logits-sized gradient buffers at the start of the backward pass).
+keeps for the backward pass. On top of that: weights, gradients, optimizer state, and the loss's head
+(`head_loss_bytes`: a chunk of logits at a time, or whole logits under FSDP).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ ALLOCATOR_OVERHEAD = 1.15  # temporaries and allocator slack: the mean under-cou
 EFFICIENCY = {"cpu": 0.6, "cuda": 0.4}  # assumed share of peak FLOP/s, for the time estimate
 
 
-def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1) -> int:
+def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head: bool = True) -> int:
     """Bytes autograd saves for backward in one forward pass of a (batch, seq_len) micro-batch of a
-    model built on the meta device. With gradient checkpointing, what it keeps is each block's input."""
+    model built on the meta device (`head=False`: up to the final norm, for a loss that runs the head
+    itself). With gradient checkpointing, what it keeps is each block's input."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -38,8 +39,10 @@ def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1) -> i
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = torch.zeros(batch * pairs, seq_len, dtype=torch.long, device="meta")
-        logits = model(x)
-        F.cross_entropy(logits.float().flatten(0, 1), x.flatten())
+        if head:
+            F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        else:
+            model(x, hidden_only=True)
     kept = sum(storages.values())
     if getattr(model, "gradient_checkpointing", False):
         args = model.args
@@ -47,10 +50,23 @@ def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1) -> i
     return kept
 
 
-def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int) -> int:
+def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int, head: bool = True) -> int:
     with torch.device("meta"):
         model = Transformer(args)
-    return saved_bytes(model, batch, seq_len)
+    return saved_bytes(model, batch, seq_len, head=head)
+
+
+def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
+    """Memory of the LM head's loss in a training step. Whole logits: the logits held by the loss, then
+    two logits-sized gradient buffers. Chunked (train/linear_ce.py): one chunk of logits, the head's
+    weight gradient computed in the forward pass and its scaled copy, and the hidden states with their
+    gradient and its scaled copy."""
+    if not chunked:
+        return 3 * tokens * args.vocab_size * 4
+    from lmkiln.train.linear_ce import _chunk_rows
+
+    chunk = min(tokens, _chunk_rows(args.vocab_size)) * args.vocab_size * 4
+    return chunk + 2 * args.vocab_size * args.hidden_size * 4 + 3 * tokens * args.hidden_size * 4
 
 
 def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> dict:
@@ -103,9 +119,10 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     grads = weights
     optim = optimizer_bytes(args, cfg.optimizer)
     act_scale = 0.5 if dev.type == "cuda" else 1.0  # bf16 activations under autocast
-    activations = int(saved_activation_bytes(args, cfg.batch_size, cfg.seq_len) * act_scale)
-    logits = cfg.batch_size * cfg.seq_len * args.vocab_size * 4
-    total = int(((weights + grads + optim) / shard + activations + 3 * logits) * ALLOCATOR_OVERHEAD)
+    chunked = not (world > 1 and cfg.strategy == "fsdp")  # as pretrain.next_token_loss decides
+    activations = int(saved_activation_bytes(args, cfg.batch_size, cfg.seq_len, head=not chunked) * act_scale)
+    logits = head_loss_bytes(args, cfg.batch_size * cfg.seq_len, chunked)
+    total = int(((weights + grads + optim) / shard + activations + logits) * ALLOCATOR_OVERHEAD)
     accum = _grad_accum(recipe, world)
     tokens_per_step = cfg.batch_size * cfg.seq_len * accum * world
     flops = args.flops_per_token(cfg.seq_len) * tokens_per_step / world
@@ -115,7 +132,7 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
         "parameters": args.num_params(), "flops_per_token": args.flops_per_token(cfg.seq_len),
         "device": str(dev), "world_size": world, "strategy": cfg.strategy if world > 1 else "single",
         "memory_bytes": {"weights": weights // shard, "gradients": grads // shard, "optimizer": optim // shard,
-                         "activations": activations, "logits": 3 * logits, "total": total},
+                         "activations": activations, "logits": logits, "total": total},
         "tokens_per_step": tokens_per_step, "seconds_per_step": seconds,
         "tokens_per_s": tokens_per_step / seconds if seconds else None,
         "run_hours": seconds * cfg.max_steps / 3600 if seconds else None, "peak_source": source,

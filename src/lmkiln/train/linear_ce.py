@@ -14,31 +14,49 @@ from __future__ import annotations
 
 import torch
 
-LOGITS_PER_CHUNK = 2**24  # chunk rows x vocabulary: 64 MB of float32 logits at a time
+LOGITS_PER_CHUNK = 2**24  # chunk rows x vocabulary: 64 MB of float32 logits at a time...
+MIN_CHUNK_ROWS = 1024  # ...but never fewer rows: each chunk adds its V x D gradient into W's, and thin
+# chunks make that pass, and the head's matrix products, the slow part
 
 
 def _chunk_rows(vocab: int) -> int:
-    return max(1, LOGITS_PER_CHUNK // vocab)
+    return max(MIN_CHUNK_ROWS, LOGITS_PER_CHUNK // vocab)
 
 
 def _loss_dtype(h: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, torch.float32)  # half-precision logits are scored in float32
 
 
-def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None,
-                 want_h: bool = True, want_w: bool = False):
-    """Losses of one chunk, and d(sum of scaled losses)/dh and /dW."""
+def _chunk_losses(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     logits = (h @ weight.t()).to(_loss_dtype(h))
-    lse = logits.logsumexp(-1)
-    loss = lse - logits.gather(1, target[:, None]).squeeze(1)
-    if not (want_h or want_w):
-        return loss, None, None
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax in place of the logits
-    probs[torch.arange(len(target), device=target.device), target] -= 1
+    return logits.logsumexp(-1) - logits.gather(1, target[:, None]).squeeze(1)
+
+
+def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None,
+                 grad_h: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
+    """Losses of one chunk. Writes d(sum of scaled losses)/dh into `grad_h` and adds d/dW to `grad_w`."""
+    rows = torch.arange(len(target), device=target.device)
+    probs = (h @ weight.t()).to(_loss_dtype(h))
+    # one row-wise softmax pass (each row stays in cache) instead of logsumexp, subtract and exp: the loss
+    # is -log p[target], exact to float rounding while p[target] is a normal float
+    torch.softmax(probs, -1, out=probs)
+    picked = probs[rows, target]
+    loss = -picked.log()
+    lost = picked < 1e-30  # softmax underflowed (a loss over ~69): score those rows from their logits
+    if bool(lost.any()):
+        loss[lost] = _chunk_losses(h[lost], weight, target[lost])
+    probs[rows, target] = picked - 1
     if scale is not None:
         probs *= scale[:, None]
     probs = probs.to(h.dtype)
-    return loss, probs @ weight if want_h else None, probs.t() @ h if want_w else None
+    if grad_h is not None:
+        torch.mm(probs, weight, out=grad_h)
+    if grad_w is not None:
+        if grad_w.dtype == h.dtype:
+            grad_w.addmm_(probs.t(), h)
+        else:
+            grad_w += probs.t() @ h
+    return loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -50,12 +68,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device) if want_w else None
         for s in range(0, len(target), rows):
-            loss, gh, gw = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None, want_h, want_w)
-            losses[s:s + rows] = loss
-            if want_h:
-                grad_h[s:s + rows] = gh
-            if want_w:
-                grad_w += gw
+            losses[s:s + rows] = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None,
+                                              grad_h[s:s + rows] if want_h else None, grad_w)
         ctx.save_for_backward(hidden, weight, target, grad_h, grad_w)
         return losses
 
@@ -68,9 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = _chunk_rows(weight.shape[0])
             grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device)
             for s in range(0, len(target), rows):
-                _, _, gw = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows],
-                                        grad_losses[s:s + rows], want_h=False, want_w=True)
-                grad_w += gw
+                _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], grad_losses[s:s + rows], None, grad_w)
         elif want_w:
             grad_w = grad_w * grad_losses[0]
         gh = (grad_h * grad_losses[:, None].to(grad_h.dtype)) if want_h else None
@@ -85,5 +97,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, target)
     rows = _chunk_rows(weight.shape[0])
-    return torch.cat([_chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None, False, False)[0]
+    return torch.cat([_chunk_losses(hidden[s:s + rows], weight, target[s:s + rows])
                       for s in range(0, len(target), rows)]) if len(target) else hidden.new_zeros(0)

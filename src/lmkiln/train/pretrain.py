@@ -27,6 +27,7 @@ from lmkiln.tokenizer.encode import open_shard
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
+from lmkiln.train.linear_ce import linear_cross_entropy
 from lmkiln.train.metrics import MetricsLog, plot_curves, read_metrics
 from lmkiln.train.optim import cosine_lr, make_optimizer, set_lr, wsd_lr
 from lmkiln.train.speed import device_peak, mfu
@@ -69,6 +70,20 @@ def batch_at(tokens: np.ndarray, seed: int, step: int, micro: int, batch: int, s
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def next_token_loss(run: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of every next token; `run` is what runs the forward (maybe compiled), `model` what
+    owns the parameters. The LM head runs inside the loss a chunk of rows at a time (train/linear_ce.py):
+    the tokens x vocabulary logits are never whole in memory, the softmax and both head gradients are
+    taken while a chunk is in cache, and the step is faster for it. Under FSDP the head's weight is whole
+    only inside the model's own forward, so there the model runs its head."""
+    if dist.is_sharded(model):
+        return F.cross_entropy(run(x).float().flatten(0, 1), y.flatten(), reduction=reduction)
+    hidden = run(x, hidden_only=True)
+    losses = linear_cross_entropy(hidden.flatten(0, 1), dist.unwrap(model).lm_head.weight, y.flatten())
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
 @torch.no_grad()
 def val_loss(model, tokens: np.ndarray, seq_len: int, batches: int, batch: int, ctx: dist.DistContext) -> float:
     """Mean loss over fixed evenly spaced windows of the validation tokens, split across ranks."""
@@ -81,8 +96,7 @@ def val_loss(model, tokens: np.ndarray, seq_len: int, batches: int, batch: int, 
         chunk = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch]]).astype(np.int64))
         x, y = chunk[:, :-1].to(ctx.device), chunk[:, 1:].to(ctx.device)
         with autocast(ctx.device):
-            logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            total += next_token_loss(model, model, x, y, reduction="sum").item()
         count += y.numel()
     model.train()
     total, count = dist.all_sum([total, count], ctx)
@@ -301,8 +315,7 @@ class _Loop:
         for micro, (x, y) in enumerate(self.batches(step)):
             x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
             with dist.grad_sync(self.model, micro == self.accum - 1), autocast(ctx.device):
-                logits = self.step_model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = next_token_loss(self.step_model, self.model, x, y)
                 (loss / self.accum).backward()
             loss_sum += loss.item()
         loss_val = dist.all_mean(loss_sum / self.accum, ctx)
