@@ -6,7 +6,7 @@ a last line of key=value figures. Writes nothing.
 
     python bench/pretrain_vs_hf.py                  # the 16.9M-parameter reference shape, fp32 on CPU
     python bench/pretrain_vs_hf.py --compile        # lmkiln with torch.compile (the `pretrain.compile` option)
-    python bench/pretrain_vs_hf.py --device cuda --dtype bf16 --preset small --seq 1024 --batch 16
+    python bench/pretrain_vs_hf.py --device cuda --preset small --seq 1024 --batch 16   # bf16 autocast on GPU
 """
 
 from __future__ import annotations

@@ -119,3 +119,20 @@ def test_rms_norm_in_bf16_matches_hf_numerics():
     assert ours.dtype == ref.dtype and torch.equal(ours, ref)
     up = torch.randn_like(ours)
     assert torch.allclose(torch.autograd.grad(ours, x, up)[0].float(), torch.autograd.grad(ref, x, up)[0].float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (2, 8, 24), (4, 5, 24)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_few_rows_path_equals_f_linear(shape, bias):
+    """Decode-sized inputs take the row-block product; more rows, or gradients, take F.linear."""
+    from lmkiln.model.transformer import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 36, bias=bias)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.shape == (*shape[:-1], 36)
+    assert torch.allclose(got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    layer(x).sum().backward()  # with gradients on, the ordinary path
+    assert layer.weight.grad is not None

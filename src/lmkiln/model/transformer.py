@@ -89,6 +89,26 @@ class ModelArgs:
         return asdict(self)
 
 
+FEW_ROWS = 16  # up to this many input rows (decode steps), Linear on CPU takes the row-block path
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and names), with a faster path for a few input rows on CPU, which is
+    every decode step: MKL runs such a product as a matrix-vector kernel at about 7 GB/s on one core,
+    while the same product as a batched one over row blocks of the weight streams it 1.5-3x faster.
+    Each output is still one dot product, so values agree with F.linear to float rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, (out, inp) = x.numel() // x.shape[-1], self.weight.shape
+        parts = max(2, torch.get_num_threads())
+        if rows > FEW_ROWS or x.device.type != "cpu" or out % parts or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, inp)
+        y = torch.bmm(self.weight.view(parts, out // parts, inp), flat.t().expand(parts, inp, rows))
+        y = y.view(out, rows).t().reshape(*x.shape[:-1], out)
+        return y if self.bias is None else y + self.bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -96,7 +116,11 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+        # nothing to differentiate (generation): the plain form, without autograd.Function's bookkeeping
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -270,10 +294,10 @@ class Attention(nn.Module):
         super().__init__()
         self.args, self.layer = args, layer
         hd = args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * hd, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.num_heads * hd, args.hidden_size, bias=False)
+        self.q_proj = Linear(args.hidden_size, args.num_heads * hd, bias=args.qkv_bias)
+        self.k_proj = Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.v_proj = Linear(args.hidden_size, args.num_kv_heads * hd, bias=args.qkv_bias)
+        self.o_proj = Linear(args.num_heads * hd, args.hidden_size, bias=False)
         if args.qk_norm:  # Qwen3: RMSNorm over each head's query and key, before RoPE
             self.q_norm = RMSNorm(hd, args.norm_eps)
             self.k_norm = RMSNorm(hd, args.norm_eps)
@@ -307,9 +331,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -342,7 +366,7 @@ class Transformer(nn.Module):
         self.args = args
         self.gradient_checkpointing = False
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
