@@ -1,7 +1,8 @@
 """Serving under load, and single-stream decode speed against transformers, in one run.
 
 1. Decode: the same model directory, greedy, batch 1, `--decode-tokens` new tokens from the same prompt:
-   lmkiln's KV-cache `generate` against transformers' `generate` (best of 3 each; the tokens must agree).
+   lmkiln's KV-cache `generate`, eager and with `compile=True` (compiled in the warm-up), against
+   transformers' `generate` (best of 3 each after a warm-up; the tokens must agree).
 2. Load: `kiln serve` in its own process on loopback, driven by the official `openai` client (async) at
    1, 4 and 16 concurrent streams, `--requests-per-stream` streamed requests per stream of `--max-tokens`
    tokens each. Prints time to first token p50/p95, aggregate tokens/s, errors and lost requests (a
@@ -54,8 +55,9 @@ def make_model(out: Path) -> Path:
     return out
 
 
-def decode_speed(model_dir: Path, n: int) -> tuple[float, float, bool]:
-    """(lmkiln tokens/s, transformers tokens/s, same tokens)."""
+def decode_speed(model_dir: Path, n: int, hf_static: bool = False) -> tuple[float, float, float, bool]:
+    """(lmkiln eager tokens/s, lmkiln compiled tokens/s, transformers tokens/s, same tokens all three).
+    `hf_static`: transformers with its own fast path, a static cache and its forward compiled."""
     import torch
     import transformers
 
@@ -81,11 +83,15 @@ def decode_speed(model_dir: Path, n: int) -> tuple[float, float, bool]:
     global WEIGHT_MB
     WEIGHT_MB = sum(p.numel() * p.element_size() for p in ours.parameters()) / 1e6
     ours_tps, ours_ids = best(lambda: generate(ours, prompt, n))
+    compiled_tps, compiled_ids = best(lambda: generate(ours, prompt, n, compile=True))  # warm-up compiles
     ids = torch.tensor([prompt])
+    extra = {"cache_implementation": "static"} if hf_static else {}
+    if hf_static:
+        theirs.forward = torch.compile(theirs.forward, fullgraph=True)
     with torch.no_grad():
         hf_tps, hf_out = best(lambda: theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                      pad_token_id=0)[0, len(prompt):].tolist())
-    return ours_tps, hf_tps, ours_ids == hf_out
+                                                      pad_token_id=0, **extra)[0, len(prompt):].tolist())
+    return ours_tps, compiled_tps, hf_tps, ours_ids == compiled_ids == hf_out
 
 
 def free_port() -> int:
@@ -141,15 +147,19 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the load test")
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--hf-static-compile", action="store_true",
+                    help="give transformers its fast path too: static cache, forward compiled (about 45 s more)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(Path(tmp) / "model")
-        ours, hf, same = decode_speed(model_dir, args.decode_tokens)
-        print(f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s, transformers "
-              f"{hf:,.1f} tok/s, ratio {ours / hf:.2f}; same tokens: {same}")
-        print(f"  both stream {WEIGHT_MB:.0f} MB of fp32 weights per token: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s, "
-              f"transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s of memory bandwidth")
+        ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
+        print(f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
+              f"{compiled:,.1f}), transformers{' (static cache, compiled)' if args.hf_static_compile else ''} "
+              f"{hf:,.1f} tok/s, ratio {ours / hf:.2f} (compiled {compiled / hf:.2f}); "
+              f"same tokens: {same}")
+        print(f"  each token streams {WEIGHT_MB:.0f} MB of fp32 weights: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s "
+              f"(compiled {WEIGHT_MB * compiled / 1e3:.1f}), transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s")
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench",

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--compile", action="store_true", help="compile the decode step first (tens of seconds; "
+                   "then faster per token, the same tokens)")
     _add_quiet(p)
 
     p = sub.add_parser("import", help="import a Hugging Face model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) "
@@ -180,7 +182,8 @@ def _generate(args) -> None:
     if not args.chat:
         sys.stdout.write(args.prompt)
     for token in stream(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_ids=generation_eos(args.model), seed=args.seed):
+                        top_p=args.top_p, stop_ids=generation_eos(args.model), seed=args.seed,
+                        compile=args.compile):
         sys.stdout.write(out.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")

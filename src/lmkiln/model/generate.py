@@ -6,7 +6,15 @@ from typing import Iterator
 
 import torch
 
-from lmkiln.model.transformer import KVCache, Transformer
+from lmkiln.model.transformer import KVCache, StaticKVCache, Transformer
+
+def _decode_step(model: Transformer) -> torch.nn.Module:
+    """The model compiled for one-token steps over a StaticKVCache: compiled on first use (tens of
+    seconds on CPU), then one call per token with no Python in between. Kept on the model itself, outside
+    its submodules (so not in its state_dict), and so never confused with another model's."""
+    if "_decode_step" not in model.__dict__:
+        object.__setattr__(model, "_decode_step", torch.compile(model, fullgraph=True))
+    return model.__dict__["_decode_step"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -30,8 +38,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, stop_ids: list[int] | None = None,
-           seed: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at a stop id (not yielded) or the length limits."""
+           seed: int | None = None, compile: bool = False) -> Iterator[int]:
+    """Yield new token ids one at a time; stops at a stop id (not yielded) or the length limits.
+    `compile`: decode steps run the compiled model over a whole-context static cache (same tokens)."""
     model.eval()
     device = next(model.parameters()).device
     limit = model.args.max_seq_len
@@ -41,7 +50,10 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperatu
         return
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     dtype = next(model.parameters()).dtype
-    cache = KVCache(model.args, 1, len(prompt) + max_new_tokens, device, dtype)
+    if compile:  # one cache length for every call, so the step compiles once per model
+        cache, step = StaticKVCache(model.args, 1, limit, device, dtype), _decode_step(model)
+    else:
+        cache, step = KVCache(model.args, 1, len(prompt) + max_new_tokens, device, dtype), model
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1]
     stops = set(stop_ids or [])
     for i in range(max_new_tokens):
@@ -50,7 +62,7 @@ def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperatu
             return
         yield token
         if i + 1 < max_new_tokens:
-            logits = model(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+            logits = step(torch.tensor([[token]], device=device), cache=cache)[0, -1]
 
 
 class TextStream:

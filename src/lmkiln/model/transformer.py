@@ -90,6 +90,7 @@ class ModelArgs:
 
 
 FEW_ROWS = 16  # up to this many input rows (decode steps), Linear on CPU takes the row-block path
+ROW_BLOCKS = max(2, torch.get_num_threads())  # ...with a block per core (bmm runs its batch in parallel)
 
 
 class Linear(nn.Linear):
@@ -100,8 +101,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, (out, inp) = x.numel() // x.shape[-1], self.weight.shape
-        parts = max(2, torch.get_num_threads())
-        if rows > FEW_ROWS or x.device.type != "cpu" or out % parts or torch.is_grad_enabled():
+        parts = ROW_BLOCKS
+        if rows > FEW_ROWS or not x.is_cpu or out % parts or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, inp)
         y = torch.bmm(self.weight.view(parts, out // parts, inp), flat.t().expand(parts, inp, rows))
@@ -209,6 +210,35 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose every decode step has the same shapes, for a compiled decode step (`generate(...,
+    compile=True)`): the position is a tensor, new keys/values are written by index, and attention runs
+    over the whole preallocated cache with a mask of the filled positions. Eager, it costs a little
+    more than KVCache (attention over `max_len` keys); compiled once, it runs with no Python per step."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device, dtype) -> None:
+        super().__init__(args, batch, max_len, device, dtype)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.keys = torch.arange(max_len, device=device)
+
+    def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.position + torch.arange(t, device=device)
+        allowed = self.keys[None, :] <= positions[:, None]
+        if window is not None:
+            allowed &= self.keys[None, :] > positions[:, None] - window
+        return positions, allowed
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = self.position + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self, t: int) -> None:
+        self.length += t
+        self.position.add_(t)
 
 
 class SlotCache(KVCache):
