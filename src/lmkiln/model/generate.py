@@ -8,6 +8,7 @@ import torch
 
 from lmkiln.model.transformer import KVCache, StaticKVCache, Transformer
 
+
 def _decode_step(model: Transformer) -> torch.nn.Module:
     """The model compiled for one-token steps over a StaticKVCache: compiled on first use (tens of
     seconds on CPU), then one call per token with no Python in between. Kept on the model itself, outside

@@ -101,11 +101,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, (out, inp) = x.numel() // x.shape[-1], self.weight.shape
-        parts = ROW_BLOCKS
-        if rows > FEW_ROWS or not x.is_cpu or out % parts or torch.is_grad_enabled():
+        if rows > FEW_ROWS or not x.is_cpu or out % ROW_BLOCKS or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, inp)
-        y = torch.bmm(self.weight.view(parts, out // parts, inp), flat.t().expand(parts, inp, rows))
+        blocks = self.weight.view(ROW_BLOCKS, out // ROW_BLOCKS, inp)
+        y = torch.bmm(blocks, x.reshape(rows, inp).t().expand(ROW_BLOCKS, inp, rows))
         y = y.view(out, rows).t().reshape(*x.shape[:-1], out)
         return y if self.bias is None else y + self.bias
 
@@ -119,9 +118,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
-        # nothing to differentiate (generation): the plain form, without autograd.Function's bookkeeping
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+        # nothing to differentiate (generation): without autograd.Function's bookkeeping
+        return self.weight * _rms_normed(x, self.variance_epsilon)[0]
+
+
+def _rms_normed(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x / rms(x) in x's dtype, computed in (at least) fp32 as HF does, and 1 / rms(x)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * inv).to(x.dtype), inv
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -130,9 +135,7 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        normed = (xf * inv).to(x.dtype)
+        normed, inv = _rms_normed(x, eps)
         ctx.save_for_backward(normed, inv, weight)
         return weight * normed
 
@@ -224,16 +227,12 @@ class StaticKVCache(KVCache):
         self.keys = torch.arange(max_len, device=device)
 
     def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self.position + torch.arange(t, device=device)
-        allowed = self.keys[None, :] <= positions[:, None]
-        if window is not None:
-            allowed &= self.keys[None, :] > positions[:, None] - window
-        return positions, allowed
+        self._positions = self.position + torch.arange(t, device=device)  # every layer's update writes here
+        return self._positions, visible_keys(self._positions, self.keys, window)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self.position + torch.arange(k.shape[2], device=k.device)
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        self.k[layer].index_copy_(2, self._positions, k)
+        self.v[layer].index_copy_(2, self._positions, v)
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:
@@ -261,11 +260,7 @@ class SlotCache(KVCache):
         self._view = slice(first, last + 1) if self.rows == list(range(first, last + 1)) else None
         if len(self.rows) == 1:  # one sequence: the plain cache's masks (SDPA's causal path, or none)
             return positions, attention_mask(self.lengths[self.rows[0]], t, window, device)
-        keys = torch.arange(self._span, device=device)
-        allowed = keys[None, None, :] <= positions[:, :, None]
-        if window is not None:
-            allowed &= keys[None, None, :] > positions[:, :, None] - window
-        return positions, allowed[:, None]  # (B, 1, t, span)
+        return positions, visible_keys(positions, torch.arange(self._span, device=device), window)[:, None]  # (B, 1, t, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, positions = self._rows[:, None], self._positions
@@ -293,11 +288,15 @@ def attention_mask(start: int, t: int, window: int | None, device) -> str | torc
             return CAUSAL
         if t == 1:
             return None
-    i = torch.arange(start, total, device=device)[:, None]
-    j = torch.arange(total, device=device)[None, :]
-    allowed = j <= i
+    return visible_keys(torch.arange(start, total, device=device), torch.arange(total, device=device), window)
+
+
+def visible_keys(positions: torch.Tensor, keys: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(..., len(keys)) bool: each query position sees the keys at or before it, and with a sliding
+    window only the last `window` of those (transformers' `kv > q - window` rule)."""
+    allowed = keys <= positions[..., None]
     if window is not None:
-        allowed &= j > i - window
+        allowed &= keys > positions[..., None] - window
     return allowed
 
 
@@ -313,10 +312,8 @@ def packed_positions(segments: torch.Tensor) -> torch.Tensor:
 def packed_mask(segments: torch.Tensor, window: int | None) -> torch.Tensor:
     """(B, 1, T, T) bool: causal, and only within the same example, so packed examples never see
     each other."""
-    t = segments.shape[1]
-    allowed = attention_mask(0, t, window, segments.device)
-    allowed = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril() if isinstance(allowed, str) else allowed
-    return ((segments[:, :, None] == segments[:, None, :]) & allowed)[:, None]
+    index = torch.arange(segments.shape[1], device=segments.device)
+    return ((segments[:, :, None] == segments[:, None, :]) & visible_keys(index, index, window))[:, None]
 
 
 class Attention(nn.Module):
