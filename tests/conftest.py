@@ -12,10 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from hypothesis import settings  # noqa: E402
+
 from lmkiln.config import load_recipe  # noqa: E402
 from lmkiln.log import set_quiet  # noqa: E402
 
 set_quiet(True)
+
+# Property tests: 200 examples of each in CI and by default; HYPOTHESIS_PROFILE=quick for a fast local pass.
+settings.register_profile("ci", max_examples=200, deadline=None, database=None)
+settings.register_profile("quick", max_examples=25, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def write_instructions(path: Path, n: int = 48) -> Path:

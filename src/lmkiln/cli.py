@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--models", nargs="+", metavar="MODEL",
                            help="model directories or stage names to compare (default: eval.models of the recipe)")
-            p.add_argument("--out", type=Path, help="with --models: also write eval.json and eval.md here")
+            p.add_argument("--out", type=Path, help="with --models: also write eval.json, eval.md and eval.png here "
+                           "(a new directory, or one lmkiln wrote; --force to add them beside other files)")
             p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
                            help="perplexity, docstrings, ICL task files (.jsonl: multiple choice, schema, language "
                            "modelling) or suite files (.yaml); same as eval.tasks=[...]")
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="an HF model directory, or a hub id (OWNER/NAME) where a network exists")
     p.add_argument("out", type=Path, help="the model directory to write")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
+                   "the files lmkiln writes (never the source itself)")
     _add_quiet(p)
 
     p = sub.add_parser("export", help="export a model: merge a LoRA adapter, change dtype, or write GGUF "
@@ -137,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: a transformers directory (default); gguf: model.gguf + Modelfile")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the model's)")
+    p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
+                   "the files lmkiln writes (never an input itself)")
     _add_quiet(p)
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, "
@@ -167,7 +172,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_sampling(args) -> None:
+    """The sampling flags of generate and chat, before any model loads."""
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: expected 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p {args.top_p}: expected a probability mass above 0 and at most 1")
+    if getattr(args, "top_k", 0) < 0:
+        raise UserError(f"--top-k {args.top_k}: expected 0 (all tokens) or more")
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens {args.max_tokens}: expected 1 or more")
+
+
+def check_model_dir(path: Path, what: str = "model") -> None:
+    if not (Path(path) / "config.json").is_file():
+        hint = " (it does not exist)" if not Path(path).exists() else " (no config.json)"
+        raise UserError(f"{what} '{path}' is not a model directory{hint}")
+
+
 def _generate(args) -> None:
+    check_sampling(args)
+    check_model_dir(args.model)
     from lmkiln.device import pick_device
     from lmkiln.model.generate import TextStream, stream
     from lmkiln.model.hub import generation_eos, load_model
@@ -189,9 +214,30 @@ def _generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def _bind(host: str, port: int):
+    """The listening socket, bound before the model loads: a busy port is a one-line error at once."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: expected 0 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                        f"stop what holds it or choose another port") from None
+    return sock
+
+
 def _serve(args) -> None:
-    if not (args.model / "config.json").is_file():
-        raise UserError(f"'{args.model}' is not a model directory (no config.json)")
+    check_model_dir(args.model)
     try:
         import uvicorn
     except ImportError:
@@ -210,16 +256,23 @@ def _serve(args) -> None:
         if not (Path(path) / "adapter_config.json").is_file():
             raise UserError(f"--adapter {name}: '{path}' has no adapter_config.json")
         adapters[name] = Path(path)
+    sock = _bind(args.host, args.port)
+    from lmkiln.log import console
+
+    host, port = sock.getsockname()[:2]
+    console.print(f"kiln serve: {args.model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)",
+                  soft_wrap=True)
     app = create_app(args.model, args.device, args.name, adapters, args.max_batch, args.max_queue, args.context,
                      args.api_key, args.cors, args.max_request_bytes, background=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+    server.run(sockets=[sock])
 
 
 def _chat(args) -> None:
     from lmkiln.serve.terminal import chat_loop
 
-    if not (args.model / "config.json").is_file():
-        raise UserError(f"'{args.model}' is not a model directory (no config.json)")
+    check_sampling(args)
+    check_model_dir(args.model)
     chat_loop(args.model, args.device, args.temperature, args.top_p, args.max_tokens, args.system, args.seed)
 
 
@@ -228,7 +281,7 @@ def _import(args) -> None:
     from lmkiln.model.checks import print_checks
     from lmkiln.model.importer import describe, import_model
 
-    checks = import_model(args.source, args.out, args.dtype)
+    checks = import_model(args.source, args.out, args.dtype, force=args.force)
     console.print(f"imported {args.source} -> {args.out}\n{describe(args.out)}\nchecks:")
     print_checks(checks)
 
@@ -238,22 +291,29 @@ def _export(args) -> None:
     from lmkiln.model.checks import print_checks
     from lmkiln.model.export import export_model
 
-    checks = export_model(args.model, args.out, merge=args.merge, base=args.base, fmt=args.format, dtype=args.dtype)
+    checks = export_model(args.model, args.out, merge=args.merge, base=args.base, fmt=args.format, dtype=args.dtype,
+                          force=args.force)
     console.print(f"exported {args.model} -> {args.out}\nchecks:")
     print_checks(checks)
 
 
 def _eval_models(args) -> None:
     from lmkiln.eval.stage import evaluate, print_table, write_results
-
+    from lmkiln.io import check_output_dir, output_dir
     from lmkiln.pipeline import check_recipe
+    from lmkiln.train.finetune import model_dir_of
 
     recipe = _load(args.recipe)
-    check_recipe(recipe, ["eval"])
-    results = evaluate(recipe, Path(recipe.run_dir), args.models)
+    recipe.eval.models = args.models
+    check_recipe(recipe, ["eval"])  # every model and task, before the first is scored
+    run_dir = Path(recipe.run_dir)
+    if args.out:
+        check_output_dir(args.out, [model_dir_of(run_dir, m) for m in args.models], args.force, "--out")
+    results = evaluate(recipe, run_dir, args.models)
     print_table(results)
     if args.out:
-        write_results(results, args.out)
+        with output_dir(args.out, "kiln eval") as tmp:
+            write_results(results, tmp)
 
 
 def dispatch(args) -> int:
@@ -323,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(args)
     except UserError as exc:
-        print(f"kiln: error: {exc}", file=sys.stderr)
+        # one line, whatever the message quotes (a value with a newline in it stays on it, escaped)
+        print("kiln: error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kiln: interrupted; run the same command again to resume", file=sys.stderr)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmkiln.errors import UserError
+from lmkiln.io import read_text
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*$")
 _SIZE_MULT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -264,6 +265,9 @@ class FinetuneConfig(Section):
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")
     eval_tasks: TrainingTasks = Field(default_factory=list, description=EVAL_TASKS_HELP)
     eval_tasks_max_examples: int = Field(100, gt=0, description="eval_tasks: documents scored from each task")
+    checkpoint_every: int = Field(100, gt=0, description="optimizer steps between resumable checkpoints (LoRA: the "
+                                  "adapter, full: the model; with the optimizer); a rerun continues from the last")
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept; all are removed once the run finishes")
     packing: bool = Field(False, description="several examples per row, each attending only to itself")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
     dpo_beta: float = Field(0.1, gt=0, description="dpo: how far the tuned model may move from the base")
@@ -371,12 +375,12 @@ def _describe(err: dict, origin: str) -> str:
         allowed = _allowed_keys(Recipe, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{origin}: unknown key '{key}'{hint} (allowed here: {', '.join(allowed)})"
+        return f"{origin}: unknown key {key!r}{hint} (allowed here: {', '.join(allowed)})"
     value = err.get("input")
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    return f"{origin}: bad value for '{key}': {value!r} ({msg})"
+    return f"{origin}: bad value for {key!r}: {value!r} ({msg})"
 
 
 def _set_path(tree: dict, dotted: str, value: Any, origin: str) -> None:
@@ -385,7 +389,7 @@ def _set_path(tree: dict, dotted: str, value: Any, origin: str) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise UserError(f"{origin}: cannot set '{dotted}': '{part}' is a value, not a section")
+            raise UserError(f"{origin}: cannot set {dotted!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -395,10 +399,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
-            raise UserError(f"override '{item}': expected KEY=VALUE, e.g. pretrain.max_steps=50")
+            raise UserError(f"override {item!r}: expected KEY=VALUE, e.g. pretrain.max_steps=50")
         key, raw = item.split("=", 1)
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
-            raise UserError(f"override '{item}': '{key}' is not a key path like pretrain.max_steps")
+            raise UserError(f"override {item!r}: {key!r} is not a key path like pretrain.max_steps")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
@@ -421,11 +425,12 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"recipe '{path}' does not exist")
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())  # a reader error spans lines
+        raise UserError(f"{path}{where}: not valid YAML ({problem})") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A mistake in the user's input: message says what, where (file, line, key) and what was expected."""
+
+
+class EncodingError(UserError):
+    """A text input that is not valid UTF-8; the message names the file, line and byte offset."""

@@ -10,6 +10,7 @@ skipped. The manifest is written last, so a killed stage is never taken as done.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -93,6 +94,7 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
     my_rank, world = rank()
     if world > 1 and name not in DISTRIBUTED_STAGES:
         raise UserError(f"stage '{name}' runs in one process: run `kiln {name}` without torchrun first")
+    existed = out.exists() and not force
     if my_rank == 0:  # under torchrun, rank 0 alone touches the stage folder; the others only read
         if force and out.exists():
             shutil.rmtree(out)
@@ -100,7 +102,12 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
         (out / MANIFEST).unlink(missing_ok=True)
     console.rule(f"[bold]{name}")
     timer = Timer()
-    metrics = module.build(recipe, run_dir, out)
+    try:
+        metrics = module.build(recipe, run_dir, out)
+    except Exception as exc:
+        if my_rank == 0:
+            _clear_failed(out, created=not existed, refused=isinstance(exc, UserError))
+        raise
     if my_rank != 0:
         return {"stage": name, "metrics": metrics, "rank": my_rank}
     manifest = {
@@ -121,12 +128,34 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
     return manifest
 
 
+def _clear_failed(out: Path, created: bool, refused: bool) -> None:
+    """A failed stage leaves no empty folder behind, nor a folder it made for a run that was refused
+    (a UserError); one holding checkpoints stays, for the next run to resume from."""
+    empty = not any(p.is_file() for p in out.rglob("*"))
+    if empty or (created and refused and not (out / "checkpoints").is_dir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def check_models(run_dir: Path, refs: list[str], key: str, finished: bool = False) -> None:
+    """Each model a verb will read: a model directory, or a stage name, whose final model must already
+    be there when `finished` (no stage of this run will make it)."""
+    for ref in refs:
+        path = stage_dir(run_dir, ref) / "final" if ref in STAGES else Path(ref)
+        if (ref in STAGES and not finished) or (path / "config.json").is_file():
+            continue
+        if ref in STAGES:
+            raise UserError(f"{key}: '{ref}' has no finished model in {run_dir} (no {path / 'config.json'}): "
+                            f"run `kiln {ref}` first or name a model directory")
+        why = "it does not exist" if not path.exists() else "no config.json"
+        raise UserError(f"{key}: '{ref}' is neither a stage name nor a model directory ({why})")
+
+
 def check_recipe(recipe: Recipe, stages: list[str]) -> None:
     """Cheap checks of everything a user could have mistyped, before any stage does work."""
     from lmkiln.data.sources import check
 
     if "data" in stages:
-        check(recipe.data.sources)
+        check(recipe.data.sources, recipe.data.on_error)
         for name in recipe.data.decontam.eval_files:
             if not Path(name).is_file():
                 raise UserError(f"data.decontam.eval_files: '{name}' does not exist")
@@ -134,9 +163,7 @@ def check_recipe(recipe: Recipe, stages: list[str]) -> None:
         from lmkiln.train.formats import check_source
 
         check_source(recipe.finetune.data)
-        base = recipe.finetune.base
-        if base not in STAGES and not (Path(base) / "config.json").is_file():
-            raise UserError(f"finetune.base: '{base}' is neither a stage name nor a model directory with config.json")
+        check_models(Path(recipe.run_dir), [recipe.finetune.base], "finetune.base", finished="pretrain" not in stages)
     for stage in ("pretrain", "finetune"):
         tasks = getattr(recipe, stage).eval_tasks
         if stage in stages and tasks:  # every task line read now, not at the first validation
@@ -144,18 +171,36 @@ def check_recipe(recipe: Recipe, stages: list[str]) -> None:
 
             TaskMonitor(tasks, recipe, getattr(recipe, stage).eval_tasks_max_examples)
     if "eval" in stages:
+        from lmkiln.eval.stage import check_task_refs
+
+        check_task_refs(recipe.eval)
+        will_run = [s for s in stages if s != "eval"]
         for model in recipe.eval.models:
-            if model not in STAGES and not (Path(model) / "config.json").is_file():
-                raise UserError(f"eval.models: '{model}' is neither a stage name nor a model directory with config.json")
+            check_models(Path(recipe.run_dir), [model], "eval.models", finished=model not in will_run)
         if recipe.eval.text != "val" and not Path(recipe.eval.text).is_file():
             raise UserError(f"eval.text: '{recipe.eval.text}' does not exist (expected 'val' or a text file)")
+        if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val" and "data" not in will_run:
+            upstream(Path(recipe.run_dir), "data")  # the held-out text perplexity reads
+
+
+@contextlib.contextmanager
+def _run_dir(path: Path):
+    """The run directory, made if needed, and removed again if a failed run left it empty."""
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if made and rank()[0] == 0 and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, dict]:
     stages = only or recipe.stages or list(STAGES)
     check_recipe(recipe, stages)
-    Path(recipe.run_dir).mkdir(parents=True, exist_ok=True)
-    results = {name: run_stage(name, recipe, force=force) for name in stages}
+    with _run_dir(Path(recipe.run_dir)):
+        results = {name: run_stage(name, recipe, force=force) for name in stages}
     if only is None and rank()[0] == 0:
         from lmkiln.eval.report import write_report
 
@@ -171,8 +216,8 @@ def stage_runner(name: str):
         if run_dir is not None:
             cfg = cfg.model_copy(update={"run_dir": Path(run_dir)})
         check_recipe(cfg, [name])
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        return run_stage(name, cfg, force=force)
+        with _run_dir(Path(cfg.run_dir)):
+            return run_stage(name, cfg, force=force)
 
     run.__name__ = "run"
     run.__doc__ = f"Run the {name} stage of a recipe in its run directory (skipped when up to date)."

@@ -50,14 +50,17 @@ def test_skip_policy_reports_and_goes_on(tmp_path):
     assert len(_texts([src], errors=errors)) == 2
     assert errors.messages[0].endswith("a.jsonl:2: not valid JSON (Expecting property name enclosed in double quotes)")
     assert any("b.parquet: not a readable Parquet file" in m for m in errors.messages)
-    assert any("c.txt: not valid UTF-8" in m for m in errors.messages)
+    assert any("c.txt:1: not valid UTF-8 at byte 0" in m for m in errors.messages)
     recipe = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.on_error=skip",
                                 "data.min_chars=10", "data.val_fraction=0"])
     stats = data.run(recipe)["metrics"]
     assert stats["docs_out"] == 2 and len(stats["skipped_input"]) == 3
+    with pytest.raises(UserError, match=r"c.txt:1: not valid UTF-8 at byte 0"):  # checked before any work
+        data.run(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", f"data.sources=[{src}]"]))
+    (src / "c.txt").unlink()
     with pytest.raises(UserError, match=r"a.jsonl:2: not valid JSON"):
         data.run(load_recipe(None, [f"run_dir={tmp_path / 'run2'}", f"data.sources=[{src}]"]))
-    assert not (tmp_path / "run2" / "data" / "manifest.json").exists()
+    assert not (tmp_path / "run2").exists()  # nothing left of a refused run
 
 
 PAGE = ("<html><head><title>Kilns</title><script>var tracking = 1;</script></head><body>"

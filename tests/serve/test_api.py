@@ -210,3 +210,36 @@ def test_serve_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
     assert main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--max-batch 0" in err and "no adapter_config.json" in err and "not a model directory" in err
+
+
+def test_kiln_serve_command_listens_where_told_and_answers(tiny_model, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:  # a free port, then let go of it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(tiny_model), "--port", str(port),
+                             "--name", "tiny"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                if health["status"] == "ok":
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert health and health["status"] == "ok", proc.stderr.read() if proc.poll() is not None else health
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"] == "tiny"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert f"at http://127.0.0.1:{port}/v1" in err

@@ -74,7 +74,9 @@ def test_fsdp_trains_checkpoints_and_resumes_on_one_rank(prepared, tmp_path):
     resumed.pretrain.strategy = "fsdp"
     manifest = run_pretrain(resumed)
     assert manifest["metrics"]["resumed_from"] == 3 and manifest["metrics"]["steps"] == 6
-    _assert_close(_weights(fsdp_dir), _weights(single.run_dir), atol=1e-5)
+    # Sharded reductions sum in another order: after Adam's normalisation that is up to ~1e-5 on the
+    # weights (1.03e-5 seen), where a wrong data position or optimizer state differs by 1e-3 or more.
+    _assert_close(_weights(fsdp_dir), _weights(single.run_dir), atol=3e-5)
 
 
 def test_ddp_finetune_two_ranks_equal_one_rank_with_double_accumulation(trained_run, tiny_recipe, tmp_path):

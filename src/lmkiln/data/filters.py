@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from lmkiln.data.clean import is_boilerplate
 from lmkiln.errors import UserError
+from lmkiln.io import read_text
 
 WORD_RE = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+")
 ALNUM_WORD_RE = re.compile(r"\w+(?:['’]\w+)*")
@@ -210,9 +210,9 @@ def load_blocklist(path: str) -> tuple[frozenset[str], re.Pattern | None]:
     """(blocked single words, one pattern for blocked phrases) from a file of one entry per line;
     blank lines and lines starting with # are ignored; matching ignores case."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"data.blocklist.file: cannot read '{path}' as UTF-8 text ({exc})") from None
+        lines = read_text(path).splitlines()
+    except OSError as exc:
+        raise UserError(f"data.blocklist.file: cannot read '{path}' ({exc.strerror})") from None
     entries = [line.strip().lower() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not entries:
         raise UserError(f"data.blocklist.file: '{path}' lists no words")

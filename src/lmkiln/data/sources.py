@@ -11,18 +11,21 @@ run with its name and line, or, with `on_error="skip"`, is reported, counted and
 from __future__ import annotations
 
 import csv
+import sys
 import glob
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from lmkiln.errors import UserError
+from lmkiln.errors import EncodingError, UserError
 from lmkiln.data.web import HTML_SUFFIXES, html_to_text, read_warc
-from lmkiln.io import base_suffix, iter_jsonl, open_bytes, open_text
+from lmkiln.io import base_suffix, check_utf8, iter_jsonl, open_bytes, read_text, text_lines
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
 RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".warc"} | HTML_SUFFIXES
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long reply or document is one field, not an error
 
 
 @dataclass
@@ -66,7 +69,9 @@ class Errors:
         self.messages.append(message)
 
 
-def check(sources: list[str]) -> None:
+def check(sources: list[str], on_error: str = "fail") -> None:
+    """Every source exists; with on_error=fail, every text file is valid UTF-8, before any work (HTML and
+    WARC pages carry their own encodings; Parquet is binary)."""
     for source in sources:
         if source.startswith("hf:"):
             hf_spec(source)
@@ -74,7 +79,9 @@ def check(sources: list[str]) -> None:
             if source not in BUILTINS:
                 raise UserError(f"data source '{source}' is not a builtin (known: {', '.join(BUILTINS)})")
         else:
-            expand(source)
+            for path in expand(source):
+                if on_error == "fail" and base_suffix(path) in TEXT_SUFFIXES | {".jsonl", ".json", ".csv", ".tsv"}:
+                    check_utf8(path)
 
 
 def _read_jsonl(path: Path, field: str, errors: Errors) -> Iterator[Document]:
@@ -87,10 +94,12 @@ def _read_jsonl(path: Path, field: str, errors: Errors) -> Iterator[Document]:
 
 def _read_json(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     try:
-        with open_text(path) as fh:
-            records = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        errors(f"{path}: not valid JSON ({exc})")
+        records = json.loads(read_text(path))
+    except EncodingError as exc:
+        errors(str(exc))
+        return
+    except json.JSONDecodeError as exc:
+        errors(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})")
         return
     if not isinstance(records, list):
         errors(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
@@ -142,8 +151,8 @@ def _read_hf(source: str, field: str, errors: Errors) -> Iterator[Document]:
 
 def _read_csv(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     delimiter = "\t" if base_suffix(path) == ".tsv" else ","
-    with open_text(path) as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
+    reader = csv.DictReader((line for _, line in text_lines(path)), delimiter=delimiter)
+    try:
         if field not in (reader.fieldnames or []):
             errors(f"{path}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])})")
             return
@@ -153,6 +162,10 @@ def _read_csv(path: Path, field: str, errors: Errors) -> Iterator[Document]:
                 errors(f"{path}:{reader.line_num}: row has no value for '{field}'")
                 continue
             yield Document(id=f"{path}:{reader.line_num}", source=str(path), group=f"{path}:{reader.line_num}", text=text)
+    except EncodingError as exc:  # the rows before it are kept; the rest of the file is skipped
+        errors(f"{exc}; the rest of the file is skipped")
+    except csv.Error as exc:
+        errors(f"{path}:{reader.line_num}: not valid CSV ({exc})")
 
 
 def _read_parquet(path: Path, field: str, errors: Errors) -> Iterator[Document]:
@@ -176,10 +189,9 @@ def _read_parquet(path: Path, field: str, errors: Errors) -> Iterator[Document]:
 
 def _read_text(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     try:
-        with open_text(path) as fh:
-            text = fh.read()
-    except UnicodeDecodeError as exc:
-        errors(f"{path}: not valid UTF-8 (byte {exc.start} of a read block)")
+        text = read_text(path)
+    except EncodingError as exc:
+        errors(str(exc))
         return
     yield Document(id=str(path), source=str(path), group=str(path), text=text)
 

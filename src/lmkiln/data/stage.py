@@ -27,6 +27,7 @@ from lmkiln.data.executor import map_shards
 from lmkiln.data.shards import SAMPLE_CHARS, process_shard, signature_rows
 from lmkiln.data.split import is_heldout
 from lmkiln.data.stats import Tally, load_pyplot, plot_removals, print_stats
+from lmkiln.errors import UserError
 from lmkiln.io import atomic_path, sha256_json, write_json, write_text
 from lmkiln.log import console, progress
 
@@ -125,6 +126,22 @@ def _process(recipe: Recipe, work: Path, errors: sources.Errors) -> tuple[list[P
     return files, reused
 
 
+def _check_splits(stats: dict, cfg) -> None:
+    """An empty training or validation split stops the stage here, naming why, rather than the stage
+    after it."""
+    removed = ", ".join(f"{r} {c['docs']:,}" for r, c in stats["removed"].items() if c["docs"])
+    why = f"{stats['docs_in']:,} documents in" + (f", removed: {removed}" if removed else "")
+    if not stats["train_docs"] and not stats["val_docs"]:
+        raise UserError(f"data: no documents left ({why}); check data.sources, data.text_field and the filters "
+                        f"(data.min_chars={cfg.min_chars})")
+    if not stats["train_docs"]:
+        raise UserError(f"data: the training split is empty ({why}; {stats['val_docs']:,} held out by "
+                        f"data.val_fraction={cfg.val_fraction}); add documents or lower data.val_fraction")
+    if not stats["val_docs"] and cfg.val_fraction > 0:
+        raise UserError(f"data: the validation split is empty ({why}; {stats['train_docs']:,} kept, split by document "
+                        f"group at data.val_fraction={cfg.val_fraction}); add documents or raise data.val_fraction")
+
+
 def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
     """One ordered pass over the work shards: exact and near dedup across all of them, splits, outputs."""
     cfg = recipe.data
@@ -165,6 +182,7 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
                 split = "val" if is_heldout(row["group"], cfg.val_fraction) else "train"
                 writers[split].add(row["id"], row["source"], row["text"])
                 tally.add_kept(row["origin"], split, len(row["text"].encode("utf-8")))
+    _check_splits(tally.result(), cfg)
     for w in writers.values():
         w.flush()
     if cfg.decontam.eval_files and cfg.decontam.action == "flag":

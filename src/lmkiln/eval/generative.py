@@ -68,7 +68,8 @@ def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict],
         samples.append({"id": ex["id"], "input": ex.get("input") or messages_of(ex)[-2]["content"],
                         "reference": reference, "generated": text, **{k: round(v, 4) for k, v in scores.items()}})
     n = max(len(examples), 1)
-    return {"reply_loss": round(nats / max(count, 1), 5), **{k: round(totals[k] / n, 5) for k in
+    # no reference that fits in max_len has no loss to report (not a loss of 0)
+    return {"reply_loss": round(nats / count, 5) if count else None, "reply_tokens": count, **{k: round(totals[k] / n, 5) for k in
             ("exact_match", "token_f1", "rouge_l")}, "examples": len(examples), "samples": samples}
 
 

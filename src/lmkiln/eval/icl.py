@@ -37,6 +37,7 @@ import torch
 
 from lmkiln.device import autocast
 from lmkiln.errors import UserError
+from lmkiln.io import text_lines
 from lmkiln.tokenizer.train import special_ids
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
@@ -101,19 +102,18 @@ def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], st
     if not path.is_file():
         raise UserError(f"eval task file '{path}' does not exist")
     docs = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                if not isinstance(doc, dict):
-                    raise ValueError("expected a JSON object")
-                kind = kind or _kind_of(doc)
-                _check(doc, kind)
-            except (json.JSONDecodeError, ValueError) as exc:
-                raise UserError(f"{path}:{n}: {exc}") from None
-            docs.append(doc)
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            if not isinstance(doc, dict):
+                raise ValueError("expected a JSON object")
+            kind = kind or _kind_of(doc)
+            _check(doc, kind)
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise UserError(f"{path}:{n}: {exc}") from None
+        docs.append(doc)
     if not docs:
         raise UserError(f"{path}: no documents")
     return docs, kind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from lmkiln.io import read_manifest, write_text
@@ -43,9 +44,9 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
     out = [f"## {title}", ""]
     if stage == "pretrain":
         out.append(f"{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, {m['tokens_seen']:,} tokens, "
-                   f"{m['tokens_per_s']} tokens/s on {m['device']}"
+                   f"{m['tokens_per_s']:,.0f} tokens/s on {m['device']}"
                    + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "") + f", {manifest['wall_time_s']:.0f} s. "
-                   f"Final train loss {m['final_loss']}, validation loss {m['val_loss']}.")
+                   f"Final train loss {m['final_loss']:.4f}, validation loss {_f4(m['val_loss'])}.")
     else:
         out += _finetune_lines(m, manifest)
     if (run_dir / stage / "loss.png").exists():
@@ -65,15 +66,15 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     if task == "classify":
         out += ["| validation | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|",
                 f"| majority class | {m['majority_accuracy']:.1%} | | |",
-                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base} |",
-                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.3f} | {best} |"]
+                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base:.4f} |",
+                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.4f} | {best:.4f} |"]
     elif task == "dpo":
         out += ["| validation | DPO loss | reward accuracy | reward margin |", "|---|---:|---:|---:|",
-                f"| base (the reference) | {base} | {m['base_val_reward_accuracy']:.1%} | 0 |",
-                f"| tuned | {best} | {m['val_reward_accuracy']:.1%} | {m['val_reward_margin']} |"]
+                f"| base (the reference) | {base:.4f} | {m['base_val_reward_accuracy']:.1%} | {0:.4f} |",
+                f"| tuned | {best:.4f} | {m['val_reward_accuracy']:.1%} | {m['val_reward_margin']:.4f} |"]
     else:
         out += ["| validation | reply loss | perplexity |", "|---|---:|---:|",
-                f"| base | {base} | {math.exp(base):,.1f} |", f"| tuned | {best} | {math.exp(best):,.1f} |"]
+                f"| base | {base:.4f} | {math.exp(base):,.1f} |", f"| tuned | {best:.4f} | {math.exp(best):,.1f} |"]
     if m.get("overfit_warning"):
         out += ["", "Warning: validation loss rose while training loss fell (overfitting)."]
     if m.get("skipped_rows"):
@@ -92,18 +93,44 @@ def _eval_section(run_dir: Path) -> list[str]:
            "Held-out loss: nats per token on the held-out text; bits/byte: the same per UTF-8 byte, comparable "
            "across tokenizers. Docstring loss: nats per token of the reference docstrings of functions in "
            "held-out modules; ROUGE-L: F1 of the greedy generated docstring against the reference.", ""]
+    if (run_dir / "eval" / "eval.png").exists():
+        out += ["![every score, a bar per model](eval/eval.png)", ""]
     with_samples = {k: v["docstrings"]["samples"] for k, v in results.items() if "docstrings" in v}
     if with_samples:
-        out += ["## Sample generations (held-out modules)", ""]
+        out += ["## Sample generations (held-out modules)", ""] + _size_note(run_dir)
         names = list(with_samples)
         for i in range(min(3, len(with_samples[names[0]]))):
             first = with_samples[names[0]][i]
-            out += [f"### `{first['id']}`", "", "```python", first["input"], "```", "",
-                    f"- **reference**: {first['reference']}"]
-            out += [f"- **{n}** (ROUGE-L {with_samples[n][i]['rouge_l']:.2f}): {with_samples[n][i]['generated'] or '(empty)'}"
-                    for n in names]
-            out.append("")
+            out += [f"### `{first['id']}`", "", fenced(first["input"], "python"), "", "**reference**", "",
+                    fenced(first["reference"]), ""]
+            for n in names:
+                sample = with_samples[n][i]
+                out += [f"**{n}** (ROUGE-L {sample['rouge_l']:.4f})", "", fenced(sample["generated"] or "(empty)"), ""]
     return out
+
+
+def _size_note(run_dir: Path) -> list[str]:
+    """One honest sentence on what samples from a small model can show."""
+    manifest = read_manifest(run_dir / "pretrain")
+    if not manifest or manifest["metrics"]["parameters"] >= 100e6:
+        return []
+    m = manifest["metrics"]
+    return [f"These models have {m['parameters'] / 1e6:.1f}M parameters and were pretrained on "
+            f"{m['tokens_seen']:,} tokens: at that size greedy decoding falls into repeating frequent phrases, so "
+            f"the samples show the form fine-tuning taught (one summary sentence in the docstring's voice), and "
+            f"the losses above, not the samples, measure how much it learned.", ""]
+
+
+def fenced(text: str, lang: str = "text") -> str:
+    """`text` as a fenced code block whose fence is longer than any backtick run inside it, so a line
+    starting with # or a blank line in a generation stays text, not Markdown."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def _f4(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
 def write_report(run_dir: Path, skip_if_current: bool = True) -> Path:

@@ -10,7 +10,7 @@ from lmkiln.config import STAGES, Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.device import pick_device
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_path, sha256_file, write_json, write_text
+from lmkiln.io import atomic_path, read_text, sha256_file, write_json, write_text
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
 from lmkiln.pipeline import stage_dir, upstream
@@ -59,6 +59,28 @@ def icl_tasks(cfg) -> list:
     return tasks
 
 
+def gen_ref(ref: str) -> tuple[str, str]:
+    """`gen:FILE[@SPLIT]` -> (file, split), both checked."""
+    path, _, split = ref[len("gen:"):].partition("@")
+    if split not in ("", "train", "val", "test"):
+        raise UserError(f"eval.tasks: '{ref}': the split after @ must be train, val or test")
+    if not Path(path).is_file():
+        raise UserError(f"eval.tasks: '{ref}': '{path}' does not exist (expected a data file)")
+    return path, split
+
+
+def check_task_refs(cfg) -> None:
+    """Every task named exists, before any model loads: gen: files and splits, ICL files, suites."""
+    for ref in cfg.tasks:
+        if ref.startswith("gen:"):
+            gen_ref(ref)
+    from lmkiln.eval.icl import BUILTIN
+
+    for task in icl_tasks(cfg):
+        if task.path not in BUILTIN and not Path(task.path).is_file():
+            raise UserError(f"eval.tasks: task file '{task.path}' does not exist")
+
+
 def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
     """`gen:FILE[@SPLIT]` tasks: eval.max_examples rows of a data file in any fine-tuning format
     (instruction, chat: generate the last reply; classification: score each label), checked row by row.
@@ -72,9 +94,7 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
     for ref in cfg.tasks:
         if not ref.startswith("gen:"):
             continue
-        path, _, split = ref[len("gen:"):].partition("@")
-        if split not in ("", "train", "val", "test"):
-            raise UserError(f"eval.tasks: '{ref}': the split after @ must be train, val or test")
+        path, split = gen_ref(ref)
         splits = load_splits(path, recipe.finetune.val_fraction, recipe.data.val_fraction, "auto", columns)
         rows = splits[split] if split else splits["train"] + splits["val"] + splits["test"]
         rows = sample(rows, cfg.max_examples, salt="eval")
@@ -107,7 +127,7 @@ def _texts(recipe: Recipe, run_dir: Path):
     if recipe.eval.text == "val":
         upstream(run_dir, "data")  # a clear error when there is no finished data stage to read
         return read_split(stage_dir(run_dir, "data"), "val")
-    return iter([Path(recipe.eval.text).read_text(encoding="utf-8")])
+    return iter([read_text(recipe.eval.text)])
 
 
 def display_names(models: list[str]) -> dict[str, str]:
@@ -220,12 +240,13 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name, r in results.items():
         rows.append([name] + [f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
-                              if task in r else "–" for task, metric, _, _ in cols])
+                              if task in r and r[task][metric] is not None else "–" for task, metric, _, _ in cols])
     return header, rows
 
 
-def plot_results(results: dict, path: Path) -> None:
-    """One panel per score, a bar per model."""
+def results_figure(results: dict):
+    """One panel per score, a bar per model with its value on it; the y axis names the score and its
+    direction, the x axis the models."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,19 +254,35 @@ def plot_results(results: dict, path: Path) -> None:
 
     cols = columns_of(results)
     if not cols:
-        return
+        return None
     per_row = min(len(cols), 4)
     rows = (len(cols) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, per_row, figsize=(3.2 * per_row, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.4 * per_row, 3.0 * rows), squeeze=False)
     names = list(results)
     for ax, (task, metric, label, up) in zip(axes.flat, cols):
-        values = [results[n][task][metric] if task in results[n] else 0.0 for n in names]
-        ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
-        ax.set_title(label + {True: " ↑", False: " ↓", None: ""}[up], fontsize=9)
+        values = [results[n][task][metric] if task in results[n] else None for n in names]
+        bars = ax.bar(range(len(names)), [0.0 if v is None else v for v in values],
+                      color=[f"C{i}" for i in range(len(names))])
+        ax.bar_label(bars, labels=["–" if v is None else f"{v:.4f}" for v in values], fontsize=7, padding=2)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel(metric.replace("_", " ") + {True: " (higher is better)", False: " (lower is better)",
+                                                  None: " (0.5 = no preference)"}[up], fontsize=7)
+        ax.set_xlabel("model", fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7, ha="right")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.margins(y=0.15)  # room for the value labels above the tallest bar
     for ax in list(axes.flat)[len(cols):]:
         ax.axis("off")
     fig.tight_layout()
+    return fig
+
+
+def plot_results(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = results_figure(results)
+    if fig is None:
+        return
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_dir, write_text
+from lmkiln.io import check_output_dir, output_dir, write_text
 from lmkiln.model.checks import Check, consistency_checks, end_of_turn
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_state
@@ -25,14 +25,20 @@ PROBE_PROMPT = [1, 5, 9, 14, 3, 7]  # token ids every vocabulary has
 INTEGRITY_CHECKS = ("exported model generates", "GGUF read back")
 
 
-def merged_adapter(adapter_dir: Path, base: Path | None) -> tuple[Transformer, Path]:
-    """The base model with a PEFT LoRA or DoRA adapter folded in, and the base's directory."""
+def adapter_base(adapter_dir: Path, base: Path | None) -> tuple[dict, Path]:
+    """(adapter_config.json, the base model's directory) of a PEFT adapter, checked."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("fan_in_fan_out"):
         raise UserError(f"{adapter_dir}: only LoRA and DoRA adapters can be merged (peft_type {cfg.get('peft_type')})")
     base = base or Path(cfg.get("base_model_name_or_path") or "")
     if not (base / "config.json").is_file():
         raise UserError(f"{adapter_dir}: base model '{base}' is not a model directory; give it with --base")
+    return cfg, base
+
+
+def merged_adapter(adapter_dir: Path, base: Path | None) -> tuple[Transformer, Path]:
+    """The base model with a PEFT LoRA or DoRA adapter folded in, and the base's directory."""
+    cfg, base = adapter_base(adapter_dir, base)
     model = load_model(base)
     weights = load_file(adapter_dir / "adapter_model.safetensors")
     targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights})
@@ -59,13 +65,20 @@ def _rounded(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 
 def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | None = None, fmt: str = "hf",
-                 dtype: str | None = None) -> list[Check]:
+                 dtype: str | None = None, force: bool = False) -> list[Check]:
+    """Export `model_path` (or an adapter merged into its base) into `out`, written whole or not at all,
+    never over an input nor over files lmkiln did not write unless `force`; returns the checks."""
     model_path, out = Path(model_path), Path(out)
     is_adapter = (model_path / "adapter_config.json").is_file()
+    if not is_adapter and not (model_path / "config.json").is_file():
+        raise UserError(f"'{model_path}' is neither a model directory (config.json) nor a LoRA adapter (adapter_config.json)")
     if merge and not is_adapter:
         raise UserError(f"--merge needs a LoRA adapter directory; '{model_path}' has no adapter_config.json")
     if is_adapter and not merge:
         raise UserError(f"'{model_path}' is a LoRA adapter, already in PEFT's layout; add --merge to fold it into its base")
+    parse_dtype(dtype)
+    inputs = [model_path] + ([adapter_base(model_path, base)[1]] if is_adapter else [])
+    check_output_dir(out, inputs, force, "output directory")
     if is_adapter:
         model, source = merged_adapter(model_path, base)
     else:
@@ -73,7 +86,7 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
     stored = json.loads((source / "config.json").read_text()).get("torch_dtype", "float32")
     target = parse_dtype(dtype) or parse_dtype(stored if stored in ("float32", "bfloat16", "float16") else "fp32")
     model = _rounded(model.eval(), target)
-    with atomic_dir(out) as tmp:
+    with output_dir(out, f"kiln export --format {fmt}") as tmp:
         checks = (_export_gguf if fmt == "gguf" else _export_hf)(model, source, tmp, target)
         broken = [c for c in checks if c.status == "failed" and c.name in INTEGRITY_CHECKS]
         if broken:  # a bug of ours, not the user's: nothing is left behind, and the traceback says where

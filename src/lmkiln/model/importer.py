@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_dir, write_json
+from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
 from lmkiln.model.hub import (check_missing, check_weight, expected_shapes, hf_config, read_args, read_shard,
                               skipped_weight, weight_shards)
@@ -113,14 +113,16 @@ def _copy_weights(src: Path, out: Path) -> None:
         shutil.copyfile(index, out / index.name)
 
 
-def import_model(source: str, out: str | Path, dtype: str | None = None) -> list[Check]:
-    """Import `source` into `out` (written whole or not at all); returns the consistency checks."""
+def import_model(source: str, out: str | Path, dtype: str | None = None, force: bool = False) -> list[Check]:
+    """Import `source` into `out` (written whole or not at all; never over the source, nor over files
+    lmkiln did not write unless `force`); returns the consistency checks."""
+    out = Path(out)
+    check_output_dir(out, [source] if Path(source).exists() else [], force, "output directory")
+    target = parse_dtype(dtype)
     src = resolve_source(source)
     args = read_args(src)
-    target = parse_dtype(dtype)
-    out = Path(out)
     copy, stored = copyable_weights(src, args)
-    with atomic_dir(out) as tmp:
+    with output_dir(out, "kiln import") as tmp:
         if copy and target in (None, stored):  # the common case: a file copy, no tensor in memory
             _copy_weights(src, tmp)
         else:

@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmkiln.errors import UserError
 from lmkiln.io import atomic_path, write_json
 
 
@@ -61,6 +62,9 @@ def encode_to_shard(tok: Tokenizer, texts: Iterable[str], path_stem: Path, bos: 
 def open_shard(path_stem: str | Path) -> tuple[np.memmap, dict]:
     path_stem = Path(path_stem)
     header = json.loads(path_stem.with_suffix(".json").read_text())
+    if not header["num_tokens"]:  # numpy cannot map an empty file
+        raise UserError(f"{path_stem.with_suffix('.bin')}: the token shard is empty (0 tokens); rerun `kiln data` "
+                        f"and `kiln tokenizer` with more data")
     tokens = np.memmap(path_stem.with_suffix(".bin"), dtype=np.dtype(header["dtype"]).newbyteorder("<"),
                        mode="r", shape=(header["num_tokens"],))
     return tokens, header

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from lmkiln.config import Recipe
 from lmkiln.data.stage import read_split
+from lmkiln.errors import UserError
 from lmkiln.log import console, progress
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.encode import encode_to_shard
@@ -23,13 +25,14 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     cfg = recipe.tokenizer
     data_dir = stage_dir(run_dir, "data")
+    stats = json.loads((data_dir / "stats.json").read_text())
+    if not stats["train_docs"]:
+        raise UserError(f"tokenizer: the data stage kept no training documents ({data_dir / 'stats.json'}); "
+                        f"rerun `kiln data` with more data")
     console.print(f"training byte-level BPE, vocab {cfg.vocab_size:,} ...")
     tok = train_bpe(read_split(data_dir, "train"), cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars)
     save_tokenizer(tok, out, model_max_length=recipe.model.max_seq_len)
     ids = special_ids(tok)
-    import json
-
-    stats = json.loads((data_dir / "stats.json").read_text())
     metrics: dict = {"vocab_size": tok.get_vocab_size()}
     with progress() as bar:
         for split in ("train", "val"):
@@ -39,6 +42,9 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             metrics[f"{split}_tokens"] = header["num_tokens"]
             if stats[f"{split}_bytes"]:
                 metrics[f"{split}_bytes_per_token"] = round(stats[f"{split}_bytes"] / max(1, header["num_tokens"]), 3)
+    if not metrics["train_tokens"]:
+        raise UserError(f"tokenizer: the training split encodes to no tokens ({stats['train_docs']:,} documents "
+                        f"of {stats['train_bytes']:,} bytes); check the data stage's output")
     console.print(f"tokens: train {metrics['train_tokens']:,}, val {metrics['val_tokens']:,} "
                   f"({metrics.get('train_bytes_per_token', 0)} bytes/token)")
     return metrics

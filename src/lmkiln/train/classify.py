@@ -22,7 +22,7 @@ from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.train.formats import ChatFormat
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop
+from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop
 from lmkiln.train.metrics import plot_curves
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
@@ -127,7 +127,7 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
 
 def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
                      on_eval: Callable[[int, float], None] | None = None, save: bool = True,
-                     ctx: DistContext | None = None) -> dict:
+                     ctx: DistContext | None = None, checkpoints: Checkpoints | None = None) -> dict:
     """Train, validate and save a classifier; returns the stage metrics."""
     from lmkiln.device import pick_device
     from lmkiln.train.finetune import print_memory
@@ -155,15 +155,14 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
     console.print(f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
                   f"majority class {majority:.1%} of val")
     print_memory(model.body, cfg, max(map(len, train_ids)), vocab_logits=False)
-    log = metrics_log(out, ctx)
 
     def micro_loss(net, batch: list[int]) -> tuple[torch.Tensor, int]:
         x, lengths, y = _batches(train_ids, train_y, batch, pad, device)
         return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
-    guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, log, on_eval)
+    guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval)
     run = train_loop(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
-                     guard, log, recipe.seed, "classify", ctx)
+                     guard, out, recipe.seed, "classify", ctx, checkpoints)
     guard.restore_best()
     if save and ctx.is_main:
         if cfg.method == "lora":

@@ -24,7 +24,7 @@ from lmkiln.model.hub import load_model
 from lmkiln.tokenizer.train import special_ids
 from lmkiln.train.formats import ChatFormat, collate, encode_example, preference_pair, sample
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop, trained_token_losses
+from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop, trained_token_losses
 from lmkiln.train.metrics import plot_curves
 
 
@@ -82,7 +82,8 @@ def batch_loss(model, batch: list[dict], beta: float, pad: int, device) -> tuple
 
 def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
               on_eval: Callable[[int, float], None] | None = None, save: bool = True,
-              ctx: DistContext | None = None, monitor: TaskMonitor | None = None) -> dict:
+              ctx: DistContext | None = None, monitor: TaskMonitor | None = None,
+              checkpoints: Checkpoints | None = None) -> dict:
     from lmkiln.train.finetune import print_memory, save_tuned
 
     cfg = recipe.finetune
@@ -103,7 +104,6 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
     longest = max(max(len(p["chosen"][0]), len(p["rejected"][0])) for p in train)
     print_memory(model, cfg, longest, pairs=2)
     add_reference(model, train + val, cfg.batch_size, pad, device)
-    log = metrics_log(out, ctx)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -123,9 +123,9 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
         return loss.sum(), sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in batch)
 
-    guard = Validation(model, evaluate, cfg, log, on_eval, monitor and (lambda: monitor(model, tok)))
+    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok)))
     lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
-    run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, log, recipe.seed, "dpo", ctx)
+    run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, out, recipe.seed, "dpo", ctx, checkpoints)
     if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "DPO")

@@ -105,6 +105,8 @@ def optimizer_bytes(args: ModelArgs, kind: str, param_bytes: int = 4) -> int:
 
 
 def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
+    if world < 1:
+        raise UserError(f"--world {world}: expected 1 or more ranks")
     cfg = recipe.pretrain
     try:
         args = build_args(recipe.model, _vocab_size(recipe), {})

@@ -4,6 +4,7 @@ shared loop with validation, early stopping and the best state kept (train/loop.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -13,7 +14,7 @@ from lmkiln.config import STAGES, Recipe
 from lmkiln.device import autocast, seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
-from lmkiln.io import atomic_dir, sha256_file
+from lmkiln.io import atomic_dir, sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.hub import generation_eos, load_model, save_model
 from lmkiln.model.lora import merge_lora, save_adapter
@@ -23,7 +24,7 @@ from lmkiln.train.formats import (IGNORE, ChatFormat, encode_all, encode_example
                                   sample)
 from lmkiln.train import dist
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Validation, make_trainable, metrics_log, train_loop, trained_token_losses
+from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop, trained_token_losses
 from lmkiln.train.metrics import plot_curves
 from lmkiln.train.packing import collate_rows, fill, pack
 
@@ -39,8 +40,9 @@ def model_identity(run_dir: Path, ref: str) -> dict:
 
 
 def config_of(recipe: Recipe) -> dict:
-    return {"finetune": recipe.finetune.model_dump(mode="json"), "seed": recipe.seed,
-            "heldout_fraction": recipe.data.val_fraction}
+    # how often the run saves its state is not what it computes
+    cfg = recipe.finetune.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints"})
+    return {"finetune": cfg, "seed": recipe.seed, "heldout_fraction": recipe.data.val_fraction}
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
@@ -139,6 +141,18 @@ def check_task(examples: list[dict], task: str) -> None:
                             f"{' or '.join(allowed)} rows (set finetune.task or finetune.format)")
 
 
+def check_splits(splits: dict, cfg) -> None:
+    """Both sides of the split have rows: validation picks the kept step and stops early."""
+    n = len(splits["train"]) + len(splits["val"])
+    if not splits["train"]:
+        raise UserError(f"finetune.data: the training split of {cfg.data} is empty ({n} rows, "
+                        f"{len(splits['val'])} held out for validation); add rows or give them split: train")
+    if not splits["val"]:
+        raise UserError(f"finetune.data: the validation split of {cfg.data} is empty ({len(splits['train'])} rows, "
+                        f"none drawn at finetune.val_fraction={cfg.val_fraction} by row content); add rows, raise "
+                        f"finetune.val_fraction, or mark some rows with split: val")
+
+
 def load_base(recipe: Recipe, run_dir: Path):
     """The base model's directory, tokenizer and data splits, checked before any training."""
     cfg = recipe.finetune
@@ -149,6 +163,7 @@ def load_base(recipe: Recipe, run_dir: Path):
     tok = load_tokenizer(base_dir)
     check_base(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    check_splits(splits, cfg)
     check_task(splits["train"] + splits["val"], cfg.task)
     if cfg.max_examples:
         splits["train"] = sample(splits["train"], cfg.max_examples)
@@ -193,15 +208,21 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
         cfg = recipe.finetune
         base_dir, tok, splits = load_base(recipe, run_dir)
         monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
+        plan = Checkpoints(out / "checkpoints", sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
+                           cfg.checkpoint_every, cfg.keep_checkpoints) if save else None
         if cfg.task == "classify":
             from lmkiln.train.classify import build_classifier
 
-            return build_classifier(recipe, base_dir, splits, tok, out, on_eval, save, ctx)
-        if cfg.task == "dpo":
+            result = build_classifier(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
+        elif cfg.task == "dpo":
             from lmkiln.train.dpo import build_dpo
 
-            return build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor)
-        return build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor)
+            result = build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor, plan)
+        else:
+            result = build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor, plan)
+        if plan is not None and ctx.is_main:  # finished and saved: nothing left to resume
+            shutil.rmtree(plan.dir, ignore_errors=True)
+        return result
     finally:
         dist.teardown(ctx)
         set_quiet(quiet)
@@ -209,15 +230,17 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
 
 def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
               on_eval: Callable[[int, float], None] | None, save: bool, ctx: DistContext,
-              monitor: TaskMonitor | None = None) -> dict:
+              monitor: TaskMonitor | None = None, checkpoints: Checkpoints | None = None) -> dict:
     cfg = recipe.finetune
     device = ctx.device
     pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     chat = ChatFormat(base_dir)
     train, too_long = encode_all(tok, splits["train"], cfg.max_seq_len, chat, cfg.loss_on)
     val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
-    if not train or not val:
-        raise UserError(f"finetune.data: no training or validation examples fit in max_seq_len={cfg.max_seq_len}")
+    for name, kept, rows in (("training", train, splits["train"]), ("validation", val, splits["val"])):
+        if not kept:
+            raise UserError(f"finetune.data: none of the {len(rows):,} {name} examples fits in "
+                            f"finetune.max_seq_len={cfg.max_seq_len} tokens; raise it")
     console.print(f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
                   f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)")
     n_examples = len(train)
@@ -231,7 +254,6 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
     model.to(device)
     console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
     print_memory(model, cfg, max(len(t[0]) for t in train))
-    log = metrics_log(out, ctx)
 
     def evaluate() -> dict:
         total, count = reply_loss(model, val, cfg.batch_size, pad, device)
@@ -241,10 +263,10 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _, tokens = batch_loss(net, batch, pad, device)
         return loss, tokens
 
-    guard = Validation(model, evaluate, cfg, log, on_eval, monitor and (lambda: monitor(model, tok)))
+    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok)))
     run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
                      lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
-                     guard, log, recipe.seed, "finetune", ctx)
+                     guard, out, recipe.seed, "finetune", ctx, checkpoints)
     if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")

@@ -122,10 +122,13 @@ def _grad_accum(recipe: Recipe, world: int) -> int:
     return max(1, math.ceil(cfg.batch_tokens / per_micro))
 
 
-def _check(recipe: Recipe, train_tokens: np.ndarray, ids: dict) -> None:
+def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids: dict) -> None:
     cfg = recipe.pretrain
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the training data ({len(train_tokens)} tokens)")
+    if len(val_tokens) <= cfg.seq_len + 1:
+        raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the validation split ({len(val_tokens)} tokens); "
+                        f"raise data.val_fraction or lower pretrain.seq_len")
     if cfg.seq_len > recipe.model.max_seq_len:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
@@ -193,7 +196,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     val_tokens, _ = open_shard(tok_dir / "val")
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
-    _check(recipe, train_tokens, ids)
+    _check(recipe, train_tokens, val_tokens, ids)
     monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
     model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
     config_hash = sha256_json(config_of(recipe))
@@ -348,20 +351,22 @@ class _Loop:
                     if math.isfinite(loss_val):
                         interval.append(loss_val)
                     tokens_since += self.tokens_per_step
+                    # the bar shows the interval under way from its first step: its mean loss and rate
+                    now = time.perf_counter()
+                    tps = tokens_since / max(now - t_log, 1e-9)
+                    util = mfu(tps, self.flops_per_token, self.peak, self.ctx.world)
+                    bar.update(task, loss=sum(interval) / len(interval) if interval else loss_val, tps=tps,
+                               mfu=f"{util:.0%}" if util is not None else "–")
                     record = None
                     if (step % c.log_every == 0 or step == c.max_steps) and interval:
-                        now = time.perf_counter()
-                        tps = tokens_since / (now - t_log)
                         t_log, tokens_since = now, 0
                         # The mean over the interval: one small batch's loss is too noisy to read a curve from.
                         train_loss = sum(interval) / len(interval)
                         interval.clear()
-                        util = mfu(tps, self.flops_per_token, self.peak, self.ctx.world)
                         record = {"step": step, "loss": round(train_loss, 5), "lr": lr, "grad_norm": round(norm, 4),
                                   "tokens": step * self.tokens_per_step, "tokens_per_s": round(tps, 1)}
                         if util is not None:
                             record["mfu"] = round(util, 4)
-                        bar.update(task, tps=tps, mfu=f"{util:.0%}" if util is not None else "–")
                     if step % c.eval_every == 0 or step == c.max_steps:
                         last_val = val_loss(self.model, self.val_tokens, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
                         record = {**(record or {"step": step}), "val_loss": round(last_val, 5)}
@@ -378,7 +383,7 @@ class _Loop:
                         self.save(self.ckpt_dir / f"step_{step:07d}", step, interval)
                         if self.ctx.is_main:
                             prune(self.ckpt_dir, c.keep_checkpoints)
-                    bar.update(task, completed=step, loss=loss_val)
+                    bar.update(task, completed=step)
                     if self.on_step is not None:
                         self.on_step(step)
                     if c.stop_after is not None and step == c.stop_after and step < c.max_steps:

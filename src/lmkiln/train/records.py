@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
 from lmkiln.errors import UserError
-from lmkiln.io import base_suffix, iter_jsonl, open_text
+from lmkiln.io import base_suffix, iter_jsonl, read_text, text_lines
 
 RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md")
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long reply or document is one field, not an error
 
 
 def read_records(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
@@ -23,10 +26,9 @@ def read_records(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[st
             yield f"{path}:{lineno}", record
     elif kind == ".json":
         try:
-            with open_text(path) as fh:
-                items = json.load(fh)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
+            items = json.loads(read_text(path))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
         if not isinstance(items, list):
             raise UserError(f"{path}: expected a JSON array of objects, got {type(items).__name__}")
         for i, item in enumerate(items, 1):
@@ -35,25 +37,26 @@ def read_records(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[st
             else:
                 on_bad(f"{path}:item {i}: expected an object, got {type(item).__name__}")
     elif kind in (".csv", ".tsv"):
-        with open_text(path) as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if kind == ".tsv" else ",")
+        reader = csv.DictReader((line for _, line in text_lines(path)), delimiter="\t" if kind == ".tsv" else ",")
+        try:
             for row in reader:
                 if None in row or None in row.values():
                     on_bad(f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])} columns")
                     continue
                 yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV ({exc})") from None
     elif kind in (".txt", ".md"):  # a plain-text corpus: a {text} record per paragraph
-        with open_text(path) as fh:
-            lineno, start, lines = 0, 1, []
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    start = start if lines else lineno
-                    lines.append(line)
-                elif lines:
-                    yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
-                    lines = []
-            if lines:
+        start, lines = 1, []
+        for lineno, line in text_lines(path):
+            if line.strip():
+                start = start if lines else lineno
+                lines.append(line)
+            elif lines:
                 yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
+                lines = []
+        if lines:
+            yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 

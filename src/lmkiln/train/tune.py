@@ -82,13 +82,13 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
     from lmkiln.pipeline import check_recipe
     from lmkiln.train.finetune import build
 
+    space = recipe.tune.space or default_space(recipe)
+    for key in space:
+        _current(recipe, key)
     check_recipe(recipe, ["finetune"])
     run_dir = Path(recipe.run_dir)
     out = run_dir / "tune"
     out.mkdir(parents=True, exist_ok=True)
-    space = recipe.tune.space or default_space(recipe)
-    for key in space:
-        _current(recipe, key)
     trials = trials or recipe.tune.trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
