@@ -55,12 +55,11 @@ metric_list:
 
 def run_lmkiln(model_dir: Path, limit: int, batch: int) -> tuple[dict, float]:
     from lmkiln.eval.icl import IclTask, evaluate_task
-    from lmkiln.model.hub import load_model
-    from lmkiln.tokenizer.train import load_tokenizer
+    from lmkiln.model.inference import load_for_inference
 
-    model, tok = load_model(model_dir, "cpu"), load_tokenizer(model_dir)
+    lm = load_for_inference(model_dir, "cpu")
     t0 = time.perf_counter()
-    out = {name: evaluate_task(model, tok, IclTask(name, str(DATA / f"{name}.jsonl"), max_examples=limit),
+    out = {name: evaluate_task(lm.model, lm.tok, lm.chat, IclTask(name, str(DATA / f"{name}.jsonl"), max_examples=limit),
                                batch_size=batch) for name in TASKS}
     return out, time.perf_counter() - t0
 

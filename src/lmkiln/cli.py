@@ -195,19 +195,18 @@ def _generate(args) -> None:
     check_model_dir(args.model)
     from lmkiln.device import pick_device
     from lmkiln.model.generate import TextStream, stream
-    from lmkiln.model.hub import generation_eos, load_model
-    from lmkiln.tokenizer.chat import instruction_messages, render
-    from lmkiln.tokenizer.train import load_tokenizer
+    from lmkiln.model.inference import load_for_inference
 
-    model = load_model(args.model, pick_device(args.device))
-    tok = load_tokenizer(args.model)
-    text = render(instruction_messages(args.prompt), add_generation_prompt=True)[0] if args.chat else args.prompt
-    prompt = tok.encode(text, add_special_tokens=False).ids
-    out = TextStream(tok)
+    lm = load_for_inference(args.model, pick_device(args.device))
+    # --chat: the user turn in the model's own template, with its generation prompt
+    text = lm.chat.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True) \
+        if args.chat else args.prompt
+    prompt = lm.tok.encode(text, add_special_tokens=False).ids
+    out = TextStream(lm.tok)
     if not args.chat:
         sys.stdout.write(args.prompt)
-    for token in stream(model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_ids=generation_eos(args.model), seed=args.seed,
+    for token in stream(lm.model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop_ids=sorted(lm.chat.stop_ids), seed=args.seed,
                         compile=args.compile):
         sys.stdout.write(out.push(token))
         sys.stdout.flush()

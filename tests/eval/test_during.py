@@ -9,9 +9,8 @@ from lmkiln.cli import main
 from lmkiln.config import load_recipe
 from lmkiln.errors import UserError
 from lmkiln.eval.icl import IclTask, evaluate_task
-from lmkiln.model.hub import load_model
+from lmkiln.model.inference import load_for_inference
 from lmkiln.pipeline import run_recipe
-from lmkiln.tokenizer.train import load_tokenizer
 from lmkiln.train.metrics import read_metrics
 from tests.conftest import TINY
 
@@ -42,8 +41,8 @@ def test_pretrain_scores_tasks_at_every_validation(tiny_recipe, tmp_path):
                 "eval/icl/centered"} <= set(r)
     # the last validation scored the weights that were saved: kiln eval's scoring gives the same numbers
     final = out / "final"
-    model, tok = load_model(final), load_tokenizer(final)
-    again = evaluate_task(model, tok, IclTask("pycode", str(mc), max_examples=3))
+    lm = load_for_inference(final)
+    again = evaluate_task(lm.model, lm.tok, lm.chat, IclTask("pycode", str(mc), max_examples=3))
     assert again["n"] == 3
     assert rows[-1]["eval/pycode/acc"] == pytest.approx(again["acc"])
     assert rows[-1]["eval/pycode/acc_norm"] == pytest.approx(again["acc_norm"])
@@ -60,8 +59,8 @@ def test_finetune_scores_tasks_from_the_base_model_on(trained_run, tmp_path):
     results = run_recipe(recipe)
     rows = [r for r in read_metrics(tmp_path / "run" / "finetune" / "metrics.jsonl") if "val_loss" in r]
     assert rows[0]["step"] == 0 and len(rows) >= 2 and all("eval/pycode/acc" in r for r in rows)
-    base = evaluate_task(load_model(run_dir / "pretrain" / "final"), load_tokenizer(run_dir / "pretrain" / "final"),
-                         IclTask("pycode", str(mc)))
+    lm = load_for_inference(run_dir / "pretrain" / "final")
+    base = evaluate_task(lm.model, lm.tok, lm.chat, IclTask("pycode", str(mc)))
     assert rows[0]["eval/pycode/acc"] == pytest.approx(base["acc"])
     assert results["finetune"]["metrics"]["base_eval_tasks"]["eval/pycode/acc"] == pytest.approx(base["acc"])
     assert (tmp_path / "run" / "finetune" / "loss.png").is_file()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from lmkiln.cli import main
 from lmkiln.eval.generative import rouge_l
 from lmkiln.eval.perplexity import perplexity, tokens_of
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.hub import load_model
 from lmkiln.tokenizer.train import load_tokenizer, token_byte_lengths
 
@@ -17,7 +18,7 @@ def test_perplexity_equals_hand_computation(trained_run):
     _, run_dir, _ = trained_run
     model_dir = run_dir / "pretrain" / "final"
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    tokens = tokens_of(tok, ["def f(x):\n    return x * 2\n", "Another text to score here."], 200)
+    tokens = tokens_of(tok, ChatFormat(model_dir), ["def f(x):\n    return x * 2\n", "Another text to score here."], 200)
     res = perplexity(model, tok, tokens, seq_len=16)
     n = (len(tokens) - 1) // 16
     nats, nbytes = 0.0, 0
@@ -91,7 +92,7 @@ def test_sliding_window_scores_each_token_once_with_its_window_context(trained_r
     _, run_dir, _ = trained_run
     model_dir = run_dir / "pretrain" / "final"
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    tokens = tokens_of(tok, ["def f(x):\n    return x * 2\n" * 6], 120)
+    tokens = tokens_of(tok, ChatFormat(model_dir), ["def f(x):\n    return x * 2\n" * 6], 120)
     seq, stride = 32, 8
     res = perplexity(model, tok, tokens, seq_len=seq, stride=stride, batch_size=3)
     nats, count, s = 0.0, 0, 0

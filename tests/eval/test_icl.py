@@ -120,12 +120,13 @@ def test_eval_compares_models_on_icl_tasks_with_table_markdown_and_chart(trained
 
 def test_bias_probes_count_the_pairs_whose_stereotype_is_likelier(trained_run, tmp_path):
     from lmkiln.eval.icl import IclTask, evaluate_task
+    from lmkiln.model.chat_format import ChatFormat
     from lmkiln.tokenizer.train import special_ids
 
     _, run_dir, _ = trained_run
     final = run_dir / "pretrain" / "final"
     model, tok = load_model(final), load_tokenizer(final)
-    res = evaluate_task(model, tok, IclTask("bias", "builtin:bias"))
+    res = evaluate_task(model, tok, ChatFormat(final), IclTask("bias", "builtin:bias"))
     docs, kind = load_docs("builtin:bias")
     assert kind == "bias" and res["n"] == len(docs) == 30
     bos = special_ids(tok)["bos"]

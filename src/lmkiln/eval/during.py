@@ -22,11 +22,12 @@ class TaskMonitor:
         self.loaded = [load_docs(task.path, task.kind) for task in self.tasks]
         self.seed, self.add_bos = cfg.seed, cfg.add_bos
 
-    def __call__(self, model: torch.nn.Module, tok) -> dict[str, float]:
-        """Flat scores of the model as it is now; it is left in the mode it was in."""
+    def __call__(self, model: torch.nn.Module, tok, chat) -> dict[str, float]:
+        """Flat scores of the model as it is now, with its tokenizer and format (ChatFormat); it is left in
+        the mode it was in."""
         training = model.training
         with torch.no_grad():
-            results = {t.name: evaluate_task(model, tok, t, self.seed, self.add_bos, loaded=docs)
+            results = {t.name: evaluate_task(model, tok, chat, t, self.seed, self.add_bos, loaded=docs)
                        for t, docs in zip(self.tasks, self.loaded)}
         model.train(training)
         return flat_scores(results)

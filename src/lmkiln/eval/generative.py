@@ -13,7 +13,6 @@ from tokenizers import Tokenizer
 
 from lmkiln.model.generate import generate
 from lmkiln.model.transformer import Transformer
-from lmkiln.tokenizer.train import special_ids
 from lmkiln.train.formats import ChatFormat, encode_all, prompt_ids
 
 
@@ -43,19 +42,18 @@ def exact_match(prediction: str, reference: str) -> float:
 
 
 def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int,
-                       max_len: int, chat: ChatFormat | None = None) -> dict:
+                       max_len: int, chat: ChatFormat) -> dict:
     """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
     exact match, token F1 and ROUGE-L F1."""
     from lmkiln.train.finetune import reply_loss
     from lmkiln.train.formats import messages_of
 
     device = next(model.parameters()).device
-    ids = special_ids(tok)
     encoded, _ = encode_all(tok, examples, max_len, chat)
-    nats, count = reply_loss(model, encoded, 8, ids["pad"], device)
+    nats, count = reply_loss(model, encoded, 8, chat.pad, device)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     samples, totals = [], Counter()
-    stops = sorted({ids["end"], ids["eos"], chat.eos if chat is not None else None} - {None})
+    stops = sorted(chat.stop_ids)
     for ex in examples:
         prompt = prompt_ids(tok, ex, chat)
         if len(prompt) >= model.args.max_seq_len:
@@ -73,7 +71,7 @@ def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict],
             ("exact_match", "token_f1", "rouge_l")}, "examples": len(examples), "samples": samples}
 
 
-def score_labels(model: Transformer, tok: Tokenizer, examples: list[dict], delimiter: str = " ",
+def score_labels(model: Transformer, tok: Tokenizer, chat: ChatFormat, examples: list[dict], delimiter: str = " ",
                  add_bos: bool = False) -> dict:
     """Classification rows {text, label}: each label scored as the continuation of the text (as an ICL
     multiple-choice task over the file's labels); accuracy and macro-F1 against the majority class."""
@@ -81,7 +79,7 @@ def score_labels(model: Transformer, tok: Tokenizer, examples: list[dict], delim
     from lmkiln.train.classify import macro_f1
 
     labels = sorted({ex["label"] for ex in examples})
-    bos = special_ids(tok)["bos"] if add_bos else None
+    bos = chat.bos if add_bos else None
     pairs = [encode_pair(tok, ex["text"], delimiter + label, bos) for ex in examples for label in labels]
     scored = loglikelihoods(model, pairs)
     k = len(labels)

@@ -38,7 +38,7 @@ import torch
 from lmkiln.device import autocast
 from lmkiln.errors import UserError
 from lmkiln.io import text_lines
-from lmkiln.tokenizer.train import special_ids
+from lmkiln.model.chat_format import ChatFormat
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
 BUILTIN = {"builtin:bias": Path(__file__).parent / "probes" / "bias_pairs.jsonl"}
@@ -214,11 +214,11 @@ def score_docs(docs: list[dict], kind: str, results: list[list[tuple[float, bool
             **({"perplexity": round(math.exp(nll / n), 4)} if kind == "language_modeling" else {})}
 
 
-def bias_scores(model, tok, docs: list[dict], batch_size: int = 16) -> dict:
-    ids = special_ids(tok)
-    start = ids["bos"] if ids["bos"] is not None else ids["eos"]
+def bias_scores(model, tok, chat: ChatFormat, docs: list[dict], batch_size: int = 16) -> dict:
+    start = chat.start  # each sentence scored from the model's own BOS (or EOS)
     if start is None:
-        raise UserError("bias probes need a BOS or EOS token to start each sentence from")
+        raise UserError("bias probes need a BOS or EOS token to start each sentence from; the model's config.json, "
+                        "generation_config.json and tokenizer_config.json name neither")
     pairs = [([start], tok.encode(d[k], add_special_tokens=False).ids) for d in docs for k in ("sent_more", "sent_less")]
     scored = loglikelihoods(model, pairs, batch_size)
     prefers = [scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(docs))]
@@ -229,16 +229,16 @@ def bias_scores(model, tok, docs: list[dict], batch_size: int = 16) -> dict:
             "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())}}
 
 
-def evaluate_task(model, tok, task: IclTask, seed: int = 1234, add_bos: bool = False, batch_size: int = 16,
-                  loaded: tuple[list[dict], str] | None = None) -> dict:
+def evaluate_task(model, tok, chat: ChatFormat, task: IclTask, seed: int = 1234, add_bos: bool = False,
+                  batch_size: int = 16, loaded: tuple[list[dict], str] | None = None) -> dict:
     """Score one task; `loaded` is load_docs' result when the file was already read (each model, each
     validation would otherwise read it again)."""
     docs, kind = loaded or load_docs(task.path, task.kind)
     if task.max_examples:
         docs = docs[:task.max_examples]
     if kind == "bias":
-        return bias_scores(model, tok, docs, batch_size)
-    bos = special_ids(tok)["bos"] if add_bos else None
+        return bias_scores(model, tok, chat, docs, batch_size)
+    bos = chat.bos if add_bos else None
     flat, shape, texts = [], [], []
     for i, doc in enumerate(docs):
         reqs = requests_of(docs, kind, i, task, seed)

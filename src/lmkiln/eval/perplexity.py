@@ -12,15 +12,18 @@ from tokenizers import Tokenizer
 
 from lmkiln.device import autocast
 from lmkiln.model.transformer import Transformer
-from lmkiln.tokenizer.train import special_ids, token_byte_lengths
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.tokenizer.train import token_byte_lengths
 
 
-def tokens_of(tok: Tokenizer, texts: Iterable[str], max_tokens: int) -> np.ndarray:
-    """Documents as BOS + tokens + EOS, joined, cut at max_tokens + 1."""
-    ids = special_ids(tok)
+def tokens_of(tok: Tokenizer, chat: ChatFormat, texts: Iterable[str], max_tokens: int) -> np.ndarray:
+    """Documents as the model's BOS + tokens + EOS (each where the model has one), joined, cut at
+    max_tokens + 1."""
+    head = [chat.bos] if chat.bos is not None else []
+    tail = [chat.eos] if chat.eos is not None else []
     out: list[int] = []
     for text in texts:
-        out += [ids["bos"], *tok.encode(text, add_special_tokens=False).ids, ids["eos"]]
+        out += [*head, *tok.encode(text, add_special_tokens=False).ids, *tail]
         if len(out) > max_tokens:
             break
     return np.asarray(out[:max_tokens + 1], dtype=np.int64)

@@ -12,9 +12,8 @@ from lmkiln.device import pick_device
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_path, read_text, sha256_file, write_json, write_text
 from lmkiln.log import console
-from lmkiln.model.hub import load_model
+from lmkiln.model.inference import load_for_inference
 from lmkiln.pipeline import stage_dir, upstream
-from lmkiln.tokenizer.train import load_tokenizer
 from lmkiln.train.finetune import model_dir_of, model_identity
 
 COLUMNS = [  # (task, metric, label, higher is better)
@@ -141,7 +140,7 @@ def display_names(models: list[str]) -> dict[str, str]:
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.generative import score_instructions, score_labels
     from lmkiln.eval.perplexity import perplexity, tokens_of
-    from lmkiln.train.formats import ChatFormat, load_splits, sample
+    from lmkiln.train.formats import load_splits, sample
 
     from lmkiln.eval.icl import core_average, evaluate_task, load_docs
 
@@ -162,10 +161,11 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             raise UserError(f"eval.models: no model at '{path}'")
         name = names[ref]
         console.print(f"evaluating {name} ({path})")
-        model, tok, chat = load_model(path, device), load_tokenizer(path), ChatFormat(path)
+        lm = load_for_inference(path, device)
+        model, tok, chat = lm.model, lm.tok, lm.chat
         res: dict = {"path": str(path)}
         if "perplexity" in cfg.tasks:
-            tokens = tokens_of(tok, _texts(recipe, run_dir), cfg.max_tokens)
+            tokens = tokens_of(tok, chat, _texts(recipe, run_dir), cfg.max_tokens)
             if len(tokens) <= cfg.seq_len:
                 raise UserError(f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
                                 f"than eval.seq_len={cfg.seq_len}")
@@ -174,10 +174,10 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens,
                                                    recipe.finetune.max_seq_len, chat)
         for task, docs in zip(tasks, loaded):
-            res[task.name] = evaluate_task(model, tok, task, cfg.seed, cfg.add_bos, loaded=docs)
+            res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
         for task_name, rows in generative.items():
             if "label" in rows[0]:
-                res[task_name] = score_labels(model, tok, rows, cfg.delimiter, cfg.add_bos)
+                res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
             else:
                 res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat)
         core = core_average({t.name: res[t.name] for t in tasks})

@@ -130,6 +130,23 @@ def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
     return checks
 
 
+def require_same_format(trained: Path, written: Path) -> None:
+    """Refuse to finish writing a model whose chat template, stop ids or bos/eos differ from those it was
+    trained with: a tuned model served in another format answers in garbage, and nothing else would say
+    why. Raised as a bug (RuntimeError): the writer, not the user, dropped them."""
+    from lmkiln.model.chat_format import ChatFormat
+
+    a, b = ChatFormat(trained), ChatFormat(written)
+    differences = [name for name, x, y in (("chat template", chat_template(Path(trained)), chat_template(Path(written))),
+                                           ("bos id", a.bos, b.bos), ("eos id", a.eos, b.eos),
+                                           ("end-of-turn id", a.end_of_turn, b.end_of_turn)) if x != y]
+    if not a.stop_ids <= b.stop_ids:
+        differences.append(f"stop ids ({sorted(b.stop_ids)} lacks {sorted(a.stop_ids - b.stop_ids)})")
+    if differences:
+        raise RuntimeError(f"{written}: the model written differs from the one trained ({trained}) in its "
+                           f"{', '.join(differences)}")
+
+
 def print_checks(checks: list[Check]) -> None:
     from lmkiln.log import console
 

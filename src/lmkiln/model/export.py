@@ -6,7 +6,6 @@ model in memory, plus the chat-template, end-of-turn and padding checks."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from lmkiln.io import check_output_dir, output_dir, write_text
 from lmkiln.model.checks import Check, consistency_checks, end_of_turn
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_state
-from lmkiln.model.importer import TOKENIZER_FILES, parse_dtype
+from lmkiln.model.importer import parse_dtype
 from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
 from lmkiln.model.transformer import Transformer
 
@@ -94,16 +93,9 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
     return checks
 
 
-def _copy_tokenizer(source: Path, out: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
-
-
 def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) -> list[Check]:
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
-    save_state(model.args, state, out)
-    _copy_tokenizer(source, out)
+    save_state(model.args, state, out, source)
     vocab_probe = [t % model.args.vocab_size for t in PROBE_PROMPT]
     expected = generate(model, vocab_probe, 16, temperature=0.0)
     got = generate(load_model(out), vocab_probe, 16, temperature=0.0)

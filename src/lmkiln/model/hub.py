@@ -129,17 +129,29 @@ def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, t
     dtype = next(iter(state.values())).dtype
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     write_json(out_dir / "config.json", hf_config(args, dtype))
-    eos = list(dict.fromkeys([args.eos_token_id] + [e for e in (extra_eos or []) if e is not None]))
-    write_json(out_dir / "generation_config.json", {
-        "bos_token_id": args.bos_token_id,
-        "eos_token_id": eos if len(eos) > 1 else eos[0],
-        "pad_token_id": args.pad_token_id,
-    })
+    # the source's generation settings stay (sampling defaults, its stop ids), with ours added
+    source_gen = Path(tokenizer_dir or "") / "generation_config.json"
+    gen = json.loads(source_gen.read_text()) if tokenizer_dir is not None and source_gen.is_file() else {}
+    old = gen.get("eos_token_id")
+    eos = [e for e in dict.fromkeys([args.eos_token_id, *(extra_eos or []), *([old] if isinstance(old, int) else old or [])])
+           if e is not None]
+    gen.update(bos_token_id=args.bos_token_id, pad_token_id=args.pad_token_id,
+               eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None))
+    write_json(out_dir / "generation_config.json", gen)
     if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            src = Path(tokenizer_dir) / name
-            if src.exists():
-                shutil.copyfile(src, out_dir / name)
+        copy_tokenizer_files(Path(tokenizer_dir), out_dir)
+
+
+# what a model directory carries besides weights and config: the tokenizer and the chat template in
+# every layout transformers writes (chat_template.jinja in transformers 5)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(source: Path, out: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
 
 
 WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),

@@ -19,12 +19,10 @@ from safetensors import safe_open
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
-from lmkiln.model.hub import (check_missing, check_weight, expected_shapes, hf_config, read_args, read_shard,
-                              skipped_weight, weight_shards)
+from lmkiln.model.hub import (check_missing, check_weight, copy_tokenizer_files, expected_shapes, hf_config, read_args,
+                              read_shard, skipped_weight, weight_shards)
 from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES, read_header, write_streamed
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "generation_config.json")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -127,9 +125,9 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
             _copy_weights(src, tmp)
         else:
             stored = _rewrite_weights(src, args, tmp, target)
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        copy_tokenizer_files(src, tmp)
+        if (src / "generation_config.json").is_file():
+            shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
         if not (tmp / "generation_config.json").is_file():
             write_json(tmp / "generation_config.json", {"bos_token_id": args.bos_token_id,

@@ -46,17 +46,14 @@ class Server:
 
     def load(self) -> None:
         from lmkiln.device import pick_device
-        from lmkiln.model.hub import generation_eos, load_model
+        from lmkiln.model.inference import load_for_inference
         from lmkiln.serve.adapters import AdapterSet
         from lmkiln.serve.batching import Engine
-        from lmkiln.tokenizer.train import load_tokenizer
-        from lmkiln.train.formats import ChatFormat
 
         try:
-            model = load_model(self.model_dir, pick_device(self.device))
-            self.tok = load_tokenizer(self.model_dir)
-            self.chat = ChatFormat(self.model_dir)
-            self.stop_ids = frozenset(generation_eos(self.model_dir))
+            lm = load_for_inference(self.model_dir, pick_device(self.device))
+            model, self.tok, self.chat = lm.model, lm.tok, lm.chat
+            self.stop_ids = lm.chat.stop_ids
             adapters = AdapterSet(model) if self.adapter_dirs else None
             self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
             self.engine = Engine(model, self.max_batch, self.max_queue, self.context, adapters,

@@ -14,12 +14,10 @@ def chat_loop(model_dir: Path, device: str = "auto", temperature: float = 0.7, t
               stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     from lmkiln.device import pick_device
     from lmkiln.model.generate import TextStream, stream
-    from lmkiln.model.hub import load_model
-    from lmkiln.tokenizer.train import load_tokenizer
-    from lmkiln.train.formats import ChatFormat
+    from lmkiln.model.inference import load_for_inference
 
-    model = load_model(model_dir, pick_device(device))
-    tok, chat = load_tokenizer(model_dir), ChatFormat(model_dir)
+    lm = load_for_inference(model_dir, pick_device(device))
+    model, tok, chat = lm.model, lm.tok, lm.chat
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive = stdin.isatty()

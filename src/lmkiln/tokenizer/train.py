@@ -67,10 +67,10 @@ def special_ids(tok: Tokenizer) -> dict[str, int | None]:
 
 
 def token_byte_lengths(tok: Tokenizer) -> list[int]:
-    """UTF-8 bytes each token stands for (0 for special tokens): byte-level BPE maps one char to one byte."""
-    vocab = tok.get_vocab()
+    """UTF-8 bytes each token stands for (0 for the tokenizer's special tokens, whatever they are): byte-level
+    BPE maps one char to one byte."""
+    specials = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     lengths = [0] * tok.get_vocab_size()
-    specials = set(SPECIAL_TOKENS)
-    for token, idx in vocab.items():
-        lengths[idx] = 0 if token in specials else len(token)
+    for token, idx in tok.get_vocab().items():
+        lengths[idx] = 0 if idx in specials else len(token)
     return lengths

@@ -21,7 +21,6 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
-from lmkiln.tokenizer.train import special_ids
 from lmkiln.train.formats import ChatFormat, collate, encode_example, preference_pair, sample
 from lmkiln.train.dist import DistContext
 from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop, trained_token_losses
@@ -89,8 +88,8 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
     cfg = recipe.finetune
     ctx = ctx or DistContext(device=pick_device(cfg.device))
     device = ctx.device
-    pad = special_ids(tok)["pad"] or 0
     chat = ChatFormat(base_dir)
+    pad = chat.pad
     train, too_long = encode_pairs(tok, splits["train"], cfg.max_seq_len, chat)
     val, _ = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat)
     if not train or not val:
@@ -123,7 +122,7 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
         return loss.sum(), sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in batch)
 
-    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok)))
+    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
     lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
     run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, out, recipe.seed, "dpo", ctx, checkpoints)
     if save and ctx.is_main:

@@ -16,10 +16,11 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
 from lmkiln.io import atomic_dir, sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
-from lmkiln.model.hub import generation_eos, load_model, save_model
+from lmkiln.model.checks import require_same_format
+from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
-from lmkiln.tokenizer.train import load_tokenizer, special_ids
+from lmkiln.model.inference import load_format
 from lmkiln.train.formats import (IGNORE, ChatFormat, encode_all, encode_example, load_splits, preference_pair,
                                   sample)
 from lmkiln.train import dist
@@ -90,7 +91,7 @@ def preview(recipe: Recipe, n: int) -> None:
     base_dir = model_dir_of(Path(recipe.run_dir), cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
-    tok = load_tokenizer(base_dir)
+    tok, _ = load_format(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
     chat = ChatFormat(base_dir)
     for ex in splits["train"][:n]:
@@ -160,7 +161,7 @@ def load_base(recipe: Recipe, run_dir: Path):
     if not (base_dir / "config.json").is_file():
         raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
     seed_everything(recipe.seed)
-    tok = load_tokenizer(base_dir)
+    tok, _ = load_format(base_dir)
     check_base(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
     check_splits(splits, cfg)
@@ -191,9 +192,9 @@ def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, de
             lo = cfg.lora
             save_adapter(model, tmp, str(base_dir), lo.r, lo.alpha, lo.dropout, lo.targets, lo.dora)
         merge_lora(model)
-    end = special_ids(tok)["end"]
     with atomic_dir(out / "final") as tmp:
-        save_model(model, tmp, base_dir, generation_eos(base_dir) + ([end] if end is not None else []))
+        save_model(model, tmp, base_dir, sorted(ChatFormat(base_dir).stop_ids))
+        require_same_format(base_dir, tmp)
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None,
@@ -233,8 +234,8 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
               monitor: TaskMonitor | None = None, checkpoints: Checkpoints | None = None) -> dict:
     cfg = recipe.finetune
     device = ctx.device
-    pad = special_ids(tok)["pad"] or 0  # any id: padded positions are never attended to nor trained
     chat = ChatFormat(base_dir)
+    pad = chat.pad  # padded positions are never attended to nor trained
     train, too_long = encode_all(tok, splits["train"], cfg.max_seq_len, chat, cfg.loss_on)
     val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
     for name, kept, rows in (("training", train, splits["train"]), ("validation", val, splits["val"])):
@@ -263,7 +264,7 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
         loss, _, tokens = batch_loss(net, batch, pad, device)
         return loss, tokens
 
-    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok)))
+    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
     run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
                      lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
                      guard, out, recipe.seed, "finetune", ctx, checkpoints)

@@ -23,7 +23,8 @@ from tokenizers import Tokenizer
 
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
-from lmkiln.tokenizer.chat import instruction_messages, render
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.tokenizer.chat import instruction_messages
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 IGNORE = -100
@@ -208,50 +209,6 @@ def load_splits(source: str, val_fraction: float, heldout_fraction: float, fmt: 
 def sample(examples: list[dict], n: int, salt: str = "sample") -> list[dict]:
     """A deterministic, module-spread subset: the n examples with the smallest hash of their id."""
     return sorted(examples, key=lambda ex: unit_hash(ex["id"], salt))[:n]
-
-
-class ChatFormat:
-    """How a model's conversations become text: its own chat template (tokenizer_config.json or
-    chat_template.jinja), or lmkiln's when it has none."""
-
-    def __init__(self, model_dir: Path | None = None) -> None:
-        from lmkiln.model.checks import chat_template
-
-        self.model_dir = Path(model_dir) if model_dir is not None and chat_template(Path(model_dir)) else None
-        config = Path(model_dir or "") / "config.json"
-        cfg = json.loads(config.read_text()) if model_dir is not None and config.is_file() else {}
-        eos = cfg.get("eos_token_id")
-        self.bos, self.eos = cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos
-        from lmkiln.model.hub import generation_eos
-
-        # what ends a generated reply: generation_config's stop tokens and the template's end of turn
-        self.stop_ids = frozenset(generation_eos(model_dir) if model_dir is not None else []) | \
-            ({self.eos} if self.eos is not None else set())
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if self.model_dir is None:
-            return render(messages, add_generation_prompt)[0]
-        from lmkiln.model.checks import render_chat
-
-        return render_chat(self.model_dir, messages, add_generation_prompt)
-
-    def reply_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the character span of each assistant reply with its end-of-turn
-        token: the text the template adds for that message after the generation prompt, found by
-        rendering the conversation up to it (whatever the template, the prompt is what a server sends)."""
-        text = self.render(messages)
-        spans = []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[:i + 1])
-            if not upto.startswith(before) or not text.startswith(upto):
-                where = self.model_dir or "lmkiln's template"
-                raise UserError(f"the chat template of {where} does not render a conversation as a prefix of its "
-                                f"continuation, so the reply tokens cannot be found; set finetune.loss_on=all")
-            spans.append((len(before), len(upto.rstrip())))
-        return text, spans
 
 
 def messages_of(ex: dict) -> list[dict]:

@@ -21,6 +21,7 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, progress, set_quiet
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
@@ -232,7 +233,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         dist.barrier(ctx)
 
     loop = _Loop(recipe, ctx, step_model, model, opt, train_tokens, val_tokens, accum, tokens_per_step,
-                 flops_per_token, peak, track, save, ckpt_dir, on_step, monitor, tok,
+                 flops_per_token, peak, track, save, ckpt_dir, on_step, monitor, tok, ChatFormat(tok_dir),
                  fim=(cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None)
     step, train_loss, last_val = loop.run(start, carried)
     save(out / "final", step, [])
@@ -270,6 +271,7 @@ class _Loop:
     on_step: Callable[[int], None] | None
     monitor: TaskMonitor | None = None
     tok: object = None
+    chat: object = None  # the tokenizer's format (ChatFormat): its bos/eos for the task monitor
     fim: tuple[float, int, int, int] | None = None
     last_scores: dict | None = None
     _pool: object = None
@@ -372,7 +374,7 @@ class _Loop:
                         record = {**(record or {"step": step}), "val_loss": round(last_val, 5)}
                         message = f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}"
                         if self.monitor is not None:
-                            scores = self.monitor(dist.unwrap(self.model), self.tok)
+                            scores = self.monitor(dist.unwrap(self.model), self.tok, self.chat)
                             record.update(scores)
                             self.last_scores = scores
                             message += f"; {describe(scores)}"

@@ -1,0 +1,43 @@
+"""The one way to load a model directory for inference: the model, its tokenizer and its own format
+(chat template; bos, eos, pad and stop ids: model/chat_format.py). Every verb that runs a model
+(generate, chat, serve, eval, fine-tuning's base) goes through it, so none of them can fall back to
+lmkiln's own special tokens for a model that has others."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lmkiln.errors import UserError
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.hub import load_model
+from lmkiln.model.transformer import Transformer
+
+
+@dataclass
+class Loaded:
+    dir: Path
+    model: Transformer
+    tok: Tokenizer
+    chat: ChatFormat
+
+
+def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
+    """A model directory's tokenizer and format, without its weights."""
+    model_dir = Path(model_dir)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{model_dir}: no tokenizer.json (a model directory carries its tokenizer; "
+                        f"`kiln import` writes one)")
+    return Tokenizer.from_file(str(path)), ChatFormat(model_dir)
+
+
+def load_for_inference(model_dir: str | Path, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32) -> Loaded:
+    model_dir = Path(model_dir)
+    tok, chat = load_format(model_dir)
+    model = load_model(model_dir, device, dtype).eval()
+    return Loaded(model_dir, model, tok, chat)
