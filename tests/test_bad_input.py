@@ -75,7 +75,7 @@ CASES = [
     ("chat-no-model", "chat", ["{ws}/nope"], "is not a model directory"),
     ("serve-no-model", "serve", ["{ws}/nope"], "is not a model directory"),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),
-    ("import-no-source", "import", ["{ws}/nope", "{ws}/out"], "is neither a model directory nor a Hugging Face hub id"),
+    ("import-no-source", "import", ["{ws}/nope", "{ws}/out"], "is neither a model directory, a GGUF file nor a Hugging Face hub id"),
     ("finetune-no-base", "finetune", ["run_dir={ws}/r", "finetune.data={ws}/sft.jsonl", "finetune.base={ws}/nope"], "finetune.base"),
     # sampling flags
     ("generate-negative-temperature", "generate", ["{ws}/model", "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0: expected 0"),

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     out = []
     for name, field in model.model_fields.items():
+        name = field.alias or name  # as a recipe spells it
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _keys(ann, f"{prefix}{name}.")

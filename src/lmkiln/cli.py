@@ -20,7 +20,8 @@ STAGE_HELP = {
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
     "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, or a classification "
                 "head (run_dir/finetune)",
-    "eval": "score models side by side: perplexity, bits/byte, docstring loss and ROUGE-L (run_dir/eval)",
+    "eval": "score models side by side: perplexity, in-context tasks, generative tasks on your data, bias probes "
+            "(run_dir/eval)",
 }
 
 EPILOG = """\
@@ -90,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, help="with --models: also write eval.json, eval.md and eval.png here "
                            "(a new directory, or one lmkiln wrote; --force to add them beside other files)")
             p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
-                           help="perplexity, docstrings, ICL task files (.jsonl: multiple choice, schema, language "
-                           "modelling) or suite files (.yaml); same as eval.tasks=[...]")
+                           help="perplexity (held-out text, eval.text), docstrings (the quickstart's task), "
+                           "gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, ROUGE-L, reply loss; "
+                           "{text, label} rows: accuracy, macro-F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
+                           "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
+                           "files (.yaml); same as eval.tasks=[...]")
+            p.add_argument("--limit", type=int, default=None, metavar="N",
+                           help="score the first N documents of every task (sets eval.icl_max_examples for ICL "
+                           "tasks and eval.max_examples for gen: and docstrings)")
 
     p = sub.add_parser("tune", help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
                        "Optuna, pruning bad trials early; writes run_dir/tune/best.yaml, trials.csv, trials.png",
@@ -121,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "then faster per token, the same tokens)")
     _add_quiet(p)
 
-    p = sub.add_parser("import", help="import a Hugging Face model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) "
-                       "into an lmkiln model directory, checked")
-    p.add_argument("source", help="an HF model directory, or a hub id (OWNER/NAME) where a network exists")
+    p = sub.add_parser("import", help="import an open model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) from an HF "
+                       "directory or a GGUF file into an lmkiln model directory, checked")
+    p.add_argument("source", help="an HF model directory, a .gguf file (or a folder holding one), package:NAME (a model "
+                   "an installed Python package ships), or a hub id (OWNER/NAME) where a network exists")
     p.add_argument("out", type=Path, help="the model directory to write")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the checkpoint's)")
     p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
@@ -140,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("hf", "gguf"), default="hf",
                    help="hf: a transformers directory (default); gguf: model.gguf + Modelfile")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the model's)")
+    p.add_argument("--quant", default=None, metavar="TYPE", help="with --format gguf: quantize the matrices to q8_0, "
+                   "q4_0, q4_1, q5_0 or q5_1 (norms and vectors stay float, as llama.cpp's converter keeps them)")
     p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
                    "the files lmkiln writes (never an input itself)")
     _add_quiet(p)
@@ -291,7 +301,7 @@ def _export(args) -> None:
     from lmkiln.model.export import export_model
 
     checks = export_model(args.model, args.out, merge=args.merge, base=args.base, fmt=args.format, dtype=args.dtype,
-                          force=args.force)
+                          force=args.force, quant=args.quant)
     console.print(f"exported {args.model} -> {args.out}\nchecks:")
     print_checks(checks)
 
@@ -350,12 +360,16 @@ def dispatch(args) -> int:
     elif args.verb == "eval" and args.models:
         if args.tasks:
             args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
+        if args.limit is not None:
+            args.recipe = [*args.recipe, f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
         _eval_models(args)
     else:
         from lmkiln.pipeline import run_recipe
 
         if getattr(args, "tasks", None):
             args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
+        if getattr(args, "limit", None) is not None:
+            args.recipe = [*args.recipe, f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
         if getattr(args, "task", None):
             args.recipe = [*args.recipe, f"finetune.task={args.task}"]
         recipe = _load(args.recipe)

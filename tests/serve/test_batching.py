@@ -161,3 +161,23 @@ def test_engine_reports_errors_to_every_waiting_client(tiny_model):
         assert _tokens(events)[1] == "length"
     finally:
         engine.close()
+
+
+def test_kv_cache_grows_with_the_longest_sequence_and_shrinks_when_idle(tiny_model):
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    short, long = (prompts[0], 6), (prompts[2], 40)  # the long one outgrows a 16-token cache twice over
+    alone = [generate(model, p, n) for p, n in (short, long)]
+    engine = Engine(model, max_batch=2, max_queue=4, cache_start=16)
+    per_slot = engine.token_bytes * 2  # two slots
+    assert engine.cache.capacity == 16 and engine.cache.nbytes == 16 * per_slot
+    try:
+        runs = [_run(engine, p, n) for p, n in (short, long)]
+        got = [_tokens(events)[0] for events, _ in runs]
+        grown = engine.cache.capacity
+        time.sleep(0.2)  # the engine goes idle and lets the memory go
+    finally:
+        engine.close()
+    assert got == alone  # growing the cache mid-batch changes no token
+    assert grown >= len(prompts[2]) + 40 - 1 and grown <= engine.context
+    assert engine.cache.capacity == 16 and engine.cache.nbytes == 16 * per_slot

@@ -81,7 +81,7 @@ def score_labels(model: Transformer, tok: Tokenizer, chat: ChatFormat, examples:
     labels = sorted({ex["label"] for ex in examples})
     bos = chat.bos if add_bos else None
     pairs = [encode_pair(tok, ex["text"], delimiter + label, bos) for ex in examples for label in labels]
-    scored = loglikelihoods(model, pairs)
+    scored = loglikelihoods(model, pairs, greedy=False)
     k = len(labels)
     pred = [max(range(k), key=lambda j: scored[i * k + j][0]) for i in range(len(examples))]
     gold = [labels.index(ex["label"]) for ex in examples]

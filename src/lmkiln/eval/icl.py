@@ -33,9 +33,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmkiln.device import autocast
+from lmkiln.model.transformer import visible_keys
+from lmkiln.train.linear_ce import token_logprobs
 from lmkiln.errors import UserError
 from lmkiln.io import text_lines
 from lmkiln.model.chat_format import ChatFormat
@@ -155,40 +158,135 @@ def encode_pair(tok, context: str, continuation: str, bos: int | None) -> tuple[
     return start + ctx, whole[len(ctx):]
 
 
+def _rows(pairs: list[tuple[list[int], list[int]]], limit: int) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
+    """Pairs grouped into rows: (context ids, [(pair index, continuation ids), ...]). Pairs whose context
+    ids are equal (the choices of a multiple-choice document) share one row. A pair longer than the
+    model's context keeps its last max_seq_len + 1 tokens, in a row of its own."""
+    rows: dict[tuple, tuple[list[int], list]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        if len(ctx) + len(cont) - 1 > limit:
+            cont = cont[-limit:]
+            ctx = (ctx + cont)[-(limit + 1):][:-len(cont)] or ctx[-1:]
+            key: tuple = ("alone", i)
+        else:
+            key = tuple(ctx)
+        rows.setdefault(key, (ctx, []))[1].append((i, cont))
+    return list(rows.values())
+
+
+def _layout(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int], np.ndarray, list[list[int]]]:
+    """One row: the context, then the continuations as a prefix tree, each token once however many
+    continuations begin with it (the last token of each is left out: nothing is predicted from it),
+    at the positions it has after the context alone. Returns the tokens, their positions, which tokens
+    each may attend to (T x T: its ancestors and itself), and for each continuation the row indices its
+    tokens are predicted from: the context's last token, then the tree nodes of its own prefixes."""
+    tokens, positions, parent = list(ctx), list(range(len(ctx))), list(range(-1, len(ctx) - 1))
+    node: dict[tuple, int] = {}
+    sources = []
+    for cont in conts:
+        src, at = [len(ctx) - 1], len(ctx) - 1
+        for k in range(len(cont) - 1):
+            key = tuple(cont[:k + 1])
+            if key not in node:
+                node[key] = len(tokens)
+                tokens.append(cont[k])
+                positions.append(len(ctx) + k)
+                parent.append(at)
+            at = node[key]
+            src.append(at)
+        sources.append(src)
+    sees = np.zeros((len(tokens), len(tokens)), dtype=bool)
+    for i, p in enumerate(parent):  # parents come first: each row is its parent's plus itself
+        if p >= 0:
+            sees[i] = sees[p]
+        sees[i, i] = True
+    return tokens, positions, sees, sources
+
+
+LINE_TOKENS = 160  # rows are packed end to end into lines of about this many tokens (or the longest row)
+
+
+def _lines(laid: list, capacity: int) -> list[list]:
+    """Rows packed first-fit, longest first, into lines of at most `capacity` tokens: a batch of lines
+    has almost no padding, where rows of ragged lengths side by side would (each line is one sequence
+    whose mask keeps its rows apart)."""
+    lines: list[list] = []
+    room: list[int] = []
+    for row in sorted(laid, key=lambda row: -len(row[0][0])):
+        n = len(row[0][0])
+        k = next((k for k, free in enumerate(room) if free >= n), None)
+        if k is None:
+            lines.append([])
+            room.append(capacity)
+            k = len(lines) - 1
+        lines[k].append(row)
+        room[k] -= n
+    return lines
+
+
 @torch.no_grad()
-def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
+def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
+                   greedy: bool = True) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the continuation's summed log-probability and whether
-    every one of its tokens is the greedy choice. Longest first, batched with right padding; the LM head
-    runs only where a continuation token is predicted. Inputs longer than the model's context keep
-    their last max_seq_len tokens."""
+    every one of its tokens is the greedy choice (False for all with `greedy=False`, which skips that
+    pass over the vocabulary: multiple-choice scoring needs only the sums).
+
+    The choices of a document share their context and any common beginning, so each token runs once: a
+    row holds the context and the continuations as a prefix tree, each token at the position it would
+    have alone and attending only to what precedes it there (the same numbers as one forward per
+    choice). Rows are packed into lines of about LINE_TOKENS tokens, `batch_size` x 64 tokens a
+    forward; the LM head runs only where a continuation token is predicted, a chunk at a time."""
     model.eval()
     device = next(model.parameters()).device
-    limit = model.args.max_seq_len
-    order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+    laid = [(_layout(ctx, [c for _, c in members]), members) for ctx, members in _rows(pairs, model.args.max_seq_len)]
+    if not laid:
+        return []
+    capacity = max(LINE_TOKENS, max(len(row[0][0]) for row in laid))
+    lines = _lines(laid, capacity)
+    per_batch = max(1, batch_size * 64 // capacity)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
-        seqs = [(pairs[i][0] + pairs[i][1])[-(limit + 1):] for i in idx]
-        width = max(len(s) - 1 for s in seqs)
-        x = torch.zeros(len(idx), width, dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for r, (i, s) in enumerate(zip(idx, seqs)):
-            x[r, :len(s) - 1] = torch.tensor(s[:-1])
-            n = len(pairs[i][1])
-            for t in range(len(s) - 1 - n, len(s) - 1):  # position t predicts token t + 1
-                rows.append(r), cols.append(t), targets.append(s[t + 1])
+    for b in range(0, len(lines), per_batch):
+        batch = lines[b:b + per_batch]
+        width = max(sum(len(row[0][0]) for row in line) for line in batch)
+        x = torch.zeros(len(batch), width, dtype=torch.long)
+        pos = torch.zeros(len(batch), width, dtype=torch.long)
+        sees = np.broadcast_to(np.eye(width, dtype=bool), (len(batch), width, width)).copy()  # padding: itself
+        at, targets, members_in_order = [], [], []
+        for r, line in enumerate(batch):
+            start = 0
+            for (tokens, positions, row_sees, sources), members in line:
+                end = start + len(tokens)
+                x[r, start:end], pos[r, start:end] = torch.tensor(tokens), torch.tensor(positions)
+                sees[r, start:end, start:end] = row_sees
+                for src, (_, cont) in zip(sources, members):
+                    at += [(r, start + c) for c in src]
+                    targets += cont
+                members_in_order += members
+                start = end
+        mask = torch.from_numpy(sees)
+        if model.args.sliding_window is not None:
+            mask &= visible_keys(pos, pos[:, None, :], model.args.sliding_window)
+        # additive, made once: SDPA would turn a boolean mask into this in every layer
+        bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        layout = (pos.to(device), bias[:, None].to(device))
+        # each predicting position once through the head, however many continuations it predicts for
+        flat = torch.tensor([r * width + c for r, c in at])
+        unique, rows = flat.unique(sorted=True, return_inverse=True)
+        order = rows.argsort(stable=True)
         with autocast(device):
-            hidden = model(x.to(device), hidden_only=True)
-            logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-        logp = torch.log_softmax(logits, -1)
-        target = torch.tensor(targets, device=logp.device)
-        picked = logp.gather(1, target[:, None]).squeeze(1).cpu()
-        greedy = (logp.argmax(-1) == target).cpu()
+            hidden = model(x.to(device), hidden_only=True, layout=layout).flatten(0, 1)
+            scored, best = token_logprobs(hidden[unique.to(device)], model.lm_head.weight,
+                                          torch.tensor(targets, device=device)[order.to(device)], greedy=greedy,
+                                          rows=rows[order].to(device))
+        picked = torch.empty(len(targets), dtype=scored.dtype)
+        picked[order] = scored.cpu()
+        top = torch.zeros(len(targets), dtype=torch.bool)
+        if best is not None:
+            top[order] = best.cpu()
         k = 0
-        for i in idx:
-            n = len(pairs[i][1])
-            out[i] = (picked[k:k + n].sum().item(), bool(greedy[k:k + n].all()))
-            k += n
+        for i, cont in members_in_order:
+            out[i] = (picked[k:k + len(cont)].sum().item(), bool(top[k:k + len(cont)].all()))
+            k += len(cont)
     return out
 
 
@@ -220,7 +318,7 @@ def bias_scores(model, tok, chat: ChatFormat, docs: list[dict], batch_size: int 
         raise UserError("bias probes need a BOS or EOS token to start each sentence from; the model's config.json, "
                         "generation_config.json and tokenizer_config.json name neither")
     pairs = [([start], tok.encode(d[k], add_special_tokens=False).ids) for d in docs for k in ("sent_more", "sent_less")]
-    scored = loglikelihoods(model, pairs, batch_size)
+    scored = loglikelihoods(model, pairs, batch_size, greedy=False)
     prefers = [scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(docs))]
     by_type: dict[str, list[bool]] = {}
     for d, p in zip(docs, prefers):
@@ -248,7 +346,7 @@ def evaluate_task(model, tok, chat: ChatFormat, task: IclTask, seed: int = 1234,
             flat += [encode_pair(tok, c, t, bos) for c, t in reqs]
         except ValueError as exc:
             raise UserError(f"{task.path}: document {i + 1}: {exc}") from None
-    scored = loglikelihoods(model, flat, batch_size)
+    scored = loglikelihoods(model, flat, batch_size, greedy=kind == "language_modeling")
     results, k = [], 0
     for n in shape:
         results.append(scored[k:k + n])

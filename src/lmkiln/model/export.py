@@ -16,6 +16,7 @@ from lmkiln.io import check_output_dir, output_dir, write_text
 from lmkiln.model.checks import Check, consistency_checks, end_of_turn
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_state
+from lmkiln.model.gguf_format import QUANTS
 from lmkiln.model.importer import parse_dtype
 from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
 from lmkiln.model.transformer import Transformer
@@ -64,7 +65,7 @@ def _rounded(model: Transformer, dtype: torch.dtype) -> Transformer:
 
 
 def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | None = None, fmt: str = "hf",
-                 dtype: str | None = None, force: bool = False) -> list[Check]:
+                 dtype: str | None = None, force: bool = False, quant: str | None = None) -> list[Check]:
     """Export `model_path` (or an adapter merged into its base) into `out`, written whole or not at all,
     never over an input nor over files lmkiln did not write unless `force`; returns the checks."""
     model_path, out = Path(model_path), Path(out)
@@ -76,6 +77,10 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
     if is_adapter and not merge:
         raise UserError(f"'{model_path}' is a LoRA adapter, already in PEFT's layout; add --merge to fold it into its base")
     parse_dtype(dtype)
+    if quant is not None and fmt != "gguf":
+        raise UserError(f"--quant {quant}: quantization is for --format gguf")
+    if quant is not None and quant not in QUANTS:
+        raise UserError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
     inputs = [model_path] + ([adapter_base(model_path, base)[1]] if is_adapter else [])
     check_output_dir(out, inputs, force, "output directory")
     if is_adapter:
@@ -86,7 +91,7 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
     target = parse_dtype(dtype) or parse_dtype(stored if stored in ("float32", "bfloat16", "float16") else "fp32")
     model = _rounded(model.eval(), target)
     with output_dir(out, f"kiln export --format {fmt}") as tmp:
-        checks = (_export_gguf if fmt == "gguf" else _export_hf)(model, source, tmp, target)
+        checks = _export_gguf(model, source, tmp, target, quant) if fmt == "gguf" else _export_hf(model, source, tmp, target)
         broken = [c for c in checks if c.status == "failed" and c.name in INTEGRITY_CHECKS]
         if broken:  # a bug of ours, not the user's: nothing is left behind, and the traceback says where
             raise RuntimeError(f"export of {model_path} failed its own check: {broken[0].name}: {broken[0].detail}")
@@ -105,19 +110,33 @@ def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) 
     return checks + consistency_checks(out, fix=True)
 
 
-def _export_gguf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) -> list[Check]:
-    from lmkiln.model.gguf_export import gguf_tensors, modelfile, read_gguf, write_gguf
+def _export_gguf(model: Transformer, source: Path, out: Path, dtype: torch.dtype, quant: str | None = None) -> list[Check]:
+    from lmkiln.model.gguf_export import gguf_tensors, modelfile, read_gguf, stored_values, write_gguf
+    from lmkiln.model.gguf_format import gguf_package
+    from lmkiln.model.gguf_import import gguf_model
 
+    gguf = gguf_package()
     state = model.state_dict()
     path = out / "model.gguf"
-    write_gguf(model.args, state, source, path, source.name, dtype)
+    write_gguf(model.args, state, source, path, source.name, dtype, quant)
     meta, tensors = read_gguf(path)
     expected = gguf_tensors(model.args, state)
     bad = [n for n, t in expected.items()
-           if n not in tensors or not torch.equal(torch.from_numpy(tensors[n]), t.to(dtype if t.ndim > 1 else torch.float32).float())]
+           if n not in tensors or not torch.equal(tensors[n], stored_values(t, dtype, quant, gguf))]
+    stored = f"quantized {quant}" if quant else str(dtype).removeprefix("torch.")
     checks = [Check("GGUF read back", "ok" if not bad and len(tensors) == len(expected) else "failed",
-                    f"{len(tensors)} tensors equal to the model's, arch {meta['general.architecture']}"
+                    f"{len(tensors)} tensors equal to the model's, {stored}, arch {meta['general.architecture']}"
                     if not bad else f"tensors differ: {bad[:3]}")]
+    # what the file's numbers do to the model's output: the same prompt through both
+    probe = torch.tensor([[t % model.args.vocab_size for t in PROBE_PROMPT * 4]])
+    size = f"{path.stat().st_size / 2**20:,.1f} MiB"
+    try:
+        with torch.no_grad():
+            diff = (gguf_model(path)(probe) - model(probe)).abs().max().item()
+        checks.append(Check("GGUF logits", "ok", f"{size}; largest logit difference {diff:.2e} against the model in "
+                                                 f"memory over {probe.shape[1]} tokens"))
+    except UserError as exc:  # a file lmkiln cannot read back as a model (Llama 3.1's rope_freqs)
+        checks.append(Check("GGUF logits", "warning", f"{size}; not compared: {exc}"))
     if model.args.sliding_window and model.args.sliding_window < model.args.max_seq_len:
         checks.append(Check("sliding window", "warning", f"llama.cpp's llama architecture has no sliding window: "
                                                          f"contexts beyond {model.args.sliding_window} tokens differ"))

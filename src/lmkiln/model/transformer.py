@@ -118,8 +118,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
-        # nothing to differentiate (generation): without autograd.Function's bookkeeping
-        return self.weight * _rms_normed(x, self.variance_epsilon)[0]
+        # nothing to differentiate (generation): without autograd.Function's bookkeeping, in place
+        normed = _rms_normed(x, self.variance_epsilon)[0]
+        return normed.mul_(self.weight) if normed.dtype == torch.promote_types(normed.dtype, self.weight.dtype) \
+            else self.weight * normed
 
 
 def _rms_normed(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,12 +245,46 @@ class StaticKVCache(KVCache):
 class SlotCache(KVCache):
     """Keys/values for `slots` independent sequences (continuous batching): each slot has its own
     length, and a forward runs on any subset of slots (`rows`), each row at its own position. Rows
-    attend to their own slot only; the keys past a row's length are masked out."""
+    attend to their own slot only; the keys past a row's length are masked out.
 
-    def __init__(self, args: ModelArgs, slots: int, max_len: int, device, dtype) -> None:
-        super().__init__(args, slots, max_len, device, dtype)
+    Memory follows use, not the context limit: every slot holds `capacity` tokens, which starts at
+    `initial` and doubles (up to `max_len`) when a running sequence needs more (`reserve`), and falls
+    back to `initial` when no sequence runs (`release`)."""
+
+    def __init__(self, args: ModelArgs, slots: int, max_len: int, device, dtype, initial: int = 256) -> None:
+        self.initial = min(initial, max_len)
+        super().__init__(args, slots, self.initial, device, dtype)
+        self.context, self.capacity = max_len, self.initial
         self.lengths = [0] * slots
         self.rows: list[int] = []
+
+    @staticmethod
+    def bytes_per_token(args: ModelArgs, dtype) -> int:
+        """Keys and values of one token in every layer."""
+        return 2 * args.num_layers * args.num_kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def _resize(self, capacity: int) -> None:
+        keep = min(capacity, self.capacity)
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, :keep] = old[:, :, :keep]
+                cache[i] = new
+        self.capacity = self.max_len = capacity
+
+    def reserve(self, tokens: int) -> None:
+        """Room for `tokens` positions in every slot (at most `max_len`)."""
+        if tokens > self.capacity:
+            self._resize(min(self.context, max(tokens, 2 * self.capacity)))
+
+    def release(self) -> None:
+        """Back to the initial size: call when no sequence is running."""
+        if self.capacity > self.initial:
+            self._resize(self.initial)
 
     def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, str | torch.Tensor | None]:
         starts = torch.tensor([self.lengths[r] for r in self.rows], device=device)
@@ -363,7 +399,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # inference: the same products in place, two fewer passes over the widest activation
+        h = F.silu(self.gate_proj(x), inplace=True)
+        return self.down_proj(h.mul_(self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -375,8 +415,12 @@ class Block(nn.Module):
         self.mlp = MLP(args)
 
     def forward(self, x, cos, sin, cache, mask):
+        if torch.is_grad_enabled():
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # inference: the residual stream is this forward's own tensor, updated in place
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Backbone(nn.Module):
@@ -412,11 +456,14 @@ class Transformer(nn.Module):
                     p.normal_(0.0, s, generator=generator)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                segments: torch.Tensor | None = None, hidden_only: bool = False) -> torch.Tensor:
+                segments: torch.Tensor | None = None, hidden_only: bool = False,
+                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given.
-        `segments` (B, T) marks the examples of packed rows: each attends only to itself. `hidden_only`
-        returns the final hidden states instead (a loss that runs the head itself; DDP still sees a forward)."""
-        x = self.hidden_states(idx, cache, segments)
+        `segments` (B, T) marks the examples of packed rows: each attends only to itself. `layout` gives
+        positions (B, T) and a boolean mask (B, 1, T, T) outright (several continuations of one shared
+        context in a row). `hidden_only` returns the final hidden states instead (a loss that runs the
+        head itself; DDP still sees a forward)."""
+        x = self.hidden_states(idx, cache, segments, layout)
         if hidden_only:
             return x
         if last_only:
@@ -424,11 +471,14 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      segments: torch.Tensor | None = None) -> torch.Tensor:
+                      segments: torch.Tensor | None = None,
+                      layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Token ids (B, T) -> the final normed hidden states (B, T, hidden)."""
         t = idx.shape[1]
         window = self.args.sliding_window
-        if segments is not None:
+        if layout is not None:
+            positions, mask = layout
+        elif segments is not None:
             positions, mask = packed_positions(segments), packed_mask(segments, window)
         elif cache is not None:
             positions, mask = cache.positions_and_mask(t, window, idx.device)

@@ -30,6 +30,15 @@ from lmkiln.serve.protocol import (ApiError, ChatRequest, CompletionRequest, cha
 STATIC = Path(__file__).parent / "static"
 
 
+def cache_summary(engine) -> str:
+    """What the KV cache takes now and at most, for the operator choosing --max-batch and --context."""
+    e, mb = engine, 2**20
+    most = e.max_batch * e.context * e.token_bytes
+    return (f"KV cache: {e.token_bytes / 1024:,.1f} KiB per token; {e.max_batch} slots x {e.cache.capacity:,} tokens = "
+            f"{e.cache.nbytes / mb:,.0f} MiB now, growing with the longest running sequence to at most "
+            f"{e.max_batch} x {e.context:,} = {most / mb:,.0f} MiB (--max-batch, --context)")
+
+
 class Server:
     """The model, tokenizer, engine and adapters behind the routes; loaded on a thread when asked, so
     the routes answer 503 until it is ready."""
@@ -58,6 +67,9 @@ class Server:
             self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
             self.engine = Engine(model, self.max_batch, self.max_queue, self.context, adapters,
                                  on_finish=self.metrics.finished)
+            from lmkiln.log import console
+
+            console.print(cache_summary(self.engine), soft_wrap=True)
         except UserError as exc:
             self.error = str(exc)
             raise
@@ -243,7 +255,9 @@ def create_app(model_dir: str | Path, device: str = "auto", name: str | None = N
             status = "failed" if server.error else "loading"
             return JSONResponse(status_code=503, content={"status": status, "model": server.name, "error": server.error})
         return {"status": "ok", "model": server.name, "queue": server.engine.queue_depth,
-                "running": server.engine.batch_size, "max_batch": server.max_batch, "context": server.engine.context}
+                "running": server.engine.batch_size, "max_batch": server.max_batch, "context": server.engine.context,
+                "kv_cache_bytes": server.engine.cache.nbytes,
+                "kv_cache_max_bytes": server.max_batch * server.engine.context * server.engine.token_bytes}
 
     @app.get("/metrics")
     def metrics():

@@ -66,12 +66,14 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
-                 adapters=None, on_finish: Callable[[Sequence, str], None] | None = None) -> None:
+                 adapters=None, on_finish: Callable[[Sequence, str], None] | None = None, cache_start: int = 256) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.context = min(context or model.args.max_seq_len, model.args.max_seq_len)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = SlotCache(model.args, max_batch, self.context, self.device, next(model.parameters()).dtype)
+        self.cache = SlotCache(model.args, max_batch, self.context, self.device, next(model.parameters()).dtype,
+                               initial=cache_start)
+        self.token_bytes = SlotCache.bytes_per_token(model.args, next(model.parameters()).dtype)
         self.adapters, self.on_finish = adapters, on_finish
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
@@ -105,6 +107,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
+                if not self._stop and not self.waiting and not self.running:
+                    self.cache.release()  # idle: the cache returns to its initial size
                 while not self._stop and not self.waiting and not self.running:
                     self.wake.wait()
                 if self._stop:
@@ -148,6 +152,7 @@ class Engine:
 
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
         self.cache.rows = [s.slot for s in seqs]
+        self.cache.reserve(max(self.cache.lengths[s.slot] + len(t) for s, t in zip(seqs, tokens)))
         if self.adapters is not None:
             self.adapters.select([s.adapter for s in seqs])
         x = torch.tensor(tokens, device=self.device)

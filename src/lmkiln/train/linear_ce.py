@@ -99,3 +99,28 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     rows = _chunk_rows(weight.shape[0])
     return torch.cat([_chunk_losses(hidden[s:s + rows], weight, target[s:s + rows])
                       for s in range(0, len(target), rows)]) if len(target) else hidden.new_zeros(0)
+
+
+INFERENCE_CHUNK_ROWS = 256  # no gradient to fuse: small chunks keep each block of logits in cache
+
+
+@torch.no_grad()
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, greedy: bool = False,
+                   rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) of each row of `hidden @ weight.T` in float32, a chunk of rows at a time (the logits
+    are never whole), and, with `greedy`, whether the target is that row's most likely token. With
+    `rows`, target i is scored at hidden row rows[i] (sorted): a row several targets share (the context
+    every choice continues) runs through the head once."""
+    rows = torch.arange(len(target), device=target.device) if rows is None else rows
+    logp = torch.empty(len(target), dtype=_loss_dtype(hidden), device=hidden.device)
+    best = torch.empty(len(target), dtype=torch.bool, device=hidden.device) if greedy else None
+    bounds = torch.searchsorted(rows, torch.arange(0, len(hidden) + INFERENCE_CHUNK_ROWS, INFERENCE_CHUNK_ROWS,
+                                                   device=rows.device)).tolist()
+    for k, s in enumerate(range(0, len(hidden), INFERENCE_CHUNK_ROWS)):
+        a, b = bounds[k], bounds[k + 1]
+        logits = (hidden[s:s + INFERENCE_CHUNK_ROWS] @ weight.t()).to(logp.dtype)
+        local, t = rows[a:b] - s, target[a:b]
+        logp[a:b] = logits[local, t] - logits.logsumexp(-1)[local]
+        if best is not None:
+            best[a:b] = logits.argmax(-1)[local] == t
+    return logp, best

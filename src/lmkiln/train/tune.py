@@ -134,7 +134,7 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
     best = study.best_trial
     best_recipe = with_params(recipe, best.params)
     write_text(out / "best.yaml", f"# kiln tune: trial {best.number} of {len(study.trials)}, best validation "
-               f"loss {best.value:.4f}\n" + yaml.safe_dump(best_recipe.model_dump(mode="json", exclude_defaults=True),
+               f"loss {best.value:.4f}\n" + yaml.safe_dump(best_recipe.model_dump(mode="json", exclude_defaults=True, by_alias=True),
                                                             sort_keys=False))
     write_trials(study, out / "trials.csv")
     plot_trials(study, out / "trials.png")

@@ -1,0 +1,56 @@
+"""`kiln run`'s import stage: an open model (an HF directory, a GGUF file, a model an installed Python
+package ships, or a hub id) into run_dir/import/final, checked, so a recipe can fine-tune and evaluate
+it (`finetune.base: import`, `eval.models: [import, finetune]`) with the stage cache like any stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmkiln.config import Recipe
+from lmkiln.errors import UserError
+from lmkiln.io import sha256_file
+from lmkiln.log import console
+
+
+def config_of(recipe: Recipe) -> dict:
+    return recipe.import_.model_dump(mode="json")
+
+
+def _source(recipe: Recipe) -> str:
+    from lmkiln.model.importer import package_source
+
+    if recipe.import_.source is None:
+        raise UserError("import.source: name the model to import (a directory, a .gguf file, package:NAME or a hub id)")
+    return package_source(recipe.import_.source)
+
+
+def check_source(recipe: Recipe) -> None:
+    """The source is there (a path, a package's model) or has a hub id's shape, before any work."""
+    source = _source(recipe)
+    if not Path(source).exists() and source.count("/") != 1:
+        raise UserError(f"import.source: '{recipe.import_.source}' is neither a model directory, a GGUF file, "
+                        f"package:NAME nor a Hugging Face hub id (OWNER/NAME)")
+
+
+def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+    """The source's content: its GGUF file or weight files by hash (a hub id by name)."""
+    from lmkiln.model.gguf_import import gguf_source
+    from lmkiln.model.hub import weight_shards
+
+    source = _source(recipe)
+    gguf = gguf_source(source)
+    if gguf is not None:
+        return {"gguf": sha256_file(gguf)}
+    if Path(source).is_dir():
+        return {str(p.name): sha256_file(p) for p in weight_shards(Path(source))}
+    return {"hub": source}
+
+
+def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+    from lmkiln.model.checks import print_checks
+    from lmkiln.model.importer import describe, import_model
+
+    checks = import_model(_source(recipe), out / "final", recipe.import_.dtype)
+    console.print(f"imported {recipe.import_.source}\n{describe(out / 'final')}\nchecks:")
+    print_checks(checks)
+    return {"source": recipe.import_.source, "checks": {c.name: c.status for c in checks}}
