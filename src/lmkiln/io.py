@@ -308,6 +308,17 @@ def iter_jsonl(path: str | Path, on_bad=None) -> Iterator[tuple[int, dict]]:
         yield lineno, record
 
 
+def read_json(path: str | Path) -> dict:
+    """A JSON object file, or {} when there is none; a UserError naming the file when it is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+
+
 def read_manifest(stage_dir: str | Path) -> dict | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():

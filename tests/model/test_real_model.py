@@ -12,6 +12,7 @@ import torch
 from lmkiln.cli import main
 from lmkiln.model.checks import chat_template
 from lmkiln.model.export import export_model
+from lmkiln.model.generate import generate
 from lmkiln.model.gguf_format import QUANTS
 from lmkiln.model.importer import import_model
 from lmkiln.model.inference import load_for_inference
@@ -123,3 +124,29 @@ def test_quantized_gguf_export_reads_back_as_transformers_reads_it(trained_run, 
     import_model(str(tmp_path / "gguf" / "model.gguf"), tmp_path / "back")
     assert json.loads((tmp_path / "back" / "import.json").read_text())["tensor_types"][quant.upper()] > 0
     assert_same_as_transformers(tmp_path / "back", *hf_from_gguf(tmp_path / "gguf" / "model.gguf"))
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_generate_chat_on_a_small_chatml_model_matches_transformers(trained_run, tmp_path, capsys):
+    """A model lmkiln trained, given another template: generate --chat renders that one, not lmkiln's."""
+    import shutil
+
+    _, run_dir, _ = trained_run
+    model_dir = tmp_path / "chatml"
+    shutil.copytree(run_dir / "finetune" / "final", model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    lm = load_for_inference(model_dir)
+    prompt = lm.tok.encode(lm.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False).ids
+    assert prompt == _chat_ids(hf_tok, QUESTION) and "<|user|>" not in lm.chat.render(QUESTION)
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                 eos_token_id=sorted(lm.chat.stop_ids))[0, len(prompt):].tolist()
+    ours = generate(lm.model, prompt, 12, temperature=0.0, stop_ids=sorted(lm.chat.stop_ids))
+    assert ours == [t for t in expected if t not in lm.chat.stop_ids]  # the greedy tokens, as the CLI streams them
+    assert main(["-q", "generate", str(model_dir), "--chat", "--temperature", "0", "--max-tokens", "12",
+                 "--prompt", QUESTION[0]["content"]]) == 0

@@ -84,6 +84,18 @@ def test_greedy_generation_matches_transformers(tmp_path):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("variant", ["llama-tied-gqa", "mistral"])
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(variant):
+    from lmkiln.model.generate import generate_greedy_batch
+
+    model = tiny(**VARIANTS[variant])
+    prompts = [[5, 17, 33, 8], [3], [9, 9, 2, 41, 7, 7, 12, 60, 1], [44, 45]]
+    alone = [generate(model, p, 14, temperature=0.0) for p in prompts]
+    stop = alone[2][3]  # one sequence stops early, the others go on
+    alone = [generate(model, p, 14, temperature=0.0, stop_ids=[stop]) for p in prompts]
+    assert generate_greedy_batch(model, prompts, 14, [stop], batch=3) == alone
+
+
 def test_sampling_is_seeded_and_respects_stops():
     model = tiny()
     a = generate(model, [3, 4], 10, temperature=1.0, top_k=20, top_p=0.9, seed=7)

@@ -11,7 +11,7 @@ from collections import Counter
 from rouge_score import rouge_scorer
 from tokenizers import Tokenizer
 
-from lmkiln.model.generate import generate
+from lmkiln.model.generate import generate_greedy_batch
 from lmkiln.model.transformer import Transformer
 from lmkiln.train.formats import ChatFormat, encode_all, prompt_ids
 
@@ -53,12 +53,15 @@ def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict],
     nats, count = reply_loss(model, encoded, 8, chat.pad, device)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     samples, totals = [], Counter()
-    stops = sorted(chat.stop_ids)
+    prompts = []
     for ex in examples:
         prompt = prompt_ids(tok, ex, chat)
         if len(prompt) >= model.args.max_seq_len:
             prompt = prompt[-(model.args.max_seq_len - max_new_tokens):]
-        text = tok.decode(generate(model, prompt, max_new_tokens, stop_ids=stops)).strip()
+        prompts.append(prompt)
+    replies = generate_greedy_batch(model, prompts, max_new_tokens, sorted(chat.stop_ids))
+    for ex, reply in zip(examples, replies):
+        text = tok.decode(reply).strip()
         reference = messages_of(ex)[-1]["content"]
         scores = {"exact_match": exact_match(text, reference), "token_f1": token_f1(text, reference),
                   "rouge_l": rouge_l(text, reference, scorer)}

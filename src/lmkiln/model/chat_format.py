@@ -4,20 +4,11 @@ model lmkiln's tokenizer stage made, which carries them in its files like any ot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lmkiln.errors import UserError
+from lmkiln.io import read_json
 from lmkiln.tokenizer.chat import render
-
-
-def _json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _ids(value) -> list[int]:
@@ -34,8 +25,8 @@ class ChatFormat:
 
         root = Path(model_dir) if model_dir is not None else None
         self.model_dir = root if root is not None and chat_template(root) else None
-        cfg = _json(root / "config.json") if root else {}
-        gen = _json(root / "generation_config.json") if root else {}
+        cfg = read_json(root / "config.json") if root else {}
+        gen = read_json(root / "generation_config.json") if root else {}
         found = {name: _ids(cfg.get(f"{name}_token_id")) or _ids(gen.get(f"{name}_token_id"))
                  for name in ("bos", "eos", "pad")}
         if root is not None and not all(found.values()):  # else the tokenizer's named tokens
@@ -61,8 +52,8 @@ class ChatFormat:
     def _named_ids(root: Path) -> dict[str, int]:
         """tokenizer_config.json's bos_token/eos_token/pad_token strings, as ids of tokenizer.json."""
         names = {k.removesuffix("_token"): (v.get("content") if isinstance(v, dict) else v)
-                 for k, v in _json(root / "tokenizer_config.json").items() if k in ("bos_token", "eos_token", "pad_token")}
-        tok = _json(root / "tokenizer.json")
+                 for k, v in read_json(root / "tokenizer_config.json").items() if k in ("bos_token", "eos_token", "pad_token")}
+        tok = read_json(root / "tokenizer.json")
         vocab = dict((tok.get("model") or {}).get("vocab") or {})
         vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
         return {k: vocab[v] for k, v in names.items() if isinstance(v, str) and isinstance(vocab.get(v), int)}

@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lmkiln.errors import UserError
+from lmkiln.io import read_json
 
 PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."},
          {"role": "assistant", "content": "Hi there"}]
@@ -23,13 +24,7 @@ class Check:
 
 
 def tokenizer_config(model_dir: Path) -> dict:
-    path = model_dir / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(Path(model_dir) / "tokenizer_config.json")
 
 
 def chat_template(model_dir: Path) -> str | None:

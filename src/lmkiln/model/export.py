@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_text
-from lmkiln.model.checks import Check, consistency_checks, end_of_turn
+from lmkiln.model.checks import Check, consistency_checks, end_of_turn, require_same_format
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_state
 from lmkiln.model.gguf_format import QUANTS
@@ -101,6 +101,7 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
 def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) -> list[Check]:
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     save_state(model.args, state, out, source)
+    require_same_format(source, out)
     vocab_probe = [t % model.args.vocab_size for t in PROBE_PROMPT]
     expected = generate(model, vocab_probe, 16, temperature=0.0)
     got = generate(load_model(out), vocab_probe, 16, temperature=0.0)

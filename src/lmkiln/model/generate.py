@@ -89,3 +89,47 @@ class TextStream:
 
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
     return list(stream(model, prompt, max_new_tokens, **kwargs))
+
+
+@torch.no_grad()
+def generate_greedy_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
+                          stop_ids: list[int] | None = None, batch: int = 16) -> list[list[int]]:
+    """Greedy continuations of many prompts, `batch` decoded together (one read of the weights serves
+    them all, where one at a time each token reads them again): each prompt is prefilled into its own
+    slot of a SlotCache, then every unfinished slot takes a step at once; the same tokens as `generate`
+    one at a time."""
+    from lmkiln.model.transformer import SlotCache
+
+    model.eval()
+    device = next(model.parameters()).device
+    limit, stops = model.args.max_seq_len, set(stop_ids or [])
+    out: list[list[int]] = [[] for _ in prompts]
+    for b in range(0, len(prompts), batch):
+        group = [p[-limit:] for p in prompts[b:b + batch]]
+        budget = [min(max_new_tokens, limit - len(p)) for p in group]
+        cache = SlotCache(model.args, len(group), max(len(p) + n for p, n in zip(group, budget)), device,
+                          next(model.parameters()).dtype, initial=max(len(p) + n for p, n in zip(group, budget)))
+        last: dict[int, int] = {}
+        for slot, prompt in enumerate(group):
+            if budget[slot] <= 0:
+                continue
+            cache.rows = [slot]
+            token = int(model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1].argmax())
+            if token not in stops:
+                out[b + slot].append(token)
+                last[slot] = token
+        while True:
+            live = [s for s in sorted(last) if len(out[b + s]) < budget[s]]
+            if not live:
+                break
+            cache.rows = live
+            logits = model(torch.tensor([[last[s]] for s in live], device=device), cache=cache)[:, -1]
+            for s, token in zip(live, logits.argmax(-1).tolist()):
+                if token in stops:
+                    del last[s]
+                else:
+                    out[b + s].append(token)
+                    last[s] = token
+            for s in [s for s in last if len(out[b + s]) >= budget[s]]:
+                del last[s]
+    return out

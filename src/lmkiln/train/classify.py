@@ -17,6 +17,7 @@ from torch import nn
 from lmkiln.errors import UserError
 from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
+from lmkiln.model.checks import require_same_format
 from lmkiln.model.hub import HF_CLASSES, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
@@ -169,6 +170,7 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
             merge_lora(model.body)
         with atomic_dir(out / "final") as tmp:
             save_classifier(model, tmp, base_dir, names)
+            require_same_format(base_dir, tmp)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
     best, base = guard.best, guard.base
     return {"task": "classify", "method": cfg.method, "labels": names, "examples": len(train_ids),
