@@ -234,16 +234,20 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
     The choices of a document share their context and any common beginning, so each token runs once: a
     row holds the context and the continuations as a prefix tree, each token at the position it would
     have alone and attending only to what precedes it there (the same numbers as one forward per
-    choice). Rows are packed into lines of about LINE_TOKENS tokens, `batch_size` x 64 tokens a
+    choice). Rows are packed into lines of about LINE_TOKENS tokens, `batch_size` x 128 tokens a
     forward; the LM head runs only where a continuation token is predicted, a chunk at a time."""
     model.eval()
     device = next(model.parameters()).device
     laid = [(_layout(ctx, [c for _, c in members]), members) for ctx, members in _rows(pairs, model.args.max_seq_len)]
     if not laid:
         return []
-    capacity = max(LINE_TOKENS, max(len(row[0][0]) for row in laid))
-    lines = _lines(laid, capacity)
-    per_batch = max(1, batch_size * 64 // capacity)
+    if all(len(members) == 1 for _, members in laid):  # no tree anywhere: a row per sequence, causal
+        lines = [[row] for row in sorted(laid, key=lambda row: -len(row[0][0]))]
+        capacity = max(64, sum(len(row[0][0]) for row in laid) // len(laid))
+    else:
+        capacity = max(LINE_TOKENS, max(len(row[0][0]) for row in laid))
+        lines = _lines(laid, capacity)
+    per_batch = max(1, batch_size * 128 // capacity)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for b in range(0, len(lines), per_batch):
         batch = lines[b:b + per_batch]
@@ -263,12 +267,15 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
                     targets += cont
                 members_in_order += members
                 start = end
-        mask = torch.from_numpy(sees)
-        if model.args.sliding_window is not None:
-            mask &= visible_keys(pos, pos[:, None, :], model.args.sliding_window)
-        # additive, made once: SDPA would turn a boolean mask into this in every layer
-        bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
-        layout = (pos.to(device), bias[:, None].to(device))
+        if all(len(line) == 1 and len(line[0][1]) == 1 for line in batch):
+            layout = None  # one sequence a row, right-padded: the model's own causal path
+        else:
+            mask = torch.from_numpy(sees)
+            if model.args.sliding_window is not None:
+                mask &= visible_keys(pos, pos[:, None, :], model.args.sliding_window)
+            # additive, made once: SDPA would turn a boolean mask into this in every layer
+            bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+            layout = (pos.to(device), bias[:, None].to(device))
         # each predicting position once through the head, however many continuations it predicts for
         flat = torch.tensor([r * width + c for r, c in at])
         unique, rows = flat.unique(sorted=True, return_inverse=True)

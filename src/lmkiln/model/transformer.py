@@ -188,7 +188,15 @@ def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): the swap of halves is a
     roll and its sign is in `sin`, three passes over x where the textbook form takes five."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
+    if torch.is_grad_enabled():
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
+    # inference: each half takes the other half's product in place, with no rolled copy of x (the same
+    # arithmetic, element by element)
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h].addcmul_(x[..., h:], sin[..., :h])
+    out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    return out.to(x.dtype)
 
 
 class KVCache:
