@@ -174,10 +174,9 @@ def test_kv_cache_grows_with_the_longest_sequence_and_shrinks_when_idle(tiny_mod
     try:
         runs = [_run(engine, p, n) for p, n in (short, long)]
         got = [_tokens(events)[0] for events, _ in runs]
-        grown = engine.cache.capacity
         time.sleep(0.2)  # the engine goes idle and lets the memory go
     finally:
         engine.close()
     assert got == alone  # growing the cache mid-batch changes no token
-    assert grown >= len(prompts[2]) + 40 - 1 and grown <= engine.context
+    assert len(prompts[2]) + 40 - 1 <= engine.cache.peak <= engine.context
     assert engine.cache.capacity == 16 and engine.cache.nbytes == 16 * per_slot

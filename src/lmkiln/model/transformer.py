@@ -263,6 +263,7 @@ class SlotCache(KVCache):
         self.initial = min(initial, max_len)
         super().__init__(args, slots, self.initial, device, dtype)
         self.context, self.capacity = max_len, self.initial
+        self.peak = self.initial  # the most tokens a slot has held room for
         self.lengths = [0] * slots
         self.rows: list[int] = []
 
@@ -283,6 +284,7 @@ class SlotCache(KVCache):
                 new[:, :, :keep] = old[:, :, :keep]
                 cache[i] = new
         self.capacity = self.max_len = capacity
+        self.peak = max(self.peak, capacity)
 
     def reserve(self, tokens: int) -> None:
         """Room for `tokens` positions in every slot (at most `max_len`)."""
