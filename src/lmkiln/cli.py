@@ -325,6 +325,14 @@ def _eval_models(args) -> None:
             write_results(results, tmp)
 
 
+def _eval_overrides(args) -> list[str]:
+    """`kiln eval`'s --tasks and --limit as the recipe keys they stand for."""
+    out = [f"eval.tasks={json.dumps(args.tasks)}"] if getattr(args, "tasks", None) else []
+    if getattr(args, "limit", None) is not None:
+        out += [f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
+    return out
+
+
 def dispatch(args) -> int:
     from lmkiln import __version__
     from lmkiln.log import set_quiet
@@ -358,18 +366,12 @@ def dispatch(args) -> int:
 
         preview(_load(args.recipe), args.preview)
     elif args.verb == "eval" and args.models:
-        if args.tasks:
-            args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
-        if args.limit is not None:
-            args.recipe = [*args.recipe, f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
+        args.recipe += _eval_overrides(args)
         _eval_models(args)
     else:
         from lmkiln.pipeline import run_recipe
 
-        if getattr(args, "tasks", None):
-            args.recipe = [*args.recipe, f"eval.tasks={json.dumps(args.tasks)}"]
-        if getattr(args, "limit", None) is not None:
-            args.recipe = [*args.recipe, f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
+        args.recipe += _eval_overrides(args)
         if getattr(args, "task", None):
             args.recipe = [*args.recipe, f"finetune.task={args.task}"]
         recipe = _load(args.recipe)
