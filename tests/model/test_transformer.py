@@ -3,7 +3,8 @@ import torch
 
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import load_model, save_model
-from lmkiln.model.transformer import KVCache, ModelArgs, RMSNorm, Transformer, _RMSNorm
+from lmkiln.model.kv_cache import KVCache
+from lmkiln.model.transformer import ModelArgs, RMSNorm, Transformer, _RMSNorm
 
 
 def tiny(**kw) -> Transformer:
@@ -137,7 +138,7 @@ def test_rms_norm_in_bf16_matches_hf_numerics():
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_few_rows_path_equals_f_linear(shape, bias):
     """Decode-sized inputs take the row-block product; more rows, or gradients, take F.linear."""
-    from lmkiln.model.transformer import Linear
+    from lmkiln.model.linear import Linear
 
     torch.manual_seed(0)
     layer = Linear(24, 36, bias=bias)
@@ -154,7 +155,7 @@ def test_linear_few_rows_path_equals_f_linear(shape, bias):
 def test_static_cache_decode_equals_kv_cache(variant):
     """The compile-ready cache (whole-context attention under a mask, index writes) gives the same
     tokens and logits as the plain cache, eager."""
-    from lmkiln.model.transformer import StaticKVCache
+    from lmkiln.model.kv_cache import StaticKVCache
 
     model = tiny(**variant)
     prompt = torch.tensor([[5, 9, 14, 3]])

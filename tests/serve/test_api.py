@@ -4,6 +4,7 @@ OpenAI's error shapes and status codes."""
 
 import json
 import math
+import time
 
 import httpx
 import openai
@@ -175,8 +176,10 @@ def test_full_queue_is_429_and_loading_is_503(tiny_model, monkeypatch):
         waiting = {}
         t = threading.Thread(target=lambda: waiting.update(out=client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)))
         t.start()
+        deadline = time.time() + 30
         while engine.queue_depth == 0:
-            pass
+            assert time.time() < deadline, "the first request never reached the queue"
+            time.sleep(0.005)
         with pytest.raises(openai.RateLimitError) as err:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)
         assert "busy" in err.value.message
@@ -197,8 +200,10 @@ def test_full_queue_is_429_and_loading_is_503(tiny_model, monkeypatch):
         assert err.value.status_code == 503 and "loading" in err.value.message
         assert httpx.get(url + "/health").status_code == 503
         gate.set()
+        deadline = time.time() + 60
         while httpx.get(url + "/health").status_code != 200:
-            pass
+            assert time.time() < deadline, "the model never finished loading"
+            time.sleep(0.05)
         assert client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
 
 

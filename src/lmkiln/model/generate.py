@@ -6,7 +6,8 @@ from typing import Iterator
 
 import torch
 
-from lmkiln.model.transformer import KVCache, StaticKVCache, Transformer
+from lmkiln.model.kv_cache import KVCache, SlotCache, StaticKVCache
+from lmkiln.model.transformer import Transformer
 
 
 def _decode_step(model: Transformer) -> torch.nn.Module:
@@ -98,8 +99,6 @@ def generate_greedy_batch(model: Transformer, prompts: list[list[int]], max_new_
     them all, where one at a time each token reads them again): each prompt is prefilled into its own
     slot of a SlotCache, then every unfinished slot takes a step at once; the same tokens as `generate`
     one at a time."""
-    from lmkiln.model.transformer import SlotCache
-
     model.eval()
     device = next(model.parameters()).device
     limit, stops = model.args.max_seq_len, set(stop_ids or [])

@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from lmkiln.model.generate import sample_next
-from lmkiln.model.transformer import SlotCache, Transformer
+from lmkiln.model.kv_cache import SlotCache
+from lmkiln.model.transformer import Transformer
 
 
 class QueueFull(Exception):
