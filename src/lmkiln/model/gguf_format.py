@@ -67,7 +67,7 @@ def gguf_package():
     try:
         import gguf
     except ImportError:
-        raise UserError("GGUF needs the gguf package: pip install 'lmkiln[export]'") from None
+        raise UserError("GGUF needs the gguf package: pip install gguf") from None
     return gguf
 
 
