@@ -82,6 +82,16 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     return out
 
 
+EXPLAINED = {  # what each kind of score means, said once under the table when the run has it
+    "perplexity": "Held-out loss: nats per token on the held-out text; bits/byte: the same per UTF-8 byte, "
+                  "comparable across tokenizers.",
+    "docstrings": "Docstring loss: nats per token of the reference docstrings of functions in held-out modules; "
+                  "ROUGE-L: F1 of the greedy generated docstring against the reference.",
+    "gen": "Reply loss: nats per token of the reference replies; exact match and token F1 (SQuAD's normalisation) "
+           "and ROUGE-L: the greedy reply against the reference, on rows fine-tuning held out (`@val`).",
+}
+
+
 def _eval_section(run_dir: Path) -> list[str]:
     path = run_dir / "eval" / "eval.json"
     if not path.exists():
@@ -89,24 +99,42 @@ def _eval_section(run_dir: Path) -> list[str]:
     from lmkiln.eval.stage import markdown_table
 
     results = json.loads(path.read_text())
+    first = next(iter(results.values()), {})
+    kinds = {"perplexity" if t == "perplexity" else "docstrings" if t == "docstrings" else "gen"
+             for t, r in first.items() if isinstance(r, dict) and ("samples" in r or t == "perplexity")}
     out = ["## Evaluation: base against tuned", "", markdown_table(results),
-           "Held-out loss: nats per token on the held-out text; bits/byte: the same per UTF-8 byte, comparable "
-           "across tokenizers. Docstring loss: nats per token of the reference docstrings of functions in "
-           "held-out modules; ROUGE-L: F1 of the greedy generated docstring against the reference.", ""]
+           " ".join(EXPLAINED[k] for k in EXPLAINED if k in kinds), ""]
     if (run_dir / "eval" / "eval.png").exists():
         out += ["![every score, a bar per model](eval/eval.png)", ""]
-    with_samples = {k: v["docstrings"]["samples"] for k, v in results.items() if "docstrings" in v}
-    if with_samples:
-        out += ["## Sample generations (held-out modules)", ""] + _size_note(run_dir)
-        names = list(with_samples)
-        for i in range(min(3, len(with_samples[names[0]]))):
-            first = with_samples[names[0]][i]
-            out += [f"### `{first['id']}`", "", fenced(first["input"], "python"), "", "**reference**", "",
-                    fenced(first["reference"]), ""]
-            for n in names:
-                sample = with_samples[n][i]
-                out += [f"**{n}** (ROUGE-L {sample['rouge_l']:.4f})", "", fenced(sample["generated"] or "(empty)"), ""]
+    for task, r in first.items():
+        if isinstance(r, dict) and r.get("samples"):
+            out += _samples(run_dir, task, {name: res[task]["samples"] for name, res in results.items() if task in res})
     return out
+
+
+def _samples(run_dir: Path, task: str, samples: dict[str, list[dict]]) -> list[str]:
+    """The first three held-out examples of a generative task: input, reference, each model's reply."""
+    title = "held-out modules" if task == "docstrings" else f"{task}, held-out rows"
+    out = [f"## Sample generations ({title})", ""] + _size_note(run_dir)
+    names = list(samples)
+    for i in range(min(3, len(samples[names[0]]))):
+        first = samples[names[0]][i]
+        out += [f"### `{first['id']}`", "", fenced(first["input"], "python" if task == "docstrings" else "text"), "",
+                "**reference**", "", fenced(first["reference"]), ""]
+        for n in names:
+            sample = samples[n][i]
+            out += [f"**{n}** (ROUGE-L {sample['rouge_l']:.4f})", "", fenced(sample["generated"] or "(empty)"), ""]
+    return out
+
+
+def _import_section(run_dir: Path) -> list[str]:
+    manifest = read_manifest(run_dir / "import")
+    if not manifest:
+        return []
+    from lmkiln.model.importer import describe
+
+    return ["## Base model", "", f"Imported from `{manifest['metrics']['source']}`:", "",
+            fenced(describe(run_dir / "import" / "final")), ""]
 
 
 def _size_note(run_dir: Path) -> list[str]:
@@ -135,13 +163,14 @@ def _f4(value) -> str:
 
 def write_report(run_dir: Path, skip_if_current: bool = True) -> Path:
     path = run_dir / "report.md"
-    manifests = [run_dir / s / "manifest.json" for s in ("data", "tokenizer", "pretrain", "finetune", "eval")]
+    manifests = [run_dir / s / "manifest.json" for s in ("data", "tokenizer", "pretrain", "import", "finetune", "eval")]
     newest = max((m.stat().st_mtime for m in manifests if m.exists()), default=0)
     if skip_if_current and path.exists() and path.stat().st_mtime >= newest:
         return path
     lines = [f"# lmkiln run report: `{run_dir}`", ""]
     lines += _data_section(run_dir)
     lines += _training_section(run_dir, "pretrain", "Pretraining")
+    lines += _import_section(run_dir)
     lines += _training_section(run_dir, "finetune", "Fine-tuning")
     lines += _eval_section(run_dir)
     write_text(path, "\n".join(lines) + "\n")
