@@ -97,7 +97,7 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
 
 
 def batches_of(examples: list, batch: int, grouped: bool) -> list[list]:
-    from lmkiln.train.loop import length_grouped_batches
+    from lmkiln.train.tuning import length_grouped_batches
 
     rng = random.Random(0)
     if grouped:
@@ -126,7 +126,7 @@ def run_ours(model_dir: Path, rank: int):
 
     from lmkiln.model.hub import load_model
     from lmkiln.train.finetune import batch_loss
-    from lmkiln.train.loop import make_trainable
+    from lmkiln.train.tuning import make_trainable
     from lmkiln.train.optim import adamw
 
     model = load_model(model_dir, "cpu")

@@ -58,7 +58,7 @@ def make_steps(args, ours, hf, device):
     def step_ours():
         x, y = batch()
         with autocast(device):
-            loss = next_token_loss(run_ours, ours, x, y)  # what `kiln pretrain` computes
+            loss = next_token_loss(run_ours, ours, x, y) / y.numel()  # what `kiln pretrain` computes
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
         opt_ours.step()

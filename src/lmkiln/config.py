@@ -254,6 +254,7 @@ class FinetuneConfig(Section):
     warmup_steps: int = Field(20, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
+    on_nan: Literal["stop", "skip"] = Field("stop", description="a non-finite loss: stop, or skip that batch")
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_seq_len: int = Field(512, gt=8)

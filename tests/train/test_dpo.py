@@ -9,7 +9,8 @@ import torch
 from lmkiln.errors import UserError
 from lmkiln.train import run_finetune
 from lmkiln.train.dpo import dpo_loss, reply_logprobs
-from lmkiln.train.formats import IGNORE, load_splits
+from lmkiln.model.loss import IGNORE
+from lmkiln.train.formats import load_splits
 from tests.model.test_transformer import tiny
 
 

@@ -6,7 +6,7 @@ import torch
 from lmkiln import data, tokenizer
 from lmkiln.errors import UserError
 from lmkiln.train import run_finetune, run_pretrain
-from lmkiln.train.loop import length_grouped_batches
+from lmkiln.train.tuning import length_grouped_batches
 from lmkiln.train.formats import load_splits
 
 

@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from lmkiln.train.formats import IGNORE
+from lmkiln.model.loss import IGNORE
 from lmkiln.train.packing import best_fit, collate_rows, pack
 from tests.model.test_transformer import tiny
 

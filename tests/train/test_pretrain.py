@@ -148,15 +148,17 @@ def test_prefetched_batches_equal_inline_batches(prepared):
     """The accelerator path reads the next step on a thread; its batches must be the inline ones."""
     from lmkiln.tokenizer.encode import open_shard
     from lmkiln.train.dist import DistContext
-    from lmkiln.train.pretrain import _Loop
+    from functools import partial
+
+    from lmkiln.train.loop import Plan, _Batches
+    from lmkiln.train.pretrain import _micro_batches
 
     tokens, _ = open_shard(prepared.run_dir / "tokenizer" / "train")
-    loop = _Loop(prepared, DistContext(device=torch.device("meta")), None, None, None, tokens, tokens, 2, 0, 0.0,
-                 None, None, None, None, None)
+    inline = partial(_micro_batches, prepared, tokens, 2, DistContext(device=torch.device("meta")), None)
+    loop = _Batches(Plan("pretrain", 4, inline, None, None, None, prefetch=True))
     try:
         for step in range(4):
-            fetched = loop.batches(step)
-            inline = loop.host_batches(step)
-            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fetched, inline))
+            fetched = loop(step)
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(fetched, inline(step)))
     finally:
-        loop._pool.shutdown()
+        loop.close()

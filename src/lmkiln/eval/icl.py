@@ -38,7 +38,7 @@ import torch
 
 from lmkiln.device import autocast
 from lmkiln.model.transformer import visible_keys
-from lmkiln.train.linear_ce import token_logprobs
+from lmkiln.model.loss import token_logprobs
 from lmkiln.errors import UserError
 from lmkiln.io import text_lines
 from lmkiln.model.chat_format import ChatFormat

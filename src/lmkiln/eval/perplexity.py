@@ -7,10 +7,10 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lmkiln.device import autocast
+from lmkiln.model.loss import IGNORE, next_token_losses
 from lmkiln.model.transformer import Transformer
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.tokenizer.train import token_byte_lengths
@@ -50,11 +50,11 @@ def perplexity(model: Transformer, tok: Tokenizer, tokens: np.ndarray, seq_len: 
         x, y = chunk[:, :-1].to(device), chunk[:, 1:].clone()
         for row, s in enumerate(starts[i:i + batch_size]):
             if s > 0:  # the targets before the last `stride` were scored by the previous window
-                y[row, :seq_len - stride] = -100
+                y[row, :seq_len - stride] = IGNORE
         with autocast(device):
-            logits = model(x)
-        nats += F.cross_entropy(logits.float().flatten(0, 1).cpu(), y.flatten(), reduction="sum", ignore_index=-100).item()
-        scored = y[y != -100]
+            losses, _ = next_token_losses(model, x, y.to(device), model.lm_head.weight)
+        nats += losses.sum().item()
+        scored = y[y != IGNORE]
         count += scored.numel()
         nbytes += byte_len[scored].sum().item()
     loss = nats / count

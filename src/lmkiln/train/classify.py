@@ -23,7 +23,7 @@ from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.train.formats import ChatFormat
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 from lmkiln.train.metrics import plot_curves
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
@@ -162,7 +162,7 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
         return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
     guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval)
-    run = train_loop(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
+    run = run_epochs(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
                      guard, out, recipe.seed, "classify", ctx, checkpoints)
     guard.restore_best()
     if save and ctx.is_main:

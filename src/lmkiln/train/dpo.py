@@ -23,7 +23,9 @@ from lmkiln.log import console
 from lmkiln.model.hub import load_model
 from lmkiln.train.formats import ChatFormat, collate, encode_example, preference_pair, sample
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop, trained_token_losses
+from lmkiln.model.loss import next_token_losses
+from lmkiln.train.dist import unwrap
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 from lmkiln.train.metrics import plot_curves
 
 
@@ -39,7 +41,7 @@ def reply_logprobs(model, encoded: list[tuple[list[int], list[int]]], pad_id: in
     x, y = collate(encoded, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
-        loss, rows = trained_token_losses(model, x, y)
+        loss, rows = next_token_losses(model, x, y, unwrap(model).lm_head.weight)
     return torch.zeros(len(x), device=device).index_add(0, rows, -loss)
 
 
@@ -124,7 +126,7 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
 
     guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
     lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
-    run = train_loop(model, cfg, train, lengths, micro_loss, len, guard, out, recipe.seed, "dpo", ctx, checkpoints)
+    run = run_epochs(model, cfg, train, lengths, micro_loss, len, guard, out, recipe.seed, "dpo", ctx, checkpoints)
     if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "DPO")

@@ -58,12 +58,12 @@ def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int, head: bool
 
 def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
     """Memory of the LM head's loss in a training step. Whole logits: the logits held by the loss, then
-    two logits-sized gradient buffers. Chunked (train/linear_ce.py): one chunk of logits, the head's
+    two logits-sized gradient buffers. Chunked (model/loss.py): one chunk of logits, the head's
     weight gradient computed in the forward pass and its scaled copy, and the hidden states with their
     gradient and its scaled copy."""
     if not chunked:
         return 3 * tokens * args.vocab_size * 4
-    from lmkiln.train.linear_ce import _chunk_rows
+    from lmkiln.model.loss import _chunk_rows
 
     chunk = min(tokens, _chunk_rows(args.vocab_size)) * args.vocab_size * 4
     return chunk + 2 * args.vocab_size * args.hidden_size * 4 + 3 * tokens * args.hidden_size * 4
@@ -72,7 +72,7 @@ def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
 def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> dict:
     """Memory of a fine-tuning run (fp32 on CPU): weights, gradients and AdamW state of what trains,
     the activations of one micro-batch of `seq_len`-token rows (twice the rows for DPO pairs)."""
-    from lmkiln.train.loop import make_trainable
+    from lmkiln.train.tuning import make_trainable
 
     with torch.device("meta"), console.capture():  # the meta copy's LoRA line is not news
         model = Transformer(args)

@@ -1,6 +1,6 @@
 """`kiln finetune`: supervised fine-tuning (full, LoRA or DoRA; loss on replies only; optional packing),
 DPO on preference pairs (train/dpo.py) and classification heads (train/classify.py), all through the
-shared loop with validation, early stopping and the best state kept (train/loop.py)."""
+shared loop (train/loop.py) with validation, early stopping and the best state kept (train/tuning.py)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import merge_lora, save_adapter
 from lmkiln.pipeline import stage_dir, upstream
 from lmkiln.model.inference import load_format
-from lmkiln.train.formats import (IGNORE, ChatFormat, encode_all, encode_example, load_splits, preference_pair,
-                                  sample)
+from lmkiln.model.loss import IGNORE, next_token_losses
+from lmkiln.train.formats import ChatFormat, encode_all, encode_example, load_splits, preference_pair, sample
 from lmkiln.train import dist
 from lmkiln.train.dist import DistContext
-from lmkiln.train.loop import Checkpoints, Validation, make_trainable, train_loop, trained_token_losses
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 from lmkiln.train.metrics import plot_curves
 from lmkiln.train.packing import collate_rows, fill, pack
 
@@ -64,7 +64,8 @@ def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, i
     x, y, seg = collate_rows(batch, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
-        loss, _ = trained_token_losses(model, x, y, seg.to(device) if seg is not None else None)
+        loss, _ = next_token_losses(model, x, y, dist.unwrap(model).lm_head.weight,
+                                    seg.to(device) if seg is not None else None)
     return loss.sum(), len(loss), x.numel()
 
 
@@ -265,7 +266,7 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
         return loss, tokens
 
     guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
-    run = train_loop(model, cfg, train, [len(t[0]) for t in train], micro_loss,
+    run = run_epochs(model, cfg, train, [len(t[0]) for t in train], micro_loss,
                      lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
                      guard, out, recipe.seed, "finetune", ctx, checkpoints)
     if save and ctx.is_main:

@@ -24,10 +24,10 @@ from tokenizers import Tokenizer
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
 from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.loss import IGNORE
 from lmkiln.tokenizer.chat import instruction_messages
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
-IGNORE = -100
 FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 

@@ -1,321 +1,229 @@
-"""The fine-tuning loop every task shares (generate, dpo, classify): batches of similar length, gradient
-accumulation weighted by what each micro-batch counts, validation on a schedule with the overfitting
-guards, and the model made trainable (LoRA or DoRA, gradient checkpointing) with its memory estimated
-before the first step."""
+"""The one training loop, for pretraining, SFT, DPO and classification. A stage describes its run as a
+`Plan` (which micro-batches make step i, what a micro-batch's loss is, the learning rate of step i) and
+the loop does the rest the same way for all of them: gradient accumulation, clipping, non-finite steps,
+the schedule, evaluation and early stopping, checkpoints and resume, the metrics log, and the loss,
+tokens/s and MFU readout.
+
+Step i's micro-batches are a pure function of i, so a checkpoint needs only the step number and the
+loop's running means to continue exactly where a run that never stopped would be."""
 
 from __future__ import annotations
 
 import math
-import random
+import statistics
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from lmkiln.errors import UserError
-from lmkiln.eval.during import describe
 from lmkiln.log import console, progress
-from lmkiln.model.lora import apply_lora
 from lmkiln.train import dist
-from lmkiln.train.checkpoint import (TRAINABLE, latest_checkpoint, prune, read_training_state, save_training_state,
-                                     set_rng_state, stop_at_step_end)
-from lmkiln.train.dist import DistContext, unwrap
-from lmkiln.train.formats import IGNORE
-from lmkiln.train.linear_ce import linear_cross_entropy
-from lmkiln.train.metrics import MetricsLog
-from lmkiln.train.optim import adamw, cosine_lr, set_lr
-
-
-def trained_token_losses(model, x: torch.Tensor, y: torch.Tensor,
-                         segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy at the trained positions only, and the row of each. The LM head runs on those
-    positions alone (prompts, padding and untrained turns never become logits), a chunk at a time
-    (train/linear_ce.py), so the vocabulary-sized logits are never in memory whole."""
-    hidden = model(x, segments=segments, hidden_only=True)
-    rows, cols = (y != IGNORE).nonzero(as_tuple=True)
-    head = unwrap(model).lm_head.weight
-    return linear_cross_entropy(hidden[rows, cols], head, y[rows, cols]), rows
-
-
-class NullLog:
-    """The metrics log of a rank other than 0 (rank 0 alone writes), and of a guard not yet begun."""
-
-    def log(self, record: dict) -> None:
-        pass
-
-
-class Validation:
-    """The overfitting guards: a validation pass on a schedule, the best state kept, early stopping after
-    `patience` evaluations without improvement, and a warning when training loss keeps falling while
-    validation loss rises. `evaluate` returns {"loss": ..., other metrics}; `on_eval(step, loss)` is
-    told each result (`kiln tune` prunes from it). The loop starts it (`begin`: the base model's score)
-    or, resuming, restores it (`load`)."""
-
-    FIELDS = ("base", "best", "best_state", "best_epoch", "best_step", "last_step", "history", "train_losses",
-              "waited", "stopped", "diverged")
-
-    def __init__(self, model: nn.Module, evaluate: Callable[[], dict], cfg,
-                 on_eval: Callable[[int, float], None] | None = None, tasks: Callable[[], dict] | None = None) -> None:
-        self.model, self.cfg, self.on_eval = model, cfg, on_eval
-        # in-context task scores (eval/TASK/METRIC) ride along with each validation; only the loss guards
-        self.evaluate = evaluate if tasks is None else (lambda: {**evaluate(), **tasks()})
-        self.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        self.log: MetricsLog | NullLog = NullLog()
-        self.base: dict = {}
-        self.best: dict = {}
-        self.best_state, self.best_epoch, self.best_step, self.last_step = None, 0, 0, 0
-        self.history: list[tuple[float, float]] = []  # (mean train loss since the last check, val loss)
-        self.train_losses: list[float] = []
-        self.waited, self.stopped, self.diverged = 0, False, False
-
-    def begin(self, log) -> None:
-        """Score the base model: the mark every later evaluation must beat."""
-        self.log = log
-        self.base = self.best = self.evaluate()
-        log.log({"step": 0, "epoch": 0, **self._rounded(self.base)})
-        console.print(f"base model: {self._describe(self.base)}")
-
-    def state(self) -> dict:
-        return {name: getattr(self, name) for name in self.FIELDS}
-
-    def load(self, state: dict, log) -> None:
-        self.log = log
-        for name in self.FIELDS:
-            setattr(self, name, state[name])
-
-    @staticmethod
-    def _rounded(res: dict) -> dict:
-        return {**{f"val_{k}": round(v, 5) for k, v in res.items() if not k.startswith("eval/")}, **tasks_of(res)}
-
-    @staticmethod
-    def _describe(res: dict) -> str:
-        own = ", ".join(f"val {k.replace('_', ' ')} {v:.4f}" for k, v in res.items() if not k.startswith("eval/"))
-        tasks = describe({k: v for k, v in res.items() if k.startswith("eval/")})
-        return own + (f"; {tasks}" if tasks else "")
-
-    def check(self, step: int, epoch: int) -> bool:
-        """Evaluate now; True when training should stop."""
-        res = self.evaluate()
-        vloss, self.last_step = res["loss"], step
-        train = sum(self.train_losses) / max(len(self.train_losses), 1)
-        self.train_losses = []
-        self.log.log({"step": step, "epoch": epoch, **self._rounded(res)})
-        improved = vloss < self.best["loss"]
-        console.print(f"step {step} (epoch {epoch}): {self._describe(res)}" + (" (best)" if improved else ""))
-        if improved:
-            keep = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.trainable}
-            self.best, self.best_state, self.best_epoch, self.best_step, self.waited = res, keep, epoch, step, 0
-        else:
-            self.waited += 1
-        self.history.append((train, vloss))
-        if len(self.history) >= 3 and not self.diverged:
-            (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
-            if t2 < t1 < t0 and v2 > v1 > v0:
-                self.diverged = True
-                console.print("[yellow]warning: training loss falls while validation loss rises: the model is "
-                              "overfitting (fewer epochs, a lower lr, or finetune.patience)[/yellow]")
-        if self.on_eval is not None:
-            self.on_eval(step, vloss)
-        if self.cfg.patience and self.waited >= self.cfg.patience:
-            console.print(f"stopping early: {self.waited} evaluations without improvement; "
-                          f"keeping step {self.best_step}")
-            self.stopped = True
-        return self.stopped
-
-    def restore_best(self) -> bool:
-        """Load the best state into the model; False when nothing beat the base model."""
-        if self.best_state is None:
-            return False
-        self.model.load_state_dict(self.best_state, strict=False)
-        return True
-
-    def summary(self) -> dict:
-        return {"base_val_loss": round(self.base["loss"], 5), "best_val_loss": round(self.best["loss"], 5),
-                "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "stopped_early": self.stopped, "overfit_warning": self.diverged,
-                **({"base_eval_tasks": tasks_of(self.base), "best_eval_tasks": tasks_of(self.best)}
-                   if tasks_of(self.base) else {})}
-
-
-def tasks_of(res: dict) -> dict:
-    return {k: round(v, 5) for k, v in res.items() if k.startswith("eval/")}
-
-
-def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of similar-length examples: shuffle, sort within windows of 50 batches, cut,
-    shuffle the batches. Padding drops several-fold while the order stays random."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lengths.__getitem__)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-def make_trainable(model: nn.Module, cfg) -> int:
-    """LoRA/DoRA adapters when the recipe asks (everything else frozen), gradient checkpointing;
-    returns the trainable parameter count."""
-    if cfg.method == "lora":
-        lo = cfg.lora
-        wrapped = apply_lora(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.dora)
-        console.print(f"{'DoRA' if lo.dora else 'LoRA'} r={lo.r} on {len(wrapped)} layers")
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def metrics_log(out, ctx: DistContext, resume_step: int = 0) -> MetricsLog | NullLog:
-    return MetricsLog(out / "metrics.jsonl", resume_step) if ctx.is_main else NullLog()
-
-
-# (model to call, batch) -> (summed loss, tokens processed); the model is the DDP wrapper under torchrun
-MicroLoss = Callable[[nn.Module, list], tuple[torch.Tensor, int]]
+from lmkiln.train.checkpoint import stop_at_step_end
+from lmkiln.train.metrics import Tracker
+from lmkiln.train.speed import device_peak, mfu
 
 
 @dataclass
-class Checkpoints:
-    """Where a fine-tune keeps its resumable state, how often (every `every` optimizer steps, the last
-    `keep` of them) and the identity (config and inputs) a checkpoint must carry to be resumed."""
+class Plan:
+    """What a stage gives the loop. Under torchrun `micro_batches(i)` is this rank's share of step i and
+    `weight(i)` the whole step's, over all ranks: the step's loss is the sum of every micro-batch's summed
+    loss over that weight (trained tokens, pairs, examples), so N ranks take the steps one process takes
+    with N times the accumulation."""
 
-    dir: Path
-    key: str
-    every: int
-    keep: int
-
-    def latest(self) -> Path | None:
-        return latest_checkpoint(self.dir, self.key, weights=TRAINABLE)
+    name: str  # the progress bar's label
+    steps: int  # optimizer steps in the whole run
+    micro_batches: Callable[[int], list]  # step -> this rank's micro-batches
+    weight: Callable[[int], float]  # step -> what the step's summed loss is divided by
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, int]]  # (forward, batch) -> (summed loss, tokens)
+    lr: Callable[[int], float]  # step -> learning rate
+    idle_batch: Callable[[int], Any] | None = None  # a batch a rank left without one runs at zero weight
+    epoch: Callable[[int], int] | None = None  # step -> its epoch, for the log
+    flops_per_token: float | None = None  # for MFU
+    prefetch: bool = False  # read the next step's batches on a thread while this one computes
 
 
 @dataclass
-class Position:
-    """Where the loop is: optimizer steps done, the epoch, micro-batches of that epoch done, and the state
-    of the batch-order generator when that epoch's batches were drawn."""
+class Cadence:
+    """When the loop logs, evaluates and checkpoints, and what it does with a non-finite step."""
 
-    step: int = 0
-    epoch: int = 1
-    done: int = 0
-    order_state: tuple | None = None
-    tokens: int = 0
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
-
-
-def _save(plan: Checkpoints, model: nn.Module, opt, guard: Validation, pos: Position, ctx: DistContext) -> None:
-    if ctx.is_main:
-        save_training_state(plan.dir / f"step_{pos.step:07d}", _trainable_state(model),
-                            {"config_hash": plan.key, "optimizer": opt.state_dict(), "guard": guard.state(),
-                             "position": pos.__dict__})
-        prune(plan.dir, plan.keep)
-    dist.barrier(ctx)
+    log_every: int
+    evaluate_at: Callable[[int], bool]  # step -> evaluate after it
+    evaluate: Callable[[int, float], tuple[dict, bool]] | None  # (step, train loss since) -> (fields, stop)
+    save: Callable[[int, dict], None] | None = None  # (step, loop state) -> a checkpoint
+    checkpoint_every: int = 0
+    grad_clip: float = 0.0
+    on_nan: str = "stop"  # or "skip": drop the step's update
+    key: str = "pretrain"  # the recipe section whose settings an error names
+    stop_after: int | None = None  # a planned stop, as Ctrl-C stops
+    on_step: Callable[[int], None] | None = None  # told each finished step (tests interrupt through it)
 
 
-def _resume(plan: Checkpoints | None, model: nn.Module, opt, out, guard: Validation, ctx: DistContext) -> Position | None:
-    """Load the newest checkpoint of this run into the model, optimizer and guard; its position, or None
-    (a fresh start: the log begins empty and the guard scores the base model)."""
-    path = plan.latest() if plan is not None else None
-    if path is None:
-        guard.begin(metrics_log(out, ctx))
-        return None
-    tensors, state = read_training_state(path)
-    own = _trainable_state(model)
-    if set(tensors) != set(own):
-        raise UserError(f"{path}: the checkpoint's trainable tensors differ from this run's; remove it to start over")
-    model.load_state_dict(tensors, strict=False)
-    opt.load_state_dict(state["optimizer"])
-    pos = Position(**state["position"])
-    guard.load(state["guard"], metrics_log(out, ctx, resume_step=pos.step))
-    set_rng_state(state["rng"])
-    console.print(f"resuming from {path} (step {pos.step}, epoch {pos.epoch})")
-    return pos
+@dataclass
+class LoopState:
+    """What a checkpoint carries of the loop: the running means of the log interval and of the training
+    loss since the last evaluation (a resumed run continues them)."""
+
+    interval: list[float] = field(default_factory=list)
+    since_eval: list[float] = field(default_factory=list)
+    tokens: int = 0  # read so far, over all ranks
 
 
-def train_loop(model: nn.Module, cfg, items: list, lengths: list[int], micro_loss: MicroLoss,
-               weight: Callable[[list], int], guard: Validation, out: Path, seed: int, name: str,
-               ctx: DistContext | None = None, checkpoints: Checkpoints | None = None) -> dict:
-    """Train until the epochs run out or the guard stops it. Each optimizer step's loss is the summed
-    micro-batch losses over the step's total `weight` (trained tokens, pairs, examples). Under torchrun
-    each rank takes every world-th micro-batch of the same shuffled list, so N ranks with accumulation A
-    take the steps one process takes with accumulation N x A. With `checkpoints`, the state is saved
-    every N steps and when interrupted, and a rerun continues from the newest checkpoint to the same
-    weights as a run that never stopped."""
-    ctx = ctx or DistContext()
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    pos = _resume(checkpoints, model, opt, out, guard, ctx) or Position()
-    net = dist.wrap(model, "ddp", ctx)
-    per_step = cfg.grad_accum * ctx.world
-    max_steps = math.ceil(len(items) / (cfg.batch_size * per_step)) * cfg.epochs
-    order = random.Random(seed)
-    start_step, start_tokens, t0 = pos.step, pos.tokens, time.perf_counter()
-    interval, interval_tokens, t_interval = [], 0, t0  # the log interval under way: the bar shows its mean
+@dataclass
+class Result:
+    steps: int
+    train_loss: float | None  # the mean of the last logged interval
+    tokens_per_s: float | None  # the median over logged intervals
+    mfu: float | None
+    last_eval: dict | None
+    started_at: int
+
+    def metrics(self) -> dict:
+        return {"steps": self.steps, "tokens_per_s": round(self.tokens_per_s, 1) if self.tokens_per_s else None,
+                "resumed_from": self.started_at or None}
+
+
+class _Batches:
+    """Step i's micro-batches; on an accelerator the next step's are read on a thread while this step
+    computes (the sampler is a pure function of the step, so order and resume are unchanged)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan, self.pool, self.pending = plan, None, None
+
+    def __call__(self, step: int) -> list:
+        if not self.plan.prefetch:
+            return self.plan.micro_batches(step)
+        if self.pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkiln-loader")
+        ready = self.pending[1].result() if self.pending is not None and self.pending[0] == step else None
+        current = ready if ready is not None else self.plan.micro_batches(step)
+        if step + 1 < self.plan.steps:
+            self.pending = (step + 1, self.pool.submit(self.plan.micro_batches, step + 1))
+        return current
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _step(plan: Plan, step: int, batches: list, net: nn.Module, model: nn.Module, opt, cadence: Cadence,
+          ctx: dist.DistContext, stop_asked: bool) -> tuple[float, float, int, bool]:
+    """One optimizer step: (loss, grad norm, tokens read over all ranks, stop asked on any rank)."""
+    total = plan.weight(step)
+    scale = ctx.world / total  # DDP and FSDP average gradients over ranks: this makes it the global sum
+    loss_sum, tokens = 0.0, 0
+    for k, batch in enumerate(batches):
+        with dist.grad_sync(net, k == len(batches) - 1):
+            loss, n = plan.loss(net, batch)
+            (loss * scale).backward()
+        loss_sum += loss.item()
+        tokens += n
+    if not batches:  # a short last step left this rank nothing: join the all-reduce with zeros
+        loss, _ = plan.loss(net, plan.idle_batch(step))
+        (loss * 0).backward()
+    # a stop asked on any rank is a stop on all of them, at the same step
+    loss_sum, asked, tokens = dist.all_sum([loss_sum, float(stop_asked), tokens], ctx)
+    loss_val = loss_sum / total
+    clip = cadence.grad_clip if cadence.grad_clip > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    if math.isfinite(loss_val) and math.isfinite(norm):
+        opt.step()
+    elif cadence.on_nan == "stop":
+        raise UserError(f"{plan.name}: loss became {loss_val} at step {step + 1}; the last checkpoint is kept. "
+                        f"Lower {cadence.key}.lr (now {plan.lr(step):.3g}) or set {cadence.key}.on_nan=skip")
+    else:
+        console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, batch skipped[/yellow]")
+    opt.zero_grad(set_to_none=True)
+    return loss_val, norm, int(tokens), bool(asked)
+
+
+def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, ctx: dist.DistContext,
+          track: Tracker, start: int = 0, state: LoopState | None = None) -> Result:
+    """Run `plan` from step `start` (a resumed run passes the checkpoint's loop state). `net` runs the
+    forward (DDP/FSDP-wrapped, maybe compiled); `model` owns the parameters. Ctrl-C or SIGTERM stops at
+    the end of the step under way, saves a checkpoint and raises KeyboardInterrupt."""
+    state = state or LoopState()
+    peak = device_peak(ctx.device)[0] if plan.flops_per_token else None
+    batches = _Batches(plan)
+    step, train_loss, last_eval, rates, saved = start, None, None, [], start
+    t_log, tokens_since = time.perf_counter(), 0
+    bar_fields = "loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s" + \
+        (" · MFU {task.fields[mfu]}" if plan.flops_per_token else "")
     model.train()
-    with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s") as bar, stop_at_step_end() as stop:
-        task = bar.add_task(name, total=max_steps, completed=pos.step, loss=float("nan"), tps=0.0)
-        for epoch in range(1, cfg.epochs + 1):
-            if epoch < pos.epoch:  # resuming: this epoch is done
-                continue
-            first = 0
-            if epoch == pos.epoch and pos.order_state is not None:  # resuming inside this epoch
-                order.setstate(pos.order_state)
-                first = pos.done
-            pos.epoch, pos.order_state, pos.done = epoch, order.getstate(), first
-            micro = length_grouped_batches(lengths, cfg.batch_size, order)
-            for s in range(first, len(micro), per_step):
-                set_lr(opt, cosine_lr(pos.step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio))
-                group = micro[s:s + per_step]
-                mine = [[items[i] for i in idx] for idx in group[ctx.rank::ctx.world]]
-                # DDP averages gradients over ranks: scale by world so the step's loss is the global sum
-                # over the global weight, as in one process.
-                total = sum(weight([items[i] for i in idx]) for idx in group)
-                loss_sum, step_tokens = 0.0, 0
-                for k, batch in enumerate(mine):
-                    with dist.grad_sync(net, k == len(mine) - 1):
-                        loss, n = micro_loss(net, batch)
-                        (loss * ctx.world / total).backward()
-                    loss_sum += loss.item()
-                    step_tokens += n
-                if not mine:  # a short last step left this rank nothing: join the all-reduce with zeros
-                    loss, _ = micro_loss(net, [items[i] for i in group[0]])
-                    (loss * 0).backward()
-                # a stop asked on any rank is a stop on all of them, at the same step
-                loss_sum, asked = dist.all_sum([loss_sum, float(stop.asked)], ctx)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                pos.step, pos.done = pos.step + 1, s + len(group)
-                pos.tokens += step_tokens
-                interval.append(loss_sum / total)
-                interval_tokens += step_tokens
+    try:
+        with progress(bar_fields) as bar, stop_at_step_end() as stop:
+            task = bar.add_task(plan.name, total=plan.steps, completed=start, loss=float("nan"), tps=0.0, mfu="–")
+            while step < plan.steps:
+                lr = plan.lr(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss, norm, tokens, asked = _step(plan, step, batches(step), net, model, opt, cadence, ctx,
+                                                  stop.asked)
+                step += 1
+                if math.isfinite(loss):
+                    state.interval.append(loss)
+                    state.since_eval.append(loss)
+                tokens_since += tokens
+                state.tokens += tokens
                 now = time.perf_counter()
-                tps = interval_tokens / max(now - t_interval, 1e-9)
-                guard.train_losses.append(loss_sum / total)
-                bar.update(task, completed=pos.step, loss=sum(interval) / len(interval), tps=tps)
-                if pos.step % cfg.log_every == 0:
-                    guard.log.log({"step": pos.step, "epoch": epoch, "loss": round(sum(interval) / len(interval), 5),
-                                   "tokens_per_s": round(tps, 1)})
-                    interval, interval_tokens, t_interval = [], 0, now
-                if cfg.eval_every and pos.step % cfg.eval_every == 0 and guard.check(pos.step, epoch):
+                tps = tokens_since / max(now - t_log, 1e-9)
+                util = mfu(tps, plan.flops_per_token, peak, ctx.world) if plan.flops_per_token else None
+                # the bar shows the interval under way from its first step: its mean loss and rate
+                mean = sum(state.interval) / len(state.interval) if state.interval else loss
+                bar.update(task, completed=step, loss=mean, tps=tps, mfu=f"{util:.0%}" if util is not None else "–")
+                record = {}
+                if (step % cadence.log_every == 0 or step == plan.steps) and state.interval:
+                    # the mean over the interval: one small batch's loss is too noisy to read a curve from
+                    train_loss, t_log, tokens_since = mean, now, 0
+                    state.interval.clear()
+                    rates.append(tps)
+                    record = {"step": step, **({"epoch": plan.epoch(step)} if plan.epoch else {}),
+                              "loss": round(mean, 5), "lr": lr, "grad_norm": round(norm, 4), "tokens": state.tokens,
+                              "tokens_per_s": round(tps, 1), **({"mfu": round(util, 4)} if util is not None else {})}
+                stopping = False
+                if cadence.evaluate is not None and cadence.evaluate_at(step):
+                    since = sum(state.since_eval) / max(len(state.since_eval), 1)
+                    state.since_eval.clear()
+                    last_eval, stopping = cadence.evaluate(step, since)
+                    record = {"step": step, **({"epoch": plan.epoch(step)} if plan.epoch else {}), **record,
+                              **last_eval}
+                if record:
+                    track(record)
+                if stopping:
                     break
-                if checkpoints is not None and (pos.step % checkpoints.every == 0 or asked):
-                    _save(checkpoints, model, opt, guard, pos, ctx)
+                asked = asked or (cadence.stop_after is not None and step == cadence.stop_after < plan.steps)
+                if cadence.save is not None and step < plan.steps and (asked or step % cadence.checkpoint_every == 0):
+                    cadence.save(step, _copy(state))
+                    saved = step
+                if cadence.on_step is not None:
+                    cadence.on_step(step)
                 if asked:
-                    console.print(f"interrupted at step {pos.step}: checkpoint saved; run the same command again to resume"
-                                  if checkpoints is not None else f"interrupted at step {pos.step}")
-                    raise KeyboardInterrupt
-            if guard.stopped:
-                break
-            # Without a schedule, each epoch ends with a check; with one, the last steps still get one.
-            if (not cfg.eval_every or epoch == cfg.epochs) and guard.last_step != pos.step and guard.check(pos.step, epoch):
-                break
+                    console.print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume"
+                                  if cadence.save is not None else f"interrupted at step {step}")
+                    raise _Stopped
+    except _Stopped:
+        raise KeyboardInterrupt from None
+    except KeyboardInterrupt:  # an interrupt from outside the step's end (a second Ctrl-C, a hook)
+        if cadence.save is not None and step > saved:
+            cadence.save(step, _copy(state))
+            console.print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume")
+        raise
+    finally:
+        batches.close()
     model.eval()
-    tokens = dist.all_sum([pos.tokens - start_tokens], ctx)[0]
-    return {"steps": pos.step, "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1), "world_size": ctx.world,
-            "resumed_from": start_step or None}
+    tps = statistics.median(rates) if rates else None
+    util = mfu(tps, plan.flops_per_token, peak, ctx.world) if tps and plan.flops_per_token else None
+    return Result(step, train_loss, tps, util, last_eval, start)
+
+
+class _Stopped(Exception):
+    """A stop the loop has already saved for."""
+
+
+def _copy(state: LoopState) -> dict:
+    return {"interval": list(state.interval), "since_eval": list(state.since_eval), "tokens": state.tokens}

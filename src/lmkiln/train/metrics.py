@@ -1,10 +1,12 @@
-"""metrics.jsonl: one JSON object per logged step, cut back to the resume step when a run resumes."""
+"""metrics.jsonl: one JSON object per logged step, cut back to the resume step when a run resumes;
+TensorBoard events beside it when asked."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from lmkiln.errors import UserError
 from lmkiln.io import write_text
 
 
@@ -17,6 +19,33 @@ class MetricsLog:
     def log(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+class Tracker:
+    """What a training run logs: metrics.jsonl (rank 0 alone writes), and TensorBoard events when asked."""
+
+    def __init__(self, out: Path, resume_step: int, enabled: bool, kind: str = "jsonl") -> None:
+        self.log = MetricsLog(out / "metrics.jsonl", resume_step=resume_step) if enabled else None
+        self.tb = None
+        if enabled and kind == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("tracker=tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
+
+    def __call__(self, record: dict) -> None:
+        if self.log is None:
+            return
+        self.log.log(record)
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

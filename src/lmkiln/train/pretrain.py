@@ -4,23 +4,19 @@
 from __future__ import annotations
 
 import math
-import signal
-import threading
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmkiln.config import Recipe
 from lmkiln.device import autocast, seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
-from lmkiln.log import console, progress, set_quiet
+from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.pipeline import stage_dir, upstream
@@ -28,10 +24,11 @@ from lmkiln.tokenizer.encode import open_shard
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
-from lmkiln.train.linear_ce import linear_cross_entropy
-from lmkiln.train.metrics import MetricsLog, plot_curves, read_metrics
-from lmkiln.train.optim import cosine_lr, make_optimizer, set_lr, wsd_lr
-from lmkiln.train.speed import device_peak, mfu
+from lmkiln.model.loss import next_token_losses
+from lmkiln.train.loop import Cadence, LoopState, Plan, train
+from lmkiln.train.metrics import Tracker, plot_curves
+from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
+from lmkiln.train.speed import device_peak
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -71,18 +68,12 @@ def batch_at(tokens: np.ndarray, seed: int, step: int, micro: int, batch: int, s
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def next_token_loss(run: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                    reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of every next token; `run` is what runs the forward (maybe compiled), `model` what
-    owns the parameters. The LM head runs inside the loss a chunk of rows at a time (train/linear_ce.py):
-    the tokens x vocabulary logits are never whole in memory, the softmax and both head gradients are
-    taken while a chunk is in cache, and the step is faster for it. Under FSDP the head's weight is whole
-    only inside the model's own forward, so there the model runs its head."""
-    if dist.is_sharded(model):
-        return F.cross_entropy(run(x).float().flatten(0, 1), y.flatten(), reduction=reduction)
-    hidden = run(x, hidden_only=True)
-    losses = linear_cross_entropy(hidden.flatten(0, 1), dist.unwrap(model).lm_head.weight, y.flatten())
-    return losses.sum() if reduction == "sum" else losses.mean()
+def next_token_loss(run: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of every next token; `run` is what runs the forward (maybe compiled),
+    `model` what owns the parameters. The LM head runs inside the loss, a chunk at a time (model/loss.py);
+    under FSDP the head's weight is whole only inside the model's own forward, so there the model runs it."""
+    head = None if dist.is_sharded(model) else dist.unwrap(model).lm_head.weight
+    return next_token_losses(run, x, y, head, dense=True)[0].sum()
 
 
 @torch.no_grad()
@@ -97,22 +88,11 @@ def val_loss(model, tokens: np.ndarray, seq_len: int, batches: int, batch: int, 
         chunk = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch]]).astype(np.int64))
         x, y = chunk[:, :-1].to(ctx.device), chunk[:, 1:].to(ctx.device)
         with autocast(ctx.device):
-            total += next_token_loss(model, model, x, y, reduction="sum").item()
+            total += next_token_loss(model, model, x, y).item()
         count += y.numel()
     model.train()
     total, count = dist.all_sum([total, count], ctx)
     return total / count
-
-
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler's preemption, `kill`) saves a checkpoint like Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    return signal.signal(signal.SIGTERM, handler)
 
 
 def _grad_accum(recipe: Recipe, world: int) -> int:
@@ -149,34 +129,6 @@ def _make_model(recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContex
     return model.to(ctx.device).train(), args
 
 
-class Tracker:
-    """metrics.jsonl always (rank 0); TensorBoard events too when asked."""
-
-    def __init__(self, out: Path, kind: str, resume_step: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.log = MetricsLog(out / "metrics.jsonl", resume_step=resume_step) if enabled else None
-        self.tb = None
-        if enabled and kind == "tensorboard":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("pretrain.tracker=tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step or None)
-
-    def __call__(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.log.log(record)
-        if self.tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
 def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
     ctx = dist.setup(recipe.pretrain.device)
     if not ctx.is_main:
@@ -206,11 +158,11 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     resume = latest_checkpoint(ckpt_dir, config_hash)
     model = dist.wrap(model, cfg.strategy, ctx)
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start, carried = 0, []
+    start, loop_state = 0, None
     if resume is not None:
         model_state, state = read_checkpoint(resume)
         dist.load_full_state(model, opt, model_state, state["optimizer"])
-        start, carried = state["step"], state.get("interval_losses", [])
+        start, loop_state = state["step"], LoopState(**state["loop"])
         console.print(f"resuming from {resume} (step {start})")
     step_model = torch.compile(model) if cfg.compile else model
     accum = _grad_accum(recipe, ctx.world)
@@ -223,181 +175,78 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
                   f"{ctx.world} rank{'s' if ctx.world > 1 else ''}) on {ctx.device}"
                   + (f", {cfg.strategy}" if ctx.enabled else "")
                   + (f"; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"; {peak_source}"))
-    track = Tracker(out, cfg.tracker, start, ctx.is_main)
+    track = Tracker(out, start, ctx.is_main, cfg.tracker)
+    fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
+    plan = Plan("pretrain", cfg.max_steps, partial(_micro_batches, recipe, train_tokens, accum, ctx, fim),
+                weight=lambda step: tokens_per_step, loss=partial(_loss, model, ctx.device), lr=partial(lr_at, cfg),
+                flops_per_token=flops_per_token, prefetch=ctx.device.type != "cpu")
+    evaluate = _Evaluate(recipe, model, val_tokens, ctx, monitor, tok, ChatFormat(tok_dir))
 
-    def save(path: Path, at_step: int, interval: list[float]) -> None:
+    def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
         model_state, optim_state = dist.full_state(model, opt)  # collective
         if ctx.is_main:
-            save_checkpoint(path, args, model_state, optim_state, at_step, config_hash, tok_dir, [ids["end"]],
-                            extra={"interval_losses": list(interval)})
+            save_checkpoint(path or ckpt_dir / f"step_{at_step:07d}", args, model_state, optim_state, at_step,
+                            config_hash, tok_dir, [ids["end"]], extra={"loop": loop_state})
+            if path is None:
+                prune(ckpt_dir, cfg.keep_checkpoints)
         dist.barrier(ctx)
 
-    loop = _Loop(recipe, ctx, step_model, model, opt, train_tokens, val_tokens, accum, tokens_per_step,
-                 flops_per_token, peak, track, save, ckpt_dir, on_step, monitor, tok, ChatFormat(tok_dir),
-                 fim=(cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None)
-    step, train_loss, last_val = loop.run(start, carried)
-    save(out / "final", step, [])
+    cadence = Cadence(cfg.log_every, lambda step: step % cfg.eval_every == 0 or step == cfg.max_steps, evaluate,
+                      save, cfg.checkpoint_every, cfg.grad_clip, cfg.on_nan, stop_after=cfg.stop_after, on_step=on_step)
+    result = train(plan, cadence, step_model, model, opt, ctx, track, start, loop_state)
+    save(result.steps, {}, out / "final")
     track.close()
     if ctx.is_main:
         plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "tokens_per_s" in r] if ctx.is_main else []
-    tps = float(np.median([r["tokens_per_s"] for r in rows])) if rows else None
-    util = mfu(tps, flops_per_token, peak, ctx.world) if tps else None
-    return {"steps": step, "final_loss": round(train_loss, 5), "val_loss": round(last_val, 5) if last_val else None,
-            "parameters": args.num_params(), "tokens_seen": step * tokens_per_step,
-            "tokens_per_s": round(tps, 1) if tps else None, "mfu": round(util, 4) if util else None,
-            "device": str(ctx.device), "world_size": ctx.world, "resumed_from": start or None,
-            **({"eval_tasks": loop.last_scores} if loop.last_scores else {})}
+    last_val = result.last_eval["val_loss"] if result.last_eval else None
+    return {"final_loss": round(result.train_loss, 5) if result.train_loss is not None else None,
+            "val_loss": last_val, "parameters": args.num_params(), "tokens_seen": result.steps * tokens_per_step,
+            **result.metrics(), "mfu": round(result.mfu, 4) if result.mfu else None, "device": str(ctx.device),
+            "world_size": ctx.world, **({"eval_tasks": evaluate.last_scores} if evaluate.last_scores else {})}
+
+
+def lr_at(cfg, step: int) -> float:
+    if cfg.schedule == "wsd":
+        return wsd_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
+    return cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+
+
+def _micro_batches(recipe: Recipe, tokens: np.ndarray, accum: int, ctx: dist.DistContext, fim, step: int) -> list:
+    """This rank's micro-batches of a step, in host memory (pinned on CUDA for asynchronous copies)."""
+    cfg, out = recipe.pretrain, []
+    for micro in range(accum):
+        x, y = batch_at(tokens, recipe.seed, step, micro * ctx.world + ctx.rank, cfg.batch_size, cfg.seq_len, fim)
+        out.append((x.pin_memory(), y.pin_memory()) if ctx.device.type == "cuda" else (x, y))
+    return out
+
+
+def _loss(model: torch.nn.Module, device: torch.device, run: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+    x, y = (t.to(device, non_blocking=True) for t in batch)
+    with autocast(device):
+        return next_token_loss(run, model, x, y), x.numel()
 
 
 @dataclass
-class _Loop:
-    """The optimisation loop, its logging, evaluation and checkpoint cadence."""
+class _Evaluate:
+    """The validation loss on a schedule, and the in-context tasks when the recipe names them."""
 
     recipe: Recipe
-    ctx: dist.DistContext
-    step_model: torch.nn.Module  # what runs the forward (maybe compiled)
-    model: torch.nn.Module  # what owns the parameters (maybe DDP/FSDP-wrapped)
-    opt: object
-    train_tokens: np.ndarray
+    model: torch.nn.Module
     val_tokens: np.ndarray
-    accum: int
-    tokens_per_step: int
-    flops_per_token: float
-    peak: float | None
-    track: Tracker
-    save: Callable[[Path, int, list], None]
-    ckpt_dir: Path
-    on_step: Callable[[int], None] | None
-    monitor: TaskMonitor | None = None
-    tok: object = None
-    chat: object = None  # the tokenizer's format (ChatFormat): its bos/eos for the task monitor
-    fim: tuple[float, int, int, int] | None = None
+    ctx: dist.DistContext
+    monitor: TaskMonitor | None
+    tok: object
+    chat: ChatFormat
     last_scores: dict | None = None
-    _pool: object = None
-    _pending: tuple | None = None
 
-    @property
-    def cfg(self):
-        return self.recipe.pretrain
-
-    def lr_at(self, step: int) -> float:
-        c = self.cfg
-        if c.schedule == "wsd":
-            return wsd_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio, c.decay_fraction)
-        return cosine_lr(step, c.max_steps, c.lr, c.warmup_steps, c.min_lr_ratio)
-
-    def host_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches of a step, in host memory (pinned on CUDA for async copies)."""
-        c, ctx = self.cfg, self.ctx
-        out = []
-        for micro in range(self.accum):
-            x, y = batch_at(self.train_tokens, self.recipe.seed, step, micro * ctx.world + ctx.rank,
-                            c.batch_size, c.seq_len, self.fim)
-            out.append((x.pin_memory(), y.pin_memory()) if ctx.device.type == "cuda" else (x, y))
-        return out
-
-    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """On an accelerator the next step's batches are read on a thread while this step computes (the
-        sampler is a pure function of the step, so order and resume are unchanged); on CPU the cores
-        are busy with the step itself, so batches are read in line."""
-        if self.ctx.device.type == "cpu":
-            return self.host_batches(step)
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkiln-loader")
-        pending = self._pending if self._pending is not None and self._pending[0] == step else None
-        current = pending[1].result() if pending else self.host_batches(step)
-        if step + 1 < self.cfg.max_steps:
-            self._pending = (step + 1, self._pool.submit(self.host_batches, step + 1))
-        return current
-
-    def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step over `accum` micro-batches; returns (mean loss over ranks, grad norm)."""
-        c, ctx = self.cfg, self.ctx
-        loss_sum = 0.0
-        for micro, (x, y) in enumerate(self.batches(step)):
-            x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-            with dist.grad_sync(self.model, micro == self.accum - 1), autocast(ctx.device):
-                loss = next_token_loss(self.step_model, self.model, x, y)
-                (loss / self.accum).backward()
-            loss_sum += loss.item()
-        loss_val = dist.all_mean(loss_sum / self.accum, ctx)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if math.isfinite(loss_val) and math.isfinite(norm):
-            self.opt.step()
-        elif c.on_nan == "stop":
-            raise UserError(f"pretrain: loss became {loss_val} at step {step + 1}; the last checkpoint is kept. "
-                            f"Lower pretrain.lr (now {c.lr}) or set pretrain.on_nan=skip")
-        else:
-            console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, batch skipped[/yellow]")
-        self.opt.zero_grad(set_to_none=True)
-        return loss_val, norm
-
-    def run(self, start: int, carried: list[float]) -> tuple[int, float, float | None]:
-        c = self.cfg
-        step, last_val, train_loss = start, None, float("nan")
-        interval = list(carried)  # a resumed interval continues its mean
-        t_log, tokens_since = time.perf_counter(), 0
-        previous_term = _sigterm_as_interrupt()
-        try:
-            with progress("loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s · MFU {task.fields[mfu]}") as bar:
-                task = bar.add_task("pretrain", total=c.max_steps, completed=start, loss=float("nan"), tps=0.0, mfu="–")
-                while step < c.max_steps:
-                    lr = self.lr_at(step)
-                    set_lr(self.opt, lr)
-                    loss_val, norm = self.train_step(step)
-                    step += 1
-                    if math.isfinite(loss_val):
-                        interval.append(loss_val)
-                    tokens_since += self.tokens_per_step
-                    # the bar shows the interval under way from its first step: its mean loss and rate
-                    now = time.perf_counter()
-                    tps = tokens_since / max(now - t_log, 1e-9)
-                    util = mfu(tps, self.flops_per_token, self.peak, self.ctx.world)
-                    bar.update(task, loss=sum(interval) / len(interval) if interval else loss_val, tps=tps,
-                               mfu=f"{util:.0%}" if util is not None else "–")
-                    record = None
-                    if (step % c.log_every == 0 or step == c.max_steps) and interval:
-                        t_log, tokens_since = now, 0
-                        # The mean over the interval: one small batch's loss is too noisy to read a curve from.
-                        train_loss = sum(interval) / len(interval)
-                        interval.clear()
-                        record = {"step": step, "loss": round(train_loss, 5), "lr": lr, "grad_norm": round(norm, 4),
-                                  "tokens": step * self.tokens_per_step, "tokens_per_s": round(tps, 1)}
-                        if util is not None:
-                            record["mfu"] = round(util, 4)
-                    if step % c.eval_every == 0 or step == c.max_steps:
-                        last_val = val_loss(self.model, self.val_tokens, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
-                        record = {**(record or {"step": step}), "val_loss": round(last_val, 5)}
-                        message = f"step {step}: train loss {train_loss:.4f}, val loss {last_val:.4f}"
-                        if self.monitor is not None:
-                            scores = self.monitor(dist.unwrap(self.model), self.tok, self.chat)
-                            record.update(scores)
-                            self.last_scores = scores
-                            message += f"; {describe(scores)}"
-                        console.print(message)
-                    if record:
-                        self.track(record)
-                    if step % c.checkpoint_every == 0 and step < c.max_steps:
-                        self.save(self.ckpt_dir / f"step_{step:07d}", step, interval)
-                        if self.ctx.is_main:
-                            prune(self.ckpt_dir, c.keep_checkpoints)
-                    bar.update(task, completed=step)
-                    if self.on_step is not None:
-                        self.on_step(step)
-                    if c.stop_after is not None and step == c.stop_after and step < c.max_steps:
-                        raise KeyboardInterrupt  # a planned stop: the same checkpoint as Ctrl-C
-        except KeyboardInterrupt:
-            if step > start:
-                self.save(self.ckpt_dir / f"step_{step:07d}", step, interval)
-                console.print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume")
-            raise
-        finally:
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
-        return step, train_loss, last_val
+    def __call__(self, step: int, train_loss: float) -> tuple[dict, bool]:
+        c = self.recipe.pretrain
+        loss = val_loss(self.model, self.val_tokens, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
+        fields = {"val_loss": round(loss, 5)}
+        message = f"step {step}: train loss {train_loss:.4f}, val loss {loss:.4f}"
+        if self.monitor is not None:
+            self.last_scores = self.monitor(dist.unwrap(self.model), self.tok, self.chat)
+            fields.update(self.last_scores)
+            message += f"; {describe(self.last_scores)}"
+        console.print(message)
+        return fields, False

@@ -1,4 +1,7 @@
-"""Cross-entropy of a linear head without the whole logits matrix: `linear_cross_entropy(h, W, t)`
+"""Next-token losses, the one place hidden states meet the LM head and a cross-entropy: training
+(pretraining, SFT, DPO), perplexity and in-context scoring all take their losses from here.
+
+`linear_cross_entropy(h, W, t)` is the cross-entropy of a linear head without the whole logits matrix; it
 equals `F.cross_entropy(h @ W.T, t, reduction="none")`, in value and gradient.
 
 The head runs a chunk of rows at a time, and the gradient with respect to `h` (and `W`, when it
@@ -13,6 +16,9 @@ backward pass from the saved `h`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # the label of a position no loss is taken at: prompt, padding, an example's last token
 
 LOGITS_PER_CHUNK = 2**24  # chunk rows x vocabulary: 64 MB of float32 logits at a time...
 MIN_CHUNK_ROWS = 1024  # ...but never fewer rows: each chunk adds its V x D gradient into W's, and thin
@@ -124,3 +130,24 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
         if best is not None:
             best[a:b] = logits.argmax(-1)[local] == t
     return logp, best
+
+
+def next_token_losses(forward, x: torch.Tensor, y: torch.Tensor, head: torch.Tensor | None,
+                      segments: torch.Tensor | None = None, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cross-entropy of each labelled next token (y != IGNORE) and the row it is in. `forward` runs
+    the model (maybe DDP-wrapped or compiled). With the LM head's weight `head`, the head runs inside the
+    loss on the labelled positions alone, a chunk at a time: prompts and padding never become logits, and
+    the tokens x vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP,
+    where the head's weight is whole only inside the model's forward. `dense` says every position is
+    labelled (pretraining windows): no selection, and no rows (None)."""
+    kwargs = {"segments": segments} if segments is not None else {}
+    labelled = None if dense else (y != IGNORE)
+    if head is None:
+        out = forward(x, **kwargs)
+        out, y = (out.flatten(0, 1), y.flatten()) if dense else (out[labelled], y[labelled])
+        losses = F.cross_entropy(out.float(), y, reduction="none")
+    else:
+        out = forward(x, hidden_only=True, **kwargs)
+        out, y = (out.flatten(0, 1), y.flatten()) if dense else (out[labelled], y[labelled])
+        losses = linear_cross_entropy(out, head, y)
+    return losses, None if dense else labelled.nonzero(as_tuple=True)[0]

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmkiln.train import linear_ce
-from lmkiln.train.linear_ce import linear_cross_entropy
+from lmkiln.model import loss as linear_ce
+from lmkiln.model.loss import linear_cross_entropy
 
 
 @pytest.fixture(autouse=True)
