@@ -73,7 +73,8 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
     from lmkiln.model.hub import save_model
     from lmkiln.model.transformer import ModelArgs, Transformer
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
-    from lmkiln.train.formats import ChatFormat, encode_example
+    from lmkiln.model.chat_format import ChatFormat
+    from lmkiln.data.examples import encode_example
 
     with open(DATA, newline="") as fh:
         rows = list(csv.DictReader(fh))

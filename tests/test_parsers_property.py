@@ -15,7 +15,7 @@ from lmkiln.config import load_recipe, parse_overrides, parse_size
 from lmkiln.data import sources
 from lmkiln.errors import UserError
 from lmkiln.eval.icl import load_docs
-from lmkiln.train.formats import load_splits
+from lmkiln.data.examples import load_splits
 
 tolerant = settings(suppress_health_check=[HealthCheck.too_slow])
 

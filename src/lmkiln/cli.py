@@ -310,7 +310,7 @@ def _eval_models(args) -> None:
     from lmkiln.eval.stage import evaluate, print_table, write_results
     from lmkiln.io import check_output_dir, output_dir
     from lmkiln.pipeline import check_recipe
-    from lmkiln.train.finetune import model_dir_of
+    from lmkiln.runs import model_dir_of
 
     recipe = _load(args.recipe)
     recipe.eval.models = args.models

@@ -63,7 +63,7 @@ def test_gen_tasks_generate_replies_and_score_labels(trained_run, tmp_path, caps
 def test_gen_task_split_keeps_the_rows_finetuning_holds_out(tmp_path, capsys):
     from lmkiln.config import Recipe
     from lmkiln.eval.stage import generative_tasks
-    from lmkiln.train.formats import load_splits
+    from lmkiln.data.examples import load_splits
 
     data = tmp_path / "support.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n" for i in range(60)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmkiln.cli import main
-from lmkiln.model.checks import chat_template
+from lmkiln.model.chat_format import chat_template
 from lmkiln.model.export import export_model
 from lmkiln.model.generate import generate
 from lmkiln.model.gguf_format import QUANTS

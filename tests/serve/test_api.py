@@ -15,7 +15,7 @@ from lmkiln.model.generate import generate
 from lmkiln.model.hub import generation_eos, load_model
 from lmkiln.serve.app import create_app
 from lmkiln.tokenizer.train import load_tokenizer
-from lmkiln.train.formats import ChatFormat
+from lmkiln.model.chat_format import ChatFormat
 from tests.serve.conftest import serving
 
 PROMPT = "def add(a, b):"

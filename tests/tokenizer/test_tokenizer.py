@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
-from lmkiln.tokenizer.chat import render
+from lmkiln.model.chat_format import render
 from lmkiln.tokenizer.encode import encode_to_shard, open_shard
 from lmkiln.tokenizer.train import load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, train_bpe
 from lmkiln.model.loss import IGNORE
-from lmkiln.train.formats import encode_example
+from lmkiln.data.examples import encode_example
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The kiln fires clay at high heat. Ünïcödé ✓\n"] * 50
 

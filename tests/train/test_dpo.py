@@ -10,7 +10,7 @@ from lmkiln.errors import UserError
 from lmkiln.train import run_finetune
 from lmkiln.train.dpo import dpo_loss, reply_logprobs
 from lmkiln.model.loss import IGNORE
-from lmkiln.train.formats import load_splits
+from lmkiln.data.examples import load_splits
 from tests.model.test_transformer import tiny
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmkiln.model.loss import IGNORE
-from lmkiln.train.packing import best_fit, collate_rows, pack
+from lmkiln.data.examples import collate
+from lmkiln.train.packing import best_fit, pack
 from tests.model.test_transformer import tiny
 
 
@@ -30,7 +31,7 @@ def test_packed_examples_do_not_see_each_other(kw):
     model = tiny(**kw)
     examples = _examples([7, 12, 5, 9])
     rows = pack(examples, 20)
-    x, y, seg = collate_rows(rows, pad_id=2)
+    x, y, seg = collate(rows, pad_id=2)
     with torch.no_grad():
         packed = model(x, segments=seg)
         for r, (ids, _, segments) in enumerate(rows):

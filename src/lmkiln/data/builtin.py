@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 from typing import Iterator
 
-from lmkiln.data.sources import Document
+from lmkiln.data.records import Document
 from lmkiln.data.split import is_heldout
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "ensurepip"}

@@ -10,31 +10,18 @@ run with its name and line, or, with `on_error="skip"`, is reported, counted and
 
 from __future__ import annotations
 
-import csv
-import sys
 import glob
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from lmkiln.errors import EncodingError, UserError
 from lmkiln.data.web import HTML_SUFFIXES, html_to_text, read_warc
-from lmkiln.io import base_suffix, check_utf8, iter_jsonl, open_bytes, read_text, text_lines
+from lmkiln.data.records import TABLE_SUFFIXES, Document, read_records
+from lmkiln.io import base_suffix, check_utf8, open_bytes, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
-RECORD_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".tsv", ".warc"} | HTML_SUFFIXES
-
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long reply or document is one field, not an error
-
-
-@dataclass
-class Document:
-    id: str
-    source: str
-    group: str  # documents of one group land in the same split (a module, a file)
-    text: str
-    origin: str = ""  # the recipe's source entry it came from, for per-source statistics
+RECORD_SUFFIXES = {*TABLE_SUFFIXES, ".warc"} | HTML_SUFFIXES
 
 
 def expand(source: str) -> list[Path]:
@@ -84,31 +71,19 @@ def check(sources: list[str], on_error: str = "fail") -> None:
                     check_utf8(path)
 
 
-def _read_jsonl(path: Path, field: str, errors: Errors) -> Iterator[Document]:
-    for lineno, record in iter_jsonl(path, on_bad=None if errors.policy == "fail" else errors):
-        if not isinstance(record.get(field), str):
-            errors(f"{path}:{lineno}: expected a string field '{field}'")
-            continue
-        yield Document(id=f"{path}:{lineno}", source=str(path), group=f"{path}:{lineno}", text=record[field])
-
-
-def _read_json(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+def _read_table(path: Path, field: str, errors: Errors) -> Iterator[Document]:
+    """A document per record of a JSONL, JSON, CSV/TSV or Parquet file: its `field`."""
     try:
-        records = json.loads(read_text(path))
-    except EncodingError as exc:
-        errors(str(exc))
-        return
-    except json.JSONDecodeError as exc:
-        errors(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})")
-        return
-    if not isinstance(records, list):
-        errors(f"{path}: expected a JSON array of objects, got {type(records).__name__}")
-        return
-    for i, record in enumerate(records, 1):
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            errors(f"{path}: item {i}: expected an object with a string field '{field}'")
-            continue
-        yield Document(id=f"{path}:{i}", source=str(path), group=f"{path}:{i}", text=record[field])
+        for ref, record in read_records(path, errors, column=field):
+            text = record.get(field)
+            if text is None and base_suffix(path) == ".parquet":
+                continue  # a null cell: no document
+            if not isinstance(text, str):
+                errors(f"{ref}: expected a string field '{field}'")
+                continue
+            yield Document(id=ref, source=str(path), group=ref, text=text)
+    except EncodingError as exc:  # the records before it are kept; the rest of the file is skipped
+        errors(f"{exc}; the rest of the file is skipped")
 
 
 def _read_html(path: Path, field: str, errors: Errors) -> Iterator[Document]:
@@ -149,44 +124,6 @@ def _read_hf(source: str, field: str, errors: Errors) -> Iterator[Document]:
         raise UserError(f"data source '{source}': cannot stream it from the Hugging Face hub ({exc})") from None
 
 
-def _read_csv(path: Path, field: str, errors: Errors) -> Iterator[Document]:
-    delimiter = "\t" if base_suffix(path) == ".tsv" else ","
-    reader = csv.DictReader((line for _, line in text_lines(path)), delimiter=delimiter)
-    try:
-        if field not in (reader.fieldnames or []):
-            errors(f"{path}: no column '{field}' (columns: {', '.join(reader.fieldnames or [])})")
-            return
-        for row in reader:
-            text = row.get(field)
-            if text is None:  # a short row
-                errors(f"{path}:{reader.line_num}: row has no value for '{field}'")
-                continue
-            yield Document(id=f"{path}:{reader.line_num}", source=str(path), group=f"{path}:{reader.line_num}", text=text)
-    except EncodingError as exc:  # the rows before it are kept; the rest of the file is skipped
-        errors(f"{exc}; the rest of the file is skipped")
-    except csv.Error as exc:
-        errors(f"{path}:{reader.line_num}: not valid CSV ({exc})")
-
-
-def _read_parquet(path: Path, field: str, errors: Errors) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for a broken file
-        errors(f"{path}: not a readable Parquet file ({exc})")
-        return
-    if field not in table.schema_arrow.names:
-        errors(f"{path}: no column '{field}' (columns: {', '.join(table.schema_arrow.names)})")
-        return
-    row = 0
-    for batch in table.iter_batches(columns=[field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if text is not None:
-                yield Document(id=f"{path}:{row}", source=str(path), group=f"{path}:{row}", text=text)
-
-
 def _read_text(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     try:
         text = read_text(path)
@@ -196,8 +133,7 @@ def _read_text(path: Path, field: str, errors: Errors) -> Iterator[Document]:
     yield Document(id=str(path), source=str(path), group=str(path), text=text)
 
 
-READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".tsv": _read_csv,
-           ".parquet": _read_parquet, ".warc": _read_warc, **{s: _read_html for s in HTML_SUFFIXES}}
+READERS = {**{s: _read_table for s in TABLE_SUFFIXES}, ".warc": _read_warc, **{s: _read_html for s in HTML_SUFFIXES}}
 
 
 def _builtin_stdlib() -> Iterator[Document]:

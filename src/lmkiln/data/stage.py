@@ -35,6 +35,14 @@ SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.st
 EXECUTION_KEYS = ("executor", "workers", "ray_address", "work_docs")  # how, not what: the output is the same
 
 
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    """Every source readable and every contamination file there, before any document is read."""
+    sources.check(recipe.data.sources, recipe.data.on_error)
+    for name in recipe.data.decontam.eval_files:
+        if not Path(name).is_file():
+            raise UserError(f"data.decontam.eval_files: '{name}' does not exist")
+
+
 def config_of(recipe: Recipe) -> dict:
     cfg = recipe.data.model_dump(mode="json", exclude=set(EXECUTION_KEYS))
     return {**cfg, "seed": recipe.seed}

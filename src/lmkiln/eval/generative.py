@@ -8,12 +8,16 @@ import re
 import string
 from collections import Counter
 
+import torch
 from rouge_score import rouge_scorer
 from tokenizers import Tokenizer
 
+from lmkiln.data.examples import collate, encode_all, messages_of, prompt_ids
+from lmkiln.device import autocast
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.generate import generate_greedy_batch
+from lmkiln.model.loss import next_token_losses
 from lmkiln.model.transformer import Transformer
-from lmkiln.train.formats import ChatFormat, encode_all, prompt_ids
 
 
 def rouge_l(prediction: str, reference: str, scorer=None) -> float:
@@ -41,12 +45,45 @@ def exact_match(prediction: str, reference: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(reference))
 
 
+def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token loss over the trained tokens of (ids, labels[, segments]) rows, their count,
+    and the tokens the batch holds."""
+    x, y, seg = collate(batch, pad_id)
+    x, y = x.to(device), y.to(device)
+    with autocast(device):
+        loss, _ = next_token_losses(model, x, y, getattr(model, "module", model).lm_head.weight,  # DDP's or not
+                                    seg.to(device) if seg is not None else None)
+    return loss.sum(), len(loss), x.numel()
+
+
+@torch.no_grad()
+def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tuple[float, int]:
+    """Summed next-token loss over reply tokens, and their count."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        loss, n, _ = batch_loss(model, encoded[i:i + batch_size], pad_id, device)
+        total += loss.item()
+        count += n
+    model.train()
+    return total, count
+
+
+def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
+    scores = []
+    for c in range(num_labels):
+        tp = sum(p == c and g == c for p, g in zip(pred, gold))
+        fp = sum(p == c and g != c for p, g in zip(pred, gold))
+        fn = sum(p != c and g == c for p, g in zip(pred, gold))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / max(len(scores), 1)
+
+
 def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int,
                        max_len: int, chat: ChatFormat) -> dict:
     """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
     exact match, token F1 and ROUGE-L F1."""
-    from lmkiln.train.finetune import reply_loss
-    from lmkiln.train.formats import messages_of
 
     device = next(model.parameters()).device
     encoded, _ = encode_all(tok, examples, max_len, chat)
@@ -79,7 +116,6 @@ def score_labels(model: Transformer, tok: Tokenizer, chat: ChatFormat, examples:
     """Classification rows {text, label}: each label scored as the continuation of the text (as an ICL
     multiple-choice task over the file's labels); accuracy and macro-F1 against the majority class."""
     from lmkiln.eval.icl import encode_pair, loglikelihoods
-    from lmkiln.train.classify import macro_f1
 
     labels = sorted({ex["label"] for ex in examples})
     bos = chat.bos if add_bos else None

@@ -13,8 +13,7 @@ from lmkiln.errors import UserError
 from lmkiln.io import atomic_path, read_text, sha256_file, write_json, write_text
 from lmkiln.log import console
 from lmkiln.model.inference import load_for_inference
-from lmkiln.pipeline import stage_dir, upstream
-from lmkiln.train.finetune import model_dir_of, model_identity
+from lmkiln.runs import check_models, model_dir_of, model_identity, stage_dir, upstream
 
 COLUMNS = [  # (task, metric, label, higher is better)
     ("perplexity", "loss", "held-out loss", False),
@@ -85,7 +84,7 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
     (instruction, chat: generate the last reply; classification: score each label), checked row by row.
     `@val`/`@test` keeps the rows fine-tuning holds out of that file, so base and tuned models are
     compared on rows neither trained on."""
-    from lmkiln.train.formats import load_splits, sample
+    from lmkiln.data.examples import load_splits, sample
 
     cfg = recipe.eval
     columns = cfg.columns or recipe.finetune.columns
@@ -104,6 +103,18 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
         if rows:
             out[Path(path).stem + (f"@{split}" if split else "")] = rows
     return out
+
+
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    """Every task reference and every model to score (made by an earlier stage of this run, or there)."""
+    check_task_refs(recipe.eval)
+    earlier = [s for s in will_run if s != "eval"]
+    for model in recipe.eval.models:
+        check_models(Path(recipe.run_dir), [model], "eval.models", finished=model not in earlier)
+    if recipe.eval.text != "val" and not Path(recipe.eval.text).is_file():
+        raise UserError(f"eval.text: '{recipe.eval.text}' does not exist (expected 'val' or a text file)")
+    if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val" and "data" not in earlier:
+        upstream(Path(recipe.run_dir), "data")  # the held-out text perplexity reads
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
@@ -140,7 +151,7 @@ def display_names(models: list[str]) -> dict[str, str]:
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.eval.generative import score_instructions, score_labels
     from lmkiln.eval.perplexity import perplexity, tokens_of
-    from lmkiln.train.formats import load_splits, sample
+    from lmkiln.data.examples import load_splits, sample
 
     from lmkiln.eval.icl import core_average, evaluate_task, load_docs
 

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-from lmkiln.errors import UserError
-from lmkiln.io import read_json
-
-PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."},
-         {"role": "assistant", "content": "Hi there"}]
+from lmkiln.model.chat_format import PROBE, chat_template, end_of_turn, render_chat
 
 
 @dataclass
@@ -23,68 +18,10 @@ class Check:
     detail: str
 
 
-def tokenizer_config(model_dir: Path) -> dict:
-    return read_json(Path(model_dir) / "tokenizer_config.json")
-
-
-def chat_template(model_dir: Path) -> str | None:
-    """The template from tokenizer_config.json, or from chat_template.jinja (newer HF layout)."""
-    template = tokenizer_config(model_dir).get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    jinja = model_dir / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text()
-    return template
-
-
-@lru_cache(maxsize=8)
-def _compiled(template: str):
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str):
-        raise ValueError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: "")
-    return env.from_string(template)
-
-
-def render_chat(model_dir: Path, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Render messages as transformers' apply_chat_template does (sandboxed Jinja, same options)."""
-    template = chat_template(model_dir)
-    if template is None:
-        raise UserError(f"{model_dir}: no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)")
-    cfg = tokenizer_config(model_dir)
-    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
-    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
-
-
-def _special_tokens(model_dir: Path) -> dict[str, int]:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return {}
-    added = json.loads(path.read_text()).get("added_tokens", [])
-    return {t["content"]: t["id"] for t in added if t.get("special", True)}
-
-
 def _eos_ids(model_dir: Path) -> list[int]:
     path = model_dir / "generation_config.json"
     eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
     return [eos] if isinstance(eos, int) else list(eos or [])
-
-
-def end_of_turn(model_dir: Path) -> tuple[str, int] | None:
-    """The special token the chat template puts right after an assistant reply (<|eot_id|>, <|im_end|>,
-    </s>, ...), or None if it puts none there."""
-    text = render_chat(model_dir, PROBE)
-    after = text[text.rfind(PROBE[-1]["content"]) + len(PROBE[-1]["content"]):].lstrip(" ")
-    for token, token_id in sorted(_special_tokens(model_dir).items(), key=lambda kv: -len(kv[0])):
-        if after.startswith(token):
-            return token, token_id
-    return None
 
 
 def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:

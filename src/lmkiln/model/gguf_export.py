@@ -64,7 +64,7 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`; matrices in
     `dtype`, or quantized to `quant` (one of QUANTS)."""
     gguf = gguf_package()
-    from lmkiln.model.checks import chat_template
+    from lmkiln.model.chat_format import chat_template
     from lmkiln.model.hub import generation_eos
 
     arch = GGUF_ARCH[args.arch]

@@ -10,6 +10,7 @@ from lmkiln.config import Recipe
 from lmkiln.errors import UserError
 from lmkiln.io import sha256_file
 from lmkiln.log import console
+from lmkiln.runs import FINAL
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -32,6 +33,10 @@ def check_source(recipe: Recipe) -> None:
                         f"package:NAME nor a Hugging Face hub id (OWNER/NAME)")
 
 
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    check_source(recipe)
+
+
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     """The source's content: its GGUF file or weight files by hash (a hub id by name)."""
     from lmkiln.model.gguf_import import gguf_source
@@ -50,7 +55,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     from lmkiln.model.checks import print_checks
     from lmkiln.model.importer import describe, import_model
 
-    checks = import_model(_source(recipe), out / "final", recipe.import_.dtype)
+    checks = import_model(_source(recipe), out / FINAL, recipe.import_.dtype)
     console.print(f"imported {recipe.import_.source}\n{describe(out / 'final')}\nchecks:")
     print_checks(checks)
     return {"source": recipe.import_.source, "checks": {c.name: c.status for c in checks}}

@@ -1,5 +1,13 @@
 """Tokenizer: byte-level BPE (HF `tokenizers`), chat templates, and encoding into token shards."""
 
-from lmkiln.pipeline import stage_runner
+from __future__ import annotations
 
-run = stage_runner("tokenizer")
+from pathlib import Path
+
+
+def run(recipe, run_dir: str | Path | None = None, force: bool = False) -> dict:
+    """Run the tokenizer stage of a recipe in its run directory (skipped when up to date); its manifest."""
+    from lmkiln.tokenizer import stage
+    from lmkiln.runs import run_one
+
+    return run_one("tokenizer", stage, recipe, run_dir, force)

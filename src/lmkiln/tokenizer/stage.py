@@ -9,9 +9,13 @@ from lmkiln.config import Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.errors import UserError
 from lmkiln.log import console, progress
-from lmkiln.pipeline import stage_dir, upstream
+from lmkiln.runs import stage_dir, upstream
 from lmkiln.tokenizer.encode import encode_to_shard
 from lmkiln.tokenizer.train import save_tokenizer, special_ids, train_bpe
+
+
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    """Nothing to check before the data stage's output is read."""
 
 
 def config_of(recipe: Recipe) -> dict:

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmkiln.io import write_json, write_text
-from lmkiln.tokenizer.chat import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from lmkiln.model.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 
 
 def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -57,9 +57,9 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
-    from lmkiln.tokenizer.chat import END
+    from lmkiln.model.chat_format import END
 
-    from lmkiln.tokenizer.chat import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+    from lmkiln.model.chat_format import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
     return {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD),
             "end": tok.token_to_id(END), "fim_prefix": tok.token_to_id(FIM_PREFIX),

@@ -21,8 +21,11 @@ from lmkiln.model.checks import require_same_format
 from lmkiln.model.hub import HF_CLASSES, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
-from lmkiln.train.formats import ChatFormat
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.train.dist import DistContext
+from lmkiln.eval.generative import macro_f1
+from lmkiln.runs import FINAL
+from lmkiln.train.estimate import print_memory
 from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 from lmkiln.train.metrics import plot_curves
 
@@ -54,17 +57,6 @@ def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: i
         x[row, :len(encoded[i])] = torch.tensor(encoded[i])
     lengths = torch.tensor([len(encoded[i]) for i in idx])
     return x.to(device), lengths.to(device), torch.tensor([labels[i] for i in idx], device=device)
-
-
-def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
-    scores = []
-    for c in range(num_labels):
-        tp = sum(p == c and g == c for p, g in zip(pred, gold))
-        fp = sum(p == c and g != c for p, g in zip(pred, gold))
-        fn = sum(p != c and g == c for p, g in zip(pred, gold))
-        if tp + fp + fn:
-            scores.append(2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / max(len(scores), 1)
 
 
 @torch.no_grad()
@@ -131,7 +123,6 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
                      ctx: DistContext | None = None, checkpoints: Checkpoints | None = None) -> dict:
     """Train, validate and save a classifier; returns the stage metrics."""
     from lmkiln.device import pick_device
-    from lmkiln.train.finetune import print_memory
 
     cfg = recipe.finetune
     ctx = ctx or DistContext(device=pick_device(cfg.device))
@@ -168,7 +159,7 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
     if save and ctx.is_main:
         if cfg.method == "lora":
             merge_lora(model.body)
-        with atomic_dir(out / "final") as tmp:
+        with atomic_dir(out / FINAL) as tmp:
             save_classifier(model, tmp, base_dir, names)
             require_same_format(base_dir, tmp)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")

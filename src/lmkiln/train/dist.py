@@ -38,7 +38,7 @@ class DistContext:
 
 def setup(device_name: str) -> DistContext:
     """Join the process group torchrun describes in the environment, or run as one process."""
-    from lmkiln.pipeline import rank as torchrun_rank
+    from lmkiln.runs import rank as torchrun_rank
 
     rank, world = torchrun_rank()
     device = pick_device(device_name)

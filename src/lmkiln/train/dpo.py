@@ -21,11 +21,13 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
 from lmkiln.model.hub import load_model
-from lmkiln.train.formats import ChatFormat, collate, encode_example, preference_pair, sample
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.data.examples import collate, encode_example, preference_pair, sample
 from lmkiln.train.dist import DistContext
 from lmkiln.model.loss import next_token_losses
 from lmkiln.train.dist import unwrap
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
+from lmkiln.train.estimate import print_memory
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
 from lmkiln.train.metrics import plot_curves
 
 
@@ -38,7 +40,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def reply_logprobs(model, encoded: list[tuple[list[int], list[int]]], pad_id: int, device) -> torch.Tensor:
     """Summed log-probability of each sequence's trained tokens (its reply)."""
-    x, y = collate(encoded, pad_id)
+    x, y, _ = collate(encoded, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
         loss, rows = next_token_losses(model, x, y, unwrap(model).lm_head.weight)
@@ -85,8 +87,6 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
               on_eval: Callable[[int, float], None] | None = None, save: bool = True,
               ctx: DistContext | None = None, monitor: TaskMonitor | None = None,
               checkpoints: Checkpoints | None = None) -> dict:
-    from lmkiln.train.finetune import print_memory, save_tuned
-
     cfg = recipe.finetune
     ctx = ctx or DistContext(device=pick_device(cfg.device))
     device = ctx.device

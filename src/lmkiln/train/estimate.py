@@ -159,3 +159,10 @@ def print_estimate(est: dict) -> None:
         table.add_row("whole run", f"{est['run_hours']:,.2f} h")
     Console().print(table)
 
+
+def print_memory(model, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> None:
+    mem = finetune_memory(model.args, cfg, seq_len, pairs, vocab_logits)
+    gib = 2**30
+    console.print(f"memory estimate: {mem['total'] / gib:.2f} GiB (weights {mem['weights'] / gib:.2f}, gradients "
+                  f"{mem['gradients'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
+                  f"{(mem['activations'] + mem['logits']) / gib:.2f} for {cfg.batch_size * pairs} x {seq_len} tokens)")

@@ -10,34 +10,34 @@ from typing import Callable
 
 import torch
 
-from lmkiln.config import STAGES, Recipe
-from lmkiln.device import autocast, seed_everything
+from lmkiln.config import Recipe
+from lmkiln.device import seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
-from lmkiln.io import atomic_dir, sha256_file, sha256_json
+from lmkiln.io import sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
-from lmkiln.model.checks import require_same_format
-from lmkiln.model.hub import load_model, save_model
-from lmkiln.model.lora import merge_lora, save_adapter
-from lmkiln.pipeline import stage_dir, upstream
+from lmkiln.model.hub import load_model
+from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
 from lmkiln.model.inference import load_format
-from lmkiln.model.loss import IGNORE, next_token_losses
-from lmkiln.train.formats import ChatFormat, encode_all, encode_example, load_splits, preference_pair, sample
+from lmkiln.model.loss import IGNORE
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
 from lmkiln.train import dist
 from lmkiln.train.dist import DistContext
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
+from lmkiln.eval.generative import batch_loss, reply_loss
+from lmkiln.train.estimate import print_memory
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
 from lmkiln.train.metrics import plot_curves
-from lmkiln.train.packing import collate_rows, fill, pack
+from lmkiln.train.packing import fill, pack
 
-def model_dir_of(run_dir: Path, ref: str) -> Path:
-    """A stage name (its `final` model) or a model directory."""
-    return stage_dir(run_dir, ref) / "final" if ref in STAGES else Path(ref)
-
-
-def model_identity(run_dir: Path, ref: str) -> dict:
-    if ref in STAGES:
-        return upstream(run_dir, ref, sub="final")
-    return {"path": str(Path(ref).resolve()), "weights": sha256_file(Path(ref) / "model.safetensors")}
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    """The data source and the base model (made by an earlier stage of this run, or there already), and
+    every in-training task line."""
+    cfg = recipe.finetune
+    check_source(cfg.data)
+    check_models(Path(recipe.run_dir), [cfg.base], "finetune.base", finished=cfg.base not in will_run)
+    if cfg.eval_tasks:
+        TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples)
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -56,30 +56,6 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     elif Path(data).is_file():
         ident["data"] = sha256_file(data)
     return ident
-
-
-def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token loss over the trained tokens of (ids, labels[, segments]) rows, their count,
-    and the tokens the batch holds."""
-    x, y, seg = collate_rows(batch, pad_id)
-    x, y = x.to(device), y.to(device)
-    with autocast(device):
-        loss, _ = next_token_losses(model, x, y, dist.unwrap(model).lm_head.weight,
-                                    seg.to(device) if seg is not None else None)
-    return loss.sum(), len(loss), x.numel()
-
-
-@torch.no_grad()
-def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tuple[float, int]:
-    """Summed next-token loss over reply tokens, and their count."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(encoded), batch_size):
-        loss, n, _ = batch_loss(model, encoded[i:i + batch_size], pad_id, device)
-        total += loss.item()
-        count += n
-    model.train()
-    return total, count
 
 
 def preview(recipe: Recipe, n: int) -> None:
@@ -172,32 +148,6 @@ def load_base(recipe: Recipe, run_dir: Path):
     return base_dir, tok, splits
 
 
-def print_memory(model, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> None:
-    from lmkiln.train.estimate import finetune_memory
-
-    mem = finetune_memory(model.args, cfg, seq_len, pairs, vocab_logits)
-    gib = 2**30
-    console.print(f"memory estimate: {mem['total'] / gib:.2f} GiB (weights {mem['weights'] / gib:.2f}, gradients "
-                  f"{mem['gradients'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
-                  f"{(mem['activations'] + mem['logits']) / gib:.2f} for {cfg.batch_size * pairs} x {seq_len} tokens)")
-
-
-def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, device) -> None:
-    """The best weights as a model directory (and, for LoRA/DoRA, the adapter in PEFT's layout)."""
-    if not guard.restore_best():
-        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
-        model = load_model(base_dir, device)
-        make_trainable(model, cfg)
-    if cfg.method == "lora":
-        with atomic_dir(out / "adapter") as tmp:
-            lo = cfg.lora
-            save_adapter(model, tmp, str(base_dir), lo.r, lo.alpha, lo.dropout, lo.targets, lo.dora)
-        merge_lora(model)
-    with atomic_dir(out / "final") as tmp:
-        save_model(model, tmp, base_dir, sorted(ChatFormat(base_dir).stop_ids))
-        require_same_format(base_dir, tmp)
-
-
 def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None,
           save: bool = True) -> dict:
     """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics.
@@ -210,7 +160,7 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
         cfg = recipe.finetune
         base_dir, tok, splits = load_base(recipe, run_dir)
         monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
-        plan = Checkpoints(out / "checkpoints", sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
+        plan = Checkpoints(out / CHECKPOINTS, sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
                            cfg.checkpoint_every, cfg.keep_checkpoints) if save else None
         if cfg.task == "classify":
             from lmkiln.train.classify import build_classifier

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import bisect
 
-import torch
-
-from lmkiln.train.formats import collate
 
 Encoded = tuple[list[int], list[int]]
 Row = tuple[list[int], list[int], list[int]]  # ids, labels, segment ids
@@ -45,17 +42,6 @@ def pack(encoded: list[Encoded], max_len: int) -> list[Row]:
             segments += [seg] * len(encoded[i][0])
         rows.append((ids, labels, segments))
     return rows
-
-
-def collate_rows(batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Token ids, labels and, for packed rows, segment ids (padding gets its own segment, -1)."""
-    x, y = collate([(item[0], item[1]) for item in batch], pad_id)
-    if len(batch[0]) == 2:
-        return x, y, None
-    seg = torch.full_like(x, -1)
-    for i, (_, _, segments) in enumerate(batch):
-        seg[i, :len(segments)] = torch.tensor(segments)
-    return x, y, seg
 
 
 def fill(rows: list, max_len: int) -> float:

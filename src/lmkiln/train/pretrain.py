@@ -19,7 +19,7 @@ from lmkiln.io import sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
-from lmkiln.pipeline import stage_dir, upstream
+from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train import dist
@@ -29,6 +29,11 @@ from lmkiln.train.loop import Cadence, LoopState, Plan, train
 from lmkiln.train.metrics import Tracker, plot_curves
 from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
 from lmkiln.train.speed import device_peak
+
+
+def check(recipe: Recipe, will_run: list[str]) -> None:
+    if recipe.pretrain.eval_tasks:  # every task line read now, not at the first validation
+        TaskMonitor(recipe.pretrain.eval_tasks, recipe, recipe.pretrain.eval_tasks_max_examples)
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -153,7 +158,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
     model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
     config_hash = sha256_json(config_of(recipe))
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = out / CHECKPOINTS
     dist.barrier(ctx)  # every rank looks for checkpoints only after rank 0 has cleared a --force run
     resume = latest_checkpoint(ckpt_dir, config_hash)
     model = dist.wrap(model, cfg.strategy, ctx)
@@ -194,7 +199,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     cadence = Cadence(cfg.log_every, lambda step: step % cfg.eval_every == 0 or step == cfg.max_steps, evaluate,
                       save, cfg.checkpoint_every, cfg.grad_clip, cfg.on_nan, stop_after=cfg.stop_after, on_step=on_step)
     result = train(plan, cadence, step_model, model, opt, ctx, track, start, loop_state)
-    save(result.steps, {}, out / "final")
+    save(result.steps, {}, out / FINAL)
     track.close()
     if ctx.is_main:
         plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")

@@ -79,13 +79,12 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
         import optuna
     except ImportError:
         raise UserError("kiln tune needs Optuna: pip install 'lmkiln[tune]'") from None
-    from lmkiln.pipeline import check_recipe
-    from lmkiln.train.finetune import build
+    from lmkiln.train.finetune import build, check
 
     space = recipe.tune.space or default_space(recipe)
     for key in space:
         _current(recipe, key)
-    check_recipe(recipe, ["finetune"])
+    check(recipe, ["finetune"])
     run_dir = Path(recipe.run_dir)
     out = run_dir / "tune"
     out.mkdir(parents=True, exist_ok=True)

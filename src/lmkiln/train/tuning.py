@@ -16,8 +16,13 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.eval.during import describe
+from lmkiln.io import atomic_dir
 from lmkiln.log import console
-from lmkiln.model.lora import apply_lora
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.checks import require_same_format
+from lmkiln.model.hub import load_model, save_model
+from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
+from lmkiln.runs import FINAL
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import (TRAINABLE, latest_checkpoint, prune, read_training_state, save_training_state,
                                      set_rng_state)
@@ -139,6 +144,22 @@ def make_trainable(model: nn.Module, cfg) -> int:
         console.print(f"{'DoRA' if lo.dora else 'LoRA'} r={lo.r} on {len(wrapped)} layers")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, device) -> None:
+    """The best weights as a model directory (and, for LoRA/DoRA, the adapter in PEFT's layout)."""
+    if not guard.restore_best():
+        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
+        model = load_model(base_dir, device)
+        make_trainable(model, cfg)
+    if cfg.method == "lora":
+        with atomic_dir(out / "adapter") as tmp:
+            lo = cfg.lora
+            save_adapter(model, tmp, str(base_dir), lo.r, lo.alpha, lo.dropout, lo.targets, lo.dora)
+        merge_lora(model)
+    with atomic_dir(out / FINAL) as tmp:
+        save_model(model, tmp, base_dir, sorted(ChatFormat(base_dir).stop_ids))
+        require_same_format(base_dir, tmp)
 
 
 @dataclass

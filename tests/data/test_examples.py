@@ -13,7 +13,8 @@ from lmkiln.errors import UserError
 from lmkiln.tokenizer.train import load_tokenizer
 from lmkiln.train import run_finetune
 from lmkiln.model.loss import IGNORE
-from lmkiln.train.formats import ChatFormat, encode_example, load_splits
+from lmkiln.model.chat_format import ChatFormat
+from lmkiln.data.examples import encode_example, load_splits
 
 CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Colour of the sky?"},
         {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "And grass?"},

@@ -25,7 +25,7 @@ from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.loss import IGNORE
-from lmkiln.tokenizer.chat import instruction_messages
+from lmkiln.model.chat_format import instruction_messages
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification")
@@ -155,7 +155,7 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
 def load_file_examples(path: Path, fmt: str, columns: dict[str, str], on_bad_rows: str) -> tuple[list[dict], list[str]]:
     """(examples, messages about the rows skipped) of a data file; with on_bad_rows=fail the first bad
     row is a UserError naming file, row and reason."""
-    from lmkiln.train.records import read_records
+    from lmkiln.data.records import read_records
 
     skipped: list[str] = []
 
@@ -254,14 +254,19 @@ def prompt_ids(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None) -> list
     return tok.encode(text, add_special_tokens=False).ids
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids, _ in batch)
+def collate(batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Encoded rows (ids, labels[, segment ids]) as padded tensors: token ids, labels (IGNORE on padding)
+    and, for packed rows, segment ids (padding gets its own segment, -1)."""
+    width = max(len(row[0]) for row in batch)
     x = torch.full((len(batch), width), pad_id, dtype=torch.long)
     y = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    for i, (ids, labels) in enumerate(batch):
-        x[i, :len(ids)] = torch.tensor(ids)
-        y[i, :len(labels)] = torch.tensor(labels)
-    return x, y
+    seg = torch.full_like(x, -1) if len(batch[0]) == 3 else None
+    for i, row in enumerate(batch):
+        x[i, :len(row[0])] = torch.tensor(row[0])
+        y[i, :len(row[1])] = torch.tensor(row[1])
+        if seg is not None:
+            seg[i, :len(row[2])] = torch.tensor(row[2])
+    return x, y, seg
 
 
 def encode_all(tok: Tokenizer, examples: list[dict], max_len: int, chat: ChatFormat | None = None,
