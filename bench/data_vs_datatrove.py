@@ -32,17 +32,22 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-PII = ["You can write to {name}@example-mail.com for details.",
-       "Call our office on +1 415-555-{n:04d} between nine and five.",
-       "The request came from IP address 81.{a}.{b}.17 this morning.",
-       "Card 4111 1111 1111 1111 was charged twice for the order."]
+PII = [
+    "You can write to {name}@example-mail.com for details.",
+    "Call our office on +1 415-555-{n:04d} between nine and five.",
+    "The request came from IP address 81.{a}.{b}.17 this morning.",
+    "Card 4111 1111 1111 1111 was charged twice for the order.",
+]
 
 
 def build_corpus(seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     paragraphs = [p.strip() for p in (SHARED / "tinyshakespeare" / "input.txt").read_text().split("\n\n") if p.strip()]
-    with open(SHARED / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv",
-              newline="", encoding="utf-8") as fh:
+    with open(
+        SHARED / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv",
+        newline="",
+        encoding="utf-8",
+    ) as fh:
         responses = [row["response"] for row in csv.DictReader(fh)]
     texts = list(dict.fromkeys(paragraphs + responses))
     planted = []
@@ -69,17 +74,27 @@ def write_inputs(docs: list[dict], folder: Path, files: int) -> list[Path]:
 
 def run_datatrove(inputs: Path, out: Path, workers: int) -> tuple[float, set[str]]:
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.formatters import PIIFormatter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
 
-    pipeline = [JsonlReader(str(inputs)), GopherQualityFilter(), GopherRepetitionFilter(), C4QualityFilter(),
-                FineWebQualityFilter(), PIIFormatter(), JsonlWriter(str(out / "kept"))]
+    pipeline = [
+        JsonlReader(str(inputs)),
+        GopherQualityFilter(),
+        GopherRepetitionFilter(),
+        C4QualityFilter(),
+        FineWebQualityFilter(),
+        PIIFormatter(),
+        JsonlWriter(str(out / "kept")),
+    ]
     start = time.perf_counter()
-    LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers,
-                          logging_dir=str(out / "logs")).run()
+    LocalPipelineExecutor(pipeline=pipeline, tasks=workers, workers=workers, logging_dir=str(out / "logs")).run()
     seconds = time.perf_counter() - start
     kept = set()
     for path in (out / "kept").glob("*.jsonl.gz"):
@@ -94,10 +109,21 @@ def run_lmkiln(paths: list[Path], run_dir: Path, workers: int) -> tuple[float, s
     from lmkiln import data
     from lmkiln.config import load_recipe
 
-    recipe = load_recipe(None, [f"run_dir={run_dir}", f"data.sources=[{','.join(map(str, paths))}]",
-                                "data.min_chars=0", "data.val_fraction=0", f"data.workers={workers}",
-                                "data.gopher_quality.enabled=true", "data.gopher_repetition.enabled=true",
-                                "data.c4.enabled=true", "data.fineweb.enabled=true", "data.pii.enabled=true"])
+    recipe = load_recipe(
+        None,
+        [
+            f"run_dir={run_dir}",
+            f"data.sources=[{','.join(map(str, paths))}]",
+            "data.min_chars=0",
+            "data.val_fraction=0",
+            f"data.workers={workers}",
+            "data.gopher_quality.enabled=true",
+            "data.gopher_repetition.enabled=true",
+            "data.c4.enabled=true",
+            "data.fineweb.enabled=true",
+            "data.pii.enabled=true",
+        ],
+    )
     start = time.perf_counter()
     data.run(recipe)
     seconds = time.perf_counter() - start
@@ -134,11 +160,13 @@ def main() -> None:
     print(f"{'datatrove':12}{dt_s:>9.1f}{n / dt_s:>10,.0f}{len(dt_kept):>8,}")
     print(f"{'lmkiln':12}{lk_s:>9.1f}{n / lk_s:>10,.0f}{len(lk_kept):>8,}")
     print(f"ratio (lmkiln docs/s / datatrove docs/s): {dt_s / lk_s:.2f}")
-    print(f"agreement on keep/drop: {agree:.2%}  (kept by both {len(dt_kept & lk_kept):,}, "
-          f"only datatrove {len(dt_kept - lk_kept):,}, only lmkiln {len(lk_kept - dt_kept):,})")
+    print(
+        f"agreement on keep/drop: {agree:.2%}  (kept by both {len(dt_kept & lk_kept):,}, "
+        f"only datatrove {len(dt_kept - lk_kept):,}, only lmkiln {len(lk_kept - dt_kept):,})"
+    )
     by_id = {d["id"]: d["text"] for d in docs}
     for label, diff in (("kept only by datatrove", dt_kept - lk_kept), ("kept only by lmkiln", lk_kept - dt_kept)):
-        for doc_id in sorted(diff)[:args.show]:
+        for doc_id in sorted(diff)[: args.show]:
             print(f"\n--- {label}: {doc_id}\n{by_id[doc_id][:600]}")
 
 

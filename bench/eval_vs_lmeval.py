@@ -20,8 +20,12 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "icl-eval"
-TASKS = {"copa": "multiple_choice", "piqa": "multiple_choice", "arc_easy": "multiple_choice",
-         "lambada_openai": "language_modeling"}
+TASKS = {
+    "copa": "multiple_choice",
+    "piqa": "multiple_choice",
+    "arc_easy": "multiple_choice",
+    "lambada_openai": "language_modeling",
+}
 
 MC_YAML = """task: kiln_{name}
 dataset_path: json
@@ -59,8 +63,12 @@ def run_lmkiln(model_dir: Path, limit: int, batch: int) -> tuple[dict, float]:
 
     lm = load_for_inference(model_dir, "cpu")
     t0 = time.perf_counter()
-    out = {name: evaluate_task(lm.model, lm.tok, lm.chat, IclTask(name, str(DATA / f"{name}.jsonl"), max_examples=limit),
-                               batch_size=batch) for name in TASKS}
+    out = {
+        name: evaluate_task(
+            lm.model, lm.tok, lm.chat, IclTask(name, str(DATA / f"{name}.jsonl"), max_examples=limit), batch_size=batch
+        )
+        for name in TASKS
+    }
     return out, time.perf_counter() - t0
 
 
@@ -74,10 +82,16 @@ def run_harness(model_dir: Path, limit: int, batch: int) -> tuple[dict, float]:
             text = (MC_YAML if kind == "multiple_choice" else LM_YAML).format(name=name, path=DATA / f"{name}.jsonl")
             Path(tasks_dir, f"{name}.yaml").write_text(text)
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
-                                      tasks=[f"kiln_{n}" for n in TASKS], device="cpu", batch_size=batch,
-                                      limit=limit, task_manager=TaskManager(include_path=tasks_dir),
-                                      bootstrap_iters=0)
+        res = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={model_dir},dtype=float32",
+            tasks=[f"kiln_{n}" for n in TASKS],
+            device="cpu",
+            batch_size=batch,
+            limit=limit,
+            task_manager=TaskManager(include_path=tasks_dir),
+            bootstrap_iters=0,
+        )
         seconds = time.perf_counter() - t0
     metrics = ("acc", "acc_norm", "perplexity")
     return {n: {m: res["results"][f"kiln_{n}"].get(f"{m},none") for m in metrics} for n in TASKS}, seconds
@@ -85,8 +99,12 @@ def run_harness(model_dir: Path, limit: int, batch: int) -> tuple[dict, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=Path("runs/quickstart/pretrain/final"),
-                   help="an lmkiln model directory (default: the quickstart's pretrained model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path("runs/quickstart/pretrain/final"),
+        help="an lmkiln model directory (default: the quickstart's pretrained model)",
+    )
     p.add_argument("--limit", type=int, default=500, help="first N documents of each task")
     p.add_argument("--batch", type=int, default=16)
     args = p.parse_args()
@@ -95,7 +113,9 @@ def main() -> None:
     ours, t_ours = run_lmkiln(args.model, args.limit, args.batch)
     theirs, t_theirs = run_harness(args.model, args.limit, args.batch)
     print(f"model {args.model}, first {args.limit} documents per task, zero-shot, CPU float32")
-    print(f"{'task':16}{'n':>6}{'acc lmkiln':>12}{'acc harness':>13}{'norm lmkiln':>13}{'norm harness':>14}{'max diff':>10}")
+    print(
+        f"{'task':16}{'n':>6}{'acc lmkiln':>12}{'acc harness':>13}{'norm lmkiln':>13}{'norm harness':>14}{'max diff':>10}"
+    )
     worst = 0.0
     for name in TASKS:
         o, t = ours[name], theirs[name]

@@ -35,8 +35,13 @@ import threading
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bitext-customer-support" / \
-    "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+DATA = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "bitext-customer-support"
+    / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+)
 SHAPE = dict(hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536, vocab_size=49152)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -70,11 +75,11 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
     """The shared model directory and training examples (token ids and labels) both sides use."""
     import torch
 
+    from lmkiln.data.examples import encode_example
+    from lmkiln.model.chat_format import ChatFormat
     from lmkiln.model.hub import save_model
     from lmkiln.model.transformer import ModelArgs, Transformer
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
-    from lmkiln.model.chat_format import ChatFormat
-    from lmkiln.data.examples import encode_example
 
     with open(DATA, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -88,8 +93,14 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
         if len(encoded) == batch * steps:
             break
     (work / "examples.json").write_text(json.dumps(encoded))
-    args = ModelArgs(max_seq_len=2048, tie_embeddings=True, bos_token_id=tok.token_to_id("<|bos|>"),
-                     eos_token_id=tok.token_to_id("<|eos|>"), pad_token_id=tok.token_to_id("<|pad|>"), **SHAPE)
+    args = ModelArgs(
+        max_seq_len=2048,
+        tie_embeddings=True,
+        bos_token_id=tok.token_to_id("<|bos|>"),
+        eos_token_id=tok.token_to_id("<|eos|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+        **SHAPE,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
@@ -106,7 +117,7 @@ def batches_of(examples: list, batch: int, grouped: bool) -> list[list]:
     else:
         idx = list(range(len(examples)))
         rng.shuffle(idx)
-        order = [idx[i:i + batch] for i in range(0, len(idx), batch)]
+        order = [idx[i : i + batch] for i in range(0, len(idx), batch)]
     return [[examples[i] for i in b] for b in order]
 
 
@@ -117,7 +128,7 @@ def padded(batch: list, pad: int):
     x = torch.full((len(batch), width), pad, dtype=torch.long)
     y = torch.full((len(batch), width), -100, dtype=torch.long)
     for i, (ids, labels) in enumerate(batch):
-        x[i, :len(ids)], y[i, :len(labels)] = torch.tensor(ids), torch.tensor(labels)
+        x[i, : len(ids)], y[i, : len(labels)] = torch.tensor(ids), torch.tensor(labels)
     return x, y
 
 
@@ -127,8 +138,8 @@ def run_ours(model_dir: Path, rank: int):
 
     from lmkiln.model.hub import load_model
     from lmkiln.train.finetune import batch_loss
-    from lmkiln.train.tuning import make_trainable
     from lmkiln.train.optim import adamw
+    from lmkiln.train.tuning import make_trainable
 
     model = load_model(model_dir, "cpu")
     lora = SimpleNamespace(r=rank, alpha=2.0 * rank, dropout=0.0, targets=TARGETS, dora=False)
@@ -142,6 +153,7 @@ def run_ours(model_dir: Path, rank: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return (loss / n).item(), tokens
+
     return step
 
 
@@ -150,9 +162,13 @@ def run_peft(model_dir: Path, rank: int):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                                       target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
 
@@ -166,6 +182,7 @@ def run_peft(model_dir: Path, rank: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item(), x.numel()
+
     return step
 
 
@@ -184,9 +201,18 @@ def side(args) -> None:
             loss, padded_tokens = step(batch)
         seconds = time.perf_counter() - t0
     tokens = sum(len(ids) for ids, _ in examples)
-    print(json.dumps({"tokens_per_s": tokens / seconds, "peak_mb": mem.peak - mem.base, "loss": loss,
-                      "seconds": seconds, "tokens": tokens,
-                      "padded": sum(len(b) * max(len(i) for i, _ in b) for b in batches)}))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": tokens / seconds,
+                "peak_mb": mem.peak - mem.base,
+                "loss": loss,
+                "seconds": seconds,
+                "tokens": tokens,
+                "padded": sum(len(b) * max(len(i) for i, _ in b) for b in batches),
+            }
+        )
+    )
 
 
 def torch_threads() -> int:
@@ -211,20 +237,32 @@ def main() -> None:
         prepare(Path(work), args.batch, args.steps, args.max_len)
         results = {}
         for name in ("lmkiln", "peft"):
-            cmd = [sys.executable, __file__, "--side", name, "--work", work, f"--batch={args.batch}",
-                   f"--rank={args.rank}"] + (["--same-batches"] if args.same_batches else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--side",
+                name,
+                "--work",
+                work,
+                f"--batch={args.batch}",
+                f"--rank={args.rank}",
+            ] + (["--same-batches"] if args.same_batches else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(out.strip().splitlines()[-1])
     ours, peer = results["lmkiln"], results["peft"]
     batching = "the same batches" if args.same_batches else "each side's default batching"
-    print(f"LoRA r={args.rank} on a SmolLM2-135M-shaped model: {args.steps} steps of {args.batch} examples, "
-          f"{ours['tokens']:,} tokens, {batching}, CPU fp32, {torch_threads()} threads")
+    print(
+        f"LoRA r={args.rank} on a SmolLM2-135M-shaped model: {args.steps} steps of {args.batch} examples, "
+        f"{ours['tokens']:,} tokens, {batching}, CPU fp32, {torch_threads()} threads"
+    )
     print(f"{'':24}{'tokens/s':>10}{'peak MB':>10}{'padded tokens':>15}{'last loss':>11}")
     for name, label in (("lmkiln", "lmkiln"), ("peft", "transformers + PEFT")):
         r = results[name]
         print(f"{label:24}{r['tokens_per_s']:>10.1f}{r['peak_mb']:>10.0f}{r['padded']:>15,}{r['loss']:>11.4f}")
-    print(f"speed ratio (lmkiln / PEFT): {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}   "
-          f"memory ratio (lmkiln / PEFT): {ours['peak_mb'] / peer['peak_mb']:.2f}")
+    print(
+        f"speed ratio (lmkiln / PEFT): {ours['tokens_per_s'] / peer['tokens_per_s']:.2f}   "
+        f"memory ratio (lmkiln / PEFT): {ours['peak_mb'] / peer['peak_mb']:.2f}"
+    )
 
 
 if __name__ == "__main__":

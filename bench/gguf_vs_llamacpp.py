@@ -26,8 +26,16 @@ import torch
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 FAMILIES = {
     "llama": dict(arch="llama"),
-    "llama3.1 rope": dict(arch="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama3.1 rope": dict(
+        arch="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
     "qwen2": dict(arch="qwen2"),
     "qwen3": dict(arch="qwen3", head_dim=32),
     "mistral": dict(arch="mistral"),
@@ -40,9 +48,20 @@ def make_model(family: dict, tokenizer_dir: Path, out: Path):
     from lmkiln.tokenizer.train import load_tokenizer, special_ids
 
     ids = special_ids(load_tokenizer(tokenizer_dir))
-    args = ModelArgs(vocab_size=load_tokenizer(tokenizer_dir).get_vocab_size(), hidden_size=128, num_layers=3,
-                     num_heads=4, num_kv_heads=2, intermediate_size=256, max_seq_len=256, tie_embeddings=False,
-                     bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"], **family)
+    args = ModelArgs(
+        vocab_size=load_tokenizer(tokenizer_dir).get_vocab_size(),
+        hidden_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=256,
+        max_seq_len=256,
+        tie_embeddings=False,
+        bos_token_id=ids["bos"],
+        eos_token_id=ids["eos"],
+        pad_token_id=ids["pad"],
+        **family,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
@@ -66,19 +85,20 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     try:
         text = SHAKESPEARE.read_text()
-        save_tokenizer(train_bpe([text[i:i + 2000] for i in range(0, len(text), 2000)], 1024), root / "tok")
+        save_tokenizer(train_bpe([text[i : i + 2000] for i in range(0, len(text), 2000)], 1024), root / "tok")
         print(f"{'family':<15}{'max |logit diff|':>18}{'logit std':>11}{'greedy 24 equal':>17}")
         for name, family in FAMILIES.items():
             hf, gguf = root / f"{name}-hf", root / f"{name}-gguf"
             model = make_model(family, root / "tok", hf)
             export_model(hf, gguf, fmt="gguf", dtype="fp32")
-            llm = llama_cpp.Llama(model_path=str(gguf / "model.gguf"), n_ctx=256, logits_all=True, verbose=False,
-                                  type_k=0, type_v=0)  # an f32 KV cache (GGML_TYPE_F32), as lmkiln keeps
+            llm = llama_cpp.Llama(
+                model_path=str(gguf / "model.gguf"), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0
+            )  # an f32 KV cache (GGML_TYPE_F32), as lmkiln keeps
             prompt = [t % model.args.vocab_size for t in range(17, 17 + 40 * 7, 7)]
             llm.eval(prompt)
             with torch.no_grad():
                 ours = model(torch.tensor([prompt]))[0].numpy()
-            diff = np.abs(llm.scores[:len(prompt)] - ours).max()
+            diff = np.abs(llm.scores[: len(prompt)] - ours).max()
             llm.reset()
             theirs = []
             for token in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
@@ -93,12 +113,14 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _llama_cpp_run(llama_cpp, path: Path, prompt: list[int], n: int, stops: set[int] = frozenset()) -> tuple[np.ndarray, list[int]]:
+def _llama_cpp_run(
+    llama_cpp, path: Path, prompt: list[int], n: int, stops: set[int] = frozenset()
+) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for `prompt` and its `n` greedy tokens after it, each from a fresh context (a
     reset context keeps its KV cells, and scoring the prompt again on them goes wrong)."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, type_k=0, type_v=0)
     llm.eval(prompt)
-    scores = np.array(llm.scores[:len(prompt)])
+    scores = np.array(llm.scores[: len(prompt)])
     del llm
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, verbose=False, type_k=0, type_v=0)
     tokens = []
@@ -121,7 +143,9 @@ def quantized(root: Path, llama_cpp) -> None:
     from lmkiln.model.importer import import_model
     from lmkiln.model.inference import load_for_inference
 
-    print(f"\n{'quantized file':<24}{'MiB':>8}{'|llama.cpp - lmkiln|':>22}{'|file - float model|':>22}{'greedy 24 equal':>17}")
+    print(
+        f"\n{'quantized file':<24}{'MiB':>8}{'|llama.cpp - lmkiln|':>22}{'|file - float model|':>22}{'greedy 24 equal':>17}"
+    )
     files = []
     model = make_model(FAMILIES["llama"], root / "tok", root / "q-hf")
     prompt = [t % model.args.vocab_size for t in range(17, 17 + 40 * 7, 7)]
@@ -134,11 +158,17 @@ def quantized(root: Path, llama_cpp) -> None:
         import_model(str(source), root / "smol")
         export_model(root / "smol", root / "smol-q8_0", fmt="gguf", quant="q8_0")
         smol = load_for_inference(root / "smol")
-        question = smol.tok.encode(smol.chat.render([{"role": "user", "content": "What is the capital of France?"}],
-                                                    add_generation_prompt=True), add_special_tokens=False).ids
+        question = smol.tok.encode(
+            smol.chat.render(
+                [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        ).ids
         stops = set(smol.chat.stop_ids)
-        files += [("SmolLM2 Q4_1 (shipped)", source, smol.model, question, stops),
-                  ("SmolLM2 q8_0 (lmkiln)", root / "smol-q8_0" / "model.gguf", smol.model, question, stops)]
+        files += [
+            ("SmolLM2 Q4_1 (shipped)", source, smol.model, question, stops),
+            ("SmolLM2 q8_0 (lmkiln)", root / "smol-q8_0" / "model.gguf", smol.model, question, stops),
+        ]
     for name, path, float_model, tokens, stops in files:
         back = gguf_model(path)
         with torch.no_grad():
@@ -146,12 +176,16 @@ def quantized(root: Path, llama_cpp) -> None:
             original = float_model(torch.tensor([tokens]))[0].numpy()
         scores, theirs = _llama_cpp_run(llama_cpp, path, tokens, 24, stops)
         mine = generate(back, tokens, 24, temperature=0.0, stop_ids=sorted(stops))
-        print(f"{name:<24}{path.stat().st_size / 2**20:>8.1f}{np.abs(scores - ours).max():>22.2e}"
-              f"{np.abs(ours - original).max():>22.2e}{'yes' if theirs == mine else 'NO':>17}")
+        print(
+            f"{name:<24}{path.stat().st_size / 2**20:>8.1f}{np.abs(scores - ours).max():>22.2e}"
+            f"{np.abs(ours - original).max():>22.2e}{'yes' if theirs == mine else 'NO':>17}"
+        )
         if name.startswith("SmolLM2"):
             decode = load_for_inference(root / "smol").tok.decode
-            print(f"{'':<4}llama.cpp: {decode(theirs, skip_special_tokens=True)!r}\n"
-                  f"{'':<4}lmkiln:    {decode(mine, skip_special_tokens=True)!r}")
+            print(
+                f"{'':<4}llama.cpp: {decode(theirs, skip_special_tokens=True)!r}\n"
+                f"{'':<4}lmkiln:    {decode(mine, skip_special_tokens=True)!r}"
+            )
 
 
 if __name__ == "__main__":

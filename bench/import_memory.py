@@ -20,10 +20,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048,
-          "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4,
-          "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-          "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "bfloat16",
+}
 
 MAKE = """
 import json, sys, torch
@@ -92,22 +105,28 @@ def main() -> None:
         src = root / "hf"
         src.mkdir(parents=True, exist_ok=True)
         (src / "config.json").write_text(json.dumps({**CONFIG, "num_hidden_layers": args.layers}))
-        size = int(subprocess.run([sys.executable, "-c", MAKE, str(src), str(args.layers)], check=True,
-                                  capture_output=True, text=True).stdout.split()[-1])
+        size = int(
+            subprocess.run(
+                [sys.executable, "-c", MAKE, str(src), str(args.layers)], check=True, capture_output=True, text=True
+            ).stdout.split()[-1]
+        )
         print(f"checkpoint: {size / 1e9:.2f} GB bf16 in 2 safetensors shards ({args.layers} layers)\n")
         print(f"{'import':<16}{'peak above baseline':>22}{'baseline':>10}")
         rows = {}
         for kind in ("copy", "convert", "transformers"):
             out = root / f"out-{kind}"
-            result = subprocess.run([sys.executable, "-c", MEASURE, kind, str(src), str(out)], check=True,
-                                    capture_output=True, text=True)
+            result = subprocess.run(
+                [sys.executable, "-c", MEASURE, kind, str(src), str(out)], check=True, capture_output=True, text=True
+            )
             extra, base = map(float, result.stdout.split()[-2:])
             rows[kind] = extra
             label = {"copy": "lmkiln copy", "convert": "lmkiln convert", "transformers": "transformers"}[kind]
             print(f"{label:<16}{extra:>18,.0f} MB{base:>7,.0f} MB")
             shutil.rmtree(out, ignore_errors=True)
-        print(f"\nlimit: 1.5 GB above baseline; transformers / lmkiln convert: "
-              f"{rows['transformers'] / max(rows['convert'], 1):.1f}x")
+        print(
+            f"\nlimit: 1.5 GB above baseline; transformers / lmkiln convert: "
+            f"{rows['transformers'] / max(rows['convert'], 1):.1f}x"
+        )
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -114,13 +114,19 @@ def main() -> None:
     peak, source = device_peak(device)
     util = mfu(tps_ours, margs.flops_per_token(args.seq), peak)
     util_hf = mfu(tps_hf, margs.flops_per_token(args.seq), peak)
-    print(f"model: {margs.num_params() / 1e6:.1f}M parameters, batch {args.batch} × {args.seq}, {device}, "
-          f"threads {torch.get_num_threads()}, peak {peak / 1e9:,.0f} GFLOP/s ({source})" if peak else "")
+    print(
+        f"model: {margs.num_params() / 1e6:.1f}M parameters, batch {args.batch} × {args.seq}, {device}, "
+        f"threads {torch.get_num_threads()}, peak {peak / 1e9:,.0f} GFLOP/s ({source})"
+        if peak
+        else ""
+    )
     print(f"{'':10} {'tokens/s':>10} {'s/step':>8} {'MFU':>6}")
     print(f"{'lmkiln':10} {tps_ours:10,.0f} {statistics.median(t_ours):8.3f} {util or 0:6.1%}")
     print(f"{'hf':10} {tps_hf:10,.0f} {statistics.median(t_hf):8.3f} {util_hf or 0:6.1%}")
-    print(f"tokens_per_s lmkiln={tps_ours:.0f} hf={tps_hf:.0f} ratio={tps_ours / tps_hf:.3f} "
-          f"mfu={util or 0:.3f} compile={int(args.compile)}")
+    print(
+        f"tokens_per_s lmkiln={tps_ours:.0f} hf={tps_hf:.0f} ratio={tps_ours / tps_hf:.3f} "
+        f"mfu={util or 0:.3f} compile={int(args.compile)}"
+    )
 
 
 if __name__ == "__main__":

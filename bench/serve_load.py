@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+DATA = (
+    ROOT.parent / "shared" / "data" / "bitext-customer-support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+)
 SHAPE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6)
 WEIGHT_MB = 0.0
 PROMPT = "I want to cancel my order and get a refund, how do I do that?"
@@ -46,8 +48,14 @@ def make_model(out: Path) -> Path:
     with open(DATA, newline="") as fh:
         rows = list(csv.DictReader(fh))
     tok = train_bpe((r["instruction"] + "\n" + r["response"] for r in rows), SHAPE["vocab_size"])
-    args = ModelArgs(max_seq_len=1024, tie_embeddings=True, bos_token_id=tok.token_to_id("<|bos|>"),
-                     eos_token_id=tok.token_to_id("<|eos|>"), pad_token_id=tok.token_to_id("<|pad|>"), **SHAPE)
+    args = ModelArgs(
+        max_seq_len=1024,
+        tie_embeddings=True,
+        bos_token_id=tok.token_to_id("<|bos|>"),
+        eos_token_id=tok.token_to_id("<|eos|>"),
+        pad_token_id=tok.token_to_id("<|pad|>"),
+        **SHAPE,
+    )
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
     save_tokenizer(tok, out)
@@ -89,8 +97,11 @@ def decode_speed(model_dir: Path, n: int, hf_static: bool = False) -> tuple[floa
     if hf_static:
         theirs.forward = torch.compile(theirs.forward, fullgraph=True)
     with torch.no_grad():
-        hf_tps, hf_out = best(lambda: theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                      pad_token_id=0, **extra)[0, len(prompt):].tolist())
+        hf_tps, hf_out = best(
+            lambda: theirs.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **extra)[
+                0, len(prompt) :
+            ].tolist()
+        )
     return ours_tps, compiled_tps, hf_tps, ours_ids == compiled_ids == hf_out
 
 
@@ -105,8 +116,13 @@ async def one_request(client, max_tokens: int) -> tuple[float | None, int, str |
     began, first, tokens, finished = time.perf_counter(), None, 0, False
     try:
         stream = await client.chat.completions.create(
-            model="bench", messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0.8,
-            stream=True, stream_options={"include_usage": True})
+            model="bench",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=max_tokens,
+            temperature=0.8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter() - began
@@ -135,36 +151,71 @@ async def load_level(url: str, streams: int, per_stream: int, max_tokens: int) -
     errors = [r[2] for r in results if r[2] and not r[2].startswith("lost")]
     lost = [r for r in results if r[2] and r[2].startswith("lost")]
     q = statistics.quantiles(ttft, n=20) if len(ttft) > 1 else ttft * 19
-    return {"streams": streams, "requests": len(results), "tokens": sum(r[1] for r in results), "wall": wall,
-            "ttft_p50": statistics.median(ttft) if ttft else float("nan"), "ttft_p95": q[18] if q else float("nan"),
-            "errors": len(errors), "lost": len(lost), "first_error": errors[0] if errors else None}
+    return {
+        "streams": streams,
+        "requests": len(results),
+        "tokens": sum(r[1] for r in results),
+        "wall": wall,
+        "ttft_p50": statistics.median(ttft) if ttft else float("nan"),
+        "ttft_p95": q[18] if q else float("nan"),
+        "errors": len(errors),
+        "lost": len(lost),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="a model directory (default: the reference shape, random init)")
+    ap.add_argument(
+        "--model", type=Path, default=None, help="a model directory (default: the reference shape, random init)"
+    )
     ap.add_argument("--decode-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request in the load test")
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--levels", default="1,4,16")
-    ap.add_argument("--hf-static-compile", action="store_true",
-                    help="give transformers its fast path too: static cache, forward compiled (about 45 s more)")
+    ap.add_argument(
+        "--hf-static-compile",
+        action="store_true",
+        help="give transformers its fast path too: static cache, forward compiled (about 45 s more)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(Path(tmp) / "model")
         ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
-        print(f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
-              f"{compiled:,.1f}), transformers{' (static cache, compiled)' if args.hf_static_compile else ''} "
-              f"{hf:,.1f} tok/s, ratio {ours / hf:.2f} (compiled {compiled / hf:.2f}); "
-              f"same tokens: {same}")
-        print(f"  each token streams {WEIGHT_MB:.0f} MB of fp32 weights: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s "
-              f"(compiled {WEIGHT_MB * compiled / 1e3:.1f}), transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s")
+        print(
+            f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
+            f"{compiled:,.1f}), transformers{' (static cache, compiled)' if args.hf_static_compile else ''} "
+            f"{hf:,.1f} tok/s, ratio {ours / hf:.2f} (compiled {compiled / hf:.2f}); "
+            f"same tokens: {same}"
+        )
+        print(
+            f"  each token streams {WEIGHT_MB:.0f} MB of fp32 weights: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s "
+            f"(compiled {WEIGHT_MB * compiled / 1e3:.1f}), transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s"
+        )
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench",
-                                   "--port", str(port), "--device", "cpu", "--max-batch", "16", "--max-queue", "256"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lmkiln",
+                "serve",
+                str(model_dir),
+                "--name",
+                "bench",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--max-batch",
+                "16",
+                "--max-queue",
+                "256",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             import httpx
 
@@ -178,18 +229,26 @@ def main() -> None:
                 if time.time() > deadline or server.poll() is not None:
                     raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
                 time.sleep(0.2)
-            rows = [asyncio.run(load_level(url, int(s), args.requests_per_stream, args.max_tokens))
-                    for s in args.levels.split(",")]
+            rows = [
+                asyncio.run(load_level(url, int(s), args.requests_per_stream, args.max_tokens))
+                for s in args.levels.split(",")
+            ]
         finally:
             server.terminate()
             server.wait(timeout=30)
-    print(f"\nload: {args.requests_per_stream} streamed chat requests per stream, {args.max_tokens} tokens each, "
-          f"kiln serve --max-batch 16 on this machine's CPU")
-    print(f"{'streams':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
-          f"{'errors':>6} {'lost':>5}")
+    print(
+        f"\nload: {args.requests_per_stream} streamed chat requests per stream, {args.max_tokens} tokens each, "
+        f"kiln serve --max-batch 16 on this machine's CPU"
+    )
+    print(
+        f"{'streams':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p95':>9} "
+        f"{'errors':>6} {'lost':>5}"
+    )
     for r in rows:
-        print(f"{r['streams']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall']:>8.1f} {r['tokens'] / r['wall']:>8.1f} "
-              f"{r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p95'] * 1000:>7.0f}ms {r['errors']:>6} {r['lost']:>5}")
+        print(
+            f"{r['streams']:>7} {r['requests']:>8} {r['tokens']:>7} {r['wall']:>8.1f} {r['tokens'] / r['wall']:>8.1f} "
+            f"{r['ttft_p50'] * 1000:>7.0f}ms {r['ttft_p95'] * 1000:>7.0f}ms {r['errors']:>6} {r['lost']:>5}"
+        )
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
     tps = {r["streams"]: r["tokens"] / r["wall"] for r in rows}

@@ -35,8 +35,12 @@ async def load(url: str, streams: int, tokens: int) -> int:
 
     async def one(i: int) -> int:
         reply = await client.chat.completions.create(
-            model="m", max_tokens=tokens, temperature=0.7, seed=i,
-            messages=[{"role": "user", "content": f"Write a short story about a lighthouse keeper, part {i}."}])
+            model="m",
+            max_tokens=tokens,
+            temperature=0.7,
+            seed=i,
+            messages=[{"role": "user", "content": f"Write a short story about a lighthouse keeper, part {i}."}],
+        )
         return reply.usage.completion_tokens
 
     return sum(await asyncio.gather(*(one(i) for i in range(streams))))
@@ -51,8 +55,12 @@ def main() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(args.model), "--port", str(port), "--name", "m"],
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmkiln", "serve", str(args.model), "--port", str(port), "--name", "m"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx
@@ -76,13 +84,22 @@ def main() -> None:
         after = httpx.get(f"{url}/health").json()
         time.sleep(0.5)
         settled, _ = rss_mib(server.pid)
-        full = health["max_batch"] * health["context"] * (health["kv_cache_max_bytes"] / (health["max_batch"] * health["context"])) / 2**20
+        full = (
+            health["max_batch"]
+            * health["context"]
+            * (health["kv_cache_max_bytes"] / (health["max_batch"] * health["context"]))
+            / 2**20
+        )
         print(cache_line)
-        print(f"resident memory of kiln serve {args.model}: idle {idle:,.0f} MiB; after {args.streams} concurrent "
-              f"replies of {args.tokens} tokens ({generated:,} tokens in {seconds:.1f} s) {loaded:,.0f} MiB; "
-              f"peak {peak:,.0f} MiB; idle again {settled:,.0f} MiB (cache {after['kv_cache_bytes'] / 2**20:,.0f} MiB)")
-        print(f"a cache preallocated for the whole context: {health['max_batch']} x {health['context']:,} tokens = "
-              f"{full:,.0f} MiB on top of the model")
+        print(
+            f"resident memory of kiln serve {args.model}: idle {idle:,.0f} MiB; after {args.streams} concurrent "
+            f"replies of {args.tokens} tokens ({generated:,} tokens in {seconds:.1f} s) {loaded:,.0f} MiB; "
+            f"peak {peak:,.0f} MiB; idle again {settled:,.0f} MiB (cache {after['kv_cache_bytes'] / 2**20:,.0f} MiB)"
+        )
+        print(
+            f"a cache preallocated for the whole context: {health['max_batch']} x {health['context']:,} tokens = "
+            f"{full:,.0f} MiB on top of the model"
+        )
         print(f"peak_rss_mib={peak:.0f} idle_rss_mib={idle:.0f} full_context_cache_mib={full:.0f}")
     finally:
         server.terminate()

@@ -27,10 +27,18 @@ def main() -> None:
     results = json.loads((args.run_dir / "eval" / "eval.json").read_text())
     header, rows = table_rows(results)
     table = {row[0]: dict(zip(header[1:], row[1:])) for row in rows}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    expected = {"measured_at_commit": commit, "quickstart_minutes": args.quickstart_minutes,
-                "test_minutes": args.test_minutes, "table": table}
-    (ROOT / "recipes" / "quickstart.expected.json").write_text(json.dumps(expected, indent=2, ensure_ascii=False) + "\n")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    expected = {
+        "measured_at_commit": commit,
+        "quickstart_minutes": args.quickstart_minutes,
+        "test_minutes": args.test_minutes,
+        "table": table,
+    }
+    (ROOT / "recipes" / "quickstart.expected.json").write_text(
+        json.dumps(expected, indent=2, ensure_ascii=False) + "\n"
+    )
     print(json.dumps(expected, indent=2, ensure_ascii=False))
 
 

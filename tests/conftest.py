@@ -31,20 +31,42 @@ def write_instructions(path: Path, n: int = 48) -> Path:
     with open(path, "w") as fh:
         for i in range(n):
             a, s = animals[i % len(animals)]
-            fh.write(json.dumps({"instruction": f"What sound does a {a} make? ({i})", "input": "",
-                                 "output": f"A {a} says {s}."}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"instruction": f"What sound does a {a} make? ({i})", "input": "", "output": f"A {a} says {s}."}
+                )
+                + "\n"
+            )
     return path
 
 
 TINY = [
-    "data.sources=[builtin:python-stdlib]", "data.max_docs=40", "data.val_fraction=0.2",
+    "data.sources=[builtin:python-stdlib]",
+    "data.max_docs=40",
+    "data.val_fraction=0.2",
     "tokenizer.vocab_size=512",
-    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-    "model.intermediate_size=128", "model.max_seq_len=128",
-    "pretrain.seq_len=64", "pretrain.batch_size=4", "pretrain.max_steps=12", "pretrain.eval_every=6",
-    "pretrain.eval_batches=2", "pretrain.checkpoint_every=4", "pretrain.log_every=3", "pretrain.warmup_steps=2",
-    "finetune.epochs=2", "finetune.batch_size=4", "finetune.max_seq_len=96", "finetune.log_every=1",
-    "eval.max_tokens=2048", "eval.seq_len=64", "eval.max_examples=3", "eval.max_new_tokens=8",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.intermediate_size=128",
+    "model.max_seq_len=128",
+    "pretrain.seq_len=64",
+    "pretrain.batch_size=4",
+    "pretrain.max_steps=12",
+    "pretrain.eval_every=6",
+    "pretrain.eval_batches=2",
+    "pretrain.checkpoint_every=4",
+    "pretrain.log_every=3",
+    "pretrain.warmup_steps=2",
+    "finetune.epochs=2",
+    "finetune.batch_size=4",
+    "finetune.max_seq_len=96",
+    "finetune.log_every=1",
+    "eval.max_tokens=2048",
+    "eval.seq_len=64",
+    "eval.max_examples=3",
+    "eval.max_new_tokens=8",
 ]
 
 

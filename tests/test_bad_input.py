@@ -14,7 +14,7 @@ import pytest
 from lmkiln.cli import main
 from tests.conftest import TINY, write_instructions
 
-BAD_UTF8 = "a line that is fine\nand one cut in the middle of a character: ".encode() + b"\xe2\x82"
+BAD_UTF8 = b"a line that is fine\nand one cut in the middle of a character: " + b"\xe2\x82"
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +64,70 @@ CASES = [
     # outputs that would destroy something
     ("import-onto-itself", "import", ["{ws}/model", "{ws}/model"], "is the input"),
     ("import-inside-its-source", "import", ["{ws}/model", "{ws}/model/inside"], "is the input"),
-    ("import-over-a-users-folder", "import", ["{ws}/model", "{ws}/mine"], "holds files lmkiln did not write (NOTES.txt)"),
+    (
+        "import-over-a-users-folder",
+        "import",
+        ["{ws}/model", "{ws}/mine"],
+        "holds files lmkiln did not write (NOTES.txt)",
+    ),
     ("export-onto-itself", "export", ["{ws}/model", "{ws}/model"], "is the input"),
-    ("export-over-a-users-folder", "export", ["{ws}/model", "{ws}/mine"], "holds files lmkiln did not write (NOTES.txt)"),
-    ("eval-out-over-a-users-folder", "eval", ["--models", "{ws}/model", "--tasks", "builtin:bias", "--out", "{ws}/mine"], "holds files lmkiln did not write"),
-    ("eval-out-onto-its-model", "eval", ["--models", "{ws}/model", "--tasks", "builtin:bias", "--out", "{ws}/model"], "is the input"),
+    (
+        "export-over-a-users-folder",
+        "export",
+        ["{ws}/model", "{ws}/mine"],
+        "holds files lmkiln did not write (NOTES.txt)",
+    ),
+    (
+        "eval-out-over-a-users-folder",
+        "eval",
+        ["--models", "{ws}/model", "--tasks", "builtin:bias", "--out", "{ws}/mine"],
+        "holds files lmkiln did not write",
+    ),
+    (
+        "eval-out-onto-its-model",
+        "eval",
+        ["--models", "{ws}/model", "--tasks", "builtin:bias", "--out", "{ws}/model"],
+        "is the input",
+    ),
     # models that are not there: every one checked before the first is used
-    ("eval-second-model-missing", "eval", ["--models", "{ws}/model", "{ws}/nope", "--tasks", "builtin:bias"], "'{ws}/nope' is neither a stage name nor a model directory"),
+    (
+        "eval-second-model-missing",
+        "eval",
+        ["--models", "{ws}/model", "{ws}/nope", "--tasks", "builtin:bias"],
+        "'{ws}/nope' is neither a stage name nor a model directory",
+    ),
     ("generate-no-model", "generate", ["{ws}/nope", "--prompt", "hi"], "is not a model directory"),
     ("chat-no-model", "chat", ["{ws}/nope"], "is not a model directory"),
     ("serve-no-model", "serve", ["{ws}/nope"], "is not a model directory"),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),
-    ("import-no-source", "import", ["{ws}/nope", "{ws}/out"], "is neither a model directory, a GGUF file nor a Hugging Face hub id"),
-    ("finetune-no-base", "finetune", ["run_dir={ws}/r", "finetune.data={ws}/sft.jsonl", "finetune.base={ws}/nope"], "finetune.base"),
+    (
+        "import-no-source",
+        "import",
+        ["{ws}/nope", "{ws}/out"],
+        "is neither a model directory, a GGUF file nor a Hugging Face hub id",
+    ),
+    (
+        "finetune-no-base",
+        "finetune",
+        ["run_dir={ws}/r", "finetune.data={ws}/sft.jsonl", "finetune.base={ws}/nope"],
+        "finetune.base",
+    ),
     # sampling flags
-    ("generate-negative-temperature", "generate", ["{ws}/model", "--prompt", "hi", "--temperature", "-1"], "--temperature -1.0: expected 0"),
+    (
+        "generate-negative-temperature",
+        "generate",
+        ["{ws}/model", "--prompt", "hi", "--temperature", "-1"],
+        "--temperature -1.0: expected 0",
+    ),
     ("generate-top-p-above-1", "generate", ["{ws}/model", "--prompt", "hi", "--top-p", "2"], "--top-p 2.0"),
     ("generate-top-p-zero", "generate", ["{ws}/model", "--prompt", "hi", "--top-p", "0"], "--top-p 0.0"),
     ("generate-negative-top-k", "generate", ["{ws}/model", "--prompt", "hi", "--top-k", "-1"], "--top-k -1"),
-    ("generate-negative-max-tokens", "generate", ["{ws}/model", "--prompt", "hi", "--max-tokens", "-5"], "--max-tokens -5"),
+    (
+        "generate-negative-max-tokens",
+        "generate",
+        ["{ws}/model", "--prompt", "hi", "--max-tokens", "-5"],
+        "--max-tokens -5",
+    ),
     ("chat-negative-temperature", "chat", ["{ws}/model", "--temperature", "-0.5"], "--temperature -0.5"),
     ("chat-zero-max-tokens", "chat", ["{ws}/model", "--max-tokens", "0"], "--max-tokens 0"),
     # sizes and counts
@@ -92,16 +137,56 @@ CASES = [
     ("serve-zero-batch", "serve", ["{ws}/model", "--max-batch", "0"], "--max-batch 0"),
     ("serve-busy-port", "serve", ["{ws}/model", "--port", "{busy}"], "cannot listen on 127.0.0.1:{busy}"),
     # empty inputs, named by the stage that would produce the empty output
-    ("data-empty-corpus", "data", ["run_dir={ws}/r", "data.sources=[{ws}/empty.txt]"], "data: no documents left (1 documents in, removed: empty 1)"),
-    ("run-empty-corpus", "run", ["run_dir={ws}/r", "data.sources=[{ws}/empty.txt]", "stages=[data,tokenizer]"], "data: no documents left"),
+    (
+        "data-empty-corpus",
+        "data",
+        ["run_dir={ws}/r", "data.sources=[{ws}/empty.txt]"],
+        "data: no documents left (1 documents in, removed: empty 1)",
+    ),
+    (
+        "run-empty-corpus",
+        "run",
+        ["run_dir={ws}/r", "data.sources=[{ws}/empty.txt]", "stages=[data,tokenizer]"],
+        "data: no documents left",
+    ),
     ("tokenizer-before-data", "tokenizer", ["run_dir={ws}/r"], "stage 'data' has not finished"),
-    ("pretrain-empty-token-shard", "pretrain", ["run_dir={ws}/emptyrun"] + [t for t in TINY if t.startswith(("model.", "pretrain."))], "the token shard is empty"),
-    ("finetune-empty-validation-split", "finetune", ["run_dir={ws}/r", "finetune.data={ws}/two.jsonl", "finetune.base={ws}/model"], "the validation split of"),
+    (
+        "pretrain-empty-token-shard",
+        "pretrain",
+        ["run_dir={ws}/emptyrun"] + [t for t in TINY if t.startswith(("model.", "pretrain."))],
+        "the token shard is empty",
+    ),
+    (
+        "finetune-empty-validation-split",
+        "finetune",
+        ["run_dir={ws}/r", "finetune.data={ws}/two.jsonl", "finetune.base={ws}/model"],
+        "the validation split of",
+    ),
     # text that is not UTF-8: file, line and byte offset
-    ("data-truncated-utf8-text", "data", ["run_dir={ws}/r", "data.sources=[{ws}/cut.txt]"], "cut.txt:2: not valid UTF-8 at byte 62"),
-    ("data-bad-utf8-jsonl", "data", ["run_dir={ws}/r", "data.sources=[{ws}/cut.jsonl]"], "cut.jsonl:2: not valid UTF-8 at byte 27"),
-    ("finetune-bad-utf8-csv", "finetune", ["run_dir={ws}/r", "finetune.data={ws}/cut.csv", "finetune.base={ws}/model"], "cut.csv:3: not valid UTF-8 at byte 31"),
-    ("eval-bad-utf8-task-file", "eval", ["--models", "{ws}/model", "--tasks", "{ws}/task.jsonl"], "task.jsonl:2: not valid UTF-8 at byte 49"),
+    (
+        "data-truncated-utf8-text",
+        "data",
+        ["run_dir={ws}/r", "data.sources=[{ws}/cut.txt]"],
+        "cut.txt:2: not valid UTF-8 at byte 62",
+    ),
+    (
+        "data-bad-utf8-jsonl",
+        "data",
+        ["run_dir={ws}/r", "data.sources=[{ws}/cut.jsonl]"],
+        "cut.jsonl:2: not valid UTF-8 at byte 27",
+    ),
+    (
+        "finetune-bad-utf8-csv",
+        "finetune",
+        ["run_dir={ws}/r", "finetune.data={ws}/cut.csv", "finetune.base={ws}/model"],
+        "cut.csv:3: not valid UTF-8 at byte 31",
+    ),
+    (
+        "eval-bad-utf8-task-file",
+        "eval",
+        ["--models", "{ws}/model", "--tasks", "{ws}/task.jsonl"],
+        "task.jsonl:2: not valid UTF-8 at byte 49",
+    ),
     ("run-bad-utf8-recipe", "run", ["{ws}/recipe.yaml"], "recipe.yaml:2: not valid UTF-8 at byte 13"),
     # mistakes that already had their line
     ("run-unknown-key", "run", ["run_dir={ws}/r", "pretrain.max_stepz=10"], "unknown key 'pretrain.max_stepz'"),
@@ -111,8 +196,21 @@ CASES = [
     ("import-unknown-dtype", "import", ["{ws}/model", "{ws}/out", "--dtype", "fp8"], "--dtype 'fp8'"),
     ("run-missing-recipe", "run", ["{ws}/no-such-recipe.yaml"], "does not exist"),
 ]
-VERBS = {"run", "data", "tokenizer", "pretrain", "finetune", "eval", "tune", "estimate", "generate", "chat", "serve",
-         "import", "export"}
+VERBS = {
+    "run",
+    "data",
+    "tokenizer",
+    "pretrain",
+    "finetune",
+    "eval",
+    "tune",
+    "estimate",
+    "generate",
+    "chat",
+    "serve",
+    "import",
+    "export",
+}
 
 
 def test_the_matrix_covers_every_verb():

@@ -34,8 +34,22 @@ def test_generate_prints_continuation(trained_run, capsys):
     model = run_dir / "finetune" / "final"
     assert main(["generate", str(model), "--prompt", "def f(", "--max-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def f(")
-    assert main(["generate", str(model), "--prompt", "What sound does a cat make?", "--chat",
-                 "--max-tokens", "8", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(model),
+                "--prompt",
+                "What sound does a cat make?",
+                "--chat",
+                "--max-tokens",
+                "8",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
 
 
 def test_generate_on_missing_model_exits_2(tmp_path, capsys):

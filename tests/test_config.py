@@ -15,8 +15,9 @@ def test_sizes():
 
 
 def test_overrides_and_sizes_in_recipe(tmp_path):
-    recipe = load_recipe(None, ["run_dir=/tmp/x", "pretrain.max_steps=50", "tokenizer.vocab_size=8K",
-                                "data.sources=[a.txt, b.txt]"])
+    recipe = load_recipe(
+        None, ["run_dir=/tmp/x", "pretrain.max_steps=50", "tokenizer.vocab_size=8K", "data.sources=[a.txt, b.txt]"]
+    )
     assert str(recipe.run_dir) == "/tmp/x"
     assert recipe.pretrain.max_steps == 50
     assert recipe.tokenizer.vocab_size == 8000

@@ -9,24 +9,65 @@ import json
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmkiln.config import load_recipe, parse_overrides, parse_size
 from lmkiln.data import sources
+from lmkiln.data.examples import load_splits
 from lmkiln.errors import UserError
 from lmkiln.eval.icl import load_docs
-from lmkiln.data.examples import load_splits
 
 tolerant = settings(suppress_health_check=[HealthCheck.too_slow])
 
-KEYS = st.sampled_from(["seed", "run_dir", "data.min_chars", "data.max_chars", "data.sources", "pretrain.lr",
-                        "pretrain.max_steps", "pretrain.batch_tokens", "model.preset", "model.hidden_size",
-                        "tokenizer.vocab_size", "finetune.columns", "finetune.lora.r", "eval.tasks", "stages",
-                        "finetune.epochs", "data.pii.kinds", "tune.space", "nonsense.key", "pretrain"])
-VALUES = st.one_of(st.text(max_size=20), st.integers(-10**12, 10**12).map(str),
-                   st.floats(allow_nan=True, allow_infinity=True).map(str),
-                   st.sampled_from(["20M", "1.5B", "8K", "0.5K", "-3M", "[a, b]", "{x: 1}", "[", "null", "~", "true",
-                                    "1e400", ".inf", "{lrate: [1, 2]}", "[data, eval]"]))
+KEYS = st.sampled_from(
+    [
+        "seed",
+        "run_dir",
+        "data.min_chars",
+        "data.max_chars",
+        "data.sources",
+        "pretrain.lr",
+        "pretrain.max_steps",
+        "pretrain.batch_tokens",
+        "model.preset",
+        "model.hidden_size",
+        "tokenizer.vocab_size",
+        "finetune.columns",
+        "finetune.lora.r",
+        "eval.tasks",
+        "stages",
+        "finetune.epochs",
+        "data.pii.kinds",
+        "tune.space",
+        "nonsense.key",
+        "pretrain",
+    ]
+)
+VALUES = st.one_of(
+    st.text(max_size=20),
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(str),
+    st.sampled_from(
+        [
+            "20M",
+            "1.5B",
+            "8K",
+            "0.5K",
+            "-3M",
+            "[a, b]",
+            "{x: 1}",
+            "[",
+            "null",
+            "~",
+            "true",
+            "1e400",
+            ".inf",
+            "{lrate: [1, 2]}",
+            "[data, eval]",
+        ]
+    ),
+)
 OVERRIDE = st.one_of(st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES), st.text(max_size=30))
 
 
@@ -41,12 +82,24 @@ def test_overrides_give_a_recipe_or_a_user_error(items):
         assert recipe.seed is not None
 
 
-YAML = st.one_of(st.binary(max_size=120), st.text(max_size=120).map(str.encode),
-                 st.dictionaries(st.sampled_from(["seed", "run_dir", "data", "pretrain", "model", "stages", "x"]),
-                                 st.one_of(st.integers(), st.text(max_size=8), st.none(),
-                                           st.dictionaries(st.sampled_from(["lr", "max_steps", "sources", "preset"]),
-                                                           st.one_of(st.integers(), st.text(max_size=8)), max_size=2)),
-                                 max_size=3).map(lambda d: json.dumps(d).encode()))
+YAML = st.one_of(
+    st.binary(max_size=120),
+    st.text(max_size=120).map(str.encode),
+    st.dictionaries(
+        st.sampled_from(["seed", "run_dir", "data", "pretrain", "model", "stages", "x"]),
+        st.one_of(
+            st.integers(),
+            st.text(max_size=8),
+            st.none(),
+            st.dictionaries(
+                st.sampled_from(["lr", "max_steps", "sources", "preset"]),
+                st.one_of(st.integers(), st.text(max_size=8)),
+                max_size=2,
+            ),
+        ),
+        max_size=3,
+    ).map(lambda d: json.dumps(d).encode()),
+)
 
 
 @tolerant
@@ -87,18 +140,49 @@ def _csv_bytes(rows) -> bytes:
     return buf.getvalue().encode()
 
 
-ROW = st.dictionaries(st.sampled_from(["text", "instruction", "input", "output", "messages", "conversations",
-                                       "label", "chosen", "rejected", "prompt", "split", "q", "a"]),
-                      st.one_of(st.text(max_size=12), st.integers(), st.none(), st.lists(st.text(max_size=5), max_size=3),
-                                st.lists(st.dictionaries(st.sampled_from(["role", "content", "from", "value"]),
-                                                         st.text(max_size=6), max_size=2), max_size=3)),
-                      max_size=5)
+ROW = st.dictionaries(
+    st.sampled_from(
+        [
+            "text",
+            "instruction",
+            "input",
+            "output",
+            "messages",
+            "conversations",
+            "label",
+            "chosen",
+            "rejected",
+            "prompt",
+            "split",
+            "q",
+            "a",
+        ]
+    ),
+    st.one_of(
+        st.text(max_size=12),
+        st.integers(),
+        st.none(),
+        st.lists(st.text(max_size=5), max_size=3),
+        st.lists(
+            st.dictionaries(st.sampled_from(["role", "content", "from", "value"]), st.text(max_size=6), max_size=2),
+            max_size=3,
+        ),
+    ),
+    max_size=5,
+)
 FILES = st.one_of(
     st.tuples(st.just(".jsonl"), st.one_of(st.binary(max_size=200), st.lists(ROW, max_size=6).map(_jsonl_bytes))),
-    st.tuples(st.just(".csv"), st.one_of(st.binary(max_size=200), st.lists(st.lists(st.text(max_size=8), max_size=4),
-                                                                          max_size=6).map(_csv_bytes))),
+    st.tuples(
+        st.just(".csv"),
+        st.one_of(
+            st.binary(max_size=200), st.lists(st.lists(st.text(max_size=8), max_size=4), max_size=6).map(_csv_bytes)
+        ),
+    ),
     st.tuples(st.just(".txt"), st.binary(max_size=300)),
-    st.tuples(st.just(".json"), st.one_of(st.binary(max_size=100), st.lists(ROW, max_size=4).map(lambda r: json.dumps(r).encode()))),
+    st.tuples(
+        st.just(".json"),
+        st.one_of(st.binary(max_size=100), st.lists(ROW, max_size=4).map(lambda r: json.dumps(r).encode())),
+    ),
 )
 
 
@@ -118,10 +202,16 @@ def test_data_sources_read_or_refuse(file, policy, field):
 
 
 @tolerant
-@given(FILES, st.dictionaries(st.sampled_from(["instruction", "output", "text", "label", "messages"]),
-                              st.sampled_from(["q", "a", "text", "input", "missing"]), max_size=2),
-       st.sampled_from(["auto", "text", "instruction", "chat", "classification", "preference"]),
-       st.sampled_from(["fail", "skip"]))
+@given(
+    FILES,
+    st.dictionaries(
+        st.sampled_from(["instruction", "output", "text", "label", "messages"]),
+        st.sampled_from(["q", "a", "text", "input", "missing"]),
+        max_size=2,
+    ),
+    st.sampled_from(["auto", "text", "instruction", "chat", "classification", "preference"]),
+    st.sampled_from(["fail", "skip"]),
+)
 def test_finetuning_rows_and_column_mappings_load_or_refuse(file, columns, fmt, policy):
     suffix, data = file
     path = _write(suffix, data)
@@ -134,11 +224,22 @@ def test_finetuning_rows_and_column_mappings_load_or_refuse(file, columns, fmt, 
 
 
 ICL_LINE = st.one_of(
-    st.builds(lambda d: json.dumps(d), st.dictionaries(
-        st.sampled_from(["query", "choices", "gold", "context_options", "continuation", "context"]),
-        st.one_of(st.text(max_size=6), st.integers(-2, 5), st.lists(st.text(max_size=4), max_size=4),
-                  st.lists(st.integers(), max_size=2), st.none()), max_size=4)),
-    st.text(max_size=30))
+    st.builds(
+        lambda d: json.dumps(d),
+        st.dictionaries(
+            st.sampled_from(["query", "choices", "gold", "context_options", "continuation", "context"]),
+            st.one_of(
+                st.text(max_size=6),
+                st.integers(-2, 5),
+                st.lists(st.text(max_size=4), max_size=4),
+                st.lists(st.integers(), max_size=2),
+                st.none(),
+            ),
+            max_size=4,
+        ),
+    ),
+    st.text(max_size=30),
+)
 
 
 @tolerant

@@ -19,9 +19,9 @@ STAGE_HELP = {
     "tokenizer": "train a byte-level BPE tokenizer and encode the shards into token shards (run_dir/tokenizer)",
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
     "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, or a classification "
-                "head (run_dir/finetune)",
+    "head (run_dir/finetune)",
     "eval": "score models side by side: perplexity, in-context tasks, generative tasks on your data, bias probes "
-            "(run_dir/eval)",
+    "(run_dir/eval)",
 }
 
 EPILOG = """\
@@ -52,63 +52,111 @@ def _load(items: list[str]):
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]",
-                   help="a recipe YAML (or a shipped one by name, e.g. quickstart), then overrides")
+    p.add_argument(
+        "recipe",
+        nargs="*",
+        metavar="RECIPE [KEY=VALUE ...]",
+        help="a recipe YAML (or a shipped one by name, e.g. quickstart), then overrides",
+    )
     p.add_argument("--force", action="store_true", help="redo the stage even if its manifest is up to date")
     _add_quiet(p)
 
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps `kiln -q VERB` working: the verb's parser only sets it when given after the verb.
-    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no progress bars or tables on stderr")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or tables on stderr"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="lmkiln: raw text to a trained, fine-tuned, "
-                                     "evaluated and served language model.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="lmkiln: raw text to a trained, fine-tuned, evaluated and served language model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables on stderr")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
-    p = sub.add_parser("run", help="run every stage the recipe names, in order, then write report.md",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run every stage the recipe names, in order, then write report.md",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_recipe_args(p)
     for name, text in STAGE_HELP.items():
-        p = sub.add_parser(name, help=text, description=text, epilog=EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=text, description=text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         _add_recipe_args(p)
         if name == "finetune":
-            p.add_argument("--preview", type=int, metavar="N", default=None,
-                           help="print N training examples as rendered, trained tokens highlighted, and stop")
-            p.add_argument("--task", choices=("generate", "classify", "dpo"), default=None,
-                           help="classify: a label head on {text, label} rows; dpo: preference pairs "
-                           "{prompt, chosen, rejected} (same as finetune.task=...)")
+            p.add_argument(
+                "--preview",
+                type=int,
+                metavar="N",
+                default=None,
+                help="print N training examples as rendered, trained tokens highlighted, and stop",
+            )
+            p.add_argument(
+                "--task",
+                choices=("generate", "classify", "dpo"),
+                default=None,
+                help="classify: a label head on {text, label} rows; dpo: preference pairs "
+                "{prompt, chosen, rejected} (same as finetune.task=...)",
+            )
         if name == "eval":
-            p.add_argument("--models", nargs="+", metavar="MODEL",
-                           help="model directories or stage names to compare (default: eval.models of the recipe)")
-            p.add_argument("--out", type=Path, help="with --models: also write eval.json, eval.md and eval.png here "
-                           "(a new directory, or one lmkiln wrote; --force to add them beside other files)")
-            p.add_argument("--tasks", nargs="+", metavar="TASK", default=None,
-                           help="perplexity (held-out text, eval.text), docstrings (the quickstart's task), "
-                           "gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, ROUGE-L, reply loss; "
-                           "{text, label} rows: accuracy, macro-F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
-                           "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
-                           "files (.yaml); same as eval.tasks=[...]")
-            p.add_argument("--limit", type=int, default=None, metavar="N",
-                           help="score the first N documents of every task (sets eval.icl_max_examples for ICL "
-                           "tasks and eval.max_examples for gen: and docstrings)")
+            p.add_argument(
+                "--models",
+                nargs="+",
+                metavar="MODEL",
+                help="model directories or stage names to compare (default: eval.models of the recipe)",
+            )
+            p.add_argument(
+                "--out",
+                type=Path,
+                help="with --models: also write eval.json, eval.md and eval.png here "
+                "(a new directory, or one lmkiln wrote; --force to add them beside other files)",
+            )
+            p.add_argument(
+                "--tasks",
+                nargs="+",
+                metavar="TASK",
+                default=None,
+                help="perplexity (held-out text, eval.text), docstrings (the quickstart's task), "
+                "gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, ROUGE-L, reply loss; "
+                "{text, label} rows: accuracy, macro-F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
+                "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
+                "files (.yaml); same as eval.tasks=[...]",
+            )
+            p.add_argument(
+                "--limit",
+                type=int,
+                default=None,
+                metavar="N",
+                help="score the first N documents of every task (sets eval.icl_max_examples for ICL "
+                "tasks and eval.max_examples for gen: and docstrings)",
+            )
 
-    p = sub.add_parser("tune", help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
-                       "Optuna, pruning bad trials early; writes run_dir/tune/best.yaml, trials.csv, trials.png",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "tune",
+        help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
+        "Optuna, pruning bad trials early; writes run_dir/tune/best.yaml, trials.csv, trials.png",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
     p.add_argument("--trials", type=int, default=None, help="trials to run in all (default: tune.trials)")
     _add_quiet(p)
 
-    p = sub.add_parser("estimate", help="parameters, memory per device and time per step of a recipe's pretraining, "
-                       "before any training", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "estimate",
+        help="parameters, memory per device and time per step of a recipe's pretraining, before any training",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
     p.add_argument("--world", type=int, default=1, help="number of ranks (torchrun processes) to plan for")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: pretrain.device)")
@@ -124,51 +172,97 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--compile", action="store_true", help="compile the decode step first (tens of seconds; "
-                   "then faster per token, the same tokens)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step first (tens of seconds; then faster per token, the same tokens)",
+    )
     _add_quiet(p)
 
-    p = sub.add_parser("import", help="import an open model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) from an HF "
-                       "directory or a GGUF file into an lmkiln model directory, checked")
-    p.add_argument("source", help="an HF model directory, a .gguf file (or a folder holding one), package:NAME (a model "
-                   "an installed Python package ships), or a hub id (OWNER/NAME) where a network exists")
+    p = sub.add_parser(
+        "import",
+        help="import an open model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) from an HF "
+        "directory or a GGUF file into an lmkiln model directory, checked",
+    )
+    p.add_argument(
+        "source",
+        help="an HF model directory, a .gguf file (or a folder holding one), package:NAME (a model "
+        "an installed Python package ships), or a hub id (OWNER/NAME) where a network exists",
+    )
     p.add_argument("out", type=Path, help="the model directory to write")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
-                   "the files lmkiln writes (never the source itself)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a directory holding other files, replacing only "
+        "the files lmkiln writes (never the source itself)",
+    )
     _add_quiet(p)
 
-    p = sub.add_parser("export", help="export a model: merge a LoRA adapter, change dtype, or write GGUF "
-                       "(llama.cpp, Ollama) with a Modelfile")
+    p = sub.add_parser(
+        "export",
+        help="export a model: merge a LoRA adapter, change dtype, or write GGUF (llama.cpp, Ollama) with a Modelfile",
+    )
     p.add_argument("model", type=Path, help="a model directory, or a LoRA adapter directory (adapter_config.json)")
     p.add_argument("out", type=Path, help="the directory to write")
     p.add_argument("--merge", action="store_true", help="merge the adapter into its base model")
-    p.add_argument("--base", type=Path, default=None,
-                   help="the adapter's base model directory (default: base_model_name_or_path of adapter_config.json)")
-    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                   help="hf: a transformers directory (default); gguf: model.gguf + Modelfile")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="the adapter's base model directory (default: base_model_name_or_path of adapter_config.json)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        default="hf",
+        help="hf: a transformers directory (default); gguf: model.gguf + Modelfile",
+    )
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the model's)")
-    p.add_argument("--quant", default=None, metavar="TYPE", help="with --format gguf: quantize the matrices to q8_0, "
-                   "q4_0, q4_1, q5_0 or q5_1 (norms and vectors stay float, as llama.cpp's converter keeps them)")
-    p.add_argument("--force", action="store_true", help="write into a directory holding other files, replacing only "
-                   "the files lmkiln writes (never an input itself)")
+    p.add_argument(
+        "--quant",
+        default=None,
+        metavar="TYPE",
+        help="with --format gguf: quantize the matrices to q8_0, "
+        "q4_0, q4_1, q5_0 or q5_1 (norms and vectors stay float, as llama.cpp's converter keeps them)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a directory holding other files, replacing only "
+        "the files lmkiln writes (never an input itself)",
+    )
     _add_quiet(p)
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, "
-                       "and a chat page at /")
+    p = sub.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /"
+    )
     p.add_argument("model", type=Path, help="a model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a LoRA adapter (PEFT layout) served as model NAME+... i.e. '<model>+NAME'; repeatable")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together, each with a KV-cache slot (default 16)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a LoRA adapter (PEFT layout) served as model NAME+... i.e. '<model>+NAME'; repeatable",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=16, help="sequences decoded together, each with a KV-cache slot (default 16)"
+    )
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
-    p.add_argument("--context", type=int, default=None,
-                   help="tokens per slot, prompt and reply together (default: the model's max_seq_len)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="tokens per slot, prompt and reply together (default: the model's max_seq_len)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
-    p.add_argument("--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any")
+    p.add_argument(
+        "--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any"
+    )
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
 
     p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template")
@@ -209,15 +303,26 @@ def _generate(args) -> None:
 
     lm = load_for_inference(args.model, pick_device(args.device))
     # --chat: the user turn in the model's own template, with its generation prompt
-    text = lm.chat.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True) \
-        if args.chat else args.prompt
+    text = (
+        lm.chat.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        if args.chat
+        else args.prompt
+    )
     prompt = lm.tok.encode(text, add_special_tokens=False).ids
     out = TextStream(lm.tok)
     if not args.chat:
         sys.stdout.write(args.prompt)
-    for token in stream(lm.model, prompt, args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_ids=sorted(lm.chat.stop_ids), seed=args.seed,
-                        compile=args.compile):
+    for token in stream(
+        lm.model,
+        prompt,
+        args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_ids=sorted(lm.chat.stop_ids),
+        seed=args.seed,
+        compile=args.compile,
+    ):
         sys.stdout.write(out.push(token))
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -240,8 +345,9 @@ def _bind(host: str, port: int):
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise UserError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); "
-                        f"stop what holds it or choose another port") from None
+        raise UserError(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); stop what holds it or choose another port"
+        ) from None
     return sock
 
 
@@ -269,10 +375,22 @@ def _serve(args) -> None:
     from lmkiln.log import console
 
     host, port = sock.getsockname()[:2]
-    console.print(f"kiln serve: {args.model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)",
-                  soft_wrap=True)
-    app = create_app(args.model, args.device, args.name, adapters, args.max_batch, args.max_queue, args.context,
-                     args.api_key, args.cors, args.max_request_bytes, background=True)
+    console.print(
+        f"kiln serve: {args.model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", soft_wrap=True
+    )
+    app = create_app(
+        args.model,
+        args.device,
+        args.name,
+        adapters,
+        args.max_batch,
+        args.max_queue,
+        args.context,
+        args.api_key,
+        args.cors,
+        args.max_request_bytes,
+        background=True,
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
     server.run(sockets=[sock])
 
@@ -300,8 +418,16 @@ def _export(args) -> None:
     from lmkiln.model.checks import print_checks
     from lmkiln.model.export import export_model
 
-    checks = export_model(args.model, args.out, merge=args.merge, base=args.base, fmt=args.format, dtype=args.dtype,
-                          force=args.force, quant=args.quant)
+    checks = export_model(
+        args.model,
+        args.out,
+        merge=args.merge,
+        base=args.base,
+        fmt=args.format,
+        dtype=args.dtype,
+        force=args.force,
+        quant=args.quant,
+    )
     console.print(f"exported {args.model} -> {args.out}\nchecks:")
     print_checks(checks)
 
@@ -383,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also come after an option (`kiln tune RECIPE --trials 4 finetune.lr=1e-3`).
-    if extra and isinstance(getattr(args, "recipe", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+    if (
+        extra
+        and isinstance(getattr(args, "recipe", None), list)
+        and all("=" in e and not e.startswith("-") for e in extra)
+    ):
         args.recipe += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

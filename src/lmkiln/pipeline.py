@@ -52,5 +52,3 @@ def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = Non
         path = write_report(Path(recipe.run_dir), skip_if_current=not force)
         console.print(f"report: {path}")
     return results
-
-

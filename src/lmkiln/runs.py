@@ -52,8 +52,12 @@ def outputs_of(out: Path) -> dict[str, dict]:
     files = {}
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out)
-        if p.is_file() and p.name != MANIFEST and not any(part.startswith(".") for part in rel.parts) \
-                and rel.parts[0] != CHECKPOINTS:
+        if (
+            p.is_file()
+            and p.name != MANIFEST
+            and not any(part.startswith(".") for part in rel.parts)
+            and rel.parts[0] != CHECKPOINTS
+        ):
             files[str(rel)] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return files
 
@@ -71,8 +75,11 @@ def upstream(run_dir: Path, name: str, sub: str | None = None) -> dict:
 
 def is_fresh(out: Path, config: dict, inputs: dict) -> dict | None:
     manifest = read_manifest(out)
-    if manifest is None or manifest.get("config_hash") != sha256_json(config) \
-            or manifest.get("inputs_hash") != sha256_json(inputs):
+    if (
+        manifest is None
+        or manifest.get("config_hash") != sha256_json(config)
+        or manifest.get("inputs_hash") != sha256_json(inputs)
+    ):
         return None
     for rel, meta in manifest.get("outputs", {}).items():
         f = out / rel
@@ -151,8 +158,10 @@ def check_models(run_dir: Path, refs: list[str], key: str, finished: bool = Fals
         if (ref in STAGES and not finished) or (path / "config.json").is_file():
             continue
         if ref in STAGES:
-            raise UserError(f"{key}: '{ref}' has no finished model in {run_dir} (no {path / 'config.json'}): "
-                            f"run `kiln {ref}` first or name a model directory")
+            raise UserError(
+                f"{key}: '{ref}' has no finished model in {run_dir} (no {path / 'config.json'}): "
+                f"run `kiln {ref}` first or name a model directory"
+            )
         why = "it does not exist" if not path.exists() else "no config.json"
         raise UserError(f"{key}: '{ref}' is neither a stage name nor a model directory ({why})")
 
@@ -170,8 +179,9 @@ def run_dir_made(path: Path):
         raise
 
 
-def run_one(name: str, stage: ModuleType, recipe: Recipe, run_dir: str | Path | None = None,
-            force: bool = False) -> dict:
+def run_one(
+    name: str, stage: ModuleType, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False
+) -> dict:
     """A stage on its own, as `lmkiln.<stage>.run` and `kiln <stage>` run it: checked, then run."""
     if run_dir is not None:
         recipe = recipe.model_copy(update={"run_dir": Path(run_dir)})

@@ -28,9 +28,12 @@ def test_data_stage_dedups_filters_and_reports(tmp_path):
     (src / "a.txt").write_text(body)
     (src / "b.md").write_text(body + "\n\n")  # same text after cleaning: an exact duplicate
     (src / "c.txt").write_text("too short")
-    (src / "d.jsonl").write_text(json.dumps({"text": "Another document " * 10}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    recipe = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.min_chars=50",
-                                "data.val_fraction=0.0"])
+    (src / "d.jsonl").write_text(
+        json.dumps({"text": "Another document " * 10}) + "\n" + json.dumps({"text": "x"}) + "\n"
+    )
+    recipe = load_recipe(
+        None, [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.min_chars=50", "data.val_fraction=0.0"]
+    )
     manifest = data.run(recipe)
     stats = manifest["metrics"]
     assert stats["docs_in"] == 5
@@ -62,8 +65,10 @@ def test_stdlib_split_is_by_module(tmp_path):
     recipe = load_recipe(None, [f"run_dir={tmp_path / 'run'}", "data.max_docs=60", "data.val_fraction=0.3"])
     stats = data.run(recipe)["metrics"]
     assert stats["train_docs"] > 0 and stats["val_docs"] > 0
-    ids = {s: pq.read_table(sorted((tmp_path / "run" / "data").glob(f"{s}-*.parquet"))[0]).column("id").to_pylist()
-           for s in ("train", "val")}
+    ids = {
+        s: pq.read_table(sorted((tmp_path / "run" / "data").glob(f"{s}-*.parquet"))[0]).column("id").to_pylist()
+        for s in ("train", "val")
+    }
     for split, names in ids.items():
         for doc_id in names:
             module = doc_id.split(":", 1)[1]

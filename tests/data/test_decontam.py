@@ -13,8 +13,12 @@ QUESTION = "Which gas do plants take in from the air to make their food through 
 @pytest.fixture
 def eval_file(tmp_path):
     path = tmp_path / "arc.jsonl"
-    path.write_text(json.dumps({"query": QUESTION, "choices": ["oxygen", "carbon dioxide"], "gold": 1}) + "\n"
-                    + json.dumps({"context": "The cat sat on the", "continuation": " mat"}) + "\n")
+    path.write_text(
+        json.dumps({"query": QUESTION, "choices": ["oxygen", "carbon dioxide"], "gold": 1})
+        + "\n"
+        + json.dumps({"context": "The cat sat on the", "continuation": " mat"})
+        + "\n"
+    )
     return path
 
 
@@ -29,7 +33,12 @@ def test_data_stage_removes_or_flags(tmp_path, eval_file):
     leaked = f"Here is a study guide for the science exam. {QUESTION} The answer is carbon dioxide."
     clean = "Potters fire clay in kilns that reach high temperatures over many hours of careful work."
     src.write_text(json.dumps({"text": leaked}) + "\n" + json.dumps({"text": clean}) + "\n")
-    base = [f"data.sources=[{src}]", "data.val_fraction=0", "data.min_chars=10", f"data.decontam.eval_files=[{eval_file}]"]
+    base = [
+        f"data.sources=[{src}]",
+        "data.val_fraction=0",
+        "data.min_chars=10",
+        f"data.decontam.eval_files=[{eval_file}]",
+    ]
     removed = data.run(load_recipe(None, [f"run_dir={tmp_path / 'a'}", *base]))["metrics"]
     assert removed["removed"]["contaminated"]["docs"] == 1 and removed["docs_out"] == 1
     flagged = data.run(load_recipe(None, [f"run_dir={tmp_path / 'b'}", *base, "data.decontam.action=flag"]))["metrics"]

@@ -42,8 +42,10 @@ def test_data_stage_keeps_first_of_each_cluster(tmp_path):
     originals, planted = _corpus(40, seed=1)
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for pair in zip(originals, planted) for t in pair))
-    recipe = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.val_fraction=0",
-                                "data.near_dedup.enabled=true"])
+    recipe = load_recipe(
+        None,
+        [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.val_fraction=0", "data.near_dedup.enabled=true"],
+    )
     stats = data.run(recipe)["metrics"]
     assert stats["removed"]["near_duplicate"]["docs"] >= 38 and stats["docs_out"] <= 42
     import pyarrow.parquet as pq

@@ -12,11 +12,13 @@ from lmkiln.config import load_recipe
 from lmkiln.data import stage
 from lmkiln.eval.report import write_report
 
-SENTENCES = ["The kiln was fired at dawn and the potters watched it all day.",
-             "Clay from the river bank is washed, dried and kneaded before use.",
-             "A glaze of ash and feldspar turns green in a reducing fire.",
-             "Contact the studio at studio@kiln.example or +1 415-555-0132 for classes.",
-             "Each firing takes two days, and the kiln must cool slowly afterwards."]
+SENTENCES = [
+    "The kiln was fired at dawn and the potters watched it all day.",
+    "Clay from the river bank is washed, dried and kneaded before use.",
+    "A glaze of ash and feldspar turns green in a reducing fire.",
+    "Contact the studio at studio@kiln.example or +1 415-555-0132 for classes.",
+    "Each firing takes two days, and the kiln must cool slowly afterwards.",
+]
 
 
 def _corpus(tmp_path, n=120):
@@ -29,9 +31,20 @@ def _corpus(tmp_path, n=120):
 
 
 def _recipe(tmp_path, run, sources, *extra):
-    return load_recipe(None, [f"run_dir={tmp_path / run}", f"data.sources=[{','.join(sources)}]",
-                              "data.work_docs=25", "data.shard_docs=40", "data.min_chars=50", "data.pii.enabled=true",
-                              "data.near_dedup.enabled=true", "data.val_fraction=0.1", *extra])
+    return load_recipe(
+        None,
+        [
+            f"run_dir={tmp_path / run}",
+            f"data.sources=[{','.join(sources)}]",
+            "data.work_docs=25",
+            "data.shard_docs=40",
+            "data.min_chars=50",
+            "data.pii.enabled=true",
+            "data.near_dedup.enabled=true",
+            "data.val_fraction=0.1",
+            *extra,
+        ],
+    )
 
 
 def _outputs(run_dir):

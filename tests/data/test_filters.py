@@ -5,8 +5,15 @@ import json
 import pytest
 
 from lmkiln import data
-from lmkiln.config import (BlocklistConfig, C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig,
-                           LanguageConfig, load_recipe)
+from lmkiln.config import (
+    BlocklistConfig,
+    C4Config,
+    FineWebConfig,
+    GopherQualityConfig,
+    GopherRepetitionConfig,
+    LanguageConfig,
+    load_recipe,
+)
 from lmkiln.data.clean import clean_text
 from lmkiln.data.filters import blocklist, c4, fineweb, gopher_quality, gopher_repetition, language
 from lmkiln.errors import UserError
@@ -40,8 +47,9 @@ def test_gopher_repetition():
     cfg = GopherRepetitionConfig(enabled=True)
     assert gopher_repetition(PROSE, cfg) == (PROSE, "")
     repeated_lines = "\n".join(["Buy cheap pots now at the best price."] * 5 + ["A different line of text here."] * 2)
-    assert gopher_repetition(repeated_lines, cfg)[1] == "gopher_dup_paragraphs" or \
-        gopher_repetition(repeated_lines, cfg)[1].startswith("gopher_dup_line")
+    assert gopher_repetition(repeated_lines, cfg)[1] == "gopher_dup_paragraphs" or gopher_repetition(
+        repeated_lines, cfg
+    )[1].startswith("gopher_dup_line")
     spam = PROSE + " ".join(["click here to win a prize"] * 15)
     reason = gopher_repetition(spam, cfg)[1]
     assert reason.startswith(("gopher_top_", "gopher_dup_")), reason
@@ -49,7 +57,10 @@ def test_gopher_repetition():
 
 def test_c4_drops_bad_lines_and_documents():
     cfg = C4Config(enabled=True)
-    doc = PROSE + "Menu Home About\nThis site uses cookies to improve your experience.\nPlease enable JavaScript to view.\n"
+    doc = (
+        PROSE
+        + "Menu Home About\nThis site uses cookies to improve your experience.\nPlease enable JavaScript to view.\n"
+    )
     text, reason = c4(doc, cfg)
     assert reason == "" and "Menu" not in text and "cookies" not in text and "JavaScript" not in text
     assert "The kiln was built" in text
@@ -78,8 +89,10 @@ def test_mojibake_is_repaired_and_nothing_else_changes():
 
 
 def test_boilerplate_lines_go_only_when_asked():
-    page = "A real paragraph about kilns.\nThis site uses cookies to improve your experience.\n" \
-           "Please enable JavaScript in your browser.\nRead our Privacy Policy.\nThe glaze matters too.\n"
+    page = (
+        "A real paragraph about kilns.\nThis site uses cookies to improve your experience.\n"
+        "Please enable JavaScript in your browser.\nRead our Privacy Policy.\nThe glaze matters too.\n"
+    )
     assert clean_text(page, boilerplate=True) == "A real paragraph about kilns.\nThe glaze matters too.\n"
     assert clean_text(page) == page
 
@@ -101,7 +114,10 @@ def test_blocklist_counts_words_and_phrases(tmp_path):
     assert blocklist(PROSE, cfg) == (PROSE, "")
     assert blocklist(PROSE + " Buy CHEAP POTS today.", cfg) == (None, "blocklist")
     assert blocklist(PROSE + " KilnSpam!", cfg) == (None, "blocklist")
-    assert blocklist(PROSE + " kilnspammer and cheap potsherds", cfg) == (PROSE + " kilnspammer and cheap potsherds", "")
+    assert blocklist(PROSE + " kilnspammer and cheap potsherds", cfg) == (
+        PROSE + " kilnspammer and cheap potsherds",
+        "",
+    )
     assert blocklist(PROSE + " kilnspam", BlocklistConfig(file=str(words), max_matches=1))[1] == ""
     with pytest.raises(UserError, match=r"data.blocklist.file: cannot read '.*missing.txt'"):
         blocklist(PROSE, BlocklistConfig(file=str(tmp_path / "missing.txt")))
@@ -116,10 +132,20 @@ def test_data_stage_counts_reasons_redacts_and_keeps_samples(tmp_path):
     ]
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(None, [f"run_dir={tmp_path / 'run'}", f"data.sources=[{src}]", "data.val_fraction=0",
-                                "data.min_chars=10", "data.gopher_quality.enabled=true", "data.c4.enabled=true",
-                                "data.fineweb.enabled=true", "data.gopher_repetition.enabled=true",
-                                "data.pii.enabled=true"])
+    recipe = load_recipe(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.sources=[{src}]",
+            "data.val_fraction=0",
+            "data.min_chars=10",
+            "data.gopher_quality.enabled=true",
+            "data.c4.enabled=true",
+            "data.fineweb.enabled=true",
+            "data.gopher_repetition.enabled=true",
+            "data.pii.enabled=true",
+        ],
+    )
     stats = data.run(recipe)["metrics"]
     assert stats["docs_out"] == 2
     assert sum(r["docs"] for r in stats["removed"].values()) == 2

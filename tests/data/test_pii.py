@@ -2,11 +2,15 @@ from lmkiln.data.pii import luhn_ok, redact
 
 
 def test_redacts_each_kind_with_placeholders():
-    text = ("Mail anna@kiln.org, phone (212) 555-0147 or +44 20 7946 0958, server 192.168.10.4 "
-            "and 2001:db8::8a2e:370:7334, card 4111 1111 1111 1111, SSN 123-45-6789.")
+    text = (
+        "Mail anna@kiln.org, phone (212) 555-0147 or +44 20 7946 0958, server 192.168.10.4 "
+        "and 2001:db8::8a2e:370:7334, card 4111 1111 1111 1111, SSN 123-45-6789."
+    )
     out, counts = redact(text)
-    assert out == ("Mail <EMAIL>, phone <PHONE> or <PHONE>, server <IP_ADDRESS> and <IP_ADDRESS>, "
-                   "card <CARD_NUMBER>, SSN <US_SSN>.")
+    assert out == (
+        "Mail <EMAIL>, phone <PHONE> or <PHONE>, server <IP_ADDRESS> and <IP_ADDRESS>, "
+        "card <CARD_NUMBER>, SSN <US_SSN>."
+    )
     assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1, "ssn": 1}
 
 

@@ -14,10 +14,12 @@ from lmkiln.pipeline import run_recipe
 from lmkiln.train.metrics import read_metrics
 from tests.conftest import TINY
 
-MC = [{"query": "def add(a, b):\n    return", "choices": [" a + b", " import os", " class"], "gold": 0},
-      {"query": "import", "choices": [" os", " return", " ("], "gold": 0},
-      {"query": "for i in", "choices": [" range(10):", " def", " else"], "gold": 0},
-      {"query": "if x ==", "choices": [" 1:", " import", " class"], "gold": 0}]
+MC = [
+    {"query": "def add(a, b):\n    return", "choices": [" a + b", " import os", " class"], "gold": 0},
+    {"query": "import", "choices": [" os", " return", " ("], "gold": 0},
+    {"query": "for i in", "choices": [" range(10):", " def", " else"], "gold": 0},
+    {"query": "if x ==", "choices": [" 1:", " import", " class"], "gold": 0},
+]
 LM = [{"context": "def main(", "continuation": "):"}, {"context": "import o", "continuation": "s"}]
 
 
@@ -30,15 +32,23 @@ def _tasks(tmp_path):
 
 def test_pretrain_scores_tasks_at_every_validation(tiny_recipe, tmp_path):
     mc, lm = _tasks(tmp_path)
-    recipe = tiny_recipe("stages=[data, tokenizer, pretrain]", f"pretrain.eval_tasks=[{mc}, {lm}, builtin:bias]",
-                         "pretrain.eval_tasks_max_examples=3")
+    recipe = tiny_recipe(
+        "stages=[data, tokenizer, pretrain]",
+        f"pretrain.eval_tasks=[{mc}, {lm}, builtin:bias]",
+        "pretrain.eval_tasks_max_examples=3",
+    )
     results = run_recipe(recipe)
     out = recipe.run_dir / "pretrain"
     rows = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in rows] == [6, 12]
     for r in rows:
-        assert {"eval/pycode/acc", "eval/pycode/acc_norm", "eval/pylm/acc", "eval/bias/pct_stereotype",
-                "eval/icl/centered"} <= set(r)
+        assert {
+            "eval/pycode/acc",
+            "eval/pycode/acc_norm",
+            "eval/pylm/acc",
+            "eval/bias/pct_stereotype",
+            "eval/icl/centered",
+        } <= set(r)
     # the last validation scored the weights that were saved: kiln eval's scoring gives the same numbers
     final = out / "final"
     lm = load_for_inference(final)
@@ -52,10 +62,19 @@ def test_pretrain_scores_tasks_at_every_validation(tiny_recipe, tmp_path):
 def test_finetune_scores_tasks_from_the_base_model_on(trained_run, tmp_path):
     _, run_dir, _ = trained_run
     mc, _ = _tasks(tmp_path)
-    recipe = load_recipe(None, ["stages=[finetune]", f"run_dir={tmp_path / 'run'}",
-                                f"finetune.data={run_dir.parent / 'sft.jsonl'}", f"finetune.base={run_dir / 'pretrain' / 'final'}",
-                                "finetune.epochs=1", "finetune.batch_size=8", "finetune.max_seq_len=96",
-                                f"finetune.eval_tasks=[{mc}]"])
+    recipe = load_recipe(
+        None,
+        [
+            "stages=[finetune]",
+            f"run_dir={tmp_path / 'run'}",
+            f"finetune.data={run_dir.parent / 'sft.jsonl'}",
+            f"finetune.base={run_dir / 'pretrain' / 'final'}",
+            "finetune.epochs=1",
+            "finetune.batch_size=8",
+            "finetune.max_seq_len=96",
+            f"finetune.eval_tasks=[{mc}]",
+        ],
+    )
     results = run_recipe(recipe)
     rows = [r for r in read_metrics(tmp_path / "run" / "finetune" / "metrics.jsonl") if "val_loss" in r]
     assert rows[0]["step"] == 0 and len(rows) >= 2 and all("eval/pycode/acc" in r for r in rows)

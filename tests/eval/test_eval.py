@@ -18,14 +18,16 @@ def test_perplexity_equals_hand_computation(trained_run):
     _, run_dir, _ = trained_run
     model_dir = run_dir / "pretrain" / "final"
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    tokens = tokens_of(tok, ChatFormat(model_dir), ["def f(x):\n    return x * 2\n", "Another text to score here."], 200)
+    tokens = tokens_of(
+        tok, ChatFormat(model_dir), ["def f(x):\n    return x * 2\n", "Another text to score here."], 200
+    )
     res = perplexity(model, tok, tokens, seq_len=16)
     n = (len(tokens) - 1) // 16
     nats, nbytes = 0.0, 0
     lengths = token_byte_lengths(tok)
     for w in range(n):
-        x = torch.tensor(tokens[w * 16:w * 16 + 16])[None]
-        y = torch.tensor(tokens[w * 16 + 1:w * 16 + 17])
+        x = torch.tensor(tokens[w * 16 : w * 16 + 16])[None]
+        y = torch.tensor(tokens[w * 16 + 1 : w * 16 + 17])
         with torch.no_grad():
             logp = F.log_softmax(model(x)[0], -1)
         nats -= logp[torch.arange(16), y].sum().item()
@@ -65,8 +67,20 @@ def test_report_has_every_section(trained_run):
 def test_eval_models_cli_compares_directories(trained_run, tmp_path, capsys):
     recipe, run_dir, _ = trained_run
     a, b = run_dir / "pretrain" / "final", run_dir / "finetune" / "final"
-    code = main(["eval", f"run_dir={run_dir}", "eval.tasks=[perplexity]", "eval.max_tokens=512", "eval.seq_len=64",
-                 "--models", str(a), str(b), "--out", str(tmp_path / "cmp")])
+    code = main(
+        [
+            "eval",
+            f"run_dir={run_dir}",
+            "eval.tasks=[perplexity]",
+            "eval.max_tokens=512",
+            "eval.seq_len=64",
+            "--models",
+            str(a),
+            str(b),
+            "--out",
+            str(tmp_path / "cmp"),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "bits/byte" in printed and "final" in printed
@@ -75,8 +89,15 @@ def test_eval_models_cli_compares_directories(trained_run, tmp_path, capsys):
 
 def test_eval_without_data_stage_is_a_user_error(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
-    code = main(["eval", f"run_dir={tmp_path / 'empty'}", "eval.tasks=[perplexity]",
-                 "--models", str(run_dir / "pretrain" / "final")])
+    code = main(
+        [
+            "eval",
+            f"run_dir={tmp_path / 'empty'}",
+            "eval.tasks=[perplexity]",
+            "--models",
+            str(run_dir / "pretrain" / "final"),
+        ]
+    )
     assert code == 2 and "stage 'data' has not finished" in capsys.readouterr().err
 
 
@@ -84,7 +105,9 @@ def test_eval_on_too_short_text_file_is_a_user_error(trained_run, tmp_path, caps
     _, run_dir, _ = trained_run
     short = tmp_path / "short.txt"
     short.write_text("tiny")
-    code = main(["eval", f"eval.text={short}", "eval.tasks=[perplexity]", "--models", str(run_dir / "pretrain" / "final")])
+    code = main(
+        ["eval", f"eval.text={short}", "eval.tasks=[perplexity]", "--models", str(run_dir / "pretrain" / "final")]
+    )
     assert code == 2 and "short.txt' has" in capsys.readouterr().err
 
 
@@ -97,7 +120,7 @@ def test_sliding_window_scores_each_token_once_with_its_window_context(trained_r
     res = perplexity(model, tok, tokens, seq_len=seq, stride=stride, batch_size=3)
     nats, count, s = 0.0, 0, 0
     while s + seq + 1 <= len(tokens):
-        x = torch.tensor(tokens[s:s + seq])[None]
+        x = torch.tensor(tokens[s : s + seq])[None]
         with torch.no_grad():
             logp = F.log_softmax(model(x)[0], -1)
         first = 0 if s == 0 else seq - stride

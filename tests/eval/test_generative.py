@@ -25,7 +25,9 @@ def test_exact_match_and_token_f1_on_hand_made_answers():
 def test_gen_tasks_generate_replies_and_score_labels(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"instruction": f"Name the number {i}.", "output": f"{i}"}) + "\n" for i in range(4)))
+    qa.write_text(
+        "".join(json.dumps({"instruction": f"Name the number {i}.", "output": f"{i}"}) + "\n" for i in range(4))
+    )
     intents = tmp_path / "intents.csv"
     rows = [("cancel my order please", "cancel"), ("where is my parcel", "track"), ("stop the order", "cancel")]
     with open(intents, "w", newline="") as fh:
@@ -33,14 +35,26 @@ def test_gen_tasks_generate_replies_and_score_labels(trained_run, tmp_path, caps
         w.writerow(["utterance", "intent"])
         w.writerows(rows)
     final = run_dir / "pretrain" / "final"
-    code = main(["eval", "--models", str(final), "--tasks", f"gen:{qa}", "eval.max_new_tokens=4", "--out", str(tmp_path / "a")])
+    code = main(
+        ["eval", "--models", str(final), "--tasks", f"gen:{qa}", "eval.max_new_tokens=4", "--out", str(tmp_path / "a")]
+    )
     assert code == 0
     res = json.loads((tmp_path / "a" / "eval.json").read_text())["pretrain/final"]
     assert res["qa"]["examples"] == 4 and len(res["qa"]["samples"]) == 4
     assert {"reply_loss", "exact_match", "token_f1", "rouge_l"} <= set(res["qa"])
     assert "qa token F1" in capsys.readouterr().out
-    code = main(["eval", "--models", str(final), "--tasks", f"gen:{intents}", "eval.columns={text: utterance, label: intent}",
-                 "--out", str(tmp_path / "b")])
+    code = main(
+        [
+            "eval",
+            "--models",
+            str(final),
+            "--tasks",
+            f"gen:{intents}",
+            "eval.columns={text: utterance, label: intent}",
+            "--out",
+            str(tmp_path / "b"),
+        ]
+    )
     assert code == 0
     res = json.loads((tmp_path / "b" / "eval.json").read_text())["pretrain/final"]
     # the label with the higher likelihood after the text, computed by hand
@@ -57,16 +71,20 @@ def test_gen_tasks_generate_replies_and_score_labels(trained_run, tmp_path, caps
     accuracy = sum(p == g for p, (_, g) in zip(pred, rows)) / 3
     assert res["intents"]["labels"] == ["cancel", "track"]
     assert res["intents"]["accuracy"] == pytest.approx(accuracy, abs=1e-4)
-    assert res["intents"]["majority_accuracy"] == pytest.approx(2 / 3, abs=1e-4) and not math.isnan(res["intents"]["macro_f1"])
+    assert res["intents"]["majority_accuracy"] == pytest.approx(2 / 3, abs=1e-4) and not math.isnan(
+        res["intents"]["macro_f1"]
+    )
 
 
 def test_gen_task_split_keeps_the_rows_finetuning_holds_out(tmp_path, capsys):
     from lmkiln.config import Recipe
-    from lmkiln.eval.stage import generative_tasks
     from lmkiln.data.examples import load_splits
+    from lmkiln.eval.stage import generative_tasks
 
     data = tmp_path / "support.jsonl"
-    data.write_text("".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n" for i in range(60)))
+    data.write_text(
+        "".join(json.dumps({"instruction": f"question {i}", "output": f"answer {i}"}) + "\n" for i in range(60))
+    )
     recipe = Recipe.model_validate({"eval": {"tasks": [f"gen:{data}@val"], "max_examples": 100}})
     rows = generative_tasks(recipe)["support@val"]
     held_out = load_splits(str(data), recipe.finetune.val_fraction, recipe.data.val_fraction)["val"]

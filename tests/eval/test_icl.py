@@ -13,9 +13,11 @@ from lmkiln.eval.icl import IclTask, encode_pair, load_docs, loglikelihoods, req
 from lmkiln.model.hub import load_model
 from lmkiln.tokenizer.train import load_tokenizer
 
-MC = [{"query": "Q: 2+2?", "choices": ["4", "5"], "gold": 0},
-      {"query": "Q: sky?", "choices": ["blue", "green", "red"], "gold": 0},
-      {"query": "Q: grass?", "choices": ["blue", "green"], "gold": 1}]
+MC = [
+    {"query": "Q: 2+2?", "choices": ["4", "5"], "gold": 0},
+    {"query": "Q: sky?", "choices": ["blue", "green", "red"], "gold": 0},
+    {"query": "Q: grass?", "choices": ["blue", "green"], "gold": 1},
+]
 
 
 def _write(path, rows):
@@ -27,8 +29,11 @@ def test_continuation_loglikelihood_equals_a_hand_computation(trained_run):
     _, run_dir, _ = trained_run
     final = run_dir / "pretrain" / "final"
     model, tok = load_model(final), load_tokenizer(final)
-    pairs = [encode_pair(tok, "def add(a, b):\n   ", " return a + b", None),
-             encode_pair(tok, "import", " os", None), encode_pair(tok, "x = 1", " + 2 + 3 + 4", 0)]
+    pairs = [
+        encode_pair(tok, "def add(a, b):\n   ", " return a + b", None),
+        encode_pair(tok, "import", " os", None),
+        encode_pair(tok, "x = 1", " + 2 + 3 + 4", 0),
+    ]
     got = loglikelihoods(model, pairs, batch_size=2)
     for (ctx, cont), (ll, greedy) in zip(pairs, got):
         with torch.no_grad():
@@ -56,10 +61,10 @@ def test_choices_sharing_a_context_score_as_one_forward_each(trained_run, window
     pairs.append(encode_pair(tok, "import", " os", None))
     got = loglikelihoods(model, pairs, batch_size=2)
     for (ctx, cont), (ll, greedy) in zip(pairs, got):
-        seq = (ctx + cont)[-(model.args.max_seq_len + 1):]
+        seq = (ctx + cont)[-(model.args.max_seq_len + 1) :]
         with torch.no_grad():
             logits = torch.log_softmax(model(torch.tensor([seq[:-1]]))[0].double(), -1)
-        rows = logits[len(seq) - 1 - len(cont):]
+        rows = logits[len(seq) - 1 - len(cont) :]
         assert ll == pytest.approx(sum(rows[k, t].item() for k, t in enumerate(cont)), abs=1e-4)
         assert greedy == all(int(rows[k].argmax()) == t for k, t in enumerate(cont))
 
@@ -79,6 +84,7 @@ def test_few_shot_prompts_are_built_as_documented(tmp_path):
     reqs = requests_of(docs, kind, 0, task, seed=1234)
     # shots: the other two documents in random.Random(1234 + 0) order, answered with their gold choice
     import random
+
     order = random.Random(1234).sample([1, 2], 2)
     shots = "\n###\n".join(docs[j]["query"] + " " + docs[j]["choices"][docs[j]["gold"]] for j in order)
     assert reqs == [(shots + "\n###\nQ: 2+2?", " 4"), (shots + "\n###\nQ: 2+2?", " 5")]
@@ -88,15 +94,23 @@ def test_few_shot_prompts_are_built_as_documented(tmp_path):
 def test_metrics_on_hand_made_predictions():
     docs = MC
     texts = [d["choices"] for d in docs]
-    results = [[(-1.0, False), (-2.0, False)],            # right by sum and by length
-               [(-9.0, False), (-5.0, False), (-6.0, False)],  # sum picks green (wrong); per char: blue -2.25, green -1.0 → wrong
-               [(-4.0, False), (-4.5, False)]]            # sum picks blue (wrong); per char: blue -1.0, green -0.9 → right
+    results = [
+        [(-1.0, False), (-2.0, False)],  # right by sum and by length
+        [
+            (-9.0, False),
+            (-5.0, False),
+            (-6.0, False),
+        ],  # sum picks green (wrong); per char: blue -2.25, green -1.0 → wrong
+        [(-4.0, False), (-4.5, False)],
+    ]  # sum picks blue (wrong); per char: blue -1.0, green -0.9 → right
     m = score_docs(docs, "multiple_choice", results, texts)
     assert m["acc"] == pytest.approx(1 / 3, abs=1e-4) and m["acc_norm"] == pytest.approx(2 / 3, abs=1e-4)
     base = (1 / 2 + 1 / 3 + 1 / 2) / 3
     assert m["random_baseline"] == pytest.approx(base, abs=1e-4)
     assert m["centered"] == pytest.approx((2 / 3 - base) / (1 - base), abs=1e-4) and m["correct"] == [1, 0, 0]
-    lm = score_docs([{"context": "a", "continuation": "b"}] * 2, "language_modeling", [[(-1.0, True)], [(-1.0, False)]], [["b"]] * 2)
+    lm = score_docs(
+        [{"context": "a", "continuation": "b"}] * 2, "language_modeling", [[(-1.0, True)], [(-1.0, False)]], [["b"]] * 2
+    )
     assert lm["acc"] == 0.5 and lm["random_baseline"] == 0
 
 
@@ -120,8 +134,11 @@ def test_paired_bootstrap_marks_only_clear_differences():
     better = [1] * 90 + [0] * 10
     low, high = paired_bootstrap(same, better)
     assert 0.25 < low < 0.4 < high < 0.55  # the true difference is 0.4
-    results = {"base": {"t": {"acc": 0.5, "correct": same}}, "tuned": {"t": {"acc": 0.9, "correct": better}},
-               "noise": {"t": {"acc": 0.5, "correct": same[1:] + same[:1]}}}
+    results = {
+        "base": {"t": {"acc": 0.5, "correct": same}},
+        "tuned": {"t": {"acc": 0.9, "correct": better}},
+        "noise": {"t": {"acc": 0.5, "correct": same[1:] + same[:1]}},
+    }
     assert significant(results) == {("tuned", "t")}
 
 
@@ -130,7 +147,9 @@ def test_eval_compares_models_on_icl_tasks_with_table_markdown_and_chart(trained
     mc = _write(tmp_path / "mc.jsonl", MC * 4)
     lm = _write(tmp_path / "lm.jsonl", [{"context": "def add(a, b):\n    return", "continuation": "a + b"}] * 3)
     models = [str(run_dir / "pretrain" / "final"), str(run_dir / "finetune" / "final")]
-    code = main(["eval", "--models", *models, "--tasks", str(mc), str(lm), "eval.shots=1", "--out", str(tmp_path / "out")])
+    code = main(
+        ["eval", "--models", *models, "--tasks", str(mc), str(lm), "eval.shots=1", "--out", str(tmp_path / "out")]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "mc acc" in out and "lm acc" in out and "ICL centered" in out

@@ -44,9 +44,17 @@ def test_every_chart_in_the_run_is_linked(trained_run):
 
 def test_generations_are_fenced_so_markdown_in_them_stays_text(tmp_path):
     generated = "# not a heading\n\n- not a list\n```\nnested fence"
-    sample = {"id": "mod.func", "input": "def f():\n    return 1", "reference": "Return one.",
-              "generated": generated, "rouge_l": 0.123456}
-    results = {name: {"docstrings": {"reply_loss": 2.0, "rouge_l": 0.1, "samples": [sample]}} for name in ("pretrain", "finetune")}
+    sample = {
+        "id": "mod.func",
+        "input": "def f():\n    return 1",
+        "reference": "Return one.",
+        "generated": generated,
+        "rouge_l": 0.123456,
+    }
+    results = {
+        name: {"docstrings": {"reply_loss": 2.0, "rouge_l": 0.1, "samples": [sample]}}
+        for name in ("pretrain", "finetune")
+    }
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "eval.json").write_text(json.dumps(results))
     report = write_report(tmp_path, skip_if_current=False).read_text()

@@ -19,8 +19,9 @@ def test_import_lora_finetune_export_merge(trained_run, tiny_recipe, tmp_path):
 
     _, run_dir, _ = trained_run
     import_model(str(run_dir / "pretrain" / "final"), tmp_path / "base")
-    recipe = tiny_recipe("finetune.method=lora", f"finetune.base={tmp_path / 'base'}", "finetune.epochs=1",
-                         run_dir=tmp_path / "ft")
+    recipe = tiny_recipe(
+        "finetune.method=lora", f"finetune.base={tmp_path / 'base'}", "finetune.epochs=1", run_dir=tmp_path / "ft"
+    )
     train.run_finetune(recipe)
     adapter = tmp_path / "ft" / "finetune" / "adapter"
     assert main(["-q", "export", str(adapter), str(tmp_path / "merged"), "--merge"]) == 0
@@ -70,8 +71,13 @@ def test_gguf_export_reads_back(trained_run, tmp_path):
     ours = load_model(model_dir)
     args = ours.args
     assert meta["general.architecture"] == "llama"
-    assert (meta["llama.block_count"], meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"],
-            meta["llama.embedding_length"], meta["llama.context_length"]) == (2, 4, 2, 64, 128)
+    assert (
+        meta["llama.block_count"],
+        meta["llama.attention.head_count"],
+        meta["llama.attention.head_count_kv"],
+        meta["llama.embedding_length"],
+        meta["llama.context_length"],
+    ) == (2, 4, 2, 64, 128)
     assert len(meta["tokenizer.ggml.tokens"]) == args.vocab_size and meta["tokenizer.ggml.model"] == "gpt2"
     assert meta["tokenizer.ggml.eos_token_id"] == args.eos_token_id
     config = json.loads((model_dir / "tokenizer_config.json").read_text())

@@ -14,10 +14,24 @@ from lmkiln.model.importer import import_model
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 32}
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 FAMILIES = {
     "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
@@ -63,8 +77,9 @@ def test_imported_model_equals_transformers(tmp_path, family):
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x).logits, atol=1e-4)
     prompt = x[0, :12].tolist()
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)[0, len(prompt):].tolist()
+    expected = theirs.generate(
+        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(prompt) :].tolist()
     assert generate(ours, prompt, 10, temperature=0.0) == expected
     # what import wrote is again a transformers directory, in the source's dtype
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
@@ -92,10 +107,12 @@ def test_unsupported_architecture_and_values_exit_2(tmp_path, capsys):
     src = _save(tmp_path, "llama", torch.float32, None)
     capsys.readouterr()  # transformers' own progress output
     config = json.loads((src / "config.json").read_text())
-    cases = [({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
-             ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not implemented"),
-             ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-             ({"num_hidden_layers": 3}, "9 weights missing, e.g. 'model.layers.2.")]
+    cases = [
+        ({"architectures": ["GPT2LMHeadModel"]}, "architecture 'GPT2LMHeadModel' is not supported"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not implemented"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"num_hidden_layers": 3}, "9 weights missing, e.g. 'model.layers.2."),
+    ]
     for change, message in cases:
         bad = {**config, **change}
         bad.pop("rope_parameters", None) if "rope_scaling" in change else None
@@ -117,8 +134,10 @@ def test_import_checks_and_fixes_the_end_of_turn_stop(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     tok.save(str(src / "tokenizer.json"))
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "<|im_end|>"}))
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     checks = {c.name: c for c in import_model(str(src), tmp_path / "out")}
@@ -136,8 +155,12 @@ def test_streamed_safetensors_match_the_library(tmp_path):
 
     from lmkiln.model.stream_safetensors import iter_tensors, write_streamed
 
-    state = {"a": torch.randn(3, 5), "b": torch.randn(7).to(torch.bfloat16), "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-             "d": torch.randn(2, 2).half()}
+    state = {
+        "a": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.randn(2, 2).half(),
+    }
     save_file(state, tmp_path / "lib.safetensors")
     assert {k: v for k, v in iter_tensors(tmp_path / "lib.safetensors")}.keys() == state.keys()
     for name, tensor in iter_tensors(tmp_path / "lib.safetensors"):

@@ -25,8 +25,10 @@ def _inputs(train_weight: bool):
 def test_equals_cross_entropy_of_the_full_logits(train_weight, upstream):
     weights = torch.linspace(0.1, 2.0, 23, dtype=torch.float64) if upstream == "per-row" else None
     results = []
-    for fn in (lambda h, w, t: linear_cross_entropy(h, w, t),
-               lambda h, w, t: F.cross_entropy(h @ w.t(), t, reduction="none")):
+    for fn in (
+        lambda h, w, t: linear_cross_entropy(h, w, t),
+        lambda h, w, t: F.cross_entropy(h @ w.t(), t, reduction="none"),
+    ):
         h, w, t = _inputs(train_weight)
         loss = fn(h, w, t)
         (loss.mean() if weights is None else (loss * weights).sum()).backward()

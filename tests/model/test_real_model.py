@@ -21,14 +21,21 @@ from tests.conftest import smollm2_gguf
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
 
-TEXTS = ["What is the capital of France?", "  two spaces, 12345 digits,\n\nnew\tlines", "<|im_start|>user\nHi<|im_end|>\n",
-         "Émile et Zoë à 東京 🙂 — don't", "def f(x):\n    return x ** 2  # square\n"]
+TEXTS = [
+    "What is the capital of France?",
+    "  two spaces, 12345 digits,\n\nnew\tlines",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "Émile et Zoë à 東京 🙂 — don't",
+    "def f(x):\n    return x ** 2  # square\n",
+]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def hf_from_gguf(path):
     """transformers' own GGUF loader: its model (float32) and tokenizer."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
     return model.eval(), transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
@@ -45,7 +52,9 @@ def _chat_ids(hf_tok, messages) -> list[int]:
 def assert_same_as_transformers(model_dir, hf_model, hf_tok, atol=1e-4):
     lm = load_for_inference(model_dir)
     for text in TEXTS:
-        assert lm.tok.encode(text, add_special_tokens=False).ids == hf_tok(text, add_special_tokens=False)["input_ids"], text
+        assert (
+            lm.tok.encode(text, add_special_tokens=False).ids == hf_tok(text, add_special_tokens=False)["input_ids"]
+        ), text
     ids = torch.tensor([lm.tok.encode(" ".join(TEXTS), add_special_tokens=False).ids])
     with torch.no_grad():
         diff = (lm.model(ids) - hf_model(ids).logits).abs().max().item()
@@ -63,25 +72,65 @@ def test_generate_chat_uses_the_models_own_template_and_answers_as_transformers(
     lm = load_for_inference(smollm2)
     prompt = lm.tok.encode(lm.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False).ids
     assert prompt == _chat_ids(hf_tok, QUESTION)
-    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):]
-    assert main(["-q", "generate", str(smollm2), "--chat", "--temperature", "0", "--max-tokens", "24",
-                 "--prompt", QUESTION[0]["content"]]) == 0
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt) :]
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                str(smollm2),
+                "--chat",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "24",
+                "--prompt",
+                QUESTION[0]["content"],
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.strip()
     assert printed == hf_tok.decode(expected, skip_special_tokens=True).strip() and "Paris" in printed
 
 
 def test_eval_scores_gen_perplexity_and_bias_on_the_real_model(smollm2, tmp_path):
     rows = tmp_path / "qa.jsonl"
-    rows.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in
-                            [("What is the capital of France?", "The capital of France is Paris."),
-                             ("What colour is the sky on a clear day?", "The sky is blue."),
-                             ("How many legs does a spider have?", "A spider has eight legs.")]))
+    rows.write_text(
+        "".join(
+            json.dumps({"instruction": q, "output": a}) + "\n"
+            for q, a in [
+                ("What is the capital of France?", "The capital of France is Paris."),
+                ("What colour is the sky on a clear day?", "The sky is blue."),
+                ("How many legs does a spider have?", "A spider has eight legs."),
+            ]
+        )
+    )
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "out"
-    assert main(["-q", "eval", f"run_dir={tmp_path / 'run'}", f"eval.text={text}", "eval.seq_len=64", "eval.max_tokens=256",
-                 "eval.max_new_tokens=16", "--models", str(smollm2), "--tasks", "perplexity", f"gen:{rows}",
-                 "builtin:bias", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "eval",
+                f"run_dir={tmp_path / 'run'}",
+                f"eval.text={text}",
+                "eval.seq_len=64",
+                "eval.max_tokens=256",
+                "eval.max_new_tokens=16",
+                "--models",
+                str(smollm2),
+                "--tasks",
+                "perplexity",
+                f"gen:{rows}",
+                "builtin:bias",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = next(iter(json.loads((out / "eval.json").read_text()).values()))
     assert 1 < res["perplexity"]["perplexity"] < 50  # a real model on plain English
     assert res["qa"]["reply_loss"] is not None and res["qa"]["rouge_l"] > 0.2
@@ -96,12 +145,31 @@ def test_lora_finetune_keeps_the_template_and_serves_in_it(smollm2, tiny_recipe,
     from tests.serve.conftest import serving
 
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Order {i} is late. Where is it?"},
-                                                     {"role": "assistant", "content": f"Order {i} ships today."}]}) + "\n"
-                            for i in range(12)))
-    recipe = tiny_recipe(f"finetune.base={smollm2}", f"finetune.data={data}", "finetune.method=lora", "finetune.lora.r=4",
-                         "finetune.epochs=1", "finetune.batch_size=4", "finetune.max_seq_len=128", "finetune.val_fraction=0.3",
-                         "finetune.lr=1e-3")
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Order {i} is late. Where is it?"},
+                        {"role": "assistant", "content": f"Order {i} ships today."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
+    recipe = tiny_recipe(
+        f"finetune.base={smollm2}",
+        f"finetune.data={data}",
+        "finetune.method=lora",
+        "finetune.lora.r=4",
+        "finetune.epochs=1",
+        "finetune.batch_size=4",
+        "finetune.max_seq_len=128",
+        "finetune.val_fraction=0.3",
+        "finetune.lr=1e-3",
+    )
     run_finetune(recipe)
     final = recipe.run_dir / "finetune" / "final"
     assert chat_template(final) == chat_template(smollm2) and (final / "tokenizer.json").is_file()
@@ -109,11 +177,16 @@ def test_lora_finetune_keeps_the_template_and_serves_in_it(smollm2, tiny_recipe,
     app = create_app(final, "cpu", "tuned", {}, 2, 4, 256, None, [], 1 << 20)
     with serving(app) as url:
         reply = OpenAI(base_url=f"{url}/v1", api_key="none").chat.completions.create(
-            model="tuned", messages=QUESTION, temperature=0, max_tokens=32)
+            model="tuned", messages=QUESTION, temperature=0, max_tokens=32
+        )
     # the prompt went in as the model's ChatML, and the reply ended at its own end of turn, <|im_end|>
-    assert reply.usage.prompt_tokens == len(_chat_ids(transformers.AutoTokenizer.from_pretrained(str(smollm2)), QUESTION))
+    assert reply.usage.prompt_tokens == len(
+        _chat_ids(transformers.AutoTokenizer.from_pretrained(str(smollm2)), QUESTION)
+    )
     answer = reply.choices[0]
-    assert answer.finish_reason == "stop" and "Paris" in answer.message.content and "<|" not in answer.message.content, answer
+    assert (
+        answer.finish_reason == "stop" and "Paris" in answer.message.content and "<|" not in answer.message.content
+    ), answer
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -126,8 +199,10 @@ def test_quantized_gguf_export_reads_back_as_transformers_reads_it(trained_run, 
     assert_same_as_transformers(tmp_path / "back", *hf_from_gguf(tmp_path / "gguf" / "model.gguf"))
 
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_generate_chat_on_a_small_chatml_model_matches_transformers(trained_run, tmp_path, capsys):
@@ -144,9 +219,25 @@ def test_generate_chat_on_a_small_chatml_model_matches_transformers(trained_run,
     lm = load_for_inference(model_dir)
     prompt = lm.tok.encode(lm.chat.render(QUESTION, add_generation_prompt=True), add_special_tokens=False).ids
     assert prompt == _chat_ids(hf_tok, QUESTION) and "<|user|>" not in lm.chat.render(QUESTION)
-    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=sorted(lm.chat.stop_ids))[0, len(prompt):].tolist()
+    expected = hf_model.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=sorted(lm.chat.stop_ids)
+    )[0, len(prompt) :].tolist()
     ours = generate(lm.model, prompt, 12, temperature=0.0, stop_ids=sorted(lm.chat.stop_ids))
     assert ours == [t for t in expected if t not in lm.chat.stop_ids]  # the greedy tokens, as the CLI streams them
-    assert main(["-q", "generate", str(model_dir), "--chat", "--temperature", "0", "--max-tokens", "12",
-                 "--prompt", QUESTION[0]["content"]]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                str(model_dir),
+                "--chat",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "12",
+                "--prompt",
+                QUESTION[0]["content"],
+            ]
+        )
+        == 0
+    )

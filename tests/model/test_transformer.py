@@ -8,8 +8,19 @@ from lmkiln.model.transformer import ModelArgs, RMSNorm, Transformer, _RMSNorm
 
 
 def tiny(**kw) -> Transformer:
-    args = ModelArgs(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=kw.pop("kv", 2),
-                     intermediate_size=64, max_seq_len=64, bos_token_id=0, eos_token_id=1, pad_token_id=2, **kw)
+    args = ModelArgs(
+        vocab_size=97,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=kw.pop("kv", 2),
+        intermediate_size=64,
+        max_seq_len=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        **kw,
+    )
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
@@ -30,15 +41,19 @@ VARIANTS = {
     "qwen3": dict(arch="qwen3", head_dim=16),  # head_dim apart from hidden / heads, as Qwen3 allows
     "mistral": dict(arch="mistral", sliding_window=8, tie_embeddings=False),
 }
-HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "mistral": "MistralForCausalLM"}
+HF_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 
 
 def _randomise_biases_and_norms(model):
     # init_weights leaves biases at 0 and norms at 1: perturb them so a misplaced one would show
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
@@ -69,7 +84,7 @@ def test_kv_cache_equals_full_forward(variant):
         cache = KVCache(model.args, 1, 32, "cpu", torch.float32)
         first = model(x[:, :12], cache=cache)
         chunk = model(x[:, 12:16], cache=cache)  # a multi-token chunk after the cache
-        rest = torch.cat([model(x[:, i:i + 1], cache=cache) for i in range(16, 20)], dim=1)
+        rest = torch.cat([model(x[:, i : i + 1], cache=cache) for i in range(16, 20)], dim=1)
     assert torch.allclose(torch.cat([first, chunk, rest], dim=1), full, atol=1e-5)
 
 
@@ -80,8 +95,9 @@ def test_greedy_generation_matches_transformers(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     prompt = [5, 17, 33, 8]
     ours = generate(model, prompt, 12, temperature=0.0)
-    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                         pad_token_id=2)[0, len(prompt):].tolist()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=2)[
+        0, len(prompt) :
+    ].tolist()
     assert ours == theirs
 
 
@@ -131,7 +147,9 @@ def test_rms_norm_in_bf16_matches_hf_numerics():
     ours, ref = norm(x), _hf_rms_norm(x, norm.weight, 1e-6)
     assert ours.dtype == ref.dtype and torch.equal(ours, ref)
     up = torch.randn_like(ours)
-    assert torch.allclose(torch.autograd.grad(ours, x, up)[0].float(), torch.autograd.grad(ref, x, up)[0].float(), rtol=2e-2, atol=1e-2)
+    assert torch.allclose(
+        torch.autograd.grad(ours, x, up)[0].float(), torch.autograd.grad(ref, x, up)[0].float(), rtol=2e-2, atol=1e-2
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (2, 8, 24), (4, 5, 24)])

@@ -11,11 +11,11 @@ import openai
 import pytest
 import torch
 
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.generate import generate
 from lmkiln.model.hub import generation_eos, load_model
 from lmkiln.serve.app import create_app
 from lmkiln.tokenizer.train import load_tokenizer
-from lmkiln.model.chat_format import ChatFormat
 from tests.serve.conftest import serving
 
 PROMPT = "def add(a, b):"
@@ -57,11 +57,20 @@ def test_greedy_completion_equals_generate_with_usage(server, reference, tiny_mo
 def test_streamed_completion_equals_the_whole_one(server):
     _, client = server
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0)
-    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
-        [whole.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
@@ -75,7 +84,9 @@ def test_chat_uses_the_chat_template_whole_and_streamed(server, reference, tiny_
     ids = generate(model, prompt, 12, stop_ids=sorted(set(generation_eos(tiny_model)) | {chat.eos}))
     assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == tok.decode(ids)
     assert out.usage.prompt_tokens == len(prompt)
-    streamed = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True))
+    streamed = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True)
+    )
     assert streamed[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == out.choices[0].message.content
     assert streamed[-1].choices[0].finish_reason == out.choices[0].finish_reason
@@ -104,8 +115,14 @@ def test_logprobs_equal_the_model_distribution(server, reference):
         expected = torch.log_softmax(model(torch.tensor([ids]))[0, -1].double(), -1).max().item()
     assert lp.token_logprobs[0] == pytest.approx(expected, abs=1e-4)
     assert max(lp.top_logprobs[0].values()) == pytest.approx(lp.token_logprobs[0], abs=1e-6)
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0,
-                                          logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
     assert all(c.logprob <= 0 and not math.isnan(c.logprob) for c in content)
@@ -117,8 +134,10 @@ def test_stop_strings_cut_the_text(server):
     stop = full[3:6]
     assert stop and stop in full
     cut = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
-    streamed = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True))
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = list(
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
@@ -137,8 +156,11 @@ def test_bad_requests_get_openai_errors(server):
     with pytest.raises(openai.APIStatusError) as err:
         client.completions.create(model="tiny", prompt="word " * 400)
     assert err.value.status_code == 413 and "context" in err.value.message
-    big = httpx.post(url + "/v1/completions", content=json.dumps({"prompt": "x" * (2 << 20)}),
-                     headers={"content-type": "application/json"})
+    big = httpx.post(
+        url + "/v1/completions",
+        content=json.dumps({"prompt": "x" * (2 << 20)}),
+        headers={"content-type": "application/json"},
+    )
     assert big.status_code == 413 and big.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -174,7 +196,9 @@ def test_full_queue_is_429_and_loading_is_503(tiny_model, monkeypatch):
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         engine.max_batch = 0  # hold admissions: the first request waits in the queue
         waiting = {}
-        t = threading.Thread(target=lambda: waiting.update(out=client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2)))
+        t = threading.Thread(
+            target=lambda: waiting.update(out=client.completions.create(model="tiny", prompt=PROMPT, max_tokens=2))
+        )
         t.start()
         deadline = time.time() + 30
         while engine.queue_depth == 0:
@@ -230,8 +254,13 @@ def test_kiln_serve_command_listens_where_told_and_answers(tiny_model, tmp_path)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen([sys.executable, "-m", "lmkiln", "serve", str(tiny_model), "--port", str(port),
-                             "--name", "tiny"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmkiln", "serve", str(tiny_model), "--port", str(port), "--name", "tiny"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline, health = time.time() + 60, None
         while time.time() < deadline and proc.poll() is None:

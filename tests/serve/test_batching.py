@@ -20,13 +20,22 @@ from lmkiln.serve.batching import Engine, Sampling, Sequence, Token
 from lmkiln.tokenizer.train import load_tokenizer
 from tests.serve.conftest import serving
 
-PROMPTS = ["def add(a, b):", "import os\n", "class Config:\n    def __init__(self", "x = [", "# read the file\nwith open("]
+PROMPTS = [
+    "def add(a, b):",
+    "import os\n",
+    "class Config:\n    def __init__(self",
+    "x = [",
+    "# read the file\nwith open(",
+]
 
 
-def _run(engine: Engine, prompt: list[int], max_tokens: int, adapter: int = -1,
-         logprobs: int | None = None) -> tuple[queue.Queue, Sequence]:
+def _run(
+    engine: Engine, prompt: list[int], max_tokens: int, adapter: int = -1, logprobs: int | None = None
+) -> tuple[queue.Queue, Sequence]:
     events: queue.Queue = queue.Queue()
-    seq = Sequence(prompt, Sampling(max_tokens=max_tokens, temperature=0, logprobs=logprobs), events.put, adapter=adapter)
+    seq = Sequence(
+        prompt, Sampling(max_tokens=max_tokens, temperature=0, logprobs=logprobs), events.put, adapter=adapter
+    )
     engine.submit(seq)
     return events, seq
 
@@ -66,13 +75,19 @@ def test_concurrent_http_requests_equal_sequential_ones(tiny_model):
     app = create_app(tiny_model, device="cpu", name="tiny", max_batch=4)
     with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        sequential = [client.completions.create(model="tiny", prompt=p, max_tokens=10 + i, temperature=0).choices[0].text
-                      for i, p in enumerate(PROMPTS)]
+        sequential = [
+            client.completions.create(model="tiny", prompt=p, max_tokens=10 + i, temperature=0).choices[0].text
+            for i, p in enumerate(PROMPTS)
+        ]
 
         async def together():
             aclient = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-            outs = await asyncio.gather(*[aclient.completions.create(model="tiny", prompt=p, max_tokens=10 + i, temperature=0)
-                                          for i, p in enumerate(PROMPTS)])
+            outs = await asyncio.gather(
+                *[
+                    aclient.completions.create(model="tiny", prompt=p, max_tokens=10 + i, temperature=0)
+                    for i, p in enumerate(PROMPTS)
+                ]
+            )
             return [o.choices[0].text for o in outs]
 
         assert asyncio.run(together()) == sequential
@@ -82,8 +97,11 @@ def test_a_client_that_hangs_up_frees_its_slot(tiny_model):
     app = create_app(tiny_model, device="cpu", name="tiny", max_batch=2, context=128)
     engine = app.state.server.engine
     with serving(app) as url:
-        with httpx.stream("POST", url + "/v1/completions", json={"prompt": "def", "max_tokens": 100000, "stream": True,
-                                                                 "temperature": 1.0}) as resp:
+        with httpx.stream(
+            "POST",
+            url + "/v1/completions",
+            json={"prompt": "def", "max_tokens": 100000, "stream": True, "temperature": 1.0},
+        ) as resp:
             lines = resp.iter_lines()
             assert next(lines).startswith("data: ")
             assert engine.batch_size == 1
@@ -92,8 +110,10 @@ def test_a_client_that_hangs_up_frees_its_slot(tiny_model):
             time.sleep(0.02)
         assert engine.batch_size == 0
         metrics = httpx.get(url + "/metrics").text
-        assert 'lmkiln_sequences_finished_total{reason="cancelled"} 1.0' in metrics or \
-            'lmkiln_sequences_finished_total{reason="length"} 1.0' in metrics  # 128 tokens of context may run out first
+        assert (
+            'lmkiln_sequences_finished_total{reason="cancelled"} 1.0' in metrics
+            or 'lmkiln_sequences_finished_total{reason="length"} 1.0' in metrics
+        )  # 128 tokens of context may run out first
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +153,11 @@ def test_adapters_by_name_in_one_batch_equal_their_merged_models(tiny_model, ada
     with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny", "tiny+sounds"]
-        text = client.completions.create(model="tiny+sounds", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+        text = (
+            client.completions.create(model="tiny+sounds", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+            .choices[0]
+            .text
+        )
         assert text == tok.decode(want_adapter)
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="tiny+other", prompt="x")
@@ -145,8 +169,9 @@ def test_kiln_chat_keeps_the_conversation(tiny_model):
     from lmkiln.serve.terminal import chat_loop
 
     out = io.StringIO()
-    turns = chat_loop(tiny_model, "cpu", temperature=0, max_tokens=8, stdin=io.StringIO("hello\nand again\n/reset\nhi\n"),
-                      stdout=out)
+    turns = chat_loop(
+        tiny_model, "cpu", temperature=0, max_tokens=8, stdin=io.StringIO("hello\nand again\n/reset\nhi\n"), stdout=out
+    )
     text = out.getvalue()
     assert turns == 3 and text.count("tokens/s]") == 3 and "(new conversation)" in text
 
@@ -155,7 +180,7 @@ def test_engine_reports_errors_to_every_waiting_client(tiny_model):
     model = load_model(tiny_model)
     engine = Engine(model, max_batch=2)
     try:
-        events, _ = _run(engine, [10 ** 6], 4)  # a token id beyond the vocabulary
+        events, _ = _run(engine, [10**6], 4)  # a token id beyond the vocabulary
         assert _tokens(events)[1].startswith("error")
         events, _ = _run(engine, [5, 6, 7], 3)  # and the engine goes on
         assert _tokens(events)[1] == "length"

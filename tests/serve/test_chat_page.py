@@ -28,13 +28,24 @@ def test_chat_page_streams_and_keeps_the_conversation(tiny_model):
     sync_api = _browser_or_skip()
     app = create_app(tiny_model, device="cpu", name="tiny")
     with serving(app) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         try:
             page = browser.new_page()
             bodies = []
-            page.on("request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+            page.on(
+                "request", lambda r: bodies.append(r.post_data_json) if r.url.endswith("/chat/completions") else None
+            )
             page.goto(url + "/")
             page.wait_for_selector("#model option[value='tiny']", state="attached")
             page.fill("#max_tokens", "12")

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 
+from lmkiln.data.examples import encode_example
 from lmkiln.model.chat_format import render
+from lmkiln.model.loss import IGNORE
 from lmkiln.tokenizer.encode import encode_to_shard, open_shard
 from lmkiln.tokenizer.train import load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, train_bpe
-from lmkiln.model.loss import IGNORE
-from lmkiln.data.examples import encode_example
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "The kiln fires clay at high heat. Ünïcödé ✓\n"] * 50
 
@@ -35,7 +35,7 @@ def test_token_shard_round_trip(tok_dir, tmp_path):
     tokens, meta = open_shard(tmp_path / "train")
     assert meta["dtype"] == "uint16" and meta["num_documents"] == 4 == header["num_documents"]
     starts = np.fromfile(tmp_path / "train.idx", dtype="<u8")
-    first = tokens[starts[0]:starts[1]].tolist()
+    first = tokens[starts[0] : starts[1]].tolist()
     assert first[0] == ids["bos"] and first[-1] == ids["eos"]
     assert tok.decode(first[1:-1]) == TEXTS[0]
 
@@ -43,8 +43,12 @@ def test_token_shard_round_trip(tok_dir, tmp_path):
 def test_chat_template_matches_transformers(tok_dir):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     for gen in (False, True):
         assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == render(messages, gen)[0]
 
@@ -53,9 +57,9 @@ def test_labels_cover_exactly_the_reply_and_end_token(tok_dir):
     tok = load_tokenizer(tok_dir)
     ex = {"instruction": "Add numbers", "input": "1 2", "output": "   3 and more"}
     ids, labels = encode_example(tok, ex)
-    trained = [l for l in labels if l != IGNORE]
+    trained = [label for label in labels if label != IGNORE]
     assert tok.decode(trained, skip_special_tokens=False) == "   3 and more<|end|>"
     # labels are shifted: the label at i is the token at i + 1
-    for i, l in enumerate(labels):
-        if l != IGNORE:
-            assert ids[i + 1] == l
+    for i, label in enumerate(labels):
+        if label != IGNORE:
+            assert ids[i + 1] == label

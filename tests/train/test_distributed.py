@@ -19,8 +19,20 @@ STEPS = ["pretrain.max_steps=6", "pretrain.checkpoint_every=100", "pretrain.eval
 
 def torchrun(run_dir, *overrides, ranks=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           "-m", "lmkiln", "pretrain", *TINY, f"run_dir={run_dir}", *STEPS, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "lmkiln",
+        "pretrain",
+        *TINY,
+        f"run_dir={run_dir}",
+        *STEPS,
+        *overrides,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -31,6 +43,7 @@ def prepared(tiny_recipe, tmp_path):
         data.run(recipe)
         tokenizer.run(recipe)
         return recipe
+
     return make
 
 
@@ -85,16 +98,35 @@ def test_ddp_finetune_two_ranks_equal_one_rank_with_double_accumulation(trained_
     from lmkiln.train import run_finetune
 
     _, run_dir, _ = trained_run
-    common = [f"finetune.base={run_dir / 'pretrain' / 'final'}", "finetune.method=lora", "finetune.lora.r=4",
-              "finetune.epochs=1", "finetune.batch_size=4", "finetune.lr=3e-3", "finetune.warmup_steps=2",
-              "finetune.max_examples=40"]
+    common = [
+        f"finetune.base={run_dir / 'pretrain' / 'final'}",
+        "finetune.method=lora",
+        "finetune.lora.r=4",
+        "finetune.epochs=1",
+        "finetune.batch_size=4",
+        "finetune.lr=3e-3",
+        "finetune.warmup_steps=2",
+        "finetune.max_examples=40",
+    ]
     single = tiny_recipe(*common, "finetune.grad_accum=2", run_dir=tmp_path / "single")
     run_finetune(single)
     data_file = single.finetune.data
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmkiln",
-           "finetune", *TINY, f"run_dir={tmp_path / 'ddp'}", f"finetune.data={data_file}", *common,
-           "finetune.grad_accum=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lmkiln",
+        "finetune",
+        *TINY,
+        f"run_dir={tmp_path / 'ddp'}",
+        f"finetune.data={data_file}",
+        *common,
+        "finetune.grad_accum=1",
+    ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = (tmp_path / "ddp" / "finetune" / "manifest.json").read_text()

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from lmkiln.data.examples import load_splits
 from lmkiln.errors import UserError
+from lmkiln.model.loss import IGNORE
 from lmkiln.train import run_finetune
 from lmkiln.train.dpo import dpo_loss, reply_logprobs
-from lmkiln.model.loss import IGNORE
-from lmkiln.data.examples import load_splits
 from tests.model.test_transformer import tiny
 
 
@@ -44,10 +44,15 @@ def test_dpo_loss_matches_a_hand_computation():
 
 def test_preference_rows_are_validated(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    rows = [{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-            {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hey"}],
-             "rejected": "No."},
-            {"prompt": "Hi", "chosen": "Same", "rejected": "Same"}]
+    rows = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+        {
+            "prompt": [{"role": "user", "content": "Hi"}],
+            "chosen": [{"role": "assistant", "content": "Hey"}],
+            "rejected": "No.",
+        },
+        {"prompt": "Hi", "chosen": "Same", "rejected": "Same"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(UserError, match=r"prefs.jsonl:3: 'chosen' and 'rejected' are the same reply"):
         load_splits(str(path), 0.5, 0.05)
@@ -58,19 +63,31 @@ def test_preference_rows_are_validated(tmp_path):
 
 
 def _preferences(path, n=48):
-    rows = [{"prompt": f"How do I reset my password for account {i}?",
-             "chosen": "Open Settings, choose Security, then Reset password.",
-             "rejected": "I cannot help with that. Please stop asking me things."} for i in range(n)]
+    rows = [
+        {
+            "prompt": f"How do I reset my password for account {i}?",
+            "chosen": "Open Settings, choose Security, then Reset password.",
+            "rejected": "I cannot help with that. Please stop asking me things.",
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_dpo_learns_the_preference_and_saves_a_model(trained_run, tiny_recipe, tmp_path):
     _, run_dir, _ = trained_run
-    recipe = tiny_recipe(f"finetune.data={_preferences(tmp_path / 'prefs.jsonl')}", "finetune.task=dpo",
-                         f"finetune.base={run_dir / 'pretrain' / 'final'}", "finetune.method=lora",
-                         "finetune.lr=5e-3", "finetune.epochs=2", "finetune.batch_size=8", "finetune.dpo_beta=0.5",
-                         run_dir=tmp_path / "run")
+    recipe = tiny_recipe(
+        f"finetune.data={_preferences(tmp_path / 'prefs.jsonl')}",
+        "finetune.task=dpo",
+        f"finetune.base={run_dir / 'pretrain' / 'final'}",
+        "finetune.method=lora",
+        "finetune.lr=5e-3",
+        "finetune.epochs=2",
+        "finetune.batch_size=8",
+        "finetune.dpo_beta=0.5",
+        run_dir=tmp_path / "run",
+    )
     m = run_finetune(recipe)["metrics"]
     assert m["base_val_loss"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at the start
     assert m["best_val_loss"] < m["base_val_loss"] - 0.1 and m["val_reward_accuracy"] > 0.9, m
@@ -79,7 +96,10 @@ def test_dpo_learns_the_preference_and_saves_a_model(trained_run, tiny_recipe, t
 
 def test_generate_task_refuses_preference_rows(trained_run, tiny_recipe, tmp_path):
     _, run_dir, _ = trained_run
-    recipe = tiny_recipe(f"finetune.data={_preferences(tmp_path / 'prefs.jsonl', 8)}",
-                         f"finetune.base={run_dir / 'pretrain' / 'final'}", run_dir=tmp_path / "run")
+    recipe = tiny_recipe(
+        f"finetune.data={_preferences(tmp_path / 'prefs.jsonl', 8)}",
+        f"finetune.base={run_dir / 'pretrain' / 'final'}",
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(UserError, match=r"prefs.jsonl:\d+ is a preference example; finetune.task=generate takes"):
         run_finetune(recipe)

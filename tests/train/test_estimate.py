@@ -11,9 +11,19 @@ from lmkiln import data, tokenizer
 from lmkiln.cli import main
 from lmkiln.train.estimate import estimate
 
-MODEL = ["model.hidden_size=256", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=4",
-         "model.intermediate_size=688", "model.max_seq_len=256", "pretrain.seq_len=256", "pretrain.batch_size=16",
-         "pretrain.max_steps=2", "pretrain.eval_batches=1", "pretrain.checkpoint_every=100"]
+MODEL = [
+    "model.hidden_size=256",
+    "model.num_layers=3",
+    "model.num_heads=4",
+    "model.num_kv_heads=4",
+    "model.intermediate_size=688",
+    "model.max_seq_len=256",
+    "pretrain.seq_len=256",
+    "pretrain.batch_size=16",
+    "pretrain.max_steps=2",
+    "pretrain.eval_batches=1",
+    "pretrain.checkpoint_every=100",
+]
 
 PROBE = """
 import json, os, sys
@@ -49,7 +59,9 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(prepared, tiny_recipe):
 
     overrides = [*TINY, f"run_dir={prepared.run_dir}", *MODEL]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
-    res = subprocess.run([sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     figures = json.loads(res.stdout.strip().splitlines()[-1])
     ratio = figures["predicted"] / figures["measured"]

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from lmkiln import data, tokenizer
+from lmkiln.data.examples import load_splits
 from lmkiln.errors import UserError
 from lmkiln.train import run_finetune, run_pretrain
 from lmkiln.train.tuning import length_grouped_batches
-from lmkiln.data.examples import load_splits
 
 
 @pytest.fixture
@@ -18,6 +18,7 @@ def pretrained(tiny_recipe):
         tokenizer.run(recipe)
         run_pretrain(recipe)
         return recipe
+
     return make
 
 
@@ -52,8 +53,9 @@ def test_jsonl_rows_are_validated(tmp_path):
 
 def test_jsonl_split_field_and_carved_validation(tmp_path):
     path = tmp_path / "d.jsonl"
-    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)] + \
-           [{"instruction": "t", "output": "u", "split": "test"}]
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)] + [
+        {"instruction": "t", "output": "u", "split": "test"}
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     splits = load_splits(str(path), 0.25, 0.05)
     assert len(splits["test"]) == 1 and 0 < len(splits["val"]) < 20
@@ -71,8 +73,13 @@ def test_length_grouped_batches_cover_every_example_once():
 
 
 def test_early_stopping_keeps_the_best_weights(pretrained):
-    recipe = pretrained("finetune.lr=0.5", "finetune.eval_every=2", "finetune.patience=2", "finetune.epochs=5",
-                        "finetune.warmup_steps=0")
+    recipe = pretrained(
+        "finetune.lr=0.5",
+        "finetune.eval_every=2",
+        "finetune.patience=2",
+        "finetune.epochs=5",
+        "finetune.warmup_steps=0",
+    )
     m = run_finetune(recipe)["metrics"]
     assert m["stopped_early"] and m["steps"] < 5 * 12  # far fewer than five epochs of steps
     lines = [json.loads(line) for line in (recipe.run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()]
@@ -81,9 +88,16 @@ def test_early_stopping_keeps_the_best_weights(pretrained):
 
 
 def test_packed_dora_finetune_learns_and_saves_a_peft_dora_adapter(pretrained):
-    recipe = pretrained("finetune.method=lora", "finetune.lora.dora=true", "finetune.packing=true",
-                        "finetune.gradient_checkpointing=true", "finetune.lr=3e-3", "finetune.epochs=3",
-                        "finetune.batch_size=2", "finetune.max_seq_len=256")
+    recipe = pretrained(
+        "finetune.method=lora",
+        "finetune.lora.dora=true",
+        "finetune.packing=true",
+        "finetune.gradient_checkpointing=true",
+        "finetune.lr=3e-3",
+        "finetune.epochs=3",
+        "finetune.batch_size=2",
+        "finetune.max_seq_len=256",
+    )
     m = run_finetune(recipe)["metrics"]
     assert m["dora"] and m["packed_rows"] < m["examples"] / 2
     assert m["best_val_loss"] < m["base_val_loss"]

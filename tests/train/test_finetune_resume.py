@@ -20,9 +20,18 @@ pytestmark = pytest.mark.slow
 
 
 def _common(run_dir, method):
-    return [f"finetune.base={run_dir / 'pretrain' / 'final'}", f"finetune.method={method}", "finetune.lora.r=4",
-            "finetune.lora.dropout=0.1", "finetune.epochs=2", "finetune.batch_size=2", "finetune.eval_every=5",
-            "finetune.checkpoint_every=2", "finetune.keep_checkpoints=2", "finetune.lr=3e-3"]
+    return [
+        f"finetune.base={run_dir / 'pretrain' / 'final'}",
+        f"finetune.method={method}",
+        "finetune.lora.r=4",
+        "finetune.lora.dropout=0.1",
+        "finetune.epochs=2",
+        "finetune.batch_size=2",
+        "finetune.eval_every=5",
+        "finetune.checkpoint_every=2",
+        "finetune.keep_checkpoints=2",
+        "finetune.lr=3e-3",
+    ]
 
 
 def _losses(run_dir):
@@ -53,8 +62,17 @@ def test_sigkilled_finetune_resumes_to_the_same_weights(trained_run, tiny_recipe
 
     def command(run_dir):
         data = tiny_recipe().finetune.data
-        return [sys.executable, "-m", "lmkiln", "-q", "finetune", *TINY, f"run_dir={run_dir}",
-                f"finetune.data={data}", *common]
+        return [
+            sys.executable,
+            "-m",
+            "lmkiln",
+            "-q",
+            "finetune",
+            *TINY,
+            f"run_dir={run_dir}",
+            f"finetune.data={data}",
+            *common,
+        ]
 
     # Both runs in fresh processes alike, so thread pools and allocators are the same.
     subprocess.run(command(tmp_path / "whole"), env=env, check=True, capture_output=True)
@@ -62,8 +80,11 @@ def test_sigkilled_finetune_resumes_to_the_same_weights(trained_run, tiny_recipe
     res = subprocess.run(command(tmp_path / "killed"), env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     manifest = json.loads((tmp_path / "killed" / "finetune" / "manifest.json").read_text())
-    assert manifest["metrics"]["resumed_from"] and manifest["metrics"]["steps"] == \
-        json.loads((tmp_path / "whole" / "finetune" / "manifest.json").read_text())["metrics"]["steps"]
+    assert (
+        manifest["metrics"]["resumed_from"]
+        and manifest["metrics"]["steps"]
+        == json.loads((tmp_path / "whole" / "finetune" / "manifest.json").read_text())["metrics"]["steps"]
+    )
     weights = "adapter/adapter_model.safetensors" if method == "lora" else "final/model.safetensors"
     ours, ref = (load_file(tmp_path / r / "finetune" / weights) for r in ("killed", "whole"))
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)

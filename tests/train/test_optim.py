@@ -3,8 +3,8 @@ import pytest
 from lmkiln import data, tokenizer
 from lmkiln.errors import UserError
 from lmkiln.train import run_pretrain
-from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
 from lmkiln.train.metrics import read_metrics
+from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
 from tests.model.test_transformer import tiny
 
 

@@ -3,8 +3,8 @@ import random
 import pytest
 import torch
 
-from lmkiln.model.loss import IGNORE
 from lmkiln.data.examples import collate
+from lmkiln.model.loss import IGNORE
 from lmkiln.train.packing import best_fit, pack
 from tests.model.test_transformer import tiny
 

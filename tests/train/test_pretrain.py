@@ -30,6 +30,7 @@ def _interrupt_at(step, exc):
     def hook(s):
         if s == step:
             raise exc
+
     return hook
 
 
@@ -127,7 +128,7 @@ def test_fim_rearranges_windows_prefix_suffix_middle():
     assert len(out) == len(window) and out[0] == 1
     s, m = list(out).index(3), list(out).index(2)
     assert 0 < s < m  # prefix, then suffix, then middle
-    full = np.concatenate([[1], out[1:s], [3], out[s + 1:m], [2], out[m + 1:]])
+    full = np.concatenate([[1], out[1:s], [3], out[s + 1 : m], [2], out[m + 1 :]])
     assert np.array_equal(full, out)
     # every token kept comes from the window, in two runs that were contiguous there
     assert set(out[out >= 100]) <= set(window)
@@ -146,10 +147,10 @@ def test_pretrain_with_fim(prepared):
 
 def test_prefetched_batches_equal_inline_batches(prepared):
     """The accelerator path reads the next step on a thread; its batches must be the inline ones."""
-    from lmkiln.tokenizer.encode import open_shard
-    from lmkiln.train.dist import DistContext
     from functools import partial
 
+    from lmkiln.tokenizer.encode import open_shard
+    from lmkiln.train.dist import DistContext
     from lmkiln.train.loop import Plan, _Batches
     from lmkiln.train.pretrain import _micro_batches
 

@@ -45,7 +45,9 @@ def test_pretrain_bar_shows_the_interval_mean_and_rate_from_the_first_step(tiny_
     assert shown[3]["loss"] == pytest.approx(logged[4], abs=1e-5)
 
 
-def test_finetune_bar_shows_the_interval_mean_and_rate_from_the_first_step(trained_run, tiny_recipe, monkeypatch, tmp_path):
+def test_finetune_bar_shows_the_interval_mean_and_rate_from_the_first_step(
+    trained_run, tiny_recipe, monkeypatch, tmp_path
+):
     _, run_dir, _ = trained_run
     common = [f"finetune.base={run_dir / 'pretrain' / 'final'}", "finetune.epochs=1", "finetune.max_examples=24"]
     # every step logged: the loss of each step alone
@@ -59,5 +61,5 @@ def test_finetune_bar_shows_the_interval_mean_and_rate_from_the_first_step(train
     shown = _bar_losses(bar)
     assert len(shown) == len(steps) >= 4 and shown[0]["tps"] > 0
     for k, fields in enumerate(shown):
-        interval = steps[k - k % 3:k + 1]
+        interval = steps[k - k % 3 : k + 1]
         assert fields["loss"] == pytest.approx(sum(interval) / len(interval), abs=2e-5), k

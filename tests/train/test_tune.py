@@ -11,9 +11,18 @@ pytest.importorskip("optuna")
 def test_tune_runs_trials_and_writes_the_best_recipe(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     base = run_dir / "pretrain" / "final"
-    args = ["tune", f"run_dir={tmp_path / 'run'}", f"finetune.base={base}", "finetune.method=lora",
-            f"finetune.data={trained_run[0].finetune.data}", "finetune.max_examples=48", "finetune.batch_size=8",
-            "tune.space={lr: {low: 1e-4, high: 1e-2, log: true}, epochs: [1, 2], lora.r: [2, 8]}", "--trials", "4"]
+    args = [
+        "tune",
+        f"run_dir={tmp_path / 'run'}",
+        f"finetune.base={base}",
+        "finetune.method=lora",
+        f"finetune.data={trained_run[0].finetune.data}",
+        "finetune.max_examples=48",
+        "finetune.batch_size=8",
+        "tune.space={lr: {low: 1e-4, high: 1e-2, log: true}, epochs: [1, 2], lora.r: [2, 8]}",
+        "--trials",
+        "4",
+    ]
     assert main(args) == 0
     out = tmp_path / "run" / "tune"
     with open(out / "trials.csv") as fh:

@@ -12,8 +12,8 @@ import functools
 import inspect
 import sysconfig
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lmkiln.data.records import Document
 from lmkiln.data.split import is_heldout
@@ -73,12 +73,13 @@ def _function_without_docstring(source: str, node: ast.FunctionDef) -> str | Non
     doc = node.body[0]
     if len(node.body) < 2:
         return None  # nothing but the docstring: no code to describe
-    kept = lines[first:doc.lineno - 1] + lines[doc.end_lineno:node.end_lineno]
+    kept = lines[first : doc.lineno - 1] + lines[doc.end_lineno : node.end_lineno]
     return textwrap.dedent("\n".join(kept)).strip("\n")
 
 
-def docstring_examples(modules: list[tuple[str, Path]] | None = None, max_code_chars: int = 1200,
-                       max_doc_chars: int = 400) -> Iterator[dict]:
+def docstring_examples(
+    modules: list[tuple[str, Path]] | None = None, max_code_chars: int = 1200, max_doc_chars: int = 400
+) -> Iterator[dict]:
     """{instruction, input, output, group} per documented function; output = the docstring's summary paragraph."""
     for name, path in modules or stdlib_modules():
         try:
@@ -96,8 +97,13 @@ def docstring_examples(modules: list[tuple[str, Path]] | None = None, max_code_c
             code = _function_without_docstring(source, node)
             if code is None or not 20 <= len(summary) <= max_doc_chars or len(code) > max_code_chars:
                 continue
-            yield {"instruction": DOCSTRING_INSTRUCTION, "input": code, "output": summary,
-                   "group": name, "id": f"{name}.{node.name}:{node.lineno}"}
+            yield {
+                "instruction": DOCSTRING_INSTRUCTION,
+                "input": code,
+                "output": summary,
+                "group": name,
+                "id": f"{name}.{node.name}:{node.lineno}",
+            }
 
 
 @functools.lru_cache(maxsize=4)

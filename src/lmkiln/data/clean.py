@@ -25,9 +25,18 @@ def fix_mojibake(text: str) -> str:
         return text
     import ftfy
 
-    return ftfy.fix_text(text, unescape_html=False, uncurl_quotes=False, fix_latin_ligatures=False,
-                         fix_character_width=False, fix_line_breaks=False, normalization=None,
-                         remove_terminal_escapes=False, restore_byte_a0=True, fix_surrogates=True)
+    return ftfy.fix_text(
+        text,
+        unescape_html=False,
+        uncurl_quotes=False,
+        fix_latin_ligatures=False,
+        fix_character_width=False,
+        fix_line_breaks=False,
+        normalization=None,
+        remove_terminal_escapes=False,
+        restore_byte_a0=True,
+        fix_surrogates=True,
+    )
 
 
 def clean_text(text: str, unicode_form: str = "NFC", mojibake: bool = False, boilerplate: bool = False) -> str:

@@ -25,7 +25,7 @@ def _eval_texts(record: dict) -> list[str]:
 
 def _ngrams(text: str, n: int) -> set[int]:
     words = [w.lower() for w in words_of(text) if any(ch.isalnum() for ch in w)]
-    return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
 
 
 class Contamination:
@@ -41,8 +41,10 @@ class Contamination:
             for lineno, record in iter_jsonl(path):
                 texts = _eval_texts(record)
                 if not texts:
-                    raise UserError(f"{path}:{lineno}: not an ICL task line (expected query/choices, "
-                                    f"context_options/continuation, or context/continuation)")
+                    raise UserError(
+                        f"{path}:{lineno}: not an ICL task line (expected query/choices, "
+                        f"context_options/continuation, or context/continuation)"
+                    )
                 # the question with each answer: a leak of either shows up
                 joined = " ".join(texts)
                 self.grams |= _ngrams(joined, n)

@@ -19,7 +19,7 @@ def shingles(text: str, n: int) -> list[str]:
     words = [w.lower() for w in words_of(text) if any(ch.isalnum() for ch in w)]
     if len(words) < n:
         return [" ".join(words)] if words else []
-    return list({" ".join(words[i:i + n]) for i in range(len(words) - n + 1)})
+    return list({" ".join(words[i : i + n]) for i in range(len(words) - n + 1)})
 
 
 def signatures(texts: list[str], ngram: int, num_perm: int, seed: int) -> np.ndarray:
@@ -44,7 +44,7 @@ class LshIndex:
 
     def add(self, sig: np.ndarray) -> bool:
         """True if `sig` is a near duplicate of a kept signature (it is then not kept)."""
-        keys = [sig[b * self.rows:(b + 1) * self.rows].tobytes() for b in range(len(self.buckets))]
+        keys = [sig[b * self.rows : (b + 1) * self.rows].tobytes() for b in range(len(self.buckets))]
         candidates = {i for table, key in zip(self.buckets, keys) for i in table.get(key, ())}
         for i in sorted(candidates):
             if np.count_nonzero(self.kept[i] == sig) >= self.threshold * sig.size:

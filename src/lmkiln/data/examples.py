@@ -23,9 +23,8 @@ from tokenizers import Tokenizer
 
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
-from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.chat_format import ChatFormat, instruction_messages
 from lmkiln.model.loss import IGNORE
-from lmkiln.model.chat_format import instruction_messages
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
 FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification")
@@ -55,8 +54,10 @@ def detect_format(record: dict) -> str:
         return "classification"
     if "text" in record:
         return "text"
-    raise BadRow(f"cannot tell its format from its fields ({', '.join(sorted(record)) or 'none'}); set "
-                 f"finetune.format and map columns with finetune.columns")
+    raise BadRow(
+        f"cannot tell its format from its fields ({', '.join(sorted(record)) or 'none'}); set "
+        f"finetune.format and map columns with finetune.columns"
+    )
 
 
 def _string(record: dict, key: str, required: bool = True) -> str:
@@ -83,8 +84,11 @@ def _messages(record: dict) -> list[dict]:
         if not isinstance(messages, list):
             raise BadRow("field 'messages' must be a list of {role, content}")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                    or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)
+            ):
                 raise BadRow(f"messages[{i}]: expected {{role: system|user|assistant, content: string}}")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
@@ -96,8 +100,12 @@ def _messages(record: dict) -> list[dict]:
 
 def _reply(record: dict, key: str) -> str:
     value = record.get(key)
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
-            and value[0].get("role") == "assistant":
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and isinstance(value[0], dict)
+        and value[0].get("role") == "assistant"
+    ):
         value = value[0].get("content")
     if not isinstance(value, str) or not value.strip():
         raise BadRow(f"field '{key}' must be a non-empty string or [{{role: assistant, content: string}}]")
@@ -123,8 +131,10 @@ def _preference(record: dict) -> dict:
 
 def preference_pair(ex: dict) -> tuple[dict, dict]:
     """The chosen and the rejected conversation of a preference example."""
-    return tuple({"id": ex["id"], "messages": ex["prompt_messages"] + [{"role": "assistant", "content": ex[k]}]}
-                 for k in ("chosen", "rejected"))
+    return tuple(
+        {"id": ex["id"], "messages": ex["prompt_messages"] + [{"role": "assistant", "content": ex[k]}]}
+        for k in ("chosen", "rejected")
+    )
 
 
 def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dict:
@@ -179,8 +189,14 @@ def load_file_examples(path: Path, fmt: str, columns: dict[str, str], on_bad_row
     return examples, skipped
 
 
-def load_splits(source: str, val_fraction: float, heldout_fraction: float, fmt: str = "auto",
-                columns: dict[str, str] | None = None, on_bad_rows: str = "fail") -> dict[str, list]:
+def load_splits(
+    source: str,
+    val_fraction: float,
+    heldout_fraction: float,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    on_bad_rows: str = "fail",
+) -> dict[str, list]:
     """train/val/test examples, and `skipped` (messages about bad rows). The builtin task's test modules
     are those the corpus held out at `heldout_fraction`; a data file uses its `split` field, or carves
     `val_fraction` out by row."""
@@ -188,8 +204,10 @@ def load_splits(source: str, val_fraction: float, heldout_fraction: float, fmt: 
     if source == "builtin:python-docstrings":
         from lmkiln.data.builtin import docstring_splits
 
-        splits = {k: [{**ex, "messages": instruction_messages(ex["instruction"], ex["input"], ex["output"])}
-                      for ex in v] for k, v in docstring_splits(heldout_fraction, val_fraction).items()}
+        splits = {
+            k: [{**ex, "messages": instruction_messages(ex["instruction"], ex["input"], ex["output"])} for ex in v]
+            for k, v in docstring_splits(heldout_fraction, val_fraction).items()
+        }
         return {**splits, "skipped": []}
     examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows)
     splits: dict[str, list] = {"train": [], "val": [], "test": [], "skipped": skipped}
@@ -216,8 +234,9 @@ def messages_of(ex: dict) -> list[dict]:
     return ex.get("messages") or instruction_messages(ex["instruction"], ex.get("input", ""), ex["output"])
 
 
-def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
-                   loss_on: str = "assistant", last_reply_only: bool = False) -> tuple[list[int], list[int]]:
+def encode_example(
+    tok: Tokenizer, ex: dict, chat: ChatFormat | None = None, loss_on: str = "assistant", last_reply_only: bool = False
+) -> tuple[list[int], list[int]]:
     """(input ids, labels): labels are the next token where it is trained, -100 elsewhere.
     `last_reply_only` trains the final reply alone (DPO scores just the reply the pair differs in).
 
@@ -228,8 +247,11 @@ def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
     if "text" in ex:  # a document as in pretraining: BOS, the text, EOS, every token trained
         bos = chat.bos if chat.bos is not None else tok.token_to_id("<|bos|>")
         eos = chat.eos if chat.eos is not None else tok.token_to_id("<|eos|>")
-        ids = ([bos] if bos is not None else []) + tok.encode(ex["text"], add_special_tokens=False).ids \
+        ids = (
+            ([bos] if bos is not None else [])
+            + tok.encode(ex["text"], add_special_tokens=False).ids
             + ([eos] if eos is not None else [])
+        )
         return ids, ids[1:] + [IGNORE]
     text, spans = chat.reply_spans(messages_of(ex))
     ids: list[int] = []
@@ -237,7 +259,10 @@ def encode_example(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None,
     pos = 0
     for n, (start, end) in enumerate(spans + [(len(text), len(text))]):
         is_trained = not last_reply_only or n == len(spans) - 1
-        for piece, train in ((text[pos:start], loss_on == "all" and not last_reply_only), (text[start:end], is_trained)):
+        for piece, train in (
+            (text[pos:start], loss_on == "all" and not last_reply_only),
+            (text[start:end], is_trained),
+        ):
             if piece:
                 piece_ids = tok.encode(piece, add_special_tokens=False).ids
                 ids += piece_ids
@@ -262,15 +287,16 @@ def collate(batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch
     y = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     seg = torch.full_like(x, -1) if len(batch[0]) == 3 else None
     for i, row in enumerate(batch):
-        x[i, :len(row[0])] = torch.tensor(row[0])
-        y[i, :len(row[1])] = torch.tensor(row[1])
+        x[i, : len(row[0])] = torch.tensor(row[0])
+        y[i, : len(row[1])] = torch.tensor(row[1])
         if seg is not None:
-            seg[i, :len(row[2])] = torch.tensor(row[2])
+            seg[i, : len(row[2])] = torch.tensor(row[2])
     return x, y, seg
 
 
-def encode_all(tok: Tokenizer, examples: list[dict], max_len: int, chat: ChatFormat | None = None,
-               loss_on: str = "assistant") -> tuple[list, int]:
+def encode_all(
+    tok: Tokenizer, examples: list[dict], max_len: int, chat: ChatFormat | None = None, loss_on: str = "assistant"
+) -> tuple[list, int]:
     """Encoded examples that fit in max_len tokens, and how many were too long."""
     chat = chat or ChatFormat()
     out, too_long = [], 0

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from lmkiln.errors import UserError
 
 Task = tuple[int, tuple]
 
 
-def map_shards(fn: Callable[..., Any], tasks: Iterable[Task], executor: str = "local",
-               workers: int | None = None, ray_address: str | None = None) -> Iterator[tuple[int, Any]]:
+def map_shards(
+    fn: Callable[..., Any],
+    tasks: Iterable[Task],
+    executor: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+) -> Iterator[tuple[int, Any]]:
     """Yield (index, fn(*args)) for each (index, args) in `tasks`, in completion order."""
     workers = workers or os.cpu_count() or 1
     tasks = iter(tasks)
@@ -37,9 +43,11 @@ def _pool(fn, tasks: Iterator[Task], workers: int) -> Iterator[tuple[int, Any]]:
     try:
         yield from _pool_map(fn, tasks, workers)
     except BrokenProcessPool:
-        raise UserError("a data worker process died (out of memory, or killed). If you call lmkiln from your own "
-                        "script, put the call under `if __name__ == '__main__':` (worker processes import the "
-                        "script again), or set data.workers=1") from None
+        raise UserError(
+            "a data worker process died (out of memory, or killed). If you call lmkiln from your own "
+            "script, put the call under `if __name__ == '__main__':` (worker processes import the "
+            "script again), or set data.workers=1"
+        ) from None
 
 
 def _pool_map(fn, tasks: Iterator[Task], workers: int) -> Iterator[tuple[int, Any]]:

@@ -25,8 +25,10 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "▪", "‣", "⁃", "◦", "-", "*", "–", "—")
 # a sentence ends at . ! or ? (and any closing quote or bracket) before a space or the end, but not after
 # a common abbreviation (Mr. Smith)
-SENTENCE_END = re.compile(r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)"
-                          r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+SENTENCE_END = re.compile(
+    r"(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)(?<!\bvs)(?<!\be\.g)(?<!\bi\.e)"
+    r"[.!?]+[\"'”’)\]]*(?=\s|$)"
+)
 
 
 def words_of(text: str) -> list[str]:
@@ -65,7 +67,10 @@ def gopher_quality(text: str, cfg) -> tuple[str | None, str]:
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and sum(line.lstrip().startswith(BULLETS) for line in lines) / len(lines) > cfg.max_bullet_lines_ratio:
         return None, "gopher_bullet_lines"
-    if lines and sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > cfg.max_ellipsis_lines_ratio:
+    if (
+        lines
+        and sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > cfg.max_ellipsis_lines_ratio
+    ):
         return None, "gopher_ellipsis_lines"
     if (n + n_contractions - sum(map(str.isdigit, words))) / n_tokens < cfg.min_alpha_words_ratio:
         return None, "gopher_alpha_words"
@@ -92,7 +97,7 @@ def _ngram_hashes(ids: np.ndarray, up_to: int):
     (over word ids; collisions are vanishingly rare)."""
     h = ids
     for n in range(2, min(up_to, len(ids)) + 1):
-        h = h[:-1] * np.uint64(1_000_003) + ids[n - 1:]
+        h = h[:-1] * np.uint64(1_000_003) + ids[n - 1 :]
         yield n, h
 
 
@@ -121,13 +126,13 @@ def _repetition(words: list[str], cfg, total: int) -> str:
         if n in top_limits:
             counts = np.diff(np.append(starts, len(hashes)))
             top = counts.max()
-            chars = max(int(lengths[i:i + n].sum()) for i in order[starts[counts == top]]) + n - 1
+            chars = max(int(lengths[i : i + n].sum()) for i in order[starts[counts == top]]) + n - 1
             if chars * top / total > top_limits[n]:
                 return f"gopher_top_{n}gram"
         if n in dup_limits:
             repeats = np.zeros(len(hashes), dtype=np.int8)
             repeats[order[same]] = 1  # stable order: the first of each group is its earliest occurrence
-            covered = np.convolve(repeats, np.ones(n, dtype=np.int8))[:len(words)] > 0
+            covered = np.convolve(repeats, np.ones(n, dtype=np.int8))[: len(words)] > 0
             fraction = lengths[covered].sum() / total
             if fraction > dup_limits[n]:
                 return f"gopher_dup_{n}gram"
@@ -143,8 +148,9 @@ def gopher_repetition(text: str, cfg) -> tuple[str | None, str]:
     paragraphs = [p for p in re.split(r"\n{2,}", text.strip()) if p]
     lines = [line for line in text.splitlines() if line.strip()]
     for unit, items, max_frac, max_char_frac in (
-            ("paragraph", paragraphs, cfg.max_dup_para_frac, cfg.max_dup_para_char_frac),
-            ("line", lines, cfg.max_dup_line_frac, cfg.max_dup_line_char_frac)):
+        ("paragraph", paragraphs, cfg.max_dup_para_frac, cfg.max_dup_para_char_frac),
+        ("line", lines, cfg.max_dup_line_frac, cfg.max_dup_line_char_frac),
+    ):
         if items:
             dup, chars = _duplicates(items)
             if dup / len(items) > max_frac:
@@ -218,7 +224,9 @@ def load_blocklist(path: str) -> tuple[frozenset[str], re.Pattern | None]:
         raise UserError(f"data.blocklist.file: '{path}' lists no words")
     words = frozenset(e for e in entries if len(words_of(e)) == 1)
     phrases = sorted((e for e in entries if e not in words), key=len, reverse=True)
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, phrases)) + r")(?!\w)", re.IGNORECASE) if phrases else None
+    pattern = (
+        re.compile(r"(?<!\w)(?:" + "|".join(map(re.escape, phrases)) + r")(?!\w)", re.IGNORECASE) if phrases else None
+    )
     return words, pattern
 
 
@@ -239,8 +247,14 @@ def language(text: str, cfg) -> tuple[str | None, str]:
     return text, ""
 
 
-FILTERS = {"language": language, "gopher_quality": gopher_quality, "gopher_repetition": gopher_repetition,
-           "c4": c4, "fineweb": fineweb, "blocklist": blocklist}
+FILTERS = {
+    "language": language,
+    "gopher_quality": gopher_quality,
+    "gopher_repetition": gopher_repetition,
+    "c4": c4,
+    "fineweb": fineweb,
+    "blocklist": blocklist,
+}
 
 
 def active_filters(cfg) -> list[tuple]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from lmkiln.errors import UserError
 from lmkiln.io import base_suffix, iter_jsonl, read_text, text_lines

@@ -23,16 +23,21 @@ from lmkiln.data.pii import redact
 
 SAMPLE_CHARS = 2000  # of a removed document, kept for auditing
 
-WORK_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("origin", pa.string()), ("group", pa.string()),
-    ("text", pa.string()),            # final text; for removed documents only in the audit sample
-    ("bytes_in", pa.int64()),
-    ("reason", pa.string()),          # why it was removed, or null
-    ("digest", pa.binary(16)),        # content hash of the final text, for exact dedup
-    ("signature", pa.list_(pa.uint32())),  # MinHash, for near dedup (empty when that is off)
-    ("hits", pa.int32()),             # n-grams shared with the evaluation sets
-    ("pii", pa.string()),             # JSON {kind: count} of what was redacted
-])
+WORK_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("origin", pa.string()),
+        ("group", pa.string()),
+        ("text", pa.string()),  # final text; for removed documents only in the audit sample
+        ("bytes_in", pa.int64()),
+        ("reason", pa.string()),  # why it was removed, or null
+        ("digest", pa.binary(16)),  # content hash of the final text, for exact dedup
+        ("signature", pa.list_(pa.uint32())),  # MinHash, for near dedup (empty when that is off)
+        ("hits", pa.int32()),  # n-grams shared with the evaluation sets
+        ("pii", pa.string()),  # JSON {kind: count} of what was redacted
+    ]
+)
 
 
 @lru_cache(maxsize=2)
@@ -44,8 +49,9 @@ def _setup(cfg_json: str):
     return cfg, active_filters(cfg), contamination
 
 
-def judge(text: str, cfg, filters: list[tuple], contamination: Contamination | None,
-          pii_kinds: set[str]) -> tuple[str, str | None, Counter, int]:
+def judge(
+    text: str, cfg, filters: list[tuple], contamination: Contamination | None, pii_kinds: set[str]
+) -> tuple[str, str | None, Counter, int]:
     """(final text, reason it is removed or None, personal data redacted, n-grams shared with the
     evaluation sets) for one cleaned document."""
     pii: Counter = Counter()
@@ -72,13 +78,32 @@ def process_shard(docs: list[tuple[str, str, str, str, str]], cfg_json: str, see
     cols: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
     sampled: Counter = Counter()
     for doc_id, source, origin, group, raw in docs:
-        text, reason, pii, hits = judge(clean_text(raw, cfg.unicode_form, cfg.fix_mojibake, cfg.boilerplate_lines),
-                                        cfg, filters, contamination, kinds)
+        text, reason, pii, hits = judge(
+            clean_text(raw, cfg.unicode_form, cfg.fix_mojibake, cfg.boilerplate_lines),
+            cfg,
+            filters,
+            contamination,
+            kinds,
+        )
         if reason is not None:
             sampled[reason] += 1
             text = raw[:SAMPLE_CHARS] if sampled[reason] <= cfg.removed_samples else None
-        for name, value in zip(WORK_SCHEMA.names, (doc_id, source, origin, group, text, len(raw.encode("utf-8")),
-                                                   reason, None, [], hits, json.dumps(dict(pii)) if pii else None)):
+        for name, value in zip(
+            WORK_SCHEMA.names,
+            (
+                doc_id,
+                source,
+                origin,
+                group,
+                text,
+                len(raw.encode("utf-8")),
+                reason,
+                None,
+                [],
+                hits,
+                json.dumps(dict(pii)) if pii else None,
+            ),
+        ):
             cols[name].append(value)
     kept = [i for i, r in enumerate(cols["reason"]) if r is None]
     for i in kept:

@@ -11,13 +11,13 @@ run with its name and line, or, with `on_error="skip"`, is reported, counted and
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from lmkiln.errors import EncodingError, UserError
-from lmkiln.data.web import HTML_SUFFIXES, html_to_text, read_warc
 from lmkiln.data.records import TABLE_SUFFIXES, Document, read_records
+from lmkiln.data.web import HTML_SUFFIXES, html_to_text, read_warc
+from lmkiln.errors import EncodingError, UserError
 from lmkiln.io import base_suffix, check_utf8, open_bytes, read_text
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}

@@ -14,8 +14,8 @@ import json
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,21 +140,30 @@ def _check_splits(stats: dict, cfg) -> None:
     removed = ", ".join(f"{r} {c['docs']:,}" for r, c in stats["removed"].items() if c["docs"])
     why = f"{stats['docs_in']:,} documents in" + (f", removed: {removed}" if removed else "")
     if not stats["train_docs"] and not stats["val_docs"]:
-        raise UserError(f"data: no documents left ({why}); check data.sources, data.text_field and the filters "
-                        f"(data.min_chars={cfg.min_chars})")
+        raise UserError(
+            f"data: no documents left ({why}); check data.sources, data.text_field and the filters "
+            f"(data.min_chars={cfg.min_chars})"
+        )
     if not stats["train_docs"]:
-        raise UserError(f"data: the training split is empty ({why}; {stats['val_docs']:,} held out by "
-                        f"data.val_fraction={cfg.val_fraction}); add documents or lower data.val_fraction")
+        raise UserError(
+            f"data: the training split is empty ({why}; {stats['val_docs']:,} held out by "
+            f"data.val_fraction={cfg.val_fraction}); add documents or lower data.val_fraction"
+        )
     if not stats["val_docs"] and cfg.val_fraction > 0:
-        raise UserError(f"data: the validation split is empty ({why}; {stats['train_docs']:,} kept, split by document "
-                        f"group at data.val_fraction={cfg.val_fraction}); add documents or raise data.val_fraction")
+        raise UserError(
+            f"data: the validation split is empty ({why}; {stats['train_docs']:,} kept, split by document "
+            f"group at data.val_fraction={cfg.val_fraction}); add documents or raise data.val_fraction"
+        )
 
 
 def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
     """One ordered pass over the work shards: exact and near dedup across all of them, splits, outputs."""
     cfg = recipe.data
-    reasons = ["empty", "too_short", "too_long", "duplicate"] + (["near_duplicate"] if cfg.near_dedup.enabled else []) \
+    reasons = (
+        ["empty", "too_short", "too_long", "duplicate"]
+        + (["near_duplicate"] if cfg.near_dedup.enabled else [])
         + (["contaminated"] if cfg.decontam.eval_files else [])
+    )
     tally = Tally(reasons)
     writers = {split: ShardWriter(out, split, cfg.shard_docs) for split in ("train", "val")}
     nd = cfg.near_dedup
@@ -196,16 +205,24 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
     if cfg.decontam.eval_files and cfg.decontam.action == "flag":
         write_text(out / "contaminated.jsonl", "".join(json.dumps(r) + "\n" for r in flagged))
     write_text(out / "removed_samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-    return {**tally.result(), "pii_redacted": dict(pii_total), "contaminated_flagged": len(flagged),
-            "shards": {s: w.shards for s, w in writers.items()}}
+    return {
+        **tally.result(),
+        "pii_redacted": dict(pii_total),
+        "contaminated_flagged": len(flagged),
+        "shards": {s: w.shards for s, w in writers.items()},
+    }
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     for old in out.glob("*.parquet"):
         old.unlink()
     work = out / ".work"
-    _open_work(work, sha256_json({"config": config_of(recipe), "inputs": inputs_of(recipe, run_dir),
-                                  "work_docs": recipe.data.work_docs}))
+    _open_work(
+        work,
+        sha256_json(
+            {"config": config_of(recipe), "inputs": inputs_of(recipe, run_dir), "work_docs": recipe.data.work_docs}
+        ),
+    )
     errors = sources.Errors(recipe.data.on_error)
     # matplotlib takes most of a second to import: do it while the workers run, not after them
     warm = threading.Thread(target=load_pyplot, daemon=True)

@@ -37,12 +37,18 @@ class Tally:
         out["bytes_out"] = t["train_bytes"] + t["val_bytes"]
         out["removed"] = {r: {"docs": c["docs"], "bytes": c["bytes"]} for r, c in self.removed.items()}
         out["per_source"] = {
-            origin: {"docs_in": c["docs_in"], "bytes_in": c["bytes_in"], "docs_out": c["docs_out"],
-                     "bytes_out": c["bytes_out"],
-                     "removed": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("removed:")},
-                     "removed_bytes": {k.split(":", 1)[1]: v for k, v in sorted(c.items())
-                                       if k.startswith("removed_bytes:")}}
-            for origin, c in self.sources.items()}
+            origin: {
+                "docs_in": c["docs_in"],
+                "bytes_in": c["bytes_in"],
+                "docs_out": c["docs_out"],
+                "bytes_out": c["bytes_out"],
+                "removed": {k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("removed:")},
+                "removed_bytes": {
+                    k.split(":", 1)[1]: v for k, v in sorted(c.items()) if k.startswith("removed_bytes:")
+                },
+            }
+            for origin, c in self.sources.items()
+        }
         return out
 
 
@@ -88,8 +94,9 @@ def plot_removals(stats: dict, png: Path) -> None:
     sources = list(stats["per_source"]) or ["all"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(reasons) + 1.6), dpi=110, sharey=True)
     for ax, unit in zip(axes, ("docs", "bytes")):
-        totals = [stats["docs_out" if unit == "docs" else "bytes_out"]] + \
-                 [stats["removed"][r][unit] for r in reasons[1:]]
+        totals = [stats["docs_out" if unit == "docs" else "bytes_out"]] + [
+            stats["removed"][r][unit] for r in reasons[1:]
+        ]
         left = [0.0] * len(reasons)
         for k, origin in enumerate(sources):
             s = stats["per_source"].get(origin)
@@ -98,8 +105,13 @@ def plot_removals(stats: dict, png: Path) -> None:
             else:
                 removed = s["removed"] if unit == "docs" else s["removed_bytes"]
                 counts = [s[f"{unit}_out"]] + [removed.get(r, 0) for r in reasons[1:]]
-            ax.barh(reasons[::-1], counts[::-1], left=left[::-1], label=origin if len(sources) > 1 else None,
-                    color=plt.cm.tab10(k % 10))
+            ax.barh(
+                reasons[::-1],
+                counts[::-1],
+                left=left[::-1],
+                label=origin if len(sources) > 1 else None,
+                color=plt.cm.tab10(k % 10),
+            )
             left = [a + b for a, b in zip(left, counts)]
         for i, n in enumerate(totals[::-1]):
             ax.text(n, i, f" {n:,}", va="center", fontsize=8)

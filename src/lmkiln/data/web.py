@@ -3,8 +3,8 @@ resiliparse (navigation, footers, scripts and forms dropped), the encoding detec
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from lmkiln.errors import UserError
 

@@ -16,8 +16,10 @@ class TaskMonitor:
         from lmkiln.eval.stage import icl_tasks
 
         cfg = recipe.eval.model_copy(update={"tasks": refs})
-        self.tasks = [dataclasses.replace(t, max_examples=min(t.max_examples or max_examples, max_examples))
-                      for t in icl_tasks(cfg)]
+        self.tasks = [
+            dataclasses.replace(t, max_examples=min(t.max_examples or max_examples, max_examples))
+            for t in icl_tasks(cfg)
+        ]
         # read once, here: a malformed line stops the run before any training, and validations reuse them
         self.loaded = [load_docs(task.path, task.kind) for task in self.tasks]
         self.seed, self.add_bos = cfg.seed, cfg.add_bos
@@ -27,8 +29,10 @@ class TaskMonitor:
         the mode it was in."""
         training = model.training
         with torch.no_grad():
-            results = {t.name: evaluate_task(model, tok, chat, t, self.seed, self.add_bos, loaded=docs)
-                       for t, docs in zip(self.tasks, self.loaded)}
+            results = {
+                t.name: evaluate_task(model, tok, chat, t, self.seed, self.add_bos, loaded=docs)
+                for t, docs in zip(self.tasks, self.loaded)
+            }
         model.train(training)
         return flat_scores(results)
 
@@ -50,5 +54,8 @@ def flat_scores(results: dict) -> dict[str, float]:
 
 def describe(scores: dict[str, float]) -> str:
     """`copa acc 0.5400, piqa acc 0.5100` for the console."""
-    return ", ".join(f"{key[len('eval/'):].replace('/', ' ')} {value:.4f}" for key, value in scores.items()
-                     if not key.endswith("acc_norm"))
+    return ", ".join(
+        f"{key[len('eval/') :].replace('/', ' ')} {value:.4f}"
+        for key, value in scores.items()
+        if not key.endswith("acc_norm")
+    )

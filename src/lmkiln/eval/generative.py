@@ -51,8 +51,13 @@ def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, i
     x, y, seg = collate(batch, pad_id)
     x, y = x.to(device), y.to(device)
     with autocast(device):
-        loss, _ = next_token_losses(model, x, y, getattr(model, "module", model).lm_head.weight,  # DDP's or not
-                                    seg.to(device) if seg is not None else None)
+        loss, _ = next_token_losses(
+            model,
+            x,
+            y,
+            getattr(model, "module", model).lm_head.weight,  # DDP's or not
+            seg.to(device) if seg is not None else None,
+        )
     return loss.sum(), len(loss), x.numel()
 
 
@@ -62,7 +67,7 @@ def reply_loss(model, encoded: list, batch_size: int, pad_id: int, device) -> tu
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(encoded), batch_size):
-        loss, n, _ = batch_loss(model, encoded[i:i + batch_size], pad_id, device)
+        loss, n, _ = batch_loss(model, encoded[i : i + batch_size], pad_id, device)
         total += loss.item()
         count += n
     model.train()
@@ -80,8 +85,9 @@ def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
-def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int,
-                       max_len: int, chat: ChatFormat) -> dict:
+def score_instructions(
+    model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int, max_len: int, chat: ChatFormat
+) -> dict:
     """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
     exact match, token F1 and ROUGE-L F1."""
 
@@ -94,25 +100,46 @@ def score_instructions(model: Transformer, tok: Tokenizer, examples: list[dict],
     for ex in examples:
         prompt = prompt_ids(tok, ex, chat)
         if len(prompt) >= model.args.max_seq_len:
-            prompt = prompt[-(model.args.max_seq_len - max_new_tokens):]
+            prompt = prompt[-(model.args.max_seq_len - max_new_tokens) :]
         prompts.append(prompt)
     replies = generate_greedy_batch(model, prompts, max_new_tokens, sorted(chat.stop_ids))
     for ex, reply in zip(examples, replies):
         text = tok.decode(reply).strip()
         reference = messages_of(ex)[-1]["content"]
-        scores = {"exact_match": exact_match(text, reference), "token_f1": token_f1(text, reference),
-                  "rouge_l": rouge_l(text, reference, scorer)}
+        scores = {
+            "exact_match": exact_match(text, reference),
+            "token_f1": token_f1(text, reference),
+            "rouge_l": rouge_l(text, reference, scorer),
+        }
         totals.update(scores)
-        samples.append({"id": ex["id"], "input": ex.get("input") or messages_of(ex)[-2]["content"],
-                        "reference": reference, "generated": text, **{k: round(v, 4) for k, v in scores.items()}})
+        samples.append(
+            {
+                "id": ex["id"],
+                "input": ex.get("input") or messages_of(ex)[-2]["content"],
+                "reference": reference,
+                "generated": text,
+                **{k: round(v, 4) for k, v in scores.items()},
+            }
+        )
     n = max(len(examples), 1)
     # no reference that fits in max_len has no loss to report (not a loss of 0)
-    return {"reply_loss": round(nats / count, 5) if count else None, "reply_tokens": count, **{k: round(totals[k] / n, 5) for k in
-            ("exact_match", "token_f1", "rouge_l")}, "examples": len(examples), "samples": samples}
+    return {
+        "reply_loss": round(nats / count, 5) if count else None,
+        "reply_tokens": count,
+        **{k: round(totals[k] / n, 5) for k in ("exact_match", "token_f1", "rouge_l")},
+        "examples": len(examples),
+        "samples": samples,
+    }
 
 
-def score_labels(model: Transformer, tok: Tokenizer, chat: ChatFormat, examples: list[dict], delimiter: str = " ",
-                 add_bos: bool = False) -> dict:
+def score_labels(
+    model: Transformer,
+    tok: Tokenizer,
+    chat: ChatFormat,
+    examples: list[dict],
+    delimiter: str = " ",
+    add_bos: bool = False,
+) -> dict:
     """Classification rows {text, label}: each label scored as the continuation of the text (as an ICL
     multiple-choice task over the file's labels); accuracy and macro-F1 against the majority class."""
     from lmkiln.eval.icl import encode_pair, loglikelihoods
@@ -125,6 +152,10 @@ def score_labels(model: Transformer, tok: Tokenizer, chat: ChatFormat, examples:
     pred = [max(range(k), key=lambda j: scored[i * k + j][0]) for i in range(len(examples))]
     gold = [labels.index(ex["label"]) for ex in examples]
     majority = Counter(gold).most_common(1)[0][1] / len(gold)
-    return {"accuracy": round(sum(p == g for p, g in zip(pred, gold)) / len(gold), 5),
-            "macro_f1": round(macro_f1(pred, gold, k), 5), "majority_accuracy": round(majority, 5),
-            "labels": labels, "examples": len(examples)}
+    return {
+        "accuracy": round(sum(p == g for p, g in zip(pred, gold)) / len(gold), 5),
+        "macro_f1": round(macro_f1(pred, gold, k), 5),
+        "majority_accuracy": round(majority, 5),
+        "labels": labels,
+        "examples": len(examples),
+    }

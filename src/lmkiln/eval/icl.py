@@ -37,11 +37,11 @@ import numpy as np
 import torch
 
 from lmkiln.device import autocast
-from lmkiln.model.transformer import visible_keys
-from lmkiln.model.loss import token_logprobs
 from lmkiln.errors import UserError
 from lmkiln.io import text_lines
 from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.loss import token_logprobs
+from lmkiln.model.transformer import visible_keys
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
 BUILTIN = {"builtin:bias": Path(__file__).parent / "probes" / "bias_pairs.jsonl"}
@@ -67,9 +67,11 @@ def _kind_of(doc: dict) -> str:
         return "language_modeling"
     if "sent_more" in doc:
         return "bias"
-    raise ValueError(f"fields {sorted(doc)} match no ICL format (multiple_choice {{query, choices, gold}}, "
-                     f"schema {{context_options, continuation, gold}}, language_modeling {{context, continuation}}, "
-                     f"bias {{sent_more, sent_less, bias_type}})")
+    raise ValueError(
+        f"fields {sorted(doc)} match no ICL format (multiple_choice {{query, choices, gold}}, "
+        f"schema {{context_options, continuation, gold}}, language_modeling {{context, continuation}}, "
+        f"bias {{sent_more, sent_less, bias_type}})"
+    )
 
 
 def _check(doc: dict, kind: str) -> None:
@@ -155,7 +157,7 @@ def encode_pair(tok, context: str, continuation: str, bos: int | None) -> tuple[
     start = [bos] if bos is not None else []
     if not ctx and not start:
         raise ValueError("an empty context needs a BOS token to condition on (set eval.add_bos)")
-    return start + ctx, whole[len(ctx):]
+    return start + ctx, whole[len(ctx) :]
 
 
 def _rows(pairs: list[tuple[list[int], list[int]]], limit: int) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
@@ -166,7 +168,7 @@ def _rows(pairs: list[tuple[list[int], list[int]]], limit: int) -> list[tuple[li
     for i, (ctx, cont) in enumerate(pairs):
         if len(ctx) + len(cont) - 1 > limit:
             cont = cont[-limit:]
-            ctx = (ctx + cont)[-(limit + 1):][:-len(cont)] or ctx[-1:]
+            ctx = (ctx + cont)[-(limit + 1) :][: -len(cont)] or ctx[-1:]
             key: tuple = ("alone", i)
         else:
             key = tuple(ctx)
@@ -186,7 +188,7 @@ def _layout(ctx: list[int], conts: list[list[int]]) -> tuple[list[int], list[int
     for cont in conts:
         src, at = [len(ctx) - 1], len(ctx) - 1
         for k in range(len(cont) - 1):
-            key = tuple(cont[:k + 1])
+            key = tuple(cont[: k + 1])
             if key not in node:
                 node[key] = len(tokens)
                 tokens.append(cont[k])
@@ -225,8 +227,9 @@ def _lines(laid: list, capacity: int) -> list[list]:
 
 
 @torch.no_grad()
-def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16,
-                   greedy: bool = True) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 16, greedy: bool = True
+) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the continuation's summed log-probability and whether
     every one of its tokens is the greedy choice (False for all with `greedy=False`, which skips that
     pass over the vocabulary: multiple-choice scoring needs only the sums).
@@ -250,7 +253,7 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
     per_batch = max(1, batch_size * 128 // capacity)
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for b in range(0, len(lines), per_batch):
-        batch = lines[b:b + per_batch]
+        batch = lines[b : b + per_batch]
         width = max(sum(len(row[0][0]) for row in line) for line in batch)
         x = torch.zeros(len(batch), width, dtype=torch.long)
         pos = torch.zeros(len(batch), width, dtype=torch.long)
@@ -282,9 +285,13 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
         order = rows.argsort(stable=True)
         with autocast(device):
             hidden = model(x.to(device), hidden_only=True, layout=layout).flatten(0, 1)
-            scored, best = token_logprobs(hidden[unique.to(device)], model.lm_head.weight,
-                                          torch.tensor(targets, device=device)[order.to(device)], greedy=greedy,
-                                          rows=rows[order].to(device))
+            scored, best = token_logprobs(
+                hidden[unique.to(device)],
+                model.lm_head.weight,
+                torch.tensor(targets, device=device)[order.to(device)],
+                greedy=greedy,
+                rows=rows[order].to(device),
+            )
         picked = torch.empty(len(targets), dtype=scored.dtype)
         picked[order] = scored.cpu()
         top = torch.zeros(len(targets), dtype=torch.bool)
@@ -292,12 +299,14 @@ def loglikelihoods(model, pairs: list[tuple[list[int], list[int]]], batch_size: 
             top[order] = best.cpu()
         k = 0
         for i, cont in members_in_order:
-            out[i] = (picked[k:k + len(cont)].sum().item(), bool(top[k:k + len(cont)].all()))
+            out[i] = (picked[k : k + len(cont)].sum().item(), bool(top[k : k + len(cont)].all()))
             k += len(cont)
     return out
 
 
-def score_docs(docs: list[dict], kind: str, results: list[list[tuple[float, bool]]], choices_text: list[list[str]]) -> dict:
+def score_docs(
+    docs: list[dict], kind: str, results: list[list[tuple[float, bool]]], choices_text: list[list[str]]
+) -> dict:
     """acc, acc_norm, centered and the per-document correctness (for paired comparisons)."""
     correct, correct_norm, baseline, nll = [], [], 0.0, 0.0
     for doc, res, texts in zip(docs, results, choices_text):
@@ -313,34 +322,55 @@ def score_docs(docs: list[dict], kind: str, results: list[list[tuple[float, bool
         baseline += 1 / len(ll)
     n = len(docs)
     acc, acc_norm, base = sum(correct) / n, sum(correct_norm) / n, baseline / n
-    return {"acc": round(acc, 5), "acc_norm": round(acc_norm, 5),
-            "centered": round((max(acc, acc_norm) - base) / (1 - base), 5), "random_baseline": round(base, 5),
-            "n": n, "correct": [int(c) for c in correct],
-            **({"perplexity": round(math.exp(nll / n), 4)} if kind == "language_modeling" else {})}
+    return {
+        "acc": round(acc, 5),
+        "acc_norm": round(acc_norm, 5),
+        "centered": round((max(acc, acc_norm) - base) / (1 - base), 5),
+        "random_baseline": round(base, 5),
+        "n": n,
+        "correct": [int(c) for c in correct],
+        **({"perplexity": round(math.exp(nll / n), 4)} if kind == "language_modeling" else {}),
+    }
 
 
 def bias_scores(model, tok, chat: ChatFormat, docs: list[dict], batch_size: int = 16) -> dict:
     start = chat.start  # each sentence scored from the model's own BOS (or EOS)
     if start is None:
-        raise UserError("bias probes need a BOS or EOS token to start each sentence from; the model's config.json, "
-                        "generation_config.json and tokenizer_config.json name neither")
-    pairs = [([start], tok.encode(d[k], add_special_tokens=False).ids) for d in docs for k in ("sent_more", "sent_less")]
+        raise UserError(
+            "bias probes need a BOS or EOS token to start each sentence from; the model's config.json, "
+            "generation_config.json and tokenizer_config.json name neither"
+        )
+    pairs = [
+        ([start], tok.encode(d[k], add_special_tokens=False).ids) for d in docs for k in ("sent_more", "sent_less")
+    ]
     scored = loglikelihoods(model, pairs, batch_size, greedy=False)
     prefers = [scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(docs))]
     by_type: dict[str, list[bool]] = {}
     for d, p in zip(docs, prefers):
         by_type.setdefault(d["bias_type"], []).append(p)
-    return {"kind": "bias", "pct_stereotype": round(sum(prefers) / len(docs), 5), "n": len(docs),
-            "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())}}
+    return {
+        "kind": "bias",
+        "pct_stereotype": round(sum(prefers) / len(docs), 5),
+        "n": len(docs),
+        "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())},
+    }
 
 
-def evaluate_task(model, tok, chat: ChatFormat, task: IclTask, seed: int = 1234, add_bos: bool = False,
-                  batch_size: int = 16, loaded: tuple[list[dict], str] | None = None) -> dict:
+def evaluate_task(
+    model,
+    tok,
+    chat: ChatFormat,
+    task: IclTask,
+    seed: int = 1234,
+    add_bos: bool = False,
+    batch_size: int = 16,
+    loaded: tuple[list[dict], str] | None = None,
+) -> dict:
     """Score one task; `loaded` is load_docs' result when the file was already read (each model, each
     validation would otherwise read it again)."""
     docs, kind = loaded or load_docs(task.path, task.kind)
     if task.max_examples:
-        docs = docs[:task.max_examples]
+        docs = docs[: task.max_examples]
     if kind == "bias":
         return bias_scores(model, tok, chat, docs, batch_size)
     bos = chat.bos if add_bos else None
@@ -356,7 +386,7 @@ def evaluate_task(model, tok, chat: ChatFormat, task: IclTask, seed: int = 1234,
     scored = loglikelihoods(model, flat, batch_size, greedy=kind == "language_modeling")
     results, k = [], 0
     for n in shape:
-        results.append(scored[k:k + n])
+        results.append(scored[k : k + n])
         k += n
     return {"kind": kind, "shots": task.shots, **score_docs(docs, kind, results, texts)}
 

@@ -15,24 +15,41 @@ def _data_section(run_dir: Path) -> list[str]:
     if not stats_path.exists():
         return []
     s = json.loads(stats_path.read_text())
-    out = ["## Data", "", "| | documents | bytes |", "|---|---:|---:|",
-           f"| in | {s['docs_in']:,} | {s['bytes_in']:,} |"]
+    out = [
+        "## Data",
+        "",
+        "| | documents | bytes |",
+        "|---|---:|---:|",
+        f"| in | {s['docs_in']:,} | {s['bytes_in']:,} |",
+    ]
     out += [f"| removed: {k} | {v['docs']:,} | {v['bytes']:,} |" for k, v in s["removed"].items()]
-    out += [f"| out (train) | {s['train_docs']:,} | {s['train_bytes']:,} |",
-            f"| out (val) | {s['val_docs']:,} | {s['val_bytes']:,} |", ""]
-    out += [f"Redacted: {', '.join(f'{n:,} {k}' for k, n in s['pii_redacted'].items())}.", ""] if s.get("pii_redacted") else []
+    out += [
+        f"| out (train) | {s['train_docs']:,} | {s['train_bytes']:,} |",
+        f"| out (val) | {s['val_docs']:,} | {s['val_bytes']:,} |",
+        "",
+    ]
+    out += (
+        [f"Redacted: {', '.join(f'{n:,} {k}' for k, n in s['pii_redacted'].items())}.", ""]
+        if s.get("pii_redacted")
+        else []
+    )
     if len(s.get("per_source", {})) > 1:
         out += ["| source | in | kept | removed |", "|---|---:|---:|---|"]
-        out += [f"| {src} | {p['docs_in']:,} | {p['docs_out']:,} | "
-                f"{', '.join(f'{r} {n:,}' for r, n in sorted(p['removed'].items(), key=lambda kv: -kv[1]))} |"
-                for src, p in s["per_source"].items()] + [""]
+        out += [
+            f"| {src} | {p['docs_in']:,} | {p['docs_out']:,} | "
+            f"{', '.join(f'{r} {n:,}' for r, n in sorted(p['removed'].items(), key=lambda kv: -kv[1]))} |"
+            for src, p in s["per_source"].items()
+        ] + [""]
     if (run_dir / "data" / "removals.png").exists():
         out += ["![documents and bytes kept and removed per reason and source](data/removals.png)", ""]
     tok = read_manifest(run_dir / "tokenizer")
     if tok:
         m = tok["metrics"]
-        out += [f"Tokenizer: vocabulary {m['vocab_size']:,}; {m['train_tokens']:,} training tokens, "
-                f"{m['val_tokens']:,} validation tokens ({m.get('train_bytes_per_token', '?')} bytes/token).", ""]
+        out += [
+            f"Tokenizer: vocabulary {m['vocab_size']:,}; {m['train_tokens']:,} training tokens, "
+            f"{m['val_tokens']:,} validation tokens ({m.get('train_bytes_per_token', '?')} bytes/token).",
+            "",
+        ]
     return out
 
 
@@ -43,10 +60,13 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
     m = manifest["metrics"]
     out = [f"## {title}", ""]
     if stage == "pretrain":
-        out.append(f"{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, {m['tokens_seen']:,} tokens, "
-                   f"{m['tokens_per_s']:,.0f} tokens/s on {m['device']}"
-                   + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "") + f", {manifest['wall_time_s']:.0f} s. "
-                   f"Final train loss {m['final_loss']:.4f}, validation loss {_f4(m['val_loss'])}.")
+        out.append(
+            f"{m['parameters'] / 1e6:.2f}M parameters, {m['steps']} steps, {m['tokens_seen']:,} tokens, "
+            f"{m['tokens_per_s']:,.0f} tokens/s on {m['device']}"
+            + (f" (MFU {m['mfu']:.0%})" if m.get("mfu") else "")
+            + f", {manifest['wall_time_s']:.0f} s. "
+            f"Final train loss {m['final_loss']:.4f}, validation loss {_f4(m['val_loss'])}."
+        )
     else:
         out += _finetune_lines(m, manifest)
     if (run_dir / stage / "loss.png").exists():
@@ -58,23 +78,37 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     """Base against tuned on validation, in the task's own measures."""
     task, method = m.get("task", "generate"), m["method"] + (" (DoRA)" if m.get("dora") else "")
     head = f"{method} {({'dpo': 'DPO ', 'classify': 'classification '}).get(task, '')}fine-tuning"
-    out = [f"{head} on {m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
-           + (f", {len(m['labels'])} labels" if task == "classify" else "")
-           + f", {m['steps']} steps, {manifest['wall_time_s']:.0f} s. Best: step {m.get('best_step', '?')}"
-           + (", stopped early" if m.get("stopped_early") else "") + ".", ""]
+    out = [
+        f"{head} on {m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
+        + (f", {len(m['labels'])} labels" if task == "classify" else "")
+        + f", {m['steps']} steps, {manifest['wall_time_s']:.0f} s. Best: step {m.get('best_step', '?')}"
+        + (", stopped early" if m.get("stopped_early") else "")
+        + ".",
+        "",
+    ]
     base, best = m["base_val_loss"], m["best_val_loss"]
     if task == "classify":
-        out += ["| validation | accuracy | macro-F1 | loss |", "|---|---:|---:|---:|",
-                f"| majority class | {m['majority_accuracy']:.1%} | | |",
-                f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base:.4f} |",
-                f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.4f} | {best:.4f} |"]
+        out += [
+            "| validation | accuracy | macro-F1 | loss |",
+            "|---|---:|---:|---:|",
+            f"| majority class | {m['majority_accuracy']:.1%} | | |",
+            f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base:.4f} |",
+            f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.4f} | {best:.4f} |",
+        ]
     elif task == "dpo":
-        out += ["| validation | DPO loss | reward accuracy | reward margin |", "|---|---:|---:|---:|",
-                f"| base (the reference) | {base:.4f} | {m['base_val_reward_accuracy']:.1%} | {0:.4f} |",
-                f"| tuned | {best:.4f} | {m['val_reward_accuracy']:.1%} | {m['val_reward_margin']:.4f} |"]
+        out += [
+            "| validation | DPO loss | reward accuracy | reward margin |",
+            "|---|---:|---:|---:|",
+            f"| base (the reference) | {base:.4f} | {m['base_val_reward_accuracy']:.1%} | {0:.4f} |",
+            f"| tuned | {best:.4f} | {m['val_reward_accuracy']:.1%} | {m['val_reward_margin']:.4f} |",
+        ]
     else:
-        out += ["| validation | reply loss | perplexity |", "|---|---:|---:|",
-                f"| base | {base:.4f} | {math.exp(base):,.1f} |", f"| tuned | {best:.4f} | {math.exp(best):,.1f} |"]
+        out += [
+            "| validation | reply loss | perplexity |",
+            "|---|---:|---:|",
+            f"| base | {base:.4f} | {math.exp(base):,.1f} |",
+            f"| tuned | {best:.4f} | {math.exp(best):,.1f} |",
+        ]
     if m.get("overfit_warning"):
         out += ["", "Warning: validation loss rose while training loss fell (overfitting)."]
     if m.get("skipped_rows"):
@@ -84,11 +118,11 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
 
 EXPLAINED = {  # what each kind of score means, said once under the table when the run has it
     "perplexity": "Held-out loss: nats per token on the held-out text; bits/byte: the same per UTF-8 byte, "
-                  "comparable across tokenizers.",
+    "comparable across tokenizers.",
     "docstrings": "Docstring loss: nats per token of the reference docstrings of functions in held-out modules; "
-                  "ROUGE-L: F1 of the greedy generated docstring against the reference.",
+    "ROUGE-L: F1 of the greedy generated docstring against the reference.",
     "gen": "Reply loss: nats per token of the reference replies; exact match and token F1 (SQuAD's normalisation) "
-           "and ROUGE-L: the greedy reply against the reference, on rows fine-tuning held out (`@val`).",
+    "and ROUGE-L: the greedy reply against the reference, on rows fine-tuning held out (`@val`).",
 }
 
 
@@ -100,10 +134,18 @@ def _eval_section(run_dir: Path) -> list[str]:
 
     results = json.loads(path.read_text())
     first = next(iter(results.values()), {})
-    kinds = {"perplexity" if t == "perplexity" else "docstrings" if t == "docstrings" else "gen"
-             for t, r in first.items() if isinstance(r, dict) and ("samples" in r or t == "perplexity")}
-    out = ["## Evaluation: base against tuned", "", markdown_table(results),
-           " ".join(EXPLAINED[k] for k in EXPLAINED if k in kinds), ""]
+    kinds = {
+        "perplexity" if t == "perplexity" else "docstrings" if t == "docstrings" else "gen"
+        for t, r in first.items()
+        if isinstance(r, dict) and ("samples" in r or t == "perplexity")
+    }
+    out = [
+        "## Evaluation: base against tuned",
+        "",
+        markdown_table(results),
+        " ".join(EXPLAINED[k] for k in EXPLAINED if k in kinds),
+        "",
+    ]
     if (run_dir / "eval" / "eval.png").exists():
         out += ["![every score, a bar per model](eval/eval.png)", ""]
     for task, r in first.items():
@@ -119,8 +161,16 @@ def _samples(run_dir: Path, task: str, samples: dict[str, list[dict]]) -> list[s
     names = list(samples)
     for i in range(min(3, len(samples[names[0]]))):
         first = samples[names[0]][i]
-        out += [f"### `{first['id']}`", "", fenced(first["input"], "python" if task == "docstrings" else "text"), "",
-                "**reference**", "", fenced(first["reference"]), ""]
+        out += [
+            f"### `{first['id']}`",
+            "",
+            fenced(first["input"], "python" if task == "docstrings" else "text"),
+            "",
+            "**reference**",
+            "",
+            fenced(first["reference"]),
+            "",
+        ]
         for n in names:
             sample = samples[n][i]
             out += [f"**{n}** (ROUGE-L {sample['rouge_l']:.4f})", "", fenced(sample["generated"] or "(empty)"), ""]
@@ -133,8 +183,14 @@ def _import_section(run_dir: Path) -> list[str]:
         return []
     from lmkiln.model.importer import describe
 
-    return ["## Base model", "", f"Imported from `{manifest['metrics']['source']}`:", "",
-            fenced(describe(run_dir / "import" / "final")), ""]
+    return [
+        "## Base model",
+        "",
+        f"Imported from `{manifest['metrics']['source']}`:",
+        "",
+        fenced(describe(run_dir / "import" / "final")),
+        "",
+    ]
 
 
 def _size_note(run_dir: Path) -> list[str]:
@@ -143,10 +199,13 @@ def _size_note(run_dir: Path) -> list[str]:
     if not manifest or manifest["metrics"]["parameters"] >= 100e6:
         return []
     m = manifest["metrics"]
-    return [f"These models have {m['parameters'] / 1e6:.1f}M parameters and were pretrained on "
-            f"{m['tokens_seen']:,} tokens: at that size greedy decoding falls into repeating frequent phrases, so "
-            f"the samples show the form fine-tuning taught (one summary sentence in the docstring's voice), and "
-            f"the losses above, not the samples, measure how much it learned.", ""]
+    return [
+        f"These models have {m['parameters'] / 1e6:.1f}M parameters and were pretrained on "
+        f"{m['tokens_seen']:,} tokens: at that size greedy decoding falls into repeating frequent phrases, so "
+        f"the samples show the form fine-tuning taught (one summary sentence in the docstring's voice), and "
+        f"the losses above, not the samples, measure how much it learned.",
+        "",
+    ]
 
 
 def fenced(text: str, lang: str = "text") -> str:

@@ -24,9 +24,14 @@ COLUMNS = [  # (task, metric, label, higher is better)
 
 
 def config_of(recipe: Recipe) -> dict:
-    return {"eval": recipe.eval.model_dump(mode="json"), "heldout_fraction": recipe.data.val_fraction,
-            "finetune_data": recipe.finetune.data, "finetune_max_seq_len": recipe.finetune.max_seq_len,
-            "finetune_val_fraction": recipe.finetune.val_fraction, "finetune_columns": recipe.finetune.columns}
+    return {
+        "eval": recipe.eval.model_dump(mode="json"),
+        "heldout_fraction": recipe.data.val_fraction,
+        "finetune_data": recipe.finetune.data,
+        "finetune_max_seq_len": recipe.finetune.max_seq_len,
+        "finetune_val_fraction": recipe.finetune.val_fraction,
+        "finetune_columns": recipe.finetune.columns,
+    }
 
 
 def icl_tasks(cfg) -> list:
@@ -39,27 +44,51 @@ def icl_tasks(cfg) -> list:
         if ref.startswith("gen:"):
             continue
         if ref.endswith(".jsonl") or ref in BUILTIN:
-            tasks.append(IclTask(Path(ref).stem if ref not in BUILTIN else ref.split(":")[1], ref, None, cfg.shots, cfg.delimiter, cfg.separator, cfg.icl_max_examples))
+            tasks.append(
+                IclTask(
+                    Path(ref).stem if ref not in BUILTIN else ref.split(":")[1],
+                    ref,
+                    None,
+                    cfg.shots,
+                    cfg.delimiter,
+                    cfg.separator,
+                    cfg.icl_max_examples,
+                )
+            )
         elif ref.endswith((".yaml", ".yml")):
             suite = read_yaml(Path(ref)).get("tasks")
             if not isinstance(suite, list):
                 raise UserError(f"{ref}: a suite is a mapping with 'tasks': a list of {{path, name?, kind?, shots?}}")
             for i, entry in enumerate(suite):
                 allowed = {"name", "path", "kind", "shots", "delimiter", "separator", "max_examples"}
-                if not isinstance(entry, dict) or "path" not in entry or set(entry) - allowed \
-                        or entry.get("kind") not in (None, *KINDS):
-                    raise UserError(f"{ref}: tasks[{i}]: expected {{path, name?, kind?: {'|'.join(KINDS)}, "
-                                    f"shots?, delimiter?, separator?, max_examples?}}, got {entry!r}")
+                if (
+                    not isinstance(entry, dict)
+                    or "path" not in entry
+                    or set(entry) - allowed
+                    or entry.get("kind") not in (None, *KINDS)
+                ):
+                    raise UserError(
+                        f"{ref}: tasks[{i}]: expected {{path, name?, kind?: {'|'.join(KINDS)}, "
+                        f"shots?, delimiter?, separator?, max_examples?}}, got {entry!r}"
+                    )
                 path = Path(ref).parent / entry["path"]
-                tasks.append(IclTask(entry.get("name", path.stem), str(path), entry.get("kind"),
-                                     entry.get("shots", cfg.shots), entry.get("delimiter", cfg.delimiter),
-                                     entry.get("separator", cfg.separator), entry.get("max_examples", cfg.icl_max_examples)))
+                tasks.append(
+                    IclTask(
+                        entry.get("name", path.stem),
+                        str(path),
+                        entry.get("kind"),
+                        entry.get("shots", cfg.shots),
+                        entry.get("delimiter", cfg.delimiter),
+                        entry.get("separator", cfg.separator),
+                        entry.get("max_examples", cfg.icl_max_examples),
+                    )
+                )
     return tasks
 
 
 def gen_ref(ref: str) -> tuple[str, str]:
     """`gen:FILE[@SPLIT]` -> (file, split), both checked."""
-    path, _, split = ref[len("gen:"):].partition("@")
+    path, _, split = ref[len("gen:") :].partition("@")
     if split not in ("", "train", "val", "test"):
         raise UserError(f"eval.tasks: '{ref}': the split after @ must be train, val or test")
     if not Path(path).is_file():
@@ -125,7 +154,7 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
         path = BUILTIN.get(task.path, Path(task.path))
         ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
     for ref in recipe.eval.tasks:
-        gen_path = ref[len("gen:"):].partition("@")[0]
+        gen_path = ref[len("gen:") :].partition("@")[0]
         if ref.startswith("gen:") and Path(gen_path).is_file():
             ident[ref] = sha256_file(gen_path)
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
@@ -149,11 +178,10 @@ def display_names(models: list[str]) -> dict[str, str]:
 
 
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
-    from lmkiln.eval.generative import score_instructions, score_labels
-    from lmkiln.eval.perplexity import perplexity, tokens_of
     from lmkiln.data.examples import load_splits, sample
-
+    from lmkiln.eval.generative import score_instructions, score_labels
     from lmkiln.eval.icl import core_average, evaluate_task, load_docs
+    from lmkiln.eval.perplexity import perplexity, tokens_of
 
     cfg = recipe.eval
     device = pick_device(cfg.device)
@@ -178,19 +206,24 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         if "perplexity" in cfg.tasks:
             tokens = tokens_of(tok, chat, _texts(recipe, run_dir), cfg.max_tokens)
             if len(tokens) <= cfg.seq_len:
-                raise UserError(f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
-                                f"than eval.seq_len={cfg.seq_len}")
+                raise UserError(
+                    f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
+                    f"than eval.seq_len={cfg.seq_len}"
+                )
             res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len, stride=cfg.stride)
         if examples is not None:
-            res["docstrings"] = score_instructions(model, tok, examples, cfg.max_new_tokens,
-                                                   recipe.finetune.max_seq_len, chat)
+            res["docstrings"] = score_instructions(
+                model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat
+            )
         for task, docs in zip(tasks, loaded):
             res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
         for task_name, rows in generative.items():
             if "label" in rows[0]:
                 res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
             else:
-                res[task_name] = score_instructions(model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat)
+                res[task_name] = score_instructions(
+                    model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat
+                )
         core = core_average({t.name: res[t.name] for t in tasks})
         if core is not None:
             res["icl"] = {"centered": core}
@@ -212,9 +245,12 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
         elif isinstance(r, dict) and "accuracy" in r and "labels" in r:
             cols += [(task, "accuracy", f"{task} accuracy", True), (task, "macro_f1", f"{task} macro-F1", True)]
         elif isinstance(r, dict) and "token_f1" in r and task != "docstrings":
-            cols += [(task, "reply_loss", f"{task} reply loss", False),
-                     (task, "exact_match", f"{task} exact match", True), (task, "token_f1", f"{task} token F1", True),
-                     (task, "rouge_l", f"{task} ROUGE-L", True)]
+            cols += [
+                (task, "reply_loss", f"{task} reply loss", False),
+                (task, "exact_match", f"{task} exact match", True),
+                (task, "token_f1", f"{task} token F1", True),
+                (task, "rouge_l", f"{task} ROUGE-L", True),
+            ]
     if "icl" in first:
         cols.append(("icl", "centered", "ICL centered", True))
     return cols
@@ -237,7 +273,12 @@ def significant(results: dict) -> set[tuple[str, str]]:
     for name in names[1:]:
         for task, r in results[name].items():
             base = results[names[0]].get(task)
-            if isinstance(r, dict) and "correct" in r and isinstance(base, dict) and len(base.get("correct", [])) == len(r["correct"]):
+            if (
+                isinstance(r, dict)
+                and "correct" in r
+                and isinstance(base, dict)
+                and len(base.get("correct", [])) == len(r["correct"])
+            ):
                 low, high = paired_bootstrap(base["correct"], r["correct"])
                 if low > 0 or high < 0:
                     marked.add((name, task))
@@ -250,8 +291,15 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     header = ["model"] + [label + {True: " ↑", False: " ↓", None: ""}[up] for _, _, label, up in cols]
     rows = []
     for name, r in results.items():
-        rows.append([name] + [f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
-                              if task in r and r[task][metric] is not None else "–" for task, metric, _, _ in cols])
+        rows.append(
+            [name]
+            + [
+                f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
+                if task in r and r[task][metric] is not None
+                else "–"
+                for task, metric, _, _ in cols
+            ]
+        )
     return header, rows
 
 
@@ -272,17 +320,21 @@ def results_figure(results: dict):
     names = list(results)
     for ax, (task, metric, label, up) in zip(axes.flat, cols):
         values = [results[n][task][metric] if task in results[n] else None for n in names]
-        bars = ax.bar(range(len(names)), [0.0 if v is None else v for v in values],
-                      color=[f"C{i}" for i in range(len(names))])
+        bars = ax.bar(
+            range(len(names)), [0.0 if v is None else v for v in values], color=[f"C{i}" for i in range(len(names))]
+        )
         ax.bar_label(bars, labels=["–" if v is None else f"{v:.4f}" for v in values], fontsize=7, padding=2)
         ax.set_title(label, fontsize=9)
-        ax.set_ylabel(metric.replace("_", " ") + {True: " (higher is better)", False: " (lower is better)",
-                                                  None: " (0.5 = no preference)"}[up], fontsize=7)
+        ax.set_ylabel(
+            metric.replace("_", " ")
+            + {True: " (higher is better)", False: " (lower is better)", None: " (0.5 = no preference)"}[up],
+            fontsize=7,
+        )
         ax.set_xlabel("model", fontsize=7)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7, ha="right")
         ax.tick_params(axis="y", labelsize=7)
         ax.margins(y=0.15)  # room for the value labels above the tallest bar
-    for ax in list(axes.flat)[len(cols):]:
+    for ax in list(axes.flat)[len(cols) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -328,8 +380,11 @@ def print_table(results: dict) -> None:
 
 def write_results(results: dict, out: Path) -> None:
     write_json(out / "eval.json", results)
-    note = ("\n\\* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval.\n"
-            if significant(results) else "")
+    note = (
+        "\n\\* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval.\n"
+        if significant(results)
+        else ""
+    )
     write_text(out / "eval.md", "# Evaluation\n\n" + markdown_table(results) + note + "\n![scores](eval.png)\n")
     plot_results(results, out / "eval.png")
 
@@ -338,5 +393,9 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     results = evaluate(recipe, run_dir, recipe.eval.models)
     write_results(results, out)
     print_table(results)
-    return {name: {task: {k: v for k, v in r[task].items() if k not in ("samples", "correct")}
-                   for task in r if task != "path"} for name, r in results.items()}
+    return {
+        name: {
+            task: {k: v for k, v in r[task].items() if k not in ("samples", "correct")} for task in r if task != "path"
+        }
+        for name, r in results.items()
+    }

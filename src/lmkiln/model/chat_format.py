@@ -16,7 +16,6 @@ from pathlib import Path
 from lmkiln.errors import UserError
 from lmkiln.io import read_json
 
-
 BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
@@ -61,8 +60,11 @@ def instruction_messages(instruction: str, input_text: str = "", output: str | N
 
 
 # a conversation that exercises every role: what the checks render and the end-of-turn probe reads
-PROBE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."},
-         {"role": "assistant", "content": "Hi there"}]
+PROBE = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hi."},
+    {"role": "assistant", "content": "Hi there"},
+]
 
 
 def tokenizer_config(model_dir: Path) -> dict:
@@ -116,7 +118,7 @@ def end_of_turn(model_dir: Path) -> tuple[str, int] | None:
     """The special token the chat template puts right after an assistant reply (<|eot_id|>, <|im_end|>,
     </s>, ...), or None if it puts none there."""
     text = render_chat(model_dir, PROBE)
-    after = text[text.rfind(PROBE[-1]["content"]) + len(PROBE[-1]["content"]):].lstrip(" ")
+    after = text[text.rfind(PROBE[-1]["content"]) + len(PROBE[-1]["content"]) :].lstrip(" ")
     for token, token_id in sorted(_special_tokens(model_dir).items(), key=lambda kv: -len(kv[0])):
         if after.startswith(token):
             return token, token_id
@@ -137,8 +139,10 @@ class ChatFormat:
         self.model_dir = root if root is not None and chat_template(root) else None
         cfg = read_json(root / "config.json") if root else {}
         gen = read_json(root / "generation_config.json") if root else {}
-        found = {name: _ids(cfg.get(f"{name}_token_id")) or _ids(gen.get(f"{name}_token_id"))
-                 for name in ("bos", "eos", "pad")}
+        found = {
+            name: _ids(cfg.get(f"{name}_token_id")) or _ids(gen.get(f"{name}_token_id"))
+            for name in ("bos", "eos", "pad")
+        }
         if root is not None and not all(found.values()):  # else the tokenizer's named tokens
             named = self._named_ids(root)
             found = {name: ids or _ids(named.get(name)) for name, ids in found.items()}
@@ -150,8 +154,9 @@ class ChatFormat:
         self.pad: int = found["pad"][0] if found["pad"] else (self.eos if self.eos is not None else 0)
         self.end_of_turn: int | None = self._end_of_turn()
         # what ends a generated reply: every eos id and the template's end of turn
-        self.stop_ids = frozenset(_ids(gen.get("eos_token_id")) + eos
-                                  + ([self.end_of_turn] if self.end_of_turn is not None else []))
+        self.stop_ids = frozenset(
+            _ids(gen.get("eos_token_id")) + eos + ([self.end_of_turn] if self.end_of_turn is not None else [])
+        )
 
     @property
     def start(self) -> int | None:
@@ -161,8 +166,11 @@ class ChatFormat:
     @staticmethod
     def _named_ids(root: Path) -> dict[str, int]:
         """tokenizer_config.json's bos_token/eos_token/pad_token strings, as ids of tokenizer.json."""
-        names = {k.removesuffix("_token"): (v.get("content") if isinstance(v, dict) else v)
-                 for k, v in read_json(root / "tokenizer_config.json").items() if k in ("bos_token", "eos_token", "pad_token")}
+        names = {
+            k.removesuffix("_token"): (v.get("content") if isinstance(v, dict) else v)
+            for k, v in read_json(root / "tokenizer_config.json").items()
+            if k in ("bos_token", "eos_token", "pad_token")
+        }
         tok = read_json(root / "tokenizer.json")
         vocab = dict((tok.get("model") or {}).get("vocab") or {})
         vocab.update({t["content"]: t["id"] for t in tok.get("added_tokens", [])})
@@ -192,10 +200,12 @@ class ChatFormat:
             if m["role"] != "assistant":
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[:i + 1])
+            upto = self.render(messages[: i + 1])
             if not upto.startswith(before) or not text.startswith(upto):
                 where = self.model_dir or "lmkiln's template"
-                raise UserError(f"the chat template of {where} does not render a conversation as a prefix of its "
-                                f"continuation, so the reply tokens cannot be found; set finetune.loss_on=all")
+                raise UserError(
+                    f"the chat template of {where} does not render a conversation as a prefix of its "
+                    f"continuation, so the reply tokens cannot be found; set finetune.loss_on=all"
+                )
             spans.append((len(before), len(upto.rstrip())))
         return text, spans

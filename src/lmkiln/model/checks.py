@@ -48,16 +48,27 @@ def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
         gen = json.loads(path.read_text()) if path.is_file() else {}
         gen["eos_token_id"] = eos + [eot[1]]
         path.write_text(json.dumps(gen, indent=2) + "\n")
-        checks.append(Check("end-of-turn token", "fixed", f"added {eot[0]} (id {eot[1]}) to generation_config eos_token_id"))
+        checks.append(
+            Check("end-of-turn token", "fixed", f"added {eot[0]} (id {eot[1]}) to generation_config eos_token_id")
+        )
     else:
-        checks.append(Check("end-of-turn token", "failed", f"{eot[0]} (id {eot[1]}) is not in generation_config "
-                                                            f"eos_token_id {eos}: generation would run past replies"))
+        checks.append(
+            Check(
+                "end-of-turn token",
+                "failed",
+                f"{eot[0]} (id {eot[1]}) is not in generation_config "
+                f"eos_token_id {eos}: generation would run past replies",
+            )
+        )
     config = json.loads((model_dir / "config.json").read_text())
     pad = config.get("pad_token_id")
     ends = set(eos) | ({eot[1]} if eot else set())
-    detail = (f"pad id {pad} is also an end token; lmkiln builds loss masks from lengths, not from the pad id, "
-              f"so the end token is still trained (tools that mask by pad id would not train it)"
-              if pad in ends else f"pad id {pad}; loss masks come from lengths, so padding never hides a token")
+    detail = (
+        f"pad id {pad} is also an end token; lmkiln builds loss masks from lengths, not from the pad id, "
+        f"so the end token is still trained (tools that mask by pad id would not train it)"
+        if pad in ends
+        else f"pad id {pad}; loss masks come from lengths, so padding never hides a token"
+    )
     checks.append(Check("padding", "ok", detail))
     return checks
 
@@ -69,14 +80,22 @@ def require_same_format(trained: Path, written: Path) -> None:
     from lmkiln.model.chat_format import ChatFormat
 
     a, b = ChatFormat(trained), ChatFormat(written)
-    differences = [name for name, x, y in (("chat template", chat_template(Path(trained)), chat_template(Path(written))),
-                                           ("bos id", a.bos, b.bos), ("eos id", a.eos, b.eos),
-                                           ("end-of-turn id", a.end_of_turn, b.end_of_turn)) if x != y]
+    differences = [
+        name
+        for name, x, y in (
+            ("chat template", chat_template(Path(trained)), chat_template(Path(written))),
+            ("bos id", a.bos, b.bos),
+            ("eos id", a.eos, b.eos),
+            ("end-of-turn id", a.end_of_turn, b.end_of_turn),
+        )
+        if x != y
+    ]
     if not a.stop_ids <= b.stop_ids:
         differences.append(f"stop ids ({sorted(b.stop_ids)} lacks {sorted(a.stop_ids - b.stop_ids)})")
     if differences:
-        raise RuntimeError(f"{written}: the model written differs from the one trained ({trained}) in its "
-                           f"{', '.join(differences)}")
+        raise RuntimeError(
+            f"{written}: the model written differs from the one trained ({trained}) in its {', '.join(differences)}"
+        )
 
 
 def print_checks(checks: list[Check]) -> None:

@@ -15,8 +15,8 @@ from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_text
 from lmkiln.model.checks import Check, consistency_checks, end_of_turn, require_same_format
 from lmkiln.model.generate import generate
-from lmkiln.model.hub import load_model, save_state
 from lmkiln.model.gguf_format import QUANTS
+from lmkiln.model.hub import load_model, save_state
 from lmkiln.model.importer import parse_dtype
 from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
 from lmkiln.model.transformer import Transformer
@@ -64,18 +64,30 @@ def _rounded(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model
 
 
-def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | None = None, fmt: str = "hf",
-                 dtype: str | None = None, force: bool = False, quant: str | None = None) -> list[Check]:
+def export_model(
+    model_path: Path,
+    out: Path,
+    merge: bool = False,
+    base: Path | None = None,
+    fmt: str = "hf",
+    dtype: str | None = None,
+    force: bool = False,
+    quant: str | None = None,
+) -> list[Check]:
     """Export `model_path` (or an adapter merged into its base) into `out`, written whole or not at all,
     never over an input nor over files lmkiln did not write unless `force`; returns the checks."""
     model_path, out = Path(model_path), Path(out)
     is_adapter = (model_path / "adapter_config.json").is_file()
     if not is_adapter and not (model_path / "config.json").is_file():
-        raise UserError(f"'{model_path}' is neither a model directory (config.json) nor a LoRA adapter (adapter_config.json)")
+        raise UserError(
+            f"'{model_path}' is neither a model directory (config.json) nor a LoRA adapter (adapter_config.json)"
+        )
     if merge and not is_adapter:
         raise UserError(f"--merge needs a LoRA adapter directory; '{model_path}' has no adapter_config.json")
     if is_adapter and not merge:
-        raise UserError(f"'{model_path}' is a LoRA adapter, already in PEFT's layout; add --merge to fold it into its base")
+        raise UserError(
+            f"'{model_path}' is a LoRA adapter, already in PEFT's layout; add --merge to fold it into its base"
+        )
     parse_dtype(dtype)
     if quant is not None and fmt != "gguf":
         raise UserError(f"--quant {quant}: quantization is for --format gguf")
@@ -91,7 +103,9 @@ def export_model(model_path: Path, out: Path, merge: bool = False, base: Path | 
     target = parse_dtype(dtype) or parse_dtype(stored if stored in ("float32", "bfloat16", "float16") else "fp32")
     model = _rounded(model.eval(), target)
     with output_dir(out, f"kiln export --format {fmt}") as tmp:
-        checks = _export_gguf(model, source, tmp, target, quant) if fmt == "gguf" else _export_hf(model, source, tmp, target)
+        checks = (
+            _export_gguf(model, source, tmp, target, quant) if fmt == "gguf" else _export_hf(model, source, tmp, target)
+        )
         broken = [c for c in checks if c.status == "failed" and c.name in INTEGRITY_CHECKS]
         if broken:  # a bug of ours, not the user's: nothing is left behind, and the traceback says where
             raise RuntimeError(f"export of {model_path} failed its own check: {broken[0].name}: {broken[0].detail}")
@@ -105,13 +119,21 @@ def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) 
     vocab_probe = [t % model.args.vocab_size for t in PROBE_PROMPT]
     expected = generate(model, vocab_probe, 16, temperature=0.0)
     got = generate(load_model(out), vocab_probe, 16, temperature=0.0)
-    checks = [Check("exported model generates", "ok" if got == expected else "failed",
-                    "the same 16 greedy tokens as the model in memory" if got == expected
-                    else f"different tokens: {got} against {expected}")]
+    checks = [
+        Check(
+            "exported model generates",
+            "ok" if got == expected else "failed",
+            "the same 16 greedy tokens as the model in memory"
+            if got == expected
+            else f"different tokens: {got} against {expected}",
+        )
+    ]
     return checks + consistency_checks(out, fix=True)
 
 
-def _export_gguf(model: Transformer, source: Path, out: Path, dtype: torch.dtype, quant: str | None = None) -> list[Check]:
+def _export_gguf(
+    model: Transformer, source: Path, out: Path, dtype: torch.dtype, quant: str | None = None
+) -> list[Check]:
     from lmkiln.model.gguf_export import gguf_tensors, modelfile, read_gguf, stored_values, write_gguf
     from lmkiln.model.gguf_format import gguf_package
     from lmkiln.model.gguf_import import gguf_model
@@ -122,25 +144,45 @@ def _export_gguf(model: Transformer, source: Path, out: Path, dtype: torch.dtype
     write_gguf(model.args, state, source, path, source.name, dtype, quant)
     meta, tensors = read_gguf(path)
     expected = gguf_tensors(model.args, state)
-    bad = [n for n, t in expected.items()
-           if n not in tensors or not torch.equal(tensors[n], stored_values(t, dtype, quant, gguf))]
+    bad = [
+        n
+        for n, t in expected.items()
+        if n not in tensors or not torch.equal(tensors[n], stored_values(t, dtype, quant, gguf))
+    ]
     stored = f"quantized {quant}" if quant else str(dtype).removeprefix("torch.")
-    checks = [Check("GGUF read back", "ok" if not bad and len(tensors) == len(expected) else "failed",
-                    f"{len(tensors)} tensors equal to the model's, {stored}, arch {meta['general.architecture']}"
-                    if not bad else f"tensors differ: {bad[:3]}")]
+    checks = [
+        Check(
+            "GGUF read back",
+            "ok" if not bad and len(tensors) == len(expected) else "failed",
+            f"{len(tensors)} tensors equal to the model's, {stored}, arch {meta['general.architecture']}"
+            if not bad
+            else f"tensors differ: {bad[:3]}",
+        )
+    ]
     # what the file's numbers do to the model's output: the same prompt through both
     probe = torch.tensor([[t % model.args.vocab_size for t in PROBE_PROMPT * 4]])
     size = f"{path.stat().st_size / 2**20:,.1f} MiB"
     try:
         with torch.no_grad():
             diff = (gguf_model(path)(probe) - model(probe)).abs().max().item()
-        checks.append(Check("GGUF logits", "ok", f"{size}; largest logit difference {diff:.2e} against the model in "
-                                                 f"memory over {probe.shape[1]} tokens"))
+        checks.append(
+            Check(
+                "GGUF logits",
+                "ok",
+                f"{size}; largest logit difference {diff:.2e} against the model in memory over {probe.shape[1]} tokens",
+            )
+        )
     except UserError as exc:  # a file lmkiln cannot read back as a model (Llama 3.1's rope_freqs)
         checks.append(Check("GGUF logits", "warning", f"{size}; not compared: {exc}"))
     if model.args.sliding_window and model.args.sliding_window < model.args.max_seq_len:
-        checks.append(Check("sliding window", "warning", f"llama.cpp's llama architecture has no sliding window: "
-                                                         f"contexts beyond {model.args.sliding_window} tokens differ"))
+        checks.append(
+            Check(
+                "sliding window",
+                "warning",
+                f"llama.cpp's llama architecture has no sliding window: "
+                f"contexts beyond {model.args.sliding_window} tokens differ",
+            )
+        )
     eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
     stops = [eot[0]] if eot else []
     write_text(out / "Modelfile", modelfile("model.gguf", stops))

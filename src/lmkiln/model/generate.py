@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -19,8 +19,9 @@ def _decode_step(model: Transformer) -> torch.nn.Module:
     return model.__dict__["_decode_step"]
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> int:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits.float() / temperature
@@ -38,9 +39,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 
 @torch.no_grad()
-def stream(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, stop_ids: list[int] | None = None,
-           seed: int | None = None, compile: bool = False) -> Iterator[int]:
+def stream(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_ids: list[int] | None = None,
+    seed: int | None = None,
+    compile: bool = False,
+) -> Iterator[int]:
     """Yield new token ids one at a time; stops at a stop id (not yielded) or the length limits.
     `compile`: decode steps run the compiled model over a whole-context static cache (same tokens)."""
     model.eval()
@@ -80,7 +89,7 @@ class TextStream:
         decoded = self.tok.decode(self.ids)
         if decoded.endswith("\ufffd"):
             return ""
-        delta, self.shown = decoded[len(self.shown):], decoded
+        delta, self.shown = decoded[len(self.shown) :], decoded
         return delta
 
     @property
@@ -93,8 +102,13 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwarg
 
 
 @torch.no_grad()
-def generate_greedy_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int,
-                          stop_ids: list[int] | None = None, batch: int = 16) -> list[list[int]]:
+def generate_greedy_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int] | None = None,
+    batch: int = 16,
+) -> list[list[int]]:
     """Greedy continuations of many prompts, `batch` decoded together (one read of the weights serves
     them all, where one at a time each token reads them again): each prompt is prefilled into its own
     slot of a SlotCache, then every unfinished slot takes a step at once; the same tokens as `generate`
@@ -104,10 +118,16 @@ def generate_greedy_batch(model: Transformer, prompts: list[list[int]], max_new_
     limit, stops = model.args.max_seq_len, set(stop_ids or [])
     out: list[list[int]] = [[] for _ in prompts]
     for b in range(0, len(prompts), batch):
-        group = [p[-limit:] for p in prompts[b:b + batch]]
+        group = [p[-limit:] for p in prompts[b : b + batch]]
         budget = [min(max_new_tokens, limit - len(p)) for p in group]
-        cache = SlotCache(model.args, len(group), max(len(p) + n for p, n in zip(group, budget)), device,
-                          next(model.parameters()).dtype, initial=max(len(p) + n for p, n in zip(group, budget)))
+        cache = SlotCache(
+            model.args,
+            len(group),
+            max(len(p) + n for p, n in zip(group, budget)),
+            device,
+            next(model.parameters()).dtype,
+            initial=max(len(p) + n for p, n in zip(group, budget)),
+        )
         last: dict[int, int] = {}
         for slot, prompt in enumerate(group):
             if budget[slot] <= 0:

@@ -19,6 +19,7 @@ from lmkiln.errors import UserError
 from lmkiln.model.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, gguf_name, gguf_package, permute_qk
 from lmkiln.model.transformer import ModelArgs, scaled_inv_freq
 
+
 def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GGUF name -> tensor, in llama.cpp's layout."""
     out = {}
@@ -43,8 +44,10 @@ def _tokenizer_fields(model_dir: Path) -> dict:
     pre = spec.get("pre_tokenizer") or {}
     pres = pre.get("pretokenizers", [pre])
     if model.get("type") != "BPE" or not any(p.get("type") == "ByteLevel" for p in pres):
-        raise UserError(f"{path}: GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, lmkiln's own); "
-                        f"for a SentencePiece one run llama.cpp's convert_hf_to_gguf.py on the HF directory")
+        raise UserError(
+            f"{path}: GGUF export supports byte-level BPE tokenizers (Llama 3, Qwen, lmkiln's own); "
+            f"for a SentencePiece one run llama.cpp's convert_hf_to_gguf.py on the HF directory"
+        )
     vocab = dict(model["vocab"])
     added = {t["content"]: (t["id"], t.get("special", False)) for t in spec.get("added_tokens", [])}
     for content, (token_id, _) in added.items():
@@ -59,8 +62,15 @@ def _tokenizer_fields(model_dir: Path) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre_name}
 
 
-def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path, path: Path, name: str,
-               dtype: torch.dtype, quant: str | None = None) -> None:
+def write_gguf(
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    model_dir: Path,
+    path: Path,
+    name: str,
+    dtype: torch.dtype,
+    quant: str | None = None,
+) -> None:
     """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`; matrices in
     `dtype`, or quantized to `quant` (one of QUANTS)."""
     gguf = gguf_package()
@@ -70,28 +80,45 @@ def write_gguf(args: ModelArgs, state: dict[str, torch.Tensor], model_dir: Path,
     arch = GGUF_ARCH[args.arch]
     tok = _tokenizer_fields(model_dir)
     w = gguf.GGUFWriter(str(path), arch)
-    for setter, value in ((w.add_name, name), (w.add_context_length, args.max_seq_len),
-                          (w.add_embedding_length, args.hidden_size), (w.add_block_count, args.num_layers),
-                          (w.add_feed_forward_length, args.intermediate_size), (w.add_head_count, args.num_heads),
-                          (w.add_head_count_kv, args.num_kv_heads), (w.add_key_length, args.head_dim),
-                          (w.add_value_length, args.head_dim), (w.add_rope_dimension_count, args.head_dim),
-                          (w.add_rope_freq_base, args.rope_theta), (w.add_layer_norm_rms_eps, args.norm_eps),
-                          (w.add_vocab_size, args.vocab_size)):
+    for setter, value in (
+        (w.add_name, name),
+        (w.add_context_length, args.max_seq_len),
+        (w.add_embedding_length, args.hidden_size),
+        (w.add_block_count, args.num_layers),
+        (w.add_feed_forward_length, args.intermediate_size),
+        (w.add_head_count, args.num_heads),
+        (w.add_head_count_kv, args.num_kv_heads),
+        (w.add_key_length, args.head_dim),
+        (w.add_value_length, args.head_dim),
+        (w.add_rope_dimension_count, args.head_dim),
+        (w.add_rope_freq_base, args.rope_theta),
+        (w.add_layer_norm_rms_eps, args.norm_eps),
+        (w.add_vocab_size, args.vocab_size),
+    ):
         setter(value)
     if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
-    file_type = gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"] if quant else \
-        {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
-         torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}[dtype]
+    file_type = (
+        gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+        if quant
+        else {
+            torch.float32: gguf.LlamaFileType.ALL_F32,
+            torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+            torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16,
+        }[dtype]
+    )
     w.add_file_type(file_type)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
     w.add_token_merges(tok["merges"])
-    for setter, value in ((w.add_bos_token_id, args.bos_token_id), (w.add_eos_token_id, args.eos_token_id),
-                          (w.add_pad_token_id, args.pad_token_id)):
+    for setter, value in (
+        (w.add_bos_token_id, args.bos_token_id),
+        (w.add_eos_token_id, args.eos_token_id),
+        (w.add_pad_token_id, args.pad_token_id),
+    ):
         if value is not None:
             setter(value)
     eos = generation_eos(model_dir)

@@ -35,8 +35,10 @@ def gguf_source(source: str | Path) -> Path | None:
     if path.is_dir() and not (path / "config.json").is_file():
         found = sorted(path.glob("*.gguf"))
         if len(found) > 1:
-            raise UserError(f"'{source}' holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}); "
-                            f"name the one to import")
+            raise UserError(
+                f"'{source}' holds {len(found)} GGUF files ({', '.join(p.name for p in found[:3])}); "
+                f"name the one to import"
+            )
         return found[0] if found else None
     return None
 
@@ -47,13 +49,17 @@ def read_config(g: GgufFile) -> dict:
     if arch not in IMPORTED_ARCH:
         raise UserError(f"{g.path}: architecture '{arch}' is not supported (supported: {', '.join(IMPORTED_ARCH)})")
     if "rope_freqs.weight" in g.tensors:
-        raise UserError(f"{g.path}: a rope_freqs tensor (Llama 3.1-style rope scaling) cannot be read back into "
-                        f"rope_scaling settings; import the model's HF directory instead")
+        raise UserError(
+            f"{g.path}: a rope_freqs tensor (Llama 3.1-style rope scaling) cannot be read back into "
+            f"rope_scaling settings; import the model's HF directory instead"
+        )
     heads = int(g.need(f"{arch}.attention.head_count"))
     hidden = int(g.need(f"{arch}.embedding_length"))
     tokens = g.need("tokenizer.ggml.tokens")
     config = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]],
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+        ],
         "model_type": IMPORTED_ARCH[arch],
         "vocab_size": int(g.get(f"{arch}.vocab_size") or len(tokens)),
         "hidden_size": hidden,
@@ -87,31 +93,48 @@ def build_tokenizer(g: GgufFile) -> tuple[str, dict]:
 
     kind = g.need("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise UserError(f"{g.path}: tokenizer '{kind}' is not supported (supported: gpt2, i.e. byte-level BPE); "
-                        f"a SentencePiece ('llama') vocabulary: import the model's HF directory instead")
+        raise UserError(
+            f"{g.path}: tokenizer '{kind}' is not supported (supported: gpt2, i.e. byte-level BPE); "
+            f"a SentencePiece ('llama') vocabulary: import the model's HF directory instead"
+        )
     tokens = list(g.need("tokenizer.ggml.tokens"))
     types = list(g.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     split = SPLIT_OF_PRE.get(g.get("tokenizer.ggml.pre"))
     # a vocabulary learned under a named split keeps it; others split as GPT-2 did
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True) if split is None else \
-        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = (
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if split is None
+        else pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL])
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL]
+    )
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED])
 
     def named(key: str) -> str | None:
         i = g.get(f"tokenizer.ggml.{key}")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": named("bos_token_id"),
-              "eos_token": named("eos_token_id"), "pad_token": named("padding_token_id"),
-              "unk_token": named("unknown_token_id"), "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False)),
-              "add_eos_token": bool(g.get("tokenizer.ggml.add_eos_token", False)),
-              "clean_up_tokenization_spaces": False, "model_max_length": int(g.get(f"{g.need('general.architecture')}.context_length") or 2048)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": named("bos_token_id"),
+        "eos_token": named("eos_token_id"),
+        "pad_token": named("padding_token_id"),
+        "unk_token": named("unknown_token_id"),
+        "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(g.get("tokenizer.ggml.add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(g.get(f"{g.need('general.architecture')}.context_length") or 2048),
+    }
     template = g.get("tokenizer.chat_template")
     if template:
         config["chat_template"] = template
@@ -165,8 +188,11 @@ def file_dtype(g: GgufFile) -> torch.dtype:
     dequantized values are exact in)."""
     q = g.gguf.GGMLQuantizationType
     kinds = {t.tensor_type for t in g.reader.tensors if len(t.shape) > 1}
-    return {q.F16: torch.float16, q.BF16: torch.bfloat16}.get(next(iter(kinds)), torch.float32) if len(kinds) == 1 \
+    return (
+        {q.F16: torch.float16, q.BF16: torch.bfloat16}.get(next(iter(kinds)), torch.float32)
+        if len(kinds) == 1
         else torch.float32
+    )
 
 
 def write_gguf_import(path: Path, out: Path, dtype: torch.dtype | None) -> dict:
@@ -182,17 +208,27 @@ def write_gguf_import(path: Path, out: Path, dtype: torch.dtype | None) -> dict:
     write_text(out / "tokenizer.json", tokenizer_json)
     write_json(out / "tokenizer_config.json", tok_config)
     eos = [e for e in (args.eos_token_id, g.get("tokenizer.ggml.eot_token_id")) if e is not None]
-    write_json(out / "generation_config.json", {"bos_token_id": args.bos_token_id, "pad_token_id": args.pad_token_id,
-                                                "eos_token_id": list(dict.fromkeys(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None)})
+    write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": args.bos_token_id,
+            "pad_token_id": args.pad_token_id,
+            "eos_token_id": list(dict.fromkeys(eos)) if len(set(eos)) > 1 else (eos[0] if eos else None),
+        },
+    )
     kinds: dict[str, int] = {}
     for t in g.reader.tensors:
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return {"gguf": str(path), "architecture": g.get("general.architecture"), "name": g.get("general.name"),
-            "tensor_types": kinds, "written_dtype": str(target).removeprefix("torch."),
-            "tokenizer_pre": g.get("tokenizer.ggml.pre")}
+    return {
+        "gguf": str(path),
+        "architecture": g.get("general.architecture"),
+        "name": g.get("general.name"),
+        "tensor_types": kinds,
+        "written_dtype": str(target).removeprefix("torch."),
+        "tokenizer_pre": g.get("tokenizer.ggml.pre"),
+    }
 
 
 def describe_source(summary: dict) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_types"].items(), key=lambda kv: -kv[1]))
     return f"GGUF {summary['architecture']} '{summary['name']}': tensors {kinds}; dequantized to {summary['written_dtype']}"
-

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -21,8 +20,12 @@ from lmkiln.io import write_json
 from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
 
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-              "mistral": "MistralForCausalLM"}
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 ARCH_OF_CLASS = {cls: arch for arch, cls in HF_CLASSES.items()}
 
 
@@ -64,12 +67,21 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
 
 def args_from_hf(config: dict, where: str) -> ModelArgs:
     # a config saved without `architectures` still names its family in model_type
-    cls = (config.get("architectures") or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")])[0]
+    cls = (
+        config.get("architectures")
+        or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")]
+    )[0]
     arch = ARCH_OF_CLASS.get(cls)
     if arch is None:
-        raise UserError(f"{where}: architecture '{cls}' is not supported (supported: {', '.join(sorted(ARCH_OF_CLASS))})")
-    refused = [("mlp_bias", False), ("hidden_act", "silu"), ("attn_logit_softcapping", None),
-               ("final_logit_softcapping", None)]
+        raise UserError(
+            f"{where}: architecture '{cls}' is not supported (supported: {', '.join(sorted(ARCH_OF_CLASS))})"
+        )
+    refused = [
+        ("mlp_bias", False),
+        ("hidden_act", "silu"),
+        ("attn_logit_softcapping", None),
+        ("final_logit_softcapping", None),
+    ]
     if arch in ("llama", "qwen3"):
         refused.append(("attention_bias", False))  # bias on all four projections: not implemented
     if arch in ("qwen2", "qwen3"):
@@ -82,15 +94,22 @@ def args_from_hf(config: dict, where: str) -> ModelArgs:
     rope = _rope_settings(config)
     try:
         return ModelArgs(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            num_layers=config["num_hidden_layers"], num_heads=heads,
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
             num_kv_heads=config.get("num_key_value_heads") or heads,
             intermediate_size=config["intermediate_size"],
             max_seq_len=config.get("max_position_embeddings", 2048),
-            rope_theta=rope["theta"], rope_scaling=rope["scaling"],
-            norm_eps=config.get("rms_norm_eps", 1e-6), tie_embeddings=config.get("tie_word_embeddings", False),
-            bos_token_id=config.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            pad_token_id=config.get("pad_token_id"), arch=arch, head_dim=config.get("head_dim"),
+            rope_theta=rope["theta"],
+            rope_scaling=rope["scaling"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            pad_token_id=config.get("pad_token_id"),
+            arch=arch,
+            head_dim=config.get("head_dim"),
             sliding_window=config.get("sliding_window") if arch == "mistral" else None,
         )
     except KeyError as exc:
@@ -112,14 +131,20 @@ def _rope_settings(config: dict) -> dict:
     return {"theta": theta, "scaling": scaling}
 
 
-def save_model(model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None,
-               extra_eos: list[int] | None = None) -> None:
+def save_model(
+    model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None, extra_eos: list[int] | None = None
+) -> None:
     """Write weights, config and generation config into out_dir (already a temp dir), plus tokenizer files."""
     save_state(model.args, model.state_dict(), out_dir, tokenizer_dir, extra_eos)
 
 
-def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, tokenizer_dir: Path | None = None,
-               extra_eos: list[int] | None = None) -> None:
+def save_state(
+    args: ModelArgs,
+    state: dict[str, torch.Tensor],
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    extra_eos: list[int] | None = None,
+) -> None:
     """save_model from a state dict (e.g. one gathered from FSDP shards)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,10 +158,16 @@ def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, t
     source_gen = Path(tokenizer_dir or "") / "generation_config.json"
     gen = json.loads(source_gen.read_text()) if tokenizer_dir is not None and source_gen.is_file() else {}
     old = gen.get("eos_token_id")
-    eos = [e for e in dict.fromkeys([args.eos_token_id, *(extra_eos or []), *([old] if isinstance(old, int) else old or [])])
-           if e is not None]
-    gen.update(bos_token_id=args.bos_token_id, pad_token_id=args.pad_token_id,
-               eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None))
+    eos = [
+        e
+        for e in dict.fromkeys([args.eos_token_id, *(extra_eos or []), *([old] if isinstance(old, int) else old or [])])
+        if e is not None
+    ]
+    gen.update(
+        bos_token_id=args.bos_token_id,
+        pad_token_id=args.pad_token_id,
+        eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
+    )
     write_json(out_dir / "generation_config.json", gen)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out_dir)
@@ -144,8 +175,16 @@ def save_state(args: ModelArgs, state: dict[str, torch.Tensor], out_dir: Path, t
 
 # what a model directory carries besides weights and config: the tokenizer and the chat template in
 # every layout transformers writes (chat_template.jinja in transformers 5)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def copy_tokenizer_files(source: Path, out: Path) -> None:
@@ -154,8 +193,10 @@ def copy_tokenizer_files(source: Path, out: Path) -> None:
             shutil.copyfile(source / name, out / name)
 
 
-WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
-                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+WEIGHT_LAYOUTS = (
+    ("model.safetensors", "model.safetensors.index.json"),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+)
 IGNORED_WEIGHTS = (".rotary_emb.inv_freq",)  # a buffer old Llama checkpoints saved; we compute it
 
 
@@ -246,8 +287,9 @@ def read_args(model_dir: Path) -> ModelArgs:
     return args_from_hf(config, str(cfg_path))
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> Transformer:
+def load_model(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Transformer:
     """The model of an HF directory, built on the meta device and filled tensor by tensor (converted to
     `dtype` one at a time), so loading takes about the model's size in memory, not twice it."""
     model_dir = Path(model_dir)

@@ -20,12 +20,28 @@ from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
 from lmkiln.model.gguf_import import describe_source, gguf_source, write_gguf_import
-from lmkiln.model.hub import (check_missing, check_weight, copy_tokenizer_files, expected_shapes, hf_config, read_args,
-                              read_shard, skipped_weight, weight_shards)
-from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES, read_header, write_streamed
+from lmkiln.model.hub import (
+    check_missing,
+    check_weight,
+    copy_tokenizer_files,
+    expected_shapes,
+    hf_config,
+    read_args,
+    read_shard,
+    skipped_weight,
+    weight_shards,
+)
+from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES
+from lmkiln.model.stream_safetensors import read_header, write_streamed
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -43,7 +59,7 @@ def package_source(source: str) -> str:
         return source
     import importlib.util
 
-    name = source[len("package:"):]
+    name = source[len("package:") :]
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
@@ -68,11 +84,15 @@ def resolve_source(source: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UserError(f"'{source}' is not a directory; to download it from the hub: pip install huggingface_hub") from None
+        raise UserError(
+            f"'{source}' is not a directory; to download it from the hub: pip install huggingface_hub"
+        ) from None
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]))
     except Exception as exc:  # offline, unknown repo, gated repo: the hub raises many types
-        raise UserError(f"'{source}': cannot download it from the Hugging Face hub ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"'{source}': cannot download it from the Hugging Face hub ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> torch.dtype:
@@ -83,8 +103,10 @@ def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> 
     for k, shard in enumerate(files, 1):
         if shard.suffix == ".safetensors":
             header, _ = read_header(shard)
-            entries = [(n, STORED_DTYPES[m["dtype"]], tuple(m["shape"]))
-                       for n, m in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
+            entries = [
+                (n, STORED_DTYPES[m["dtype"]], tuple(m["shape"]))
+                for n, m in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            ]
         else:
             entries = [(n, t.dtype, tuple(t.shape)) for n, t in read_shard(shard)]
         specs = [(n, target or d, s) for n, d, s in entries if not skipped_weight(n, args)]
@@ -121,7 +143,11 @@ def copyable_weights(src: Path, args) -> tuple[bool, torch.dtype | None]:
                 dtypes.add(piece.get_dtype())
                 seen.add(name)
     check_missing(src, expected, seen)
-    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop()) if len(dtypes) == 1 else None
+    dtype = (
+        {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
+        if len(dtypes) == 1
+        else None
+    )
     return not extra and dtype is not None, dtype
 
 
@@ -160,12 +186,18 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
         if not (tmp / "generation_config.json").is_file():
-            write_json(tmp / "generation_config.json", {"bos_token_id": args.bos_token_id,
-                                                        "eos_token_id": args.eos_token_id,
-                                                        "pad_token_id": args.pad_token_id})
+            write_json(
+                tmp / "generation_config.json",
+                {
+                    "bos_token_id": args.bos_token_id,
+                    "eos_token_id": args.eos_token_id,
+                    "pad_token_id": args.pad_token_id,
+                },
+            )
         checks = consistency_checks(tmp, fix=True)
-        write_json(tmp / "import.json", {"source": str(source), "resolved": str(src),
-                                         "checks": [c.__dict__ for c in checks]})
+        write_json(
+            tmp / "import.json", {"source": str(source), "resolved": str(src), "checks": [c.__dict__ for c in checks]}
+        )
     return checks
 
 
@@ -175,6 +207,8 @@ def describe(model_dir: Path) -> str:
     args = read_args(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
     scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
-    return (f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
-            f"hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), vocab {args.vocab_size}"
-            f"{scaling}, {cfg.get('torch_dtype')}")
+    return (
+        f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
+        f"hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), vocab {args.vocab_size}"
+        f"{scaling}, {cfg.get('torch_dtype')}"
+    )

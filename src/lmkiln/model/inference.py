@@ -30,13 +30,15 @@ def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
     model_dir = Path(model_dir)
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        raise UserError(f"{model_dir}: no tokenizer.json (a model directory carries its tokenizer; "
-                        f"`kiln import` writes one)")
+        raise UserError(
+            f"{model_dir}: no tokenizer.json (a model directory carries its tokenizer; `kiln import` writes one)"
+        )
     return Tokenizer.from_file(str(path)), ChatFormat(model_dir)
 
 
-def load_for_inference(model_dir: str | Path, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> Loaded:
+def load_for_inference(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Loaded:
     model_dir = Path(model_dir)
     tok, chat = load_format(model_dir)
     model = load_model(model_dir, device, dtype).eval()

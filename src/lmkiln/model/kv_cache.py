@@ -9,6 +9,7 @@ import torch
 
 from lmkiln.model.transformer import ModelArgs, attention_mask, visible_keys
 
+
 class KVCache:
     """Preallocated keys/values per layer for one batch of sequences that advance together; `length`
     tokens are filled."""
@@ -27,9 +28,9 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values (B, heads, t, dim); return every key/value filled so far."""
         start, t = self.length, k.shape[2]
-        self.k[layer][:, :, start:start + t] = k
-        self.v[layer][:, :, start:start + t] = v
-        return self.k[layer][:, :, :start + t], self.v[layer][:, :, :start + t]
+        self.k[layer][:, :, start : start + t] = k
+        self.v[layer][:, :, start : start + t] = v
+        return self.k[layer][:, :, : start + t], self.v[layer][:, :, : start + t]
 
     def advance(self, t: int) -> None:
         self.length += t
@@ -116,15 +117,17 @@ class SlotCache(KVCache):
         self._view = slice(first, last + 1) if self.rows == list(range(first, last + 1)) else None
         if len(self.rows) == 1:  # one sequence: the plain cache's masks (SDPA's causal path, or none)
             return positions, attention_mask(self.lengths[self.rows[0]], t, window, device)
-        return positions, visible_keys(positions, torch.arange(self._span, device=device), window)[:, None]  # (B, 1, t, span)
+        return positions, visible_keys(positions, torch.arange(self._span, device=device), window)[
+            :, None
+        ]  # (B, 1, t, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows, positions = self._rows[:, None], self._positions
         self.k[layer][rows, :, positions] = k.transpose(1, 2)
         self.v[layer][rows, :, positions] = v.transpose(1, 2)
         if self._view is not None:
-            return self.k[layer][self._view, :, :self._span], self.v[layer][self._view, :, :self._span]
-        return self.k[layer][self._rows, :, :self._span], self.v[layer][self._rows, :, :self._span]
+            return self.k[layer][self._view, :, : self._span], self.v[layer][self._view, :, : self._span]
+        return self.k[layer][self._rows, :, : self._span], self.v[layer][self._rows, :, : self._span]
 
     def advance(self, t: int) -> None:
         for r in self.rows:

@@ -47,8 +47,12 @@ class LoRALinear(nn.Module):
         down = self.lora_A["default"](dropped)
         if not hasattr(self, "lora_magnitude_vector"):
             # base + scaling * down @ B^T in one addmm: no separate scaled update to write, add and free
-            out = torch.addmm(base.reshape(-1, base.shape[-1]), down.reshape(-1, self.r),
-                              self.lora_B["default"].weight.t(), alpha=self.scaling)
+            out = torch.addmm(
+                base.reshape(-1, base.shape[-1]),
+                down.reshape(-1, self.r),
+                self.lora_B["default"].weight.t(),
+                alpha=self.scaling,
+            )
             return out.view(base.shape)
         update = self.lora_B["default"](down) * self.scaling
         weight = self.base_layer.weight
@@ -69,8 +73,9 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
 
-def apply_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float,
-               dora: bool = False) -> list[str]:
+def apply_lora(
+    model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, dora: bool = False
+) -> list[str]:
     """Wrap every Linear whose name ends in a target; freeze everything else. Returns wrapped paths."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -86,7 +91,7 @@ def apply_lora(model: nn.Module, targets: list[str], r: int, alpha: float, dropo
 
 
 def merge_lora(model: nn.Module) -> None:
-    for name, module in list(model.named_modules()):
+    for _name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):
                 setattr(module, child_name, child.merged())
@@ -101,13 +106,34 @@ def peft_key(key: str) -> str:
     return "base_model.model." + re.sub(r"\.default(?=\.|$)", "", key)
 
 
-def save_adapter(model: nn.Module, out_dir: Path, base_model: str, r: int, alpha: float, dropout: float,
-                 targets: list[str], dora: bool = False) -> None:
+def save_adapter(
+    model: nn.Module,
+    out_dir: Path,
+    base_model: str,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    dora: bool = False,
+) -> None:
     state = {peft_key(key): value.contiguous().cpu() for key, value in lora_state(model).items()}
     save_file(state, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
-    write_json(out_dir / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets),
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_dora": dora,
-        "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
-    })
+    write_json(
+        out_dir / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": dropout,
+            "target_modules": sorted(targets),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "use_dora": dora,
+            "use_rslora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+        },
+    )

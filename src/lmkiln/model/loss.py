@@ -38,8 +38,14 @@ def _chunk_losses(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -
     return logits.logsumexp(-1) - logits.gather(1, target[:, None]).squeeze(1)
 
 
-def _chunk_grads(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None,
-                 grad_h: torch.Tensor | None = None, grad_w: torch.Tensor | None = None) -> torch.Tensor:
+def _chunk_grads(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    grad_h: torch.Tensor | None = None,
+    grad_w: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Losses of one chunk. Writes d(sum of scaled losses)/dh into `grad_h` and adds d/dW to `grad_w`."""
     rows = torch.arange(len(target), device=target.device)
     probs = (h @ weight.t()).to(_loss_dtype(h))
@@ -74,8 +80,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device) if want_w else None
         for s in range(0, len(target), rows):
-            losses[s:s + rows] = _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], None,
-                                              grad_h[s:s + rows] if want_h else None, grad_w)
+            losses[s : s + rows] = _chunk_grads(
+                hidden[s : s + rows],
+                weight,
+                target[s : s + rows],
+                None,
+                grad_h[s : s + rows] if want_h else None,
+                grad_w,
+            )
         ctx.save_for_backward(hidden, weight, target, grad_h, grad_w)
         return losses
 
@@ -88,7 +100,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = _chunk_rows(weight.shape[0])
             grad_w = torch.zeros(weight.shape, dtype=_loss_dtype(weight), device=weight.device)
             for s in range(0, len(target), rows):
-                _chunk_grads(hidden[s:s + rows], weight, target[s:s + rows], grad_losses[s:s + rows], None, grad_w)
+                _chunk_grads(
+                    hidden[s : s + rows], weight, target[s : s + rows], grad_losses[s : s + rows], None, grad_w
+                )
         elif want_w:
             grad_w = grad_w * grad_losses[0]
         gh = (grad_h * grad_losses[:, None].to(grad_h.dtype)) if want_h else None
@@ -103,16 +117,26 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, target)
     rows = _chunk_rows(weight.shape[0])
-    return torch.cat([_chunk_losses(hidden[s:s + rows], weight, target[s:s + rows])
-                      for s in range(0, len(target), rows)]) if len(target) else hidden.new_zeros(0)
+    return (
+        torch.cat(
+            [_chunk_losses(hidden[s : s + rows], weight, target[s : s + rows]) for s in range(0, len(target), rows)]
+        )
+        if len(target)
+        else hidden.new_zeros(0)
+    )
 
 
 INFERENCE_CHUNK_ROWS = 256  # no gradient to fuse: small chunks keep each block of logits in cache
 
 
 @torch.no_grad()
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, greedy: bool = False,
-                   rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    greedy: bool = False,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) of each row of `hidden @ weight.T` in float32, a chunk of rows at a time (the logits
     are never whole), and, with `greedy`, whether the target is that row's most likely token. With
     `rows`, target i is scored at hidden row rows[i] (sorted): a row several targets share (the context
@@ -120,11 +144,12 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     rows = torch.arange(len(target), device=target.device) if rows is None else rows
     logp = torch.empty(len(target), dtype=_loss_dtype(hidden), device=hidden.device)
     best = torch.empty(len(target), dtype=torch.bool, device=hidden.device) if greedy else None
-    bounds = torch.searchsorted(rows, torch.arange(0, len(hidden) + INFERENCE_CHUNK_ROWS, INFERENCE_CHUNK_ROWS,
-                                                   device=rows.device)).tolist()
+    bounds = torch.searchsorted(
+        rows, torch.arange(0, len(hidden) + INFERENCE_CHUNK_ROWS, INFERENCE_CHUNK_ROWS, device=rows.device)
+    ).tolist()
     for k, s in enumerate(range(0, len(hidden), INFERENCE_CHUNK_ROWS)):
         a, b = bounds[k], bounds[k + 1]
-        logits = (hidden[s:s + INFERENCE_CHUNK_ROWS] @ weight.t()).to(logp.dtype)
+        logits = (hidden[s : s + INFERENCE_CHUNK_ROWS] @ weight.t()).to(logp.dtype)
         local, t = rows[a:b] - s, target[a:b]
         logp[a:b] = logits[local, t] - logits.logsumexp(-1)[local]
         if best is not None:
@@ -132,8 +157,14 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Ten
     return logp, best
 
 
-def next_token_losses(forward, x: torch.Tensor, y: torch.Tensor, head: torch.Tensor | None,
-                      segments: torch.Tensor | None = None, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def next_token_losses(
+    forward,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    head: torch.Tensor | None,
+    segments: torch.Tensor | None = None,
+    dense: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The cross-entropy of each labelled next token (y != IGNORE) and the row it is in. `forward` runs
     the model (maybe DDP-wrapped or compiled). With the LM head's weight `head`, the head runs inside the
     loss on the labelled positions alone, a chunk at a time: prompts and padding never become logits, and

@@ -29,8 +29,10 @@ def check_source(recipe: Recipe) -> None:
     """The source is there (a path, a package's model) or has a hub id's shape, before any work."""
     source = _source(recipe)
     if not Path(source).exists() and source.count("/") != 1:
-        raise UserError(f"import.source: '{recipe.import_.source}' is neither a model directory, a GGUF file, "
-                        f"package:NAME nor a Hugging Face hub id (OWNER/NAME)")
+        raise UserError(
+            f"import.source: '{recipe.import_.source}' is neither a model directory, a GGUF file, "
+            f"package:NAME nor a Hugging Face hub id (OWNER/NAME)"
+        )
 
 
 def check(recipe: Recipe, will_run: list[str]) -> None:

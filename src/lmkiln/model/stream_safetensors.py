@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -37,12 +46,20 @@ def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             a, b = meta["data_offsets"]
             fh.seek(start + a)
             buf = bytearray(fh.read(b - a))
-            tensor = torch.frombuffer(buf, dtype=DTYPES[meta["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[meta["dtype"]])
+            tensor = (
+                torch.frombuffer(buf, dtype=DTYPES[meta["dtype"]])
+                if buf
+                else torch.empty(0, dtype=DTYPES[meta["dtype"]])
+            )
             yield name, tensor.reshape(meta["shape"])
 
 
-def write_streamed(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                   tensors: Iterator[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_streamed(
+    path: Path,
+    specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensors: Iterator[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write a safetensors file whose tensors (named and shaped by `specs`, in that order) come one at a
     time from `tensors`."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}

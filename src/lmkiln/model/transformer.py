@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,7 +67,9 @@ class ModelArgs:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_SCALINGS:
-                raise ValueError(f"rope_scaling type {kind!r} is not implemented (implemented: {', '.join(ROPE_SCALINGS)})")
+                raise ValueError(
+                    f"rope_scaling type {kind!r} is not implemented (implemented: {', '.join(ROPE_SCALINGS)})"
+                )
 
     @property
     def qkv_bias(self) -> bool:
@@ -89,8 +90,10 @@ class ModelArgs:
         """Training FLOPs per token: 6 per weight multiply-add plus attention (PaLM appendix B)."""
         non_embed = self.num_params() - self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         attended = min(seq_len, self.sliding_window or seq_len)
-        return 6 * (non_embed + self.vocab_size * self.hidden_size) + \
-            12 * self.num_layers * self.num_heads * self.head_dim * attended
+        return (
+            6 * (non_embed + self.vocab_size * self.hidden_size)
+            + 12 * self.num_layers * self.num_heads * self.head_dim * attended
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,8 +110,11 @@ class RMSNorm(nn.Module):
             return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
         # nothing to differentiate (generation): without autograd.Function's bookkeeping, in place
         normed = _rms_normed(x, self.variance_epsilon)[0]
-        return normed.mul_(self.weight) if normed.dtype == torch.promote_types(normed.dtype, self.weight.dtype) \
+        return (
+            normed.mul_(self.weight)
+            if normed.dtype == torch.promote_types(normed.dtype, self.weight.dtype)
             else self.weight * normed
+        )
 
 
 def _rms_normed(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,11 +168,14 @@ def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict | None) -> torch.Tenso
     return torch.where(medium, blended, scaled)
 
 
-def rope_tables(head_dim: int, positions: torch.Tensor, theta: float,
-                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, positions: torch.Tensor, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles, each angle twice (the halves HF's layout rotates
     together); the first half of sin is negated, so `apply_rope` needs no negation."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim)
+    )
     inv_freq = scaled_inv_freq(inv_freq, scaling)
     freqs = positions.float()[..., None] * inv_freq  # positions (T,) or (B, T) for packed rows
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
@@ -240,8 +249,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, args.norm_eps)
             self.k_norm = RMSNorm(hd, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                mask: str | torch.Tensor | None = CAUSAL) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        mask: str | torch.Tensor | None = CAUSAL,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.args
         q = self.q_proj(x).view(b, t, a.num_heads, a.head_dim)
@@ -326,13 +341,23 @@ class Transformer(nn.Module):
             elif p.dim() == 1:  # norm weights
                 nn.init.ones_(p)
             else:
-                s = std / math.sqrt(2 * self.args.num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = (
+                    std / math.sqrt(2 * self.args.num_layers)
+                    if name.endswith(("o_proj.weight", "down_proj.weight"))
+                    else std
+                )
                 with torch.no_grad():
                     p.normal_(0.0, s, generator=generator)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False,
-                segments: torch.Tensor | None = None, hidden_only: bool = False,
-                layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        segments: torch.Tensor | None = None,
+        hidden_only: bool = False,
+        layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, V), or (B, 1, V) with last_only. Appends to `cache` if given.
         `segments` (B, T) marks the examples of packed rows: each attends only to itself. `layout` gives
         positions (B, T) and a boolean mask (B, 1, T, T) outright (several continuations of one shared
@@ -345,9 +370,13 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         return self.lm_head(x)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
-                      segments: torch.Tensor | None = None,
-                      layout: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
+        layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Token ids (B, T) -> the final normed hidden states (B, T, hidden)."""
         t = idx.shape[1]
         window = self.args.sliding_window
@@ -384,8 +413,17 @@ def build_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> Mo
             dims[key] = value
     if model_cfg.num_heads is not None and model_cfg.num_kv_heads is None:
         dims["num_kv_heads"] = dims["num_heads"]
-    return ModelArgs(vocab_size=vocab_size, max_seq_len=model_cfg.max_seq_len, rope_theta=model_cfg.rope_theta,
-                     norm_eps=model_cfg.norm_eps, tie_embeddings=model_cfg.tie_embeddings, arch=model_cfg.arch,
-                     head_dim=model_cfg.head_dim, sliding_window=model_cfg.sliding_window,
-                     bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-                     pad_token_id=special.get("pad"), **dims)
+    return ModelArgs(
+        vocab_size=vocab_size,
+        max_seq_len=model_cfg.max_seq_len,
+        rope_theta=model_cfg.rope_theta,
+        norm_eps=model_cfg.norm_eps,
+        tie_embeddings=model_cfg.tie_embeddings,
+        arch=model_cfg.arch,
+        head_dim=model_cfg.head_dim,
+        sliding_window=model_cfg.sliding_window,
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"),
+        **dims,
+    )

@@ -15,7 +15,7 @@ from lmkiln.errors import UserError
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, owner: "AdapterSet") -> None:
+    def __init__(self, base: nn.Linear, owner: AdapterSet) -> None:
         super().__init__()
         self.base, self.owner = base, owner
         self.a: dict[int, torch.Tensor] = {}
@@ -52,7 +52,7 @@ class AdapterSet:
         if cfg.get("use_dora"):
             raise UserError(f"--adapter {name}: a DoRA adapter is served merged: kiln export {adapter_dir} OUT --merge")
         r, alpha = cfg["r"], cfg["lora_alpha"]
-        scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+        scaling = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
         weights = load_file(adapter_dir / "adapter_model.safetensors")
         modules = dict(self.model.named_modules())
         index = len(self.names)
@@ -66,7 +66,9 @@ class AdapterSet:
             wrapper = self._wrap(path)
             want = (r, target.in_features) if part == "A.weight" else (target.out_features, r)
             if tuple(tensor.shape) != want:
-                raise UserError(f"--adapter {name}: '{key}' has shape {tuple(tensor.shape)}, the base model needs {want}")
+                raise UserError(
+                    f"--adapter {name}: '{key}' has shape {tuple(tensor.shape)}, the base model needs {want}"
+                )
             store = wrapper.a if part == "A.weight" else wrapper.b
             store[index] = tensor.to(target.weight.device, target.weight.dtype)
             wrapper.scaling[index] = scaling

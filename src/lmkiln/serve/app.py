@@ -10,8 +10,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from lmkiln.errors import UserError
 
@@ -24,8 +24,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from lmkiln.serve.batching import QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.metrics import ServeMetrics
-from lmkiln.serve.protocol import (ApiError, ChatRequest, CompletionRequest, chat_logprobs,
-                                   completion_logprobs)
+from lmkiln.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs
 
 STATIC = Path(__file__).parent / "static"
 
@@ -34,24 +33,35 @@ def cache_summary(engine) -> str:
     """What the KV cache takes now and at most, for the operator choosing --max-batch and --context."""
     e, mb = engine, 2**20
     most = e.max_batch * e.context * e.token_bytes
-    return (f"KV cache: {e.token_bytes / 1024:,.1f} KiB per token; {e.max_batch} slots x {e.cache.capacity:,} tokens = "
-            f"{e.cache.nbytes / mb:,.0f} MiB now, growing with the longest running sequence to at most "
-            f"{e.max_batch} x {e.context:,} = {most / mb:,.0f} MiB (--max-batch, --context)")
+    return (
+        f"KV cache: {e.token_bytes / 1024:,.1f} KiB per token; {e.max_batch} slots x {e.cache.capacity:,} tokens = "
+        f"{e.cache.nbytes / mb:,.0f} MiB now, growing with the longest running sequence to at most "
+        f"{e.max_batch} x {e.context:,} = {most / mb:,.0f} MiB (--max-batch, --context)"
+    )
 
 
 class Server:
     """The model, tokenizer, engine and adapters behind the routes; loaded on a thread when asked, so
     the routes answer 503 until it is ready."""
 
-    def __init__(self, model_dir: Path, device: str, name: str | None, adapters: dict[str, Path],
-                 max_batch: int, max_queue: int, context: int | None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        device: str,
+        name: str | None,
+        adapters: dict[str, Path],
+        max_batch: int,
+        max_queue: int,
+        context: int | None,
+    ) -> None:
         self.model_dir, self.device, self.adapter_dirs = Path(model_dir), device, adapters
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
         self.engine = None
         self.error: str | None = None
-        self.metrics = ServeMetrics(lambda: self.engine.queue_depth if self.engine else 0,
-                                    lambda: self.engine.batch_size if self.engine else 0)
+        self.metrics = ServeMetrics(
+            lambda: self.engine.queue_depth if self.engine else 0, lambda: self.engine.batch_size if self.engine else 0
+        )
 
     def load(self) -> None:
         from lmkiln.device import pick_device
@@ -65,8 +75,9 @@ class Server:
             self.stop_ids = lm.chat.stop_ids
             adapters = AdapterSet(model) if self.adapter_dirs else None
             self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
-            self.engine = Engine(model, self.max_batch, self.max_queue, self.context, adapters,
-                                 on_finish=self.metrics.finished)
+            self.engine = Engine(
+                model, self.max_batch, self.max_queue, self.context, adapters, on_finish=self.metrics.finished
+            )
             from lmkiln.log import console
 
             console.print(cache_summary(self.engine), soft_wrap=True)
@@ -105,13 +116,21 @@ class Choice:
     """One generated choice: its sequence in the engine, and its text cut at the request's stop strings
     (text that could begin a stop string is held back until it cannot)."""
 
-    def __init__(self, server: Server, prompt: list[int], sampling: Sampling, stop_ids: frozenset[int],
-                 stops: list[str], adapter: int) -> None:
+    def __init__(
+        self,
+        server: Server,
+        prompt: list[int],
+        sampling: Sampling,
+        stop_ids: frozenset[int],
+        stops: list[str],
+        adapter: int,
+    ) -> None:
         self.server, self.stops = server, stops
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        self.seq = Sequence(prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
-                            stop_ids, adapter)
+        self.seq = Sequence(
+            prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event), stop_ids, adapter
+        )
         self.tokens = 0
         try:
             server.engine.submit(self.seq)
@@ -131,7 +150,7 @@ class Choice:
                     if event.startswith("error"):
                         raise RuntimeError(event)
                     text = self.server.decode(ids)
-                    yield text[len(emitted):], tokens, "length" if event == "length" else "stop"
+                    yield text[len(emitted) :], tokens, "length" if event == "length" else "stop"
                     return
                 if not ids:
                     self.server.metrics.first_token(time.perf_counter() - self.seq.submitted)
@@ -141,25 +160,32 @@ class Choice:
                 text = self.server.decode(ids)
                 cut = min((text.find(s) for s in self.stops if s in text), default=-1)
                 if cut >= 0:
-                    yield text[len(emitted):cut], tokens, "stop"
+                    yield text[len(emitted) : cut], tokens, "stop"
                     return
                 safe = len(text) - self._held(text)
                 if not text.endswith("\ufffd") and safe > len(emitted):  # whole UTF-8 characters only
-                    yield text[len(emitted):safe], tokens, None
+                    yield text[len(emitted) : safe], tokens, None
                     emitted, tokens = text[:safe], []
         finally:
             self.seq.cancel()  # done, stopped by a stop string, or the client went away: free the slot
 
 
-def start_choices(server: Server, req, prompts: list[list[int]], stop_ids: frozenset[int], logprobs: int | None,
-                  max_tokens: int) -> list[Choice]:
+def start_choices(
+    server: Server, req, prompts: list[list[int]], stop_ids: frozenset[int], logprobs: int | None, max_tokens: int
+) -> list[Choice]:
     adapter = server.adapter_of(req.model)
     choices = []
     try:
         for prompt in prompts:
             for j in range(req.n):
-                sampling = Sampling(max_tokens, req.temperature, req.top_p, req.top_k,
-                                    None if req.seed is None else req.seed + j, logprobs)
+                sampling = Sampling(
+                    max_tokens,
+                    req.temperature,
+                    req.top_p,
+                    req.top_k,
+                    None if req.seed is None else req.seed + j,
+                    logprobs,
+                )
                 choices.append(Choice(server, prompt, sampling, stop_ids, req.stop or [], adapter))
     except ApiError:
         for c in choices:
@@ -198,10 +224,19 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[int, str, list[To
             t.cancel()
 
 
-def create_app(model_dir: str | Path, device: str = "auto", name: str | None = None,
-               adapters: dict[str, Path] | None = None, max_batch: int = 16, max_queue: int = 64,
-               context: int | None = None, api_key: str | None = None, cors_origins: list[str] | None = None,
-               max_request_bytes: int = 1 << 20, background: bool = False) -> FastAPI:
+def create_app(
+    model_dir: str | Path,
+    device: str = "auto",
+    name: str | None = None,
+    adapters: dict[str, Path] | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    context: int | None = None,
+    api_key: str | None = None,
+    cors_origins: list[str] | None = None,
+    max_request_bytes: int = 1 << 20,
+    background: bool = False,
+) -> FastAPI:
     """The app; `background=True` loads the model on a thread (the routes answer 503 until then)."""
     server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context)
     if background:
@@ -253,11 +288,19 @@ def create_app(model_dir: str | Path, device: str = "auto", name: str | None = N
     def health():
         if server.engine is None:
             status = "failed" if server.error else "loading"
-            return JSONResponse(status_code=503, content={"status": status, "model": server.name, "error": server.error})
-        return {"status": "ok", "model": server.name, "queue": server.engine.queue_depth,
-                "running": server.engine.batch_size, "max_batch": server.max_batch, "context": server.engine.context,
-                "kv_cache_bytes": server.engine.cache.nbytes,
-                "kv_cache_max_bytes": server.max_batch * server.engine.context * server.engine.token_bytes}
+            return JSONResponse(
+                status_code=503, content={"status": status, "model": server.name, "error": server.error}
+            )
+        return {
+            "status": "ok",
+            "model": server.name,
+            "queue": server.engine.queue_depth,
+            "running": server.engine.batch_size,
+            "max_batch": server.max_batch,
+            "context": server.engine.context,
+            "kv_cache_bytes": server.engine.cache.nbytes,
+            "kv_cache_max_bytes": server.max_batch * server.engine.context * server.engine.token_bytes,
+        }
 
     @app.get("/metrics")
     def metrics():
@@ -267,8 +310,10 @@ def create_app(model_dir: str | Path, device: str = "auto", name: str | None = N
     def models():
         server.ready()
         now = int(time.time())
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": now, "owned_by": "lmkiln"}
-                                           for m in server.model_ids()]}
+        return {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": now, "owned_by": "lmkiln"} for m in server.model_ids()],
+        }
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -306,12 +351,23 @@ def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body())
 
 
-async def _respond(server: Server, request: Request, req, choices: list[Choice], prompts: list[list[int]],
-                   chat: bool, echo: list[str] | None = None):
+async def _respond(
+    server: Server,
+    request: Request,
+    req,
+    choices: list[Choice],
+    prompts: list[list[int]],
+    chat: bool,
+    echo: list[str] | None = None,
+):
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-            "model": req.model or server.name}
+    head = {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": req.model or server.name,
+    }
     n_prompt = sum(len(p) for p in prompts)
 
     def usage() -> dict:
@@ -324,8 +380,9 @@ async def _respond(server: Server, request: Request, req, choices: list[Choice],
         return chat_logprobs(tokens, server.decode) if chat else completion_logprobs(tokens, server.decode, offset)
 
     if req.stream:
-        return StreamingResponse(_events(server, req, choices, head, usage, logprobs_of, chat),
-                                 media_type="text/event-stream")
+        return StreamingResponse(
+            _events(server, req, choices, head, usage, logprobs_of, chat), media_type="text/event-stream"
+        )
 
     results = {i: {"text": echo[i // req.n] if echo else "", "tokens": [], "finish": None} for i in range(len(choices))}
 
@@ -347,8 +404,14 @@ async def _respond(server: Server, request: Request, req, choices: list[Choice],
     for i, r in results.items():
         lp = logprobs_of(r["tokens"], len(echo[i // req.n]) if echo else 0)
         if chat:
-            body.append({"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": lp,
-                         "finish_reason": r["finish"]})
+            body.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": lp,
+                    "finish_reason": r["finish"],
+                }
+            )
         else:
             body.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
     return {**head, "choices": body, "usage": usage()}
@@ -362,8 +425,19 @@ async def _events(server, req, choices, head, usage, logprobs_of, chat) -> Async
 
     if chat:
         for i in range(len(choices)):
-            yield event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                              "logprobs": None, "finish_reason": None}]})
+            yield event(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
     offsets = [0] * len(choices)
     try:
         async for i, text, tokens, finish in merged(choices):
@@ -372,7 +446,12 @@ async def _events(server, req, choices, head, usage, logprobs_of, chat) -> Async
             lp = logprobs_of(tokens, offsets[i])
             offsets[i] += len(text)
             if chat:
-                choice = {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": finish}
+                choice = {
+                    "index": i,
+                    "delta": {"content": text} if text else {},
+                    "logprobs": lp,
+                    "finish_reason": finish,
+                }
             else:
                 choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
             yield event({**head, "choices": [choice]})

@@ -10,8 +10,8 @@ import collections
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -66,14 +66,23 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: Transformer, max_batch: int = 16, max_queue: int = 64, context: int | None = None,
-                 adapters=None, on_finish: Callable[[Sequence, str], None] | None = None, cache_start: int = 256) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        context: int | None = None,
+        adapters=None,
+        on_finish: Callable[[Sequence, str], None] | None = None,
+        cache_start: int = 256,
+    ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.context = min(context or model.args.max_seq_len, model.args.max_seq_len)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = SlotCache(model.args, max_batch, self.context, self.device, next(model.parameters()).dtype,
-                               initial=cache_start)
+        self.cache = SlotCache(
+            model.args, max_batch, self.context, self.device, next(model.parameters()).dtype, initial=cache_start
+        )
         self.token_bytes = SlotCache.bytes_per_token(model.args, next(model.parameters()).dtype)
         self.adapters, self.on_finish = adapters, on_finish
         self.waiting: collections.deque[Sequence] = collections.deque()

@@ -3,7 +3,7 @@ time to first token, request latency, and the queue and batch as they are now.""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -17,10 +17,19 @@ class ServeMetrics:
         self.prompt_tokens = Counter("lmkiln_prompt_tokens", "prompt tokens prefilled", registry=r)
         self.completion_tokens = Counter("lmkiln_completion_tokens", "tokens generated", registry=r)
         self.finishes = Counter("lmkiln_sequences_finished", "sequences ended, by reason", ["reason"], registry=r)
-        self.ttft = Histogram("lmkiln_time_to_first_token_seconds", "from submission to the first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("lmkiln_request_duration_seconds", "whole request, streaming included",
-                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "lmkiln_time_to_first_token_seconds",
+            "from submission to the first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "lmkiln_request_duration_seconds",
+            "whole request, streaming included",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         Gauge("lmkiln_queue_depth", "requests waiting for a slot", registry=r).set_function(queue_depth)
         Gauge("lmkiln_batch_size", "sequences in the running batch", registry=r).set_function(batch_size)
 

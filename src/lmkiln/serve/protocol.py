@@ -9,8 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ApiError(Exception):
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+    TYPES = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        404: "not_found_error",
+        413: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+    }
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -101,5 +107,8 @@ def chat_logprobs(tokens: list, decode) -> dict:
         piece = decode([token_id])
         return {"token": piece, "logprob": logprob, "bytes": list(piece.encode("utf-8"))}
 
-    return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in (t.top or [])]}
-                        for t in tokens]}
+    return {
+        "content": [
+            {**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in (t.top or [])]} for t in tokens
+        ]
+    }

@@ -9,9 +9,17 @@ from pathlib import Path
 from typing import TextIO
 
 
-def chat_loop(model_dir: Path, device: str = "auto", temperature: float = 0.7, top_p: float = 0.95,
-              max_tokens: int = 512, system: str | None = None, seed: int | None = None,
-              stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+def chat_loop(
+    model_dir: Path,
+    device: str = "auto",
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    max_tokens: int = 512,
+    system: str | None = None,
+    seed: int | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+) -> int:
     from lmkiln.device import pick_device
     from lmkiln.model.generate import TextStream, stream
     from lmkiln.model.inference import load_for_inference
@@ -40,8 +48,9 @@ def chat_loop(model_dir: Path, device: str = "auto", temperature: float = 0.7, t
         prompt = tok.encode(chat.render(messages, add_generation_prompt=True), add_special_tokens=False).ids
         stdout.write("model> ")
         reply, began = TextStream(tok), time.perf_counter()
-        for token in stream(model, prompt, max_tokens, temperature=temperature, top_p=top_p,
-                            stop_ids=sorted(chat.stop_ids), seed=seed):
+        for token in stream(
+            model, prompt, max_tokens, temperature=temperature, top_p=top_p, stop_ids=sorted(chat.stop_ids), seed=seed
+        ):
             stdout.write(reply.push(token))
             stdout.flush()
         seconds, n = time.perf_counter() - began, len(reply.ids)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 def run(recipe, run_dir: str | Path | None = None, force: bool = False) -> dict:
     """Run the tokenizer stage of a recipe in its run directory (skipped when up to date); its manifest."""
-    from lmkiln.tokenizer import stage
     from lmkiln.runs import run_one
+    from lmkiln.tokenizer import stage
 
     return run_one("tokenizer", stage, recipe, run_dir, force)

@@ -8,8 +8,8 @@ thread pool, a batch of documents at a time.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -22,8 +22,9 @@ def shard_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def encode_to_shard(tok: Tokenizer, texts: Iterable[str], path_stem: Path, bos: int, eos: int,
-                    batch_docs: int = 256, on_batch=None) -> dict:
+def encode_to_shard(
+    tok: Tokenizer, texts: Iterable[str], path_stem: Path, bos: int, eos: int, batch_docs: int = 256, on_batch=None
+) -> dict:
     dtype = shard_dtype(tok.get_vocab_size())
     starts: list[int] = []
     n = 0
@@ -52,9 +53,17 @@ def encode_to_shard(tok: Tokenizer, texts: Iterable[str], path_stem: Path, bos: 
             flush()
     with atomic_path(path_stem.with_suffix(".idx")) as tmp:
         np.asarray(starts, dtype="<u8").tofile(tmp)
-    header = {"dtype": dtype.name, "byteorder": "little", "vocab_size": tok.get_vocab_size(),
-              "num_tokens": n, "num_documents": len(starts), "bos_token_id": bos, "eos_token_id": eos,
-              "tokens_file": bin_path.name, "doc_starts_file": path_stem.with_suffix(".idx").name}
+    header = {
+        "dtype": dtype.name,
+        "byteorder": "little",
+        "vocab_size": tok.get_vocab_size(),
+        "num_tokens": n,
+        "num_documents": len(starts),
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "tokens_file": bin_path.name,
+        "doc_starts_file": path_stem.with_suffix(".idx").name,
+    }
     write_json(path_stem.with_suffix(".json"), header)
     return header
 
@@ -63,8 +72,14 @@ def open_shard(path_stem: str | Path) -> tuple[np.memmap, dict]:
     path_stem = Path(path_stem)
     header = json.loads(path_stem.with_suffix(".json").read_text())
     if not header["num_tokens"]:  # numpy cannot map an empty file
-        raise UserError(f"{path_stem.with_suffix('.bin')}: the token shard is empty (0 tokens); rerun `kiln data` "
-                        f"and `kiln tokenizer` with more data")
-    tokens = np.memmap(path_stem.with_suffix(".bin"), dtype=np.dtype(header["dtype"]).newbyteorder("<"),
-                       mode="r", shape=(header["num_tokens"],))
+        raise UserError(
+            f"{path_stem.with_suffix('.bin')}: the token shard is empty (0 tokens); rerun `kiln data` "
+            f"and `kiln tokenizer` with more data"
+        )
+    tokens = np.memmap(
+        path_stem.with_suffix(".bin"),
+        dtype=np.dtype(header["dtype"]).newbyteorder("<"),
+        mode="r",
+        shape=(header["num_tokens"],),
+    )
     return tokens, header

@@ -31,8 +31,10 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     data_dir = stage_dir(run_dir, "data")
     stats = json.loads((data_dir / "stats.json").read_text())
     if not stats["train_docs"]:
-        raise UserError(f"tokenizer: the data stage kept no training documents ({data_dir / 'stats.json'}); "
-                        f"rerun `kiln data` with more data")
+        raise UserError(
+            f"tokenizer: the data stage kept no training documents ({data_dir / 'stats.json'}); "
+            f"rerun `kiln data` with more data"
+        )
     console.print(f"training byte-level BPE, vocab {cfg.vocab_size:,} ...")
     tok = train_bpe(read_split(data_dir, "train"), cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars)
     save_tokenizer(tok, out, model_max_length=recipe.model.max_seq_len)
@@ -41,14 +43,24 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     with progress() as bar:
         for split in ("train", "val"):
             task = bar.add_task(f"encode {split}", total=stats[f"{split}_docs"])
-            header = encode_to_shard(tok, read_split(data_dir, split), out / split, ids["bos"], ids["eos"],
-                                     on_batch=lambda k, t=task: bar.update(t, advance=k))
+            header = encode_to_shard(
+                tok,
+                read_split(data_dir, split),
+                out / split,
+                ids["bos"],
+                ids["eos"],
+                on_batch=lambda k, t=task: bar.update(t, advance=k),
+            )
             metrics[f"{split}_tokens"] = header["num_tokens"]
             if stats[f"{split}_bytes"]:
                 metrics[f"{split}_bytes_per_token"] = round(stats[f"{split}_bytes"] / max(1, header["num_tokens"]), 3)
     if not metrics["train_tokens"]:
-        raise UserError(f"tokenizer: the training split encodes to no tokens ({stats['train_docs']:,} documents "
-                        f"of {stats['train_bytes']:,} bytes); check the data stage's output")
-    console.print(f"tokens: train {metrics['train_tokens']:,}, val {metrics['val_tokens']:,} "
-                  f"({metrics.get('train_bytes_per_token', 0)} bytes/token)")
+        raise UserError(
+            f"tokenizer: the training split encodes to no tokens ({stats['train_docs']:,} documents "
+            f"of {stats['train_bytes']:,} bytes); check the data stage's output"
+        )
+    console.print(
+        f"tokens: train {metrics['train_tokens']:,}, val {metrics['val_tokens']:,} "
+        f"({metrics.get('train_bytes_per_token', 0)} bytes/token)"
+    )
     return metrics

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -21,15 +21,17 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-              max_chars: int = 50_000_000) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_chars: int = 50_000_000) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(_capped(texts, max_chars), trainer=trainer)
     return tok
@@ -37,18 +39,21 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1024) -> None:
     write_text(out_dir / "tokenizer.json", tok.to_str())
-    write_json(out_dir / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
-    })
+    write_json(
+        out_dir / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "unk_token": None,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        },
+    )
     write_json(out_dir / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD})
 
 
@@ -57,13 +62,17 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
-    from lmkiln.model.chat_format import END
+    from lmkiln.model.chat_format import END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
-    from lmkiln.model.chat_format import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-
-    return {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD),
-            "end": tok.token_to_id(END), "fim_prefix": tok.token_to_id(FIM_PREFIX),
-            "fim_middle": tok.token_to_id(FIM_MIDDLE), "fim_suffix": tok.token_to_id(FIM_SUFFIX)}
+    return {
+        "bos": tok.token_to_id(BOS),
+        "eos": tok.token_to_id(EOS),
+        "pad": tok.token_to_id(PAD),
+        "end": tok.token_to_id(END),
+        "fim_prefix": tok.token_to_id(FIM_PREFIX),
+        "fim_middle": tok.token_to_id(FIM_MIDDLE),
+        "fim_suffix": tok.token_to_id(FIM_SUFFIX),
+    }
 
 
 def token_byte_lengths(tok: Tokenizer) -> list[int]:

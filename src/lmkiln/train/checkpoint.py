@@ -14,8 +14,8 @@ import random
 import shutil
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -45,18 +45,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, args: ModelArgs, model_state: dict, optim_state: dict | None, step: int,
-                    config_hash: str, tokenizer_dir: Path, extra_eos: list[int] | None = None,
-                    extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    args: ModelArgs,
+    model_state: dict,
+    optim_state: dict | None,
+    step: int,
+    config_hash: str,
+    tokenizer_dir: Path,
+    extra_eos: list[int] | None = None,
+    extra: dict | None = None,
+) -> None:
     with atomic_dir(path) as tmp:
         save_state(args, model_state, tmp, tokenizer_dir, extra_eos)
-        torch.save({
-            "step": step,
-            "config_hash": config_hash,
-            "optimizer": optim_state,
-            "rng": rng_state(),
-            **(extra or {}),
-        }, tmp / STATE)
+        torch.save(
+            {
+                "step": step,
+                "config_hash": config_hash,
+                "optimizer": optim_state,
+                "rng": rng_state(),
+                **(extra or {}),
+            },
+            tmp / STATE,
+        )
 
 
 def save_training_state(path: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:

@@ -7,27 +7,27 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmkiln.errors import UserError
+from lmkiln.eval.generative import macro_f1
 from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
 from lmkiln.model.hub import HF_CLASSES, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.train.dist import DistContext
-from lmkiln.eval.generative import macro_f1
 from lmkiln.runs import FINAL
+from lmkiln.train.dist import DistContext
 from lmkiln.train.estimate import print_memory
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 from lmkiln.train.metrics import plot_curves
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
 
@@ -54,7 +54,7 @@ def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: i
     width = max(len(encoded[i]) for i in idx)
     x = torch.full((len(idx), width), pad, dtype=torch.long)
     for row, i in enumerate(idx):
-        x[row, :len(encoded[i])] = torch.tensor(encoded[i])
+        x[row, : len(encoded[i])] = torch.tensor(encoded[i])
     lengths = torch.tensor([len(encoded[i]) for i in idx])
     return x.to(device), lengths.to(device), torch.tensor([labels[i] for i in idx], device=device)
 
@@ -66,7 +66,7 @@ def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: i
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     by_index = {}
     for k in range(0, len(order), batch_size):
-        idx = order[k:k + batch_size]
+        idx = order[k : k + batch_size]
         x, lengths, y = _batches(encoded, labels, idx, pad, device)
         logits = model(x, lengths).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -74,8 +74,11 @@ def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: i
     model.train()
     pred = [by_index[i] for i in range(len(encoded))]
     n = len(labels)
-    return {"loss": loss / n, "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
-            "macro_f1": macro_f1(pred, labels, model.score.out_features)}
+    return {
+        "loss": loss / n,
+        "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
+        "macro_f1": macro_f1(pred, labels, model.score.out_features),
+    }
 
 
 def save_classifier(model: Classifier, out: Path, base_dir: Path, names: list[str]) -> None:
@@ -85,22 +88,29 @@ def save_classifier(model: Classifier, out: Path, base_dir: Path, names: list[st
     state["score.weight"] = model.score.weight
     save_state(args, state, out, base_dir)
     config = json.loads((out / "config.json").read_text())
-    config.update(architectures=[SEQ_CLS[args.arch]], num_labels=len(names),
-                  id2label={str(i): n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)},
-                  tie_word_embeddings=False, problem_type="single_label_classification")
+    config.update(
+        architectures=[SEQ_CLS[args.arch]],
+        num_labels=len(names),
+        id2label={str(i): n for i, n in enumerate(names)},
+        label2id={n: i for i, n in enumerate(names)},
+        tie_word_embeddings=False,
+        problem_type="single_label_classification",
+    )
     write_json(out / "config.json", config)
 
 
 def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str]]:
     """A classifier directory saved by `save_classifier` (or by transformers), and its label names."""
-    from lmkiln.model.hub import assign_weight, args_from_hf, read_shard, weight_shards
+    from lmkiln.model.hub import args_from_hf, assign_weight, read_shard, weight_shards
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
     # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
-    args = args_from_hf({**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
-                        str(model_dir / "config.json"))
+    args = args_from_hf(
+        {**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
+        str(model_dir / "config.json"),
+    )
     with torch.device("meta"):
         model = Classifier(Transformer(args), len(names))
     expected = {k for k in model.state_dict() if k != "body.lm_head.weight"}
@@ -118,9 +128,17 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     return model.to(device).eval(), names
 
 
-def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
-                     on_eval: Callable[[int, float], None] | None = None, save: bool = True,
-                     ctx: DistContext | None = None, checkpoints: Checkpoints | None = None) -> dict:
+def build_classifier(
+    recipe,
+    base_dir: Path,
+    splits: dict,
+    tok,
+    out: Path,
+    on_eval: Callable[[int, float], None] | None = None,
+    save: bool = True,
+    ctx: DistContext | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> dict:
     """Train, validate and save a classifier; returns the stage metrics."""
     from lmkiln.device import pick_device
 
@@ -133,7 +151,10 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
         raise UserError(f"finetune.data: classification needs 2 or more labels and validation rows (labels: {names})")
     device = ctx.device
     chat = ChatFormat(base_dir)
-    train_ids, val_ids = encode_texts(tok, splits["train"], cfg.max_seq_len, chat), encode_texts(tok, val_ex, cfg.max_seq_len, chat)
+    train_ids, val_ids = (
+        encode_texts(tok, splits["train"], cfg.max_seq_len, chat),
+        encode_texts(tok, val_ex, cfg.max_seq_len, chat),
+    )
     train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
     pad = chat.eos if chat.eos is not None else 0  # padded positions are never read: the last real token is
     torch.manual_seed(recipe.seed)
@@ -144,8 +165,10 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
         model.body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
     model.to(device)
     majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
-    console.print(f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
-                  f"majority class {majority:.1%} of val")
+    console.print(
+        f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "
+        f"majority class {majority:.1%} of val"
+    )
     print_memory(model.body, cfg, max(map(len, train_ids)), vocab_logits=False)
 
     def micro_loss(net, batch: list[int]) -> tuple[torch.Tensor, int]:
@@ -153,8 +176,20 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
         return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
     guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval)
-    run = run_epochs(model, cfg, list(range(len(train_ids))), [len(t) for t in train_ids], micro_loss, len,
-                     guard, out, recipe.seed, "classify", ctx, checkpoints)
+    run = run_epochs(
+        model,
+        cfg,
+        list(range(len(train_ids))),
+        [len(t) for t in train_ids],
+        micro_loss,
+        len,
+        guard,
+        out,
+        recipe.seed,
+        "classify",
+        ctx,
+        checkpoints,
+    )
     guard.restore_best()
     if save and ctx.is_main:
         if cfg.method == "lora":
@@ -164,7 +199,17 @@ def build_classifier(recipe, base_dir: Path, splits: dict, tok, out: Path,
             require_same_format(base_dir, tmp)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
     best, base = guard.best, guard.base
-    return {"task": "classify", "method": cfg.method, "labels": names, "examples": len(train_ids),
-            "skipped_rows": len(splits["skipped"]), "majority_accuracy": round(majority, 4),
-            "base_val_accuracy": round(base["accuracy"], 4), "val_accuracy": round(best["accuracy"], 4),
-            "val_macro_f1": round(best["macro_f1"], 4), **run, **guard.summary(), "trainable_parameters": trainable}
+    return {
+        "task": "classify",
+        "method": cfg.method,
+        "labels": names,
+        "examples": len(train_ids),
+        "skipped_rows": len(splits["skipped"]),
+        "majority_accuracy": round(majority, 4),
+        "base_val_accuracy": round(base["accuracy"], 4),
+        "val_accuracy": round(best["accuracy"], 4),
+        "val_macro_f1": round(best["macro_f1"], 4),
+        **run,
+        **guard.summary(),
+        "trainable_parameters": trainable,
+    }

@@ -100,8 +100,9 @@ def full_state(model: nn.Module, opt) -> tuple[dict, dict]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     optimizers = list(opt.optimizers.values())
     model_state = get_model_state_dict(model, options=options)
-    optim_state = {name: get_optimizer_state_dict(model, o, options=options)
-                   for name, o in zip(opt.optimizers, optimizers)}
+    optim_state = {
+        name: get_optimizer_state_dict(model, o, options=options) for name, o in zip(opt.optimizers, optimizers)
+    }
     return model_state, optim_state
 
 
@@ -113,7 +114,9 @@ def load_full_state(model: nn.Module, opt, model_state: dict, optim_state: dict 
     if optim_state is not None:
         for name, o in opt.optimizers.items():
             if name not in optim_state:
-                raise UserError(f"checkpoint has no state for optimizer '{name}': resume with the optimizer it was made with")
+                raise UserError(
+                    f"checkpoint has no state for optimizer '{name}': resume with the optimizer it was made with"
+                )
             set_optimizer_state_dict(model, o, optim_state_dict=optim_state[name], options=options)
 
 

@@ -10,29 +10,33 @@ reference log-probabilities are computed once up front by the policy itself: no 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from lmkiln.data.examples import collate, encode_example, preference_pair, sample
 from lmkiln.device import autocast, pick_device
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
-from lmkiln.model.hub import load_model
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.data.examples import collate, encode_example, preference_pair, sample
-from lmkiln.train.dist import DistContext
+from lmkiln.model.hub import load_model
 from lmkiln.model.loss import next_token_losses
-from lmkiln.train.dist import unwrap
+from lmkiln.train.dist import DistContext, unwrap
 from lmkiln.train.estimate import print_memory
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
 from lmkiln.train.metrics import plot_curves
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair DPO losses and implicit reward margins, from summed reply log-probabilities."""
     margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
     return -F.logsigmoid(margin), margin
@@ -63,14 +67,14 @@ def encode_pairs(tok, examples: list[dict], max_len: int, chat: ChatFormat) -> t
 def policy_logprobs(model, batch: list[dict], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over a batch's chosen and rejected sequences together."""
     logp = reply_logprobs(model, [p["chosen"] for p in batch] + [p["rejected"] for p in batch], pad, device)
-    return logp[:len(batch)], logp[len(batch):]
+    return logp[: len(batch)], logp[len(batch) :]
 
 
 @torch.no_grad()
 def add_reference(model, pairs: list[dict], batch_size: int, pad: int, device) -> None:
     model.eval()
     for i in range(0, len(pairs), batch_size):
-        batch = pairs[i:i + batch_size]
+        batch = pairs[i : i + batch_size]
         chosen, rejected = policy_logprobs(model, batch, pad, device)
         for p, c, r in zip(batch, chosen.tolist(), rejected.tolist()):
             p["ref_chosen"], p["ref_rejected"] = c, r
@@ -83,10 +87,18 @@ def batch_loss(model, batch: list[dict], beta: float, pad: int, device) -> tuple
     return dpo_loss(chosen, rejected, ref_c, ref_r, beta)
 
 
-def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
-              on_eval: Callable[[int, float], None] | None = None, save: bool = True,
-              ctx: DistContext | None = None, monitor: TaskMonitor | None = None,
-              checkpoints: Checkpoints | None = None) -> dict:
+def build_dpo(
+    recipe,
+    base_dir: Path,
+    splits: dict,
+    tok,
+    out: Path,
+    on_eval: Callable[[int, float], None] | None = None,
+    save: bool = True,
+    ctx: DistContext | None = None,
+    monitor: TaskMonitor | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> dict:
     cfg = recipe.finetune
     ctx = ctx or DistContext(device=pick_device(cfg.device))
     device = ctx.device
@@ -96,8 +108,10 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
     val, _ = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat)
     if not train or not val:
         raise UserError(f"finetune.data: no training or validation pairs fit in max_seq_len={cfg.max_seq_len}")
-    console.print(f"preference pairs: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
-                  f"val {len(val):,}; beta {cfg.dpo_beta}")
+    console.print(
+        f"preference pairs: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
+        f"val {len(val):,}; beta {cfg.dpo_beta}"
+    )
     model = load_model(base_dir, device)
     trainable = make_trainable(model, cfg)
     model.to(device)
@@ -111,14 +125,17 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
         model.eval()
         losses, margins = [], []
         for i in range(0, len(val), cfg.batch_size):
-            loss, margin = batch_loss(model, val[i:i + cfg.batch_size], cfg.dpo_beta, pad, device)
+            loss, margin = batch_loss(model, val[i : i + cfg.batch_size], cfg.dpo_beta, pad, device)
             losses.append(loss)
             margins.append(margin)
         model.train()
         loss, margin = torch.cat(losses), torch.cat(margins)
         wins = (margin > 0).float() + 0.5 * (margin == 0).float()  # a tie is a coin flip
-        return {"loss": loss.mean().item(), "reward_accuracy": wins.mean().item(),
-                "reward_margin": margin.mean().item() / cfg.dpo_beta}
+        return {
+            "loss": loss.mean().item(),
+            "reward_accuracy": wins.mean().item(),
+            "reward_margin": margin.mean().item() / cfg.dpo_beta,
+        }
 
     def micro_loss(net, batch: list[dict]) -> tuple[torch.Tensor, int]:
         loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
@@ -130,9 +147,18 @@ def build_dpo(recipe, base_dir: Path, splits: dict, tok, out: Path,
     if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "DPO")
-    return {"task": "dpo", "method": cfg.method, "examples": len(train), "dropped_too_long": too_long,
-            "skipped_rows": len(splits["skipped"]), "beta": cfg.dpo_beta, **run, **guard.summary(),
-            "base_val_reward_accuracy": round(guard.base["reward_accuracy"], 4),
-            "val_reward_accuracy": round(guard.best["reward_accuracy"], 4),
-            "val_reward_margin": round(guard.best["reward_margin"], 4), "trainable_parameters": trainable,
-            "total_parameters": model.args.num_params()}
+    return {
+        "task": "dpo",
+        "method": cfg.method,
+        "examples": len(train),
+        "dropped_too_long": too_long,
+        "skipped_rows": len(splits["skipped"]),
+        "beta": cfg.dpo_beta,
+        **run,
+        **guard.summary(),
+        "base_val_reward_accuracy": round(guard.base["reward_accuracy"], 4),
+        "val_reward_accuracy": round(guard.best["reward_accuracy"], 4),
+        "val_reward_margin": round(guard.best["reward_margin"], 4),
+        "trainable_parameters": trainable,
+        "total_parameters": model.args.num_params(),
+    }

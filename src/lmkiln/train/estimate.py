@@ -80,8 +80,13 @@ def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_lo
     weights = sum(p.numel() for p in model.parameters()) * 4
     activations = saved_bytes(model, cfg.batch_size, seq_len, pairs)
     logits = 3 * cfg.batch_size * pairs * seq_len * args.vocab_size * 4 if vocab_logits else 0
-    parts = {"weights": weights, "gradients": trainable * 4, "optimizer": 2 * trainable * 4,
-             "activations": activations, "logits": logits}
+    parts = {
+        "weights": weights,
+        "gradients": trainable * 4,
+        "optimizer": 2 * trainable * 4,
+        "activations": activations,
+        "logits": logits,
+    }
     return {**parts, "total": int(sum(parts.values()) * ALLOCATOR_OVERHEAD)}
 
 
@@ -99,8 +104,12 @@ def optimizer_bytes(args: ModelArgs, kind: str, param_bytes: int = 4) -> int:
     total = args.num_params()
     if kind == "adamw":
         return 2 * total * param_bytes
-    hidden = args.num_params() - args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2) \
-        - args.hidden_size - args.num_layers * 2 * args.hidden_size
+    hidden = (
+        args.num_params()
+        - args.vocab_size * args.hidden_size * (1 if args.tie_embeddings else 2)
+        - args.hidden_size
+        - args.num_layers * 2 * args.hidden_size
+    )
     return (hidden + 2 * (total - hidden)) * param_bytes
 
 
@@ -131,13 +140,24 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     peak, source = device_peak(dev)
     seconds = flops / (peak * EFFICIENCY.get(dev.type, 0.4)) if peak else None
     return {
-        "parameters": args.num_params(), "flops_per_token": args.flops_per_token(cfg.seq_len),
-        "device": str(dev), "world_size": world, "strategy": cfg.strategy if world > 1 else "single",
-        "memory_bytes": {"weights": weights // shard, "gradients": grads // shard, "optimizer": optim // shard,
-                         "activations": activations, "logits": logits, "total": total},
-        "tokens_per_step": tokens_per_step, "seconds_per_step": seconds,
+        "parameters": args.num_params(),
+        "flops_per_token": args.flops_per_token(cfg.seq_len),
+        "device": str(dev),
+        "world_size": world,
+        "strategy": cfg.strategy if world > 1 else "single",
+        "memory_bytes": {
+            "weights": weights // shard,
+            "gradients": grads // shard,
+            "optimizer": optim // shard,
+            "activations": activations,
+            "logits": logits,
+            "total": total,
+        },
+        "tokens_per_step": tokens_per_step,
+        "seconds_per_step": seconds,
         "tokens_per_s": tokens_per_step / seconds if seconds else None,
-        "run_hours": seconds * cfg.max_steps / 3600 if seconds else None, "peak_source": source,
+        "run_hours": seconds * cfg.max_steps / 3600 if seconds else None,
+        "peak_source": source,
     }
 
 
@@ -163,6 +183,8 @@ def print_estimate(est: dict) -> None:
 def print_memory(model, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> None:
     mem = finetune_memory(model.args, cfg, seq_len, pairs, vocab_logits)
     gib = 2**30
-    console.print(f"memory estimate: {mem['total'] / gib:.2f} GiB (weights {mem['weights'] / gib:.2f}, gradients "
-                  f"{mem['gradients'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
-                  f"{(mem['activations'] + mem['logits']) / gib:.2f} for {cfg.batch_size * pairs} x {seq_len} tokens)")
+    console.print(
+        f"memory estimate: {mem['total'] / gib:.2f} GiB (weights {mem['weights'] / gib:.2f}, gradients "
+        f"{mem['gradients'] / gib:.2f}, optimizer {mem['optimizer'] / gib:.2f}, activations "
+        f"{(mem['activations'] + mem['logits']) / gib:.2f} for {cfg.batch_size * pairs} x {seq_len} tokens)"
+    )

@@ -5,30 +5,31 @@ shared loop (train/loop.py) with validation, early stopping and the best state k
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from lmkiln.config import Recipe
+from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
 from lmkiln.device import seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
+from lmkiln.eval.generative import batch_loss, reply_loss
 from lmkiln.io import sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
+from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.hub import load_model
-from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
 from lmkiln.model.inference import load_format
 from lmkiln.model.loss import IGNORE
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
+from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
 from lmkiln.train import dist
 from lmkiln.train.dist import DistContext
-from lmkiln.eval.generative import batch_loss, reply_loss
 from lmkiln.train.estimate import print_memory
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
 from lmkiln.train.metrics import plot_curves
 from lmkiln.train.packing import fill, pack
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
+
 
 def check(recipe: Recipe, will_run: list[str]) -> None:
     """The data source and the base model (made by an earlier stage of this run, or there already), and
@@ -67,7 +68,9 @@ def preview(recipe: Recipe, n: int) -> None:
     cfg = recipe.finetune
     base_dir = model_dir_of(Path(recipe.run_dir), cfg.base)
     if not (base_dir / "config.json").is_file():
-        raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
+        raise UserError(
+            f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)"
+        )
     tok, _ = load_format(base_dir)
     splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
     chat = ChatFormat(base_dir)
@@ -79,10 +82,15 @@ def preview(recipe: Recipe, n: int) -> None:
             for i, token in enumerate(ids):  # token i is trained when it is the label of position i - 1
                 trained = i > 0 and labels[i - 1] != IGNORE
                 text.append(tok.decode([token], skip_special_tokens=False), style="bold green" if trained else "dim")
-            out.rule(f"{name}{Path(ex['id']).name}: {len(ids)} tokens, {sum(l != IGNORE for l in labels)} trained", style="dim")
+            out.rule(
+                f"{name}{Path(ex['id']).name}: {len(ids)} tokens, {sum(label != IGNORE for label in labels)} trained",
+                style="dim",
+            )
             out.print(text)
-    out.print(f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
-                  f"[bold green]trained tokens[/bold green] in green[/dim]")
+    out.print(
+        f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
+        f"[bold green]trained tokens[/bold green] in green[/dim]"
+    )
 
 
 def check_base(base_dir: Path) -> None:
@@ -115,20 +123,26 @@ def check_task(examples: list[dict], task: str) -> None:
     for ex in examples:
         kind = kind_of(ex)
         if kind not in allowed:
-            raise UserError(f"finetune.data: {ex['id']} is a {kind} example; finetune.task={task} takes "
-                            f"{' or '.join(allowed)} rows (set finetune.task or finetune.format)")
+            raise UserError(
+                f"finetune.data: {ex['id']} is a {kind} example; finetune.task={task} takes "
+                f"{' or '.join(allowed)} rows (set finetune.task or finetune.format)"
+            )
 
 
 def check_splits(splits: dict, cfg) -> None:
     """Both sides of the split have rows: validation picks the kept step and stops early."""
     n = len(splits["train"]) + len(splits["val"])
     if not splits["train"]:
-        raise UserError(f"finetune.data: the training split of {cfg.data} is empty ({n} rows, "
-                        f"{len(splits['val'])} held out for validation); add rows or give them split: train")
+        raise UserError(
+            f"finetune.data: the training split of {cfg.data} is empty ({n} rows, "
+            f"{len(splits['val'])} held out for validation); add rows or give them split: train"
+        )
     if not splits["val"]:
-        raise UserError(f"finetune.data: the validation split of {cfg.data} is empty ({len(splits['train'])} rows, "
-                        f"none drawn at finetune.val_fraction={cfg.val_fraction} by row content); add rows, raise "
-                        f"finetune.val_fraction, or mark some rows with split: val")
+        raise UserError(
+            f"finetune.data: the validation split of {cfg.data} is empty ({len(splits['train'])} rows, "
+            f"none drawn at finetune.val_fraction={cfg.val_fraction} by row content); add rows, raise "
+            f"finetune.val_fraction, or mark some rows with split: val"
+        )
 
 
 def load_base(recipe: Recipe, run_dir: Path):
@@ -136,7 +150,9 @@ def load_base(recipe: Recipe, run_dir: Path):
     cfg = recipe.finetune
     base_dir = model_dir_of(run_dir, cfg.base)
     if not (base_dir / "config.json").is_file():
-        raise UserError(f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)")
+        raise UserError(
+            f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)"
+        )
     seed_everything(recipe.seed)
     tok, _ = load_format(base_dir)
     check_base(base_dir)
@@ -148,8 +164,9 @@ def load_base(recipe: Recipe, run_dir: Path):
     return base_dir, tok, splits
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None,
-          save: bool = True) -> dict:
+def build(
+    recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None, save: bool = True
+) -> dict:
     """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics.
     Under torchrun, DDP over the ranks (train/loop.py)."""
     ctx = dist.setup(recipe.finetune.device)
@@ -160,8 +177,16 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
         cfg = recipe.finetune
         base_dir, tok, splits = load_base(recipe, run_dir)
         monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
-        plan = Checkpoints(out / CHECKPOINTS, sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
-                           cfg.checkpoint_every, cfg.keep_checkpoints) if save else None
+        plan = (
+            Checkpoints(
+                out / CHECKPOINTS,
+                sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
+                cfg.checkpoint_every,
+                cfg.keep_checkpoints,
+            )
+            if save
+            else None
+        )
         if cfg.task == "classify":
             from lmkiln.train.classify import build_classifier
 
@@ -180,9 +205,18 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, floa
         set_quiet(quiet)
 
 
-def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
-              on_eval: Callable[[int, float], None] | None, save: bool, ctx: DistContext,
-              monitor: TaskMonitor | None = None, checkpoints: Checkpoints | None = None) -> dict:
+def build_sft(
+    recipe: Recipe,
+    base_dir: Path,
+    splits: dict,
+    tok,
+    out: Path,
+    on_eval: Callable[[int, float], None] | None,
+    save: bool,
+    ctx: DistContext,
+    monitor: TaskMonitor | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> dict:
     cfg = recipe.finetune
     device = ctx.device
     chat = ChatFormat(base_dir)
@@ -191,15 +225,21 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
     val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
     for name, kept, rows in (("training", train, splits["train"]), ("validation", val, splits["val"])):
         if not kept:
-            raise UserError(f"finetune.data: none of the {len(rows):,} {name} examples fits in "
-                            f"finetune.max_seq_len={cfg.max_seq_len} tokens; raise it")
-    console.print(f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
-                  f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)")
+            raise UserError(
+                f"finetune.data: none of the {len(rows):,} {name} examples fits in "
+                f"finetune.max_seq_len={cfg.max_seq_len} tokens; raise it"
+            )
+    console.print(
+        f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
+        f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)"
+    )
     n_examples = len(train)
     if cfg.packing:
         train = pack(train, cfg.max_seq_len)
-        console.print(f"packing: {n_examples:,} examples in {len(train):,} rows of up to {cfg.max_seq_len} tokens "
-                      f"({fill(train, cfg.max_seq_len):.0%} full)")
+        console.print(
+            f"packing: {n_examples:,} examples in {len(train):,} rows of up to {cfg.max_seq_len} tokens "
+            f"({fill(train, cfg.max_seq_len):.0%} full)"
+        )
 
     model = load_model(base_dir, device)
     trainable = make_trainable(model, cfg)
@@ -216,13 +256,32 @@ def build_sft(recipe: Recipe, base_dir: Path, splits: dict, tok, out: Path,
         return loss, tokens
 
     guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
-    run = run_epochs(model, cfg, train, [len(t[0]) for t in train], micro_loss,
-                     lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
-                     guard, out, recipe.seed, "finetune", ctx, checkpoints)
+    run = run_epochs(
+        model,
+        cfg,
+        train,
+        [len(t[0]) for t in train],
+        micro_loss,
+        lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
+        guard,
+        out,
+        recipe.seed,
+        "finetune",
+        ctx,
+        checkpoints,
+    )
     if save and ctx.is_main:
         save_tuned(model, guard, cfg, base_dir, tok, out, device)
         plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
-    return {"method": cfg.method, "dora": cfg.method == "lora" and cfg.lora.dora, "examples": n_examples,
-            "packed_rows": len(train) if cfg.packing else None, "dropped_too_long": too_long,
-            "skipped_rows": len(splits["skipped"]), **run, **guard.summary(),
-            "trainable_parameters": trainable, "total_parameters": model.args.num_params()}
+    return {
+        "method": cfg.method,
+        "dora": cfg.method == "lora" and cfg.lora.dora,
+        "examples": n_examples,
+        "packed_rows": len(train) if cfg.packing else None,
+        "dropped_too_long": too_long,
+        "skipped_rows": len(splits["skipped"]),
+        **run,
+        **guard.summary(),
+        "trainable_parameters": trainable,
+        "total_parameters": model.args.num_params(),
+    }

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,8 +82,11 @@ class Result:
     started_at: int
 
     def metrics(self) -> dict:
-        return {"steps": self.steps, "tokens_per_s": round(self.tokens_per_s, 1) if self.tokens_per_s else None,
-                "resumed_from": self.started_at or None}
+        return {
+            "steps": self.steps,
+            "tokens_per_s": round(self.tokens_per_s, 1) if self.tokens_per_s else None,
+            "resumed_from": self.started_at or None,
+        }
 
 
 class _Batches:
@@ -110,8 +114,17 @@ class _Batches:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _step(plan: Plan, step: int, batches: list, net: nn.Module, model: nn.Module, opt, cadence: Cadence,
-          ctx: dist.DistContext, stop_asked: bool) -> tuple[float, float, int, bool]:
+def _step(
+    plan: Plan,
+    step: int,
+    batches: list,
+    net: nn.Module,
+    model: nn.Module,
+    opt,
+    cadence: Cadence,
+    ctx: dist.DistContext,
+    stop_asked: bool,
+) -> tuple[float, float, int, bool]:
     """One optimizer step: (loss, grad norm, tokens read over all ranks, stop asked on any rank)."""
     total = plan.weight(step)
     scale = ctx.world / total  # DDP and FSDP average gradients over ranks: this makes it the global sum
@@ -134,16 +147,27 @@ def _step(plan: Plan, step: int, batches: list, net: nn.Module, model: nn.Module
     if math.isfinite(loss_val) and math.isfinite(norm):
         opt.step()
     elif cadence.on_nan == "stop":
-        raise UserError(f"{plan.name}: loss became {loss_val} at step {step + 1}; the last checkpoint is kept. "
-                        f"Lower {cadence.key}.lr (now {plan.lr(step):.3g}) or set {cadence.key}.on_nan=skip")
+        raise UserError(
+            f"{plan.name}: loss became {loss_val} at step {step + 1}; the last checkpoint is kept. "
+            f"Lower {cadence.key}.lr (now {plan.lr(step):.3g}) or set {cadence.key}.on_nan=skip"
+        )
     else:
         console.print(f"[yellow]step {step + 1}: non-finite loss or gradient, batch skipped[/yellow]")
     opt.zero_grad(set_to_none=True)
     return loss_val, norm, int(tokens), bool(asked)
 
 
-def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, ctx: dist.DistContext,
-          track: Tracker, start: int = 0, state: LoopState | None = None) -> Result:
+def train(
+    plan: Plan,
+    cadence: Cadence,
+    net: nn.Module,
+    model: nn.Module,
+    opt,
+    ctx: dist.DistContext,
+    track: Tracker,
+    start: int = 0,
+    state: LoopState | None = None,
+) -> Result:
     """Run `plan` from step `start` (a resumed run passes the checkpoint's loop state). `net` runs the
     forward (DDP/FSDP-wrapped, maybe compiled); `model` owns the parameters. Ctrl-C or SIGTERM stops at
     the end of the step under way, saves a checkpoint and raises KeyboardInterrupt."""
@@ -152,8 +176,9 @@ def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, c
     batches = _Batches(plan)
     step, train_loss, last_eval, rates, saved = start, None, None, [], start
     t_log, tokens_since = time.perf_counter(), 0
-    bar_fields = "loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s" + \
-        (" · MFU {task.fields[mfu]}" if plan.flops_per_token else "")
+    bar_fields = "loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s" + (
+        " · MFU {task.fields[mfu]}" if plan.flops_per_token else ""
+    )
     model.train()
     try:
         with progress(bar_fields) as bar, stop_at_step_end() as stop:
@@ -162,8 +187,7 @@ def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, c
                 lr = plan.lr(step)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss, norm, tokens, asked = _step(plan, step, batches(step), net, model, opt, cadence, ctx,
-                                                  stop.asked)
+                loss, norm, tokens, asked = _step(plan, step, batches(step), net, model, opt, cadence, ctx, stop.asked)
                 step += 1
                 if math.isfinite(loss):
                     state.interval.append(loss)
@@ -182,16 +206,27 @@ def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, c
                     train_loss, t_log, tokens_since = mean, now, 0
                     state.interval.clear()
                     rates.append(tps)
-                    record = {"step": step, **({"epoch": plan.epoch(step)} if plan.epoch else {}),
-                              "loss": round(mean, 5), "lr": lr, "grad_norm": round(norm, 4), "tokens": state.tokens,
-                              "tokens_per_s": round(tps, 1), **({"mfu": round(util, 4)} if util is not None else {})}
+                    record = {
+                        "step": step,
+                        **({"epoch": plan.epoch(step)} if plan.epoch else {}),
+                        "loss": round(mean, 5),
+                        "lr": lr,
+                        "grad_norm": round(norm, 4),
+                        "tokens": state.tokens,
+                        "tokens_per_s": round(tps, 1),
+                        **({"mfu": round(util, 4)} if util is not None else {}),
+                    }
                 stopping = False
                 if cadence.evaluate is not None and cadence.evaluate_at(step):
                     since = sum(state.since_eval) / max(len(state.since_eval), 1)
                     state.since_eval.clear()
                     last_eval, stopping = cadence.evaluate(step, since)
-                    record = {"step": step, **({"epoch": plan.epoch(step)} if plan.epoch else {}), **record,
-                              **last_eval}
+                    record = {
+                        "step": step,
+                        **({"epoch": plan.epoch(step)} if plan.epoch else {}),
+                        **record,
+                        **last_eval,
+                    }
                 if record:
                     track(record)
                 if stopping:
@@ -203,8 +238,11 @@ def train(plan: Plan, cadence: Cadence, net: nn.Module, model: nn.Module, opt, c
                 if cadence.on_step is not None:
                     cadence.on_step(step)
                 if asked:
-                    console.print(f"interrupted at step {step}: checkpoint saved; run the same command again to resume"
-                                  if cadence.save is not None else f"interrupted at step {step}")
+                    console.print(
+                        f"interrupted at step {step}: checkpoint saved; run the same command again to resume"
+                        if cadence.save is not None
+                        else f"interrupted at step {step}"
+                    )
                     raise _Stopped
     except _Stopped:
         raise KeyboardInterrupt from None

@@ -85,7 +85,7 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
         ax = axes[0, 1]
         for key in tasks:
             pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), label=key[len("eval/"):].replace("/", " "), marker="o", markersize=3)
+            ax.plot(*zip(*pts), label=key[len("eval/") :].replace("/", " "), marker="o", markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel("score")
         ax.set_title("in-context tasks")

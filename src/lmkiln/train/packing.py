@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bisect
 
-
 Encoded = tuple[list[int], list[int]]
 Row = tuple[list[int], list[int], list[int]]  # ids, labels, segment ids
 
@@ -47,4 +46,3 @@ def pack(encoded: list[Encoded], max_len: int) -> list[Row]:
 def fill(rows: list, max_len: int) -> float:
     """Share of the row capacity holding real tokens."""
     return sum(len(r[0]) for r in rows) / (len(rows) * max_len) if rows else 0.0
-

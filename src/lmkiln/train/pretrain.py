@@ -18,13 +18,13 @@ from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.loss import next_token_losses
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
 from lmkiln.tokenizer.train import load_tokenizer, special_ids
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
-from lmkiln.model.loss import next_token_losses
 from lmkiln.train.loop import Cadence, LoopState, Plan, train
 from lmkiln.train.metrics import Tracker, plot_curves
 from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
@@ -58,15 +58,22 @@ def fim_rearrange(window: np.ndarray, rng: np.random.Generator, prefix: int, mid
     return out[:n]
 
 
-def batch_at(tokens: np.ndarray, seed: int, step: int, micro: int, batch: int, seq_len: int,
-             fim: tuple[float, int, int, int] | None = None):
+def batch_at(
+    tokens: np.ndarray,
+    seed: int,
+    step: int,
+    micro: int,
+    batch: int,
+    seq_len: int,
+    fim: tuple[float, int, int, int] | None = None,
+):
     """The micro-batch of a step: random windows drawn from a generator keyed by (seed, step, micro).
     The data position is the step number, so resume needs no sampler state; under torchrun rank r
     draws micro-batch `micro * world + r`, so N ranks see what one process with N× accumulation sees.
     `fim` = (rate, prefix id, middle id, suffix id) rearranges that share of the windows."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
-    windows = [np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts]
+    windows = [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts]
     if fim is not None and fim[0] > 0:
         windows = [fim_rearrange(w, rng, *fim[1:]) if rng.random() < fim[0] else w for w in windows]
     chunk = torch.from_numpy(np.stack(windows))
@@ -87,10 +94,12 @@ def val_loss(model, tokens: np.ndarray, seq_len: int, batches: int, batch: int, 
     model.eval()
     n = min(batches * batch, max(1, (len(tokens) - 1) // seq_len))
     n = max(ctx.world, n - n % ctx.world)  # equal work per rank: FSDP's forward is collective
-    starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)[ctx.rank::ctx.world]
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)[ctx.rank :: ctx.world]
     total, count = 0.0, 0
     for i in range(0, len(starts), batch):
-        chunk = torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch]]).astype(np.int64))
+        chunk = torch.from_numpy(
+            np.stack([tokens[s : s + seq_len + 1] for s in starts[i : i + batch]]).astype(np.int64)
+        )
         x, y = chunk[:, :-1].to(ctx.device), chunk[:, 1:].to(ctx.device)
         with autocast(ctx.device):
             total += next_token_loss(model, model, x, y).item()
@@ -113,14 +122,18 @@ def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the training data ({len(train_tokens)} tokens)")
     if len(val_tokens) <= cfg.seq_len + 1:
-        raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the validation split ({len(val_tokens)} tokens); "
-                        f"raise data.val_fraction or lower pretrain.seq_len")
+        raise UserError(
+            f"pretrain.seq_len={cfg.seq_len} is longer than the validation split ({len(val_tokens)} tokens); "
+            f"raise data.val_fraction or lower pretrain.seq_len"
+        )
     if cfg.seq_len > recipe.model.max_seq_len:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
         raise UserError("pretrain.fim_rate needs a tokenizer with FIM tokens: rerun `kiln tokenizer --force`")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
-        raise UserError("pretrain.optimizer=muon with pretrain.strategy=fsdp is not supported: Muon needs whole matrices")
+        raise UserError(
+            "pretrain.optimizer=muon with pretrain.strategy=fsdp is not supported: Muon needs whole matrices"
+        )
 
 
 def _make_model(recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext) -> tuple[Transformer, ModelArgs]:
@@ -141,8 +154,10 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
     try:
         return _train(recipe, run_dir, out, ctx, on_step)
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of GPU memory: lower pretrain.batch_size (now {recipe.pretrain.batch_size}) and raise "
-                        f"pretrain.grad_accum, lower pretrain.seq_len, or shard with pretrain.strategy=fsdp") from None
+        raise UserError(
+            f"out of GPU memory: lower pretrain.batch_size (now {recipe.pretrain.batch_size}) and raise "
+            f"pretrain.grad_accum, lower pretrain.seq_len, or shard with pretrain.strategy=fsdp"
+        ) from None
     finally:
         dist.teardown(ctx)
 
@@ -174,40 +189,76 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     tokens_per_step = cfg.batch_size * accum * cfg.seq_len * ctx.world
     flops_per_token = args.flops_per_token(cfg.seq_len)
     peak, peak_source = device_peak(ctx.device)
-    console.print(f"model: {args.arch}, {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, "
-                  f"hidden {args.hidden_size}, vocab {args.vocab_size}; {flops_per_token / 1e6:.1f} MFLOPs/token")
-    console.print(f"batch: {tokens_per_step:,} tokens/step ({cfg.batch_size} × {cfg.seq_len} × {accum} accum × "
-                  f"{ctx.world} rank{'s' if ctx.world > 1 else ''}) on {ctx.device}"
-                  + (f", {cfg.strategy}" if ctx.enabled else "")
-                  + (f"; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"; {peak_source}"))
+    console.print(
+        f"model: {args.arch}, {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, "
+        f"hidden {args.hidden_size}, vocab {args.vocab_size}; {flops_per_token / 1e6:.1f} MFLOPs/token"
+    )
+    console.print(
+        f"batch: {tokens_per_step:,} tokens/step ({cfg.batch_size} × {cfg.seq_len} × {accum} accum × "
+        f"{ctx.world} rank{'s' if ctx.world > 1 else ''}) on {ctx.device}"
+        + (f", {cfg.strategy}" if ctx.enabled else "")
+        + (f"; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"; {peak_source}")
+    )
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
     fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
-    plan = Plan("pretrain", cfg.max_steps, partial(_micro_batches, recipe, train_tokens, accum, ctx, fim),
-                weight=lambda step: tokens_per_step, loss=partial(_loss, model, ctx.device), lr=partial(lr_at, cfg),
-                flops_per_token=flops_per_token, prefetch=ctx.device.type != "cpu")
+    plan = Plan(
+        "pretrain",
+        cfg.max_steps,
+        partial(_micro_batches, recipe, train_tokens, accum, ctx, fim),
+        weight=lambda step: tokens_per_step,
+        loss=partial(_loss, model, ctx.device),
+        lr=partial(lr_at, cfg),
+        flops_per_token=flops_per_token,
+        prefetch=ctx.device.type != "cpu",
+    )
     evaluate = _Evaluate(recipe, model, val_tokens, ctx, monitor, tok, ChatFormat(tok_dir))
 
     def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
         model_state, optim_state = dist.full_state(model, opt)  # collective
         if ctx.is_main:
-            save_checkpoint(path or ckpt_dir / f"step_{at_step:07d}", args, model_state, optim_state, at_step,
-                            config_hash, tok_dir, [ids["end"]], extra={"loop": loop_state})
+            save_checkpoint(
+                path or ckpt_dir / f"step_{at_step:07d}",
+                args,
+                model_state,
+                optim_state,
+                at_step,
+                config_hash,
+                tok_dir,
+                [ids["end"]],
+                extra={"loop": loop_state},
+            )
             if path is None:
                 prune(ckpt_dir, cfg.keep_checkpoints)
         dist.barrier(ctx)
 
-    cadence = Cadence(cfg.log_every, lambda step: step % cfg.eval_every == 0 or step == cfg.max_steps, evaluate,
-                      save, cfg.checkpoint_every, cfg.grad_clip, cfg.on_nan, stop_after=cfg.stop_after, on_step=on_step)
+    cadence = Cadence(
+        cfg.log_every,
+        lambda step: step % cfg.eval_every == 0 or step == cfg.max_steps,
+        evaluate,
+        save,
+        cfg.checkpoint_every,
+        cfg.grad_clip,
+        cfg.on_nan,
+        stop_after=cfg.stop_after,
+        on_step=on_step,
+    )
     result = train(plan, cadence, step_model, model, opt, ctx, track, start, loop_state)
     save(result.steps, {}, out / FINAL)
     track.close()
     if ctx.is_main:
         plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")
     last_val = result.last_eval["val_loss"] if result.last_eval else None
-    return {"final_loss": round(result.train_loss, 5) if result.train_loss is not None else None,
-            "val_loss": last_val, "parameters": args.num_params(), "tokens_seen": result.steps * tokens_per_step,
-            **result.metrics(), "mfu": round(result.mfu, 4) if result.mfu else None, "device": str(ctx.device),
-            "world_size": ctx.world, **({"eval_tasks": evaluate.last_scores} if evaluate.last_scores else {})}
+    return {
+        "final_loss": round(result.train_loss, 5) if result.train_loss is not None else None,
+        "val_loss": last_val,
+        "parameters": args.num_params(),
+        "tokens_seen": result.steps * tokens_per_step,
+        **result.metrics(),
+        "mfu": round(result.mfu, 4) if result.mfu else None,
+        "device": str(ctx.device),
+        "world_size": ctx.world,
+        **({"eval_tasks": evaluate.last_scores} if evaluate.last_scores else {}),
+    }
 
 
 def lr_at(cfg, step: int) -> float:

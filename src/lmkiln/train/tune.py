@@ -27,8 +27,10 @@ from lmkiln.log import console
 
 def default_space(recipe: Recipe) -> dict:
     cfg = recipe.finetune
-    space: dict = {"lr": Range(low=cfg.lr / 10, high=cfg.lr * 3, log=True),
-                   "epochs": Range(low=1, high=max(2, 2 * cfg.epochs))}
+    space: dict = {
+        "lr": Range(low=cfg.lr / 10, high=cfg.lr * 3, log=True),
+        "epochs": Range(low=1, high=max(2, 2 * cfg.epochs)),
+    }
     if cfg.method == "lora":
         space["lora.r"] = [4, 8, 16, 32]
     return space
@@ -91,11 +93,17 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
     trials = trials or recipe.tune.trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name="tune", storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True, direction="minimize",
+        study_name="tune",
+        storage=f"sqlite:///{out / 'study.db'}",
+        load_if_exists=True,
+        direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=recipe.seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=recipe.tune.pruner_warmup + 1))
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=recipe.tune.pruner_warmup + 1),
+    )
     done = len([t for t in study.trials if t.state.is_finished()])
-    console.print(f"tune: {trials} trials over {', '.join(space)}" + (f" ({done} already in {out / 'study.db'})" if done else ""))
+    console.print(
+        f"tune: {trials} trials over {', '.join(space)}" + (f" ({done} already in {out / 'study.db'})" if done else "")
+    )
 
     def objective(trial) -> float:
         params = suggest(trial, recipe, space)
@@ -132,16 +140,26 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
         raise UserError("tune: no trial finished (all pruned or failed); widen tune.space or add trials")
     best = study.best_trial
     best_recipe = with_params(recipe, best.params)
-    write_text(out / "best.yaml", f"# kiln tune: trial {best.number} of {len(study.trials)}, best validation "
-               f"loss {best.value:.4f}\n" + yaml.safe_dump(best_recipe.model_dump(mode="json", exclude_defaults=True, by_alias=True),
-                                                            sort_keys=False))
+    write_text(
+        out / "best.yaml",
+        f"# kiln tune: trial {best.number} of {len(study.trials)}, best validation "
+        f"loss {best.value:.4f}\n"
+        + yaml.safe_dump(best_recipe.model_dump(mode="json", exclude_defaults=True, by_alias=True), sort_keys=False),
+    )
     write_trials(study, out / "trials.csv")
     plot_trials(study, out / "trials.png")
-    console.print(f"best: trial {best.number}, val loss {best.value:.4f}, "
-                  f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())} -> {out / 'best.yaml'} "
-                  f"({time.perf_counter() - t0:.0f} s)")
-    return {"best_trial": best.number, "best_value": best.value, "best_params": best.params,
-            "trials": len(study.trials), "pruned": sum(t.state.name == "PRUNED" for t in study.trials)}
+    console.print(
+        f"best: trial {best.number}, val loss {best.value:.4f}, "
+        f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())} -> {out / 'best.yaml'} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return {
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "trials": len(study.trials),
+        "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+    }
 
 
 def _fmt(v) -> str:
@@ -155,9 +173,21 @@ def write_trials(study, path: Path) -> None:
         w.writerow(["trial", "state", "val_loss", "evaluations", "seconds", *keys])
         for t in study.trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
-            value = t.value if t.value is not None else (min(t.intermediate_values.values()) if t.intermediate_values else "")
-            w.writerow([t.number, t.state.name.lower(), value, len(t.intermediate_values),
-                        round(seconds, 1) if seconds != "" else "", *[t.params.get(k, "") for k in keys]])
+            value = (
+                t.value
+                if t.value is not None
+                else (min(t.intermediate_values.values()) if t.intermediate_values else "")
+            )
+            w.writerow(
+                [
+                    t.number,
+                    t.state.name.lower(),
+                    value,
+                    len(t.intermediate_values),
+                    round(seconds, 1) if seconds != "" else "",
+                    *[t.params.get(k, "") for k in keys],
+                ]
+            )
 
 
 def plot_trials(study, path: Path) -> None:
@@ -171,15 +201,24 @@ def plot_trials(study, path: Path) -> None:
     for t in study.trials:
         if t.intermediate_values:
             steps = sorted(t.intermediate_values)
-            curves.plot(steps, [t.intermediate_values[s] for s in steps], marker=".",
-                        linestyle="--" if t.state.name == "PRUNED" else "-", label=f"trial {t.number}")
+            curves.plot(
+                steps,
+                [t.intermediate_values[s] for s in steps],
+                marker=".",
+                linestyle="--" if t.state.name == "PRUNED" else "-",
+                label=f"trial {t.number}",
+            )
     curves.set(xlabel="evaluation", ylabel="validation loss", title="trials (dashed: pruned)")
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     pruned = [t for t in study.trials if t.state.name == "PRUNED" and t.intermediate_values]
-    running = [min(t.value for t in done[:i + 1]) for i in range(len(done))]
+    running = [min(t.value for t in done[: i + 1]) for i in range(len(done))]
     best.plot([t.number for t in done], [t.value for t in done], "o", label="trial")
-    best.plot([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned], "x",
-              label="pruned (its last loss)")
+    best.plot(
+        [t.number for t in pruned],
+        [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+        "x",
+        label="pruned (its last loss)",
+    )
     best.plot([t.number for t in done], running, "-", label="best so far")
     best.set(xlabel="trial", ylabel="best validation loss", title="search")
     for ax in (curves, best):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +25,14 @@ from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.runs import FINAL
 from lmkiln.train import dist
-from lmkiln.train.checkpoint import (TRAINABLE, latest_checkpoint, prune, read_training_state, save_training_state,
-                                     set_rng_state)
+from lmkiln.train.checkpoint import (
+    TRAINABLE,
+    latest_checkpoint,
+    prune,
+    read_training_state,
+    save_training_state,
+    set_rng_state,
+)
 from lmkiln.train.dist import DistContext
 from lmkiln.train.loop import Cadence, LoopState, Plan, train
 from lmkiln.train.metrics import Tracker
@@ -41,8 +48,14 @@ class Validation:
 
     FIELDS = ("base", "best", "best_state", "best_epoch", "best_step", "history", "waited", "stopped", "diverged")
 
-    def __init__(self, model: nn.Module, evaluate: Callable[[], dict], cfg,
-                 on_eval: Callable[[int, float], None] | None = None, tasks: Callable[[], dict] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        evaluate: Callable[[], dict],
+        cfg,
+        on_eval: Callable[[int, float], None] | None = None,
+        tasks: Callable[[], dict] | None = None,
+    ) -> None:
         self.model, self.cfg, self.on_eval = model, cfg, on_eval
         # in-context task scores (eval/TASK/METRIC) ride along with each validation; only the loss guards
         self.evaluate = evaluate if tasks is None else (lambda: {**evaluate(), **tasks()})
@@ -92,13 +105,16 @@ class Validation:
             (t0, v0), (t1, v1), (t2, v2) = self.history[-3:]
             if t2 < t1 < t0 and v2 > v1 > v0:
                 self.diverged = True
-                console.print("[yellow]warning: training loss falls while validation loss rises: the model is "
-                              "overfitting (fewer epochs, a lower lr, or finetune.patience)[/yellow]")
+                console.print(
+                    "[yellow]warning: training loss falls while validation loss rises: the model is "
+                    "overfitting (fewer epochs, a lower lr, or finetune.patience)[/yellow]"
+                )
         if self.on_eval is not None:
             self.on_eval(step, vloss)
         if self.cfg.patience and self.waited >= self.cfg.patience:
-            console.print(f"stopping early: {self.waited} evaluations without improvement; "
-                          f"keeping step {self.best_step}")
+            console.print(
+                f"stopping early: {self.waited} evaluations without improvement; keeping step {self.best_step}"
+            )
             self.stopped = True
         return self._rounded(res), self.stopped
 
@@ -110,11 +126,19 @@ class Validation:
         return True
 
     def summary(self) -> dict:
-        return {"base_val_loss": round(self.base["loss"], 5), "best_val_loss": round(self.best["loss"], 5),
-                "best_epoch": self.best_epoch, "best_step": self.best_step,
-                "stopped_early": self.stopped, "overfit_warning": self.diverged,
-                **({"base_eval_tasks": tasks_of(self.base), "best_eval_tasks": tasks_of(self.best)}
-                   if tasks_of(self.base) else {})}
+        return {
+            "base_val_loss": round(self.base["loss"], 5),
+            "best_val_loss": round(self.best["loss"], 5),
+            "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
+            "stopped_early": self.stopped,
+            "overfit_warning": self.diverged,
+            **(
+                {"base_eval_tasks": tasks_of(self.base), "best_eval_tasks": tasks_of(self.best)}
+                if tasks_of(self.base)
+                else {}
+            ),
+        }
 
 
 def tasks_of(res: dict) -> dict:
@@ -129,8 +153,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     window = batch_size * 50
     batches = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lengths.__getitem__)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[w : w + window], key=lengths.__getitem__)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -149,7 +173,9 @@ def make_trainable(model: nn.Module, cfg) -> int:
 def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, device) -> None:
     """The best weights as a model directory (and, for LoRA/DoRA, the adapter in PEFT's layout)."""
     if not guard.restore_best():
-        console.print("[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]")
+        console.print(
+            "[yellow]warning: no evaluation improved on the base model's validation loss; keeping the base weights[/yellow]"
+        )
         model = load_model(base_dir, device)
         make_trainable(model, cfg)
     if cfg.method == "lora":
@@ -201,13 +227,24 @@ def epoch_steps(lengths: list[int], batch_size: int, per_step: int, epochs: int,
     order, steps = random.Random(seed), []
     for epoch in range(1, epochs + 1):
         micro = length_grouped_batches(lengths, batch_size, order)
-        steps += [(epoch, micro[s:s + per_step]) for s in range(0, len(micro), per_step)]
+        steps += [(epoch, micro[s : s + per_step]) for s in range(0, len(micro), per_step)]
     return steps
 
 
-def run_epochs(model: nn.Module, cfg, items: list, lengths: list[int], micro_loss: Callable[[nn.Module, list], Any],
-               weight: Callable[[list], int], guard: Validation, out: Path, seed: int, name: str,
-               ctx: DistContext | None = None, checkpoints: Checkpoints | None = None) -> dict:
+def run_epochs(
+    model: nn.Module,
+    cfg,
+    items: list,
+    lengths: list[int],
+    micro_loss: Callable[[nn.Module, list], Any],
+    weight: Callable[[list], int],
+    guard: Validation,
+    out: Path,
+    seed: int,
+    name: str,
+    ctx: DistContext | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> dict:
     """Train for the recipe's epochs, or until the guard stops it. A step's loss is its micro-batches'
     summed losses over the step's total `weight` (trained tokens, pairs, examples). Under torchrun each
     rank takes every world-th micro-batch of the same steps (DDP). With `checkpoints`, the state is saved
@@ -228,24 +265,45 @@ def run_epochs(model: nn.Module, cfg, items: list, lengths: list[int], micro_los
     def batch(idx: list[int]) -> list:
         return [items[i] for i in idx]
 
-    plan = Plan(name, len(steps), lambda i: [batch(idx) for idx in steps[i][1][ctx.rank::ctx.world]],
-                weight=lambda i: sum(weight(batch(idx)) for idx in steps[i][1]), loss=micro_loss,
-                lr=lambda i: cosine_lr(i, horizon, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
-                idle_batch=lambda i: batch(steps[i][1][0]), epoch=lambda done: steps[done - 1][0])
+    plan = Plan(
+        name,
+        len(steps),
+        lambda i: [batch(idx) for idx in steps[i][1][ctx.rank :: ctx.world]],
+        weight=lambda i: sum(weight(batch(idx)) for idx in steps[i][1]),
+        loss=micro_loss,
+        lr=lambda i: cosine_lr(i, horizon, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+        idle_batch=lambda i: batch(steps[i][1][0]),
+        epoch=lambda done: steps[done - 1][0],
+    )
 
     def save(step: int, loop: dict) -> None:
         if ctx.is_main:
-            save_training_state(checkpoints.dir / f"step_{step:07d}", _trainable_state(model),
-                                {"config_hash": checkpoints.key, "optimizer": opt.state_dict(),
-                                 "guard": guard.state(), "step": step, "loop": loop})
+            save_training_state(
+                checkpoints.dir / f"step_{step:07d}",
+                _trainable_state(model),
+                {
+                    "config_hash": checkpoints.key,
+                    "optimizer": opt.state_dict(),
+                    "guard": guard.state(),
+                    "step": step,
+                    "loop": loop,
+                },
+            )
             prune(checkpoints.dir, checkpoints.keep)
         dist.barrier(ctx)
 
     # without a schedule each epoch ends with a check; with one, the last steps still get one
-    cadence = Cadence(cfg.log_every, lambda s: (cfg.eval_every and s % cfg.eval_every == 0) or s == len(steps)
-                      or (not cfg.eval_every and s in epoch_ends),
-                      lambda s, since: guard.check(s, steps[s - 1][0], since),
-                      save if checkpoints is not None else None, checkpoints.every if checkpoints else 0,
-                      cfg.grad_clip, cfg.on_nan, key="finetune")
+    cadence = Cadence(
+        cfg.log_every,
+        lambda s: (
+            (cfg.eval_every and s % cfg.eval_every == 0) or s == len(steps) or (not cfg.eval_every and s in epoch_ends)
+        ),
+        lambda s, since: guard.check(s, steps[s - 1][0], since),
+        save if checkpoints is not None else None,
+        checkpoints.every if checkpoints else 0,
+        cfg.grad_clip,
+        cfg.on_nan,
+        key="finetune",
+    )
     result = train(plan, cadence, net, model, opt, ctx, track, start, loop_state)
     return {**result.metrics(), "world_size": ctx.world}
