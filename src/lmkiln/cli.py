@@ -8,7 +8,6 @@ A user mistake prints one line and exits 2; a bug raises with its traceback (exi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,13 +41,6 @@ def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
         else:
             raise UserError(f"unexpected argument '{item}': give one recipe, then KEY=VALUE overrides")
     return recipe, overrides
-
-
-def _load(items: list[str]):
-    from lmkiln.config import load_recipe, resolve_recipe_path
-
-    recipe, overrides = _recipe_and_overrides(items)
-    return load_recipe(resolve_recipe_path(recipe) if recipe else None, overrides)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -276,149 +268,102 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_sampling(args) -> None:
-    """The sampling flags of generate and chat, before any model loads."""
-    if args.temperature < 0:
-        raise UserError(f"--temperature {args.temperature}: expected 0 (greedy) or more")
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p {args.top_p}: expected a probability mass above 0 and at most 1")
-    if getattr(args, "top_k", 0) < 0:
-        raise UserError(f"--top-k {args.top_k}: expected 0 (all tokens) or more")
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens {args.max_tokens}: expected 1 or more")
+def _recipe(args):
+    """The recipe and overrides a verb names, with its options set as the recipe fields they stand for."""
+    from lmkiln.config import load_recipe, resolve_recipe_path
+
+    path, overrides = _recipe_and_overrides(args.recipe)
+    settings: dict = {}
+    if getattr(args, "tasks", None):
+        settings["eval"] = {"tasks": args.tasks}
+    if getattr(args, "limit", None) is not None:
+        settings.setdefault("eval", {}).update(icl_max_examples=args.limit, max_examples=args.limit)
+    if getattr(args, "task", None):
+        settings["finetune"] = {"task": args.task}
+    return load_recipe(resolve_recipe_path(path) if path else None, overrides, settings)
 
 
-def check_model_dir(path: Path, what: str = "model") -> None:
-    if not (Path(path) / "config.json").is_file():
-        hint = " (it does not exist)" if not Path(path).exists() else " (no config.json)"
-        raise UserError(f"{what} '{path}' is not a model directory{hint}")
+# Each verb: its parsed arguments handed to the one library function that does it.
+
+
+def _stages(args) -> None:
+    if args.verb == "finetune" and args.preview is not None:
+        from lmkiln.train.finetune import preview
+
+        return preview(_recipe(args), args.preview)
+    if args.verb == "eval" and args.models:
+        from lmkiln.eval.stage import compare
+
+        return compare(_recipe(args), args.models, args.out, args.force)
+    from lmkiln.pipeline import run_recipe
+
+    run_recipe(_recipe(args), force=args.force, only=None if args.verb == "run" else [args.verb])
+
+
+def _tune(args) -> None:
+    from lmkiln.train.tune import tune
+
+    tune(_recipe(args), args.trials)
+
+
+def _estimate(args) -> None:
+    from lmkiln.train.estimate import estimate, print_estimate
+
+    print_estimate(estimate(_recipe(args), world=args.world, device=args.device))
 
 
 def _generate(args) -> None:
-    check_sampling(args)
-    check_model_dir(args.model)
-    from lmkiln.device import pick_device
-    from lmkiln.model.generate import TextStream, stream
-    from lmkiln.model.inference import load_for_inference
+    from lmkiln.model.generate import print_continuation
 
-    lm = load_for_inference(args.model, pick_device(args.device))
-    # --chat: the user turn in the model's own template, with its generation prompt
-    text = (
-        lm.chat.render([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-        if args.chat
-        else args.prompt
-    )
-    prompt = lm.tok.encode(text, add_special_tokens=False).ids
-    out = TextStream(lm.tok)
-    if not args.chat:
-        sys.stdout.write(args.prompt)
-    for token in stream(
-        lm.model,
-        prompt,
+    print_continuation(
+        args.model,
+        args.prompt,
+        args.chat,
         args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_ids=sorted(lm.chat.stop_ids),
-        seed=args.seed,
-        compile=args.compile,
-    ):
-        sys.stdout.write(out.push(token))
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-def _bind(host: str, port: int):
-    """The listening socket, bound before the model loads: a busy port is a one-line error at once."""
-    import socket
-
-    if not 0 <= port <= 65535:
-        raise UserError(f"--port {port}: expected 0 to 65535")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise UserError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise UserError(
-            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); stop what holds it or choose another port"
-        ) from None
-    return sock
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        args.device,
+        args.compile,
+    )
 
 
 def _serve(args) -> None:
-    check_model_dir(args.model)
-    try:
-        import uvicorn
-    except ImportError:
-        raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
-    from lmkiln.serve.app import create_app
+    from lmkiln.serve.server import serve
 
-    for flag in ("max_batch", "max_queue", "context", "max_request_bytes"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or "+" in name:
-            raise UserError(f"--adapter '{spec}': expected NAME=DIR (a name without '+')")
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise UserError(f"--adapter {name}: '{path}' has no adapter_config.json")
-        adapters[name] = Path(path)
-    sock = _bind(args.host, args.port)
-    from lmkiln.log import console
-
-    host, port = sock.getsockname()[:2]
-    console.print(
-        f"kiln serve: {args.model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", soft_wrap=True
-    )
-    app = create_app(
+    serve(
         args.model,
-        args.device,
+        args.host,
+        args.port,
         args.name,
-        adapters,
+        args.device,
+        args.adapter,
         args.max_batch,
         args.max_queue,
         args.context,
         args.api_key,
         args.cors,
         args.max_request_bytes,
-        background=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
-    server.run(sockets=[sock])
 
 
 def _chat(args) -> None:
     from lmkiln.serve.terminal import chat_loop
 
-    check_sampling(args)
-    check_model_dir(args.model)
     chat_loop(args.model, args.device, args.temperature, args.top_p, args.max_tokens, args.system, args.seed)
 
 
 def _import(args) -> None:
-    from lmkiln.log import console
-    from lmkiln.model.checks import print_checks
-    from lmkiln.model.importer import describe, import_model
+    from lmkiln.model.importer import import_and_report
 
-    checks = import_model(args.source, args.out, args.dtype, force=args.force)
-    console.print(f"imported {args.source} -> {args.out}\n{describe(args.out)}\nchecks:")
-    print_checks(checks)
+    import_and_report(args.source, args.out, args.dtype, args.force)
 
 
 def _export(args) -> None:
-    from lmkiln.log import console
-    from lmkiln.model.checks import print_checks
-    from lmkiln.model.export import export_model
+    from lmkiln.model.export import export_and_report
 
-    checks = export_model(
+    export_and_report(
         args.model,
         args.out,
         merge=args.merge,
@@ -428,35 +373,19 @@ def _export(args) -> None:
         force=args.force,
         quant=args.quant,
     )
-    console.print(f"exported {args.model} -> {args.out}\nchecks:")
-    print_checks(checks)
 
 
-def _eval_models(args) -> None:
-    from lmkiln.eval.stage import evaluate, print_table, write_results
-    from lmkiln.io import check_output_dir, output_dir
-    from lmkiln.pipeline import check_recipe
-    from lmkiln.runs import model_dir_of
-
-    recipe = _load(args.recipe)
-    recipe.eval.models = args.models
-    check_recipe(recipe, ["eval"])  # every model and task, before the first is scored
-    run_dir = Path(recipe.run_dir)
-    if args.out:
-        check_output_dir(args.out, [model_dir_of(run_dir, m) for m in args.models], args.force, "--out")
-    results = evaluate(recipe, run_dir, args.models)
-    print_table(results)
-    if args.out:
-        with output_dir(args.out, "kiln eval") as tmp:
-            write_results(results, tmp)
-
-
-def _eval_overrides(args) -> list[str]:
-    """`kiln eval`'s --tasks and --limit as the recipe keys they stand for."""
-    out = [f"eval.tasks={json.dumps(args.tasks)}"] if getattr(args, "tasks", None) else []
-    if getattr(args, "limit", None) is not None:
-        out += [f"eval.icl_max_examples={args.limit}", f"eval.max_examples={args.limit}"]
-    return out
+VERBS = {
+    "run": _stages,
+    **{name: _stages for name in STAGE_HELP},
+    "tune": _tune,
+    "estimate": _estimate,
+    "generate": _generate,
+    "import": _import,
+    "export": _export,
+    "serve": _serve,
+    "chat": _chat,
+}
 
 
 def dispatch(args) -> int:
@@ -467,41 +396,7 @@ def dispatch(args) -> int:
     if args.version:
         print(f"lmkiln {__version__}")
         return 0
-    if args.verb == "generate":
-        _generate(args)
-    elif args.verb == "serve":
-        _serve(args)
-    elif args.verb == "chat":
-        _chat(args)
-    elif args.verb == "import":
-        _import(args)
-    elif args.verb == "export":
-        _export(args)
-    elif args.verb == "estimate":
-        from lmkiln.train.estimate import estimate, print_estimate
-
-        print_estimate(estimate(_load(args.recipe), world=args.world, device=args.device))
-    elif args.verb == "tune":
-        from lmkiln.train.tune import tune
-
-        if args.trials is not None and args.trials < 1:
-            raise UserError(f"--trials must be 1 or more, got {args.trials}")
-        tune(_load(args.recipe), args.trials)
-    elif args.verb == "finetune" and args.preview is not None:
-        from lmkiln.train.finetune import preview
-
-        preview(_load(args.recipe), args.preview)
-    elif args.verb == "eval" and args.models:
-        args.recipe += _eval_overrides(args)
-        _eval_models(args)
-    else:
-        from lmkiln.pipeline import run_recipe
-
-        args.recipe += _eval_overrides(args)
-        if getattr(args, "task", None):
-            args.recipe = [*args.recipe, f"finetune.task={args.task}"]
-        recipe = _load(args.recipe)
-        run_recipe(recipe, force=args.force, only=None if args.verb == "run" else [args.verb])
+    VERBS[args.verb](args)
     return 0
 
 

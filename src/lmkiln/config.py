@@ -506,8 +506,11 @@ def read_yaml(path: Path) -> dict:
     return tree
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or none: all defaults), apply overrides, validate; UserError on any mistake."""
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | None = None, settings: dict | None = None
+) -> Recipe:
+    """Read a YAML recipe (or none: all defaults), apply `KEY=VALUE` overrides, then `settings` (a nested
+    dict of values, as a command's options give them), validate; UserError on any mistake."""
     tree: dict = {}
     origin = "recipe"
     explicit_stages = None
@@ -518,11 +521,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         explicit_stages = [s for s in STAGES if s in tree or (s == "pretrain" and "model" in tree)]
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
+    if settings:
+        tree = _merge(tree, settings)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = origin if not overrides else f"{origin} + command line"
+        where = origin if not (overrides or settings) else f"{origin} + command line"
         raise UserError(_describe(first, where)) from None
     if recipe.stages is None and explicit_stages:
         recipe.stages = explicit_stages

@@ -399,3 +399,21 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
         }
         for name, r in results.items()
     }
+
+
+def compare(recipe: Recipe, models: list[str], out: Path | None = None, force: bool = False) -> dict:
+    """`kiln eval --models`: score the models side by side outside the stage cache, print the table and,
+    with `out`, write eval.json, eval.md and eval.png there. Every model and task is checked first."""
+    from lmkiln.io import check_output_dir, output_dir
+
+    recipe.eval.models = models
+    check(recipe, ["eval"])
+    run_dir = Path(recipe.run_dir)
+    if out:
+        check_output_dir(out, [model_dir_of(run_dir, m) for m in models], force, "--out")
+    results = evaluate(recipe, run_dir, models)
+    print_table(results)
+    if out:
+        with output_dir(out, "kiln eval") as tmp:
+            write_results(results, tmp)
+    return results

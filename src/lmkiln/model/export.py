@@ -187,3 +187,13 @@ def _export_gguf(
     stops = [eot[0]] if eot else []
     write_text(out / "Modelfile", modelfile("model.gguf", stops))
     return checks + consistency_checks(source)
+
+
+def export_and_report(model: Path, out: Path, **options) -> None:
+    """`kiln export`: export (options as `export_model` takes them), then print the read-back checks."""
+    from lmkiln.log import console
+    from lmkiln.model.checks import print_checks
+
+    checks = export_model(model, out, **options)
+    console.print(f"exported {model} -> {out}\nchecks:")
+    print_checks(checks)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 import torch
 
+from lmkiln.errors import UserError
 from lmkiln.model.kv_cache import KVCache, SlotCache, StaticKVCache
 from lmkiln.model.transformer import Transformer
 
@@ -152,3 +156,58 @@ def generate_greedy_batch(
             for s in [s for s in last if len(out[b + s]) >= budget[s]]:
                 del last[s]
     return out
+
+
+def check_sampling(temperature: float, top_p: float, max_tokens: int, top_k: int = 0) -> None:
+    """Sampling settings (of `kiln generate` and `kiln chat`), before any model loads."""
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: expected 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: expected a probability mass above 0 and at most 1")
+    if top_k < 0:
+        raise UserError(f"--top-k {top_k}: expected 0 (all tokens) or more")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens}: expected 1 or more")
+
+
+def print_continuation(
+    model_dir: Path,
+    prompt: str,
+    chat: bool = False,
+    max_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.95,
+    seed: int | None = None,
+    device: str = "auto",
+    compile: bool = False,
+    out: TextIO | None = None,
+) -> None:
+    """`kiln generate`: stream a continuation of `prompt` (with `chat`, a reply to it as a user turn in
+    the model's own template) to `out` as it is decoded, stopping at the model's stop ids."""
+    from lmkiln.device import pick_device
+    from lmkiln.model.inference import check_model_dir, load_for_inference
+
+    out = out or sys.stdout  # looked up at call time: a caller may have replaced it
+    check_sampling(temperature, top_p, max_tokens, top_k)
+    check_model_dir(model_dir)
+    lm = load_for_inference(model_dir, pick_device(device))
+    text = lm.chat.render([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
+    ids = lm.tok.encode(text, add_special_tokens=False).ids
+    pieces = TextStream(lm.tok)
+    if not chat:
+        out.write(prompt)
+    for token in stream(
+        lm.model,
+        ids,
+        max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_ids=sorted(lm.chat.stop_ids),
+        seed=seed,
+        compile=compile,
+    ):
+        out.write(pieces.push(token))
+        out.flush()
+    out.write("\n")

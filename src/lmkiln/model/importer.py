@@ -212,3 +212,13 @@ def describe(model_dir: Path) -> str:
         f"hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), vocab {args.vocab_size}"
         f"{scaling}, {cfg.get('torch_dtype')}"
     )
+
+
+def import_and_report(source: str, out: str | Path, dtype: str | None = None, force: bool = False) -> None:
+    """`kiln import`: import, then print what was written and the checks."""
+    from lmkiln.log import console
+    from lmkiln.model.checks import print_checks
+
+    checks = import_model(source, out, dtype, force=force)
+    console.print(f"imported {source} -> {out}\n{describe(Path(out))}\nchecks:")
+    print_checks(checks)

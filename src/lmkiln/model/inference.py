@@ -25,6 +25,13 @@ class Loaded:
     chat: ChatFormat
 
 
+def check_model_dir(path: str | Path, what: str = "model") -> None:
+    """A model directory (config.json in it), or a one-line UserError before anything loads."""
+    if not (Path(path) / "config.json").is_file():
+        hint = " (it does not exist)" if not Path(path).exists() else " (no config.json)"
+        raise UserError(f"{what} '{path}' is not a model directory{hint}")
+
+
 def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
     """A model directory's tokenizer and format, without its weights."""
     model_dir = Path(model_dir)

@@ -21,9 +21,11 @@ def chat_loop(
     stdout: TextIO = sys.stdout,
 ) -> int:
     from lmkiln.device import pick_device
-    from lmkiln.model.generate import TextStream, stream
-    from lmkiln.model.inference import load_for_inference
+    from lmkiln.model.generate import TextStream, check_sampling, stream
+    from lmkiln.model.inference import check_model_dir, load_for_inference
 
+    check_sampling(temperature, top_p, max_tokens)
+    check_model_dir(model_dir)
     lm = load_for_inference(model_dir, pick_device(device))
     model, tok, chat = lm.model, lm.tok, lm.chat
     start = [{"role": "system", "content": system}] if system else []

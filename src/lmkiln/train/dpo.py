@@ -22,12 +22,11 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import load_model
 from lmkiln.model.loss import next_token_losses
 from lmkiln.train.dist import DistContext, unwrap
 from lmkiln.train.estimate import print_memory
 from lmkiln.train.metrics import plot_curves
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
+from lmkiln.train.tuning import Checkpoints, Validation, load_trainable, run_epochs, save_tuned
 
 
 def dpo_loss(
@@ -112,10 +111,7 @@ def build_dpo(
         f"preference pairs: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
         f"val {len(val):,}; beta {cfg.dpo_beta}"
     )
-    model = load_model(base_dir, device)
-    trainable = make_trainable(model, cfg)
-    model.to(device)
-    console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
+    model, trainable = load_trainable(base_dir, cfg, device)
     longest = max(max(len(p["chosen"][0]), len(p["rejected"][0])) for p in train)
     print_memory(model, cfg, longest, pairs=2)
     add_reference(model, train + val, cfg.batch_size, pad, device)

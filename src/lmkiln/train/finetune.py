@@ -19,7 +19,6 @@ from lmkiln.eval.generative import batch_loss, reply_loss
 from lmkiln.io import sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import load_model
 from lmkiln.model.inference import load_format
 from lmkiln.model.loss import IGNORE
 from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
@@ -28,7 +27,7 @@ from lmkiln.train.dist import DistContext
 from lmkiln.train.estimate import print_memory
 from lmkiln.train.metrics import plot_curves
 from lmkiln.train.packing import fill, pack
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, save_tuned
+from lmkiln.train.tuning import Checkpoints, Validation, load_trainable, run_epochs, save_tuned
 
 
 def check(recipe: Recipe, will_run: list[str]) -> None:
@@ -241,10 +240,7 @@ def build_sft(
             f"({fill(train, cfg.max_seq_len):.0%} full)"
         )
 
-    model = load_model(base_dir, device)
-    trainable = make_trainable(model, cfg)
-    model.to(device)
-    console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
+    model, trainable = load_trainable(base_dir, cfg, device)
     print_memory(model, cfg, max(len(t[0]) for t in train))
 
     def evaluate() -> dict:

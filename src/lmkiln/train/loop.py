@@ -43,6 +43,7 @@ class Plan:
     idle_batch: Callable[[int], Any] | None = None  # a batch a rank left without one runs at zero weight
     epoch: Callable[[int], int] | None = None  # step -> its epoch, for the log
     flops_per_token: float | None = None  # for MFU
+    device: torch.device | None = None  # for MFU: whose peak
     prefetch: bool = False  # read the next step's batches on a thread while this one computes
 
 
@@ -157,6 +158,67 @@ def _step(
     return loss_val, norm, int(tokens), bool(asked)
 
 
+class _Readout:
+    """The log interval under way: its running mean loss, tokens/s and MFU, shown on the bar from its first
+    step and written to metrics.jsonl at its end (one small batch's loss is too noisy to read a curve from)."""
+
+    def __init__(self, plan: Plan, state: LoopState, world: int) -> None:
+        self.plan, self.state, self.world = plan, state, world
+        self.peak = device_peak_of(plan)
+        self.started, self.tokens = time.perf_counter(), 0
+        self.rates: list[float] = []
+        self.train_loss: float | None = None
+
+    def add(self, loss: float, tokens: int) -> dict:
+        """One step done: the bar's fields."""
+        if math.isfinite(loss):
+            self.state.interval.append(loss)
+            self.state.since_eval.append(loss)
+        self.tokens += tokens
+        self.state.tokens += tokens
+        self.tps = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.util = mfu(self.tps, self.plan.flops_per_token, self.peak, self.world) if self.peak else None
+        self.mean = sum(self.state.interval) / len(self.state.interval) if self.state.interval else loss
+        return {"loss": self.mean, "tps": self.tps, "mfu": f"{self.util:.0%}" if self.util is not None else "–"}
+
+    def close(self, step: int, lr: float, norm: float) -> dict:
+        """The interval ends at `step`: its record, and a new interval begins."""
+        if not self.state.interval:
+            return {}
+        self.train_loss, self.started, self.tokens = self.mean, time.perf_counter(), 0
+        self.state.interval.clear()
+        self.rates.append(self.tps)
+        return {
+            "step": step,
+            **epoch_of(self.plan, step),
+            "loss": round(self.mean, 5),
+            "lr": lr,
+            "grad_norm": round(norm, 4),
+            "tokens": self.state.tokens,
+            "tokens_per_s": round(self.tps, 1),
+            **({"mfu": round(self.util, 4)} if self.util is not None else {}),
+        }
+
+    def median_rate(self) -> tuple[float | None, float | None]:
+        tps = statistics.median(self.rates) if self.rates else None
+        return tps, (mfu(tps, self.plan.flops_per_token, self.peak, self.world) if tps and self.peak else None)
+
+
+def device_peak_of(plan: Plan) -> float | None:
+    return device_peak(plan.device)[0] if plan.flops_per_token else None
+
+
+def epoch_of(plan: Plan, step: int) -> dict:
+    return {"epoch": plan.epoch(step)} if plan.epoch else {}
+
+
+def _evaluate(cadence: Cadence, state: LoopState, step: int) -> tuple[dict | None, bool]:
+    """The evaluation hook, told the mean training loss since the last evaluation."""
+    since = sum(state.since_eval) / max(len(state.since_eval), 1)
+    state.since_eval.clear()
+    return cadence.evaluate(step, since)
+
+
 def train(
     plan: Plan,
     cadence: Cadence,
@@ -172,16 +234,15 @@ def train(
     forward (DDP/FSDP-wrapped, maybe compiled); `model` owns the parameters. Ctrl-C or SIGTERM stops at
     the end of the step under way, saves a checkpoint and raises KeyboardInterrupt."""
     state = state or LoopState()
-    peak = device_peak(ctx.device)[0] if plan.flops_per_token else None
-    batches = _Batches(plan)
-    step, train_loss, last_eval, rates, saved = start, None, None, [], start
-    t_log, tokens_since = time.perf_counter(), 0
-    bar_fields = "loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s" + (
-        " · MFU {task.fields[mfu]}" if plan.flops_per_token else ""
-    )
+    readout, batches = _Readout(plan, state, ctx.world), _Batches(plan)
+    step, last_eval, saved = start, None, start
+    fields = "loss {task.fields[loss]:.3f} · {task.fields[tps]:,.0f} tok/s"
     model.train()
     try:
-        with progress(bar_fields) as bar, stop_at_step_end() as stop:
+        with (
+            progress(fields + (" · MFU {task.fields[mfu]}" if plan.flops_per_token else "")) as bar,
+            stop_at_step_end() as stop,
+        ):
             task = bar.add_task(plan.name, total=plan.steps, completed=start, loss=float("nan"), tps=0.0, mfu="–")
             while step < plan.steps:
                 lr = plan.lr(step)
@@ -189,44 +250,12 @@ def train(
                     group["lr"] = lr
                 loss, norm, tokens, asked = _step(plan, step, batches(step), net, model, opt, cadence, ctx, stop.asked)
                 step += 1
-                if math.isfinite(loss):
-                    state.interval.append(loss)
-                    state.since_eval.append(loss)
-                tokens_since += tokens
-                state.tokens += tokens
-                now = time.perf_counter()
-                tps = tokens_since / max(now - t_log, 1e-9)
-                util = mfu(tps, plan.flops_per_token, peak, ctx.world) if plan.flops_per_token else None
-                # the bar shows the interval under way from its first step: its mean loss and rate
-                mean = sum(state.interval) / len(state.interval) if state.interval else loss
-                bar.update(task, completed=step, loss=mean, tps=tps, mfu=f"{util:.0%}" if util is not None else "–")
-                record = {}
-                if (step % cadence.log_every == 0 or step == plan.steps) and state.interval:
-                    # the mean over the interval: one small batch's loss is too noisy to read a curve from
-                    train_loss, t_log, tokens_since = mean, now, 0
-                    state.interval.clear()
-                    rates.append(tps)
-                    record = {
-                        "step": step,
-                        **({"epoch": plan.epoch(step)} if plan.epoch else {}),
-                        "loss": round(mean, 5),
-                        "lr": lr,
-                        "grad_norm": round(norm, 4),
-                        "tokens": state.tokens,
-                        "tokens_per_s": round(tps, 1),
-                        **({"mfu": round(util, 4)} if util is not None else {}),
-                    }
+                bar.update(task, completed=step, **readout.add(loss, tokens))
+                record = readout.close(step, lr, norm) if step % cadence.log_every == 0 or step == plan.steps else {}
                 stopping = False
                 if cadence.evaluate is not None and cadence.evaluate_at(step):
-                    since = sum(state.since_eval) / max(len(state.since_eval), 1)
-                    state.since_eval.clear()
-                    last_eval, stopping = cadence.evaluate(step, since)
-                    record = {
-                        "step": step,
-                        **({"epoch": plan.epoch(step)} if plan.epoch else {}),
-                        **record,
-                        **last_eval,
-                    }
+                    last_eval, stopping = _evaluate(cadence, state, step)
+                    record = {"step": step, **epoch_of(plan, step), **record, **last_eval}
                 if record:
                     track(record)
                 if stopping:
@@ -239,9 +268,12 @@ def train(
                     cadence.on_step(step)
                 if asked:
                     console.print(
-                        f"interrupted at step {step}: checkpoint saved; run the same command again to resume"
-                        if cadence.save is not None
-                        else f"interrupted at step {step}"
+                        f"interrupted at step {step}: "
+                        + (
+                            "checkpoint saved; run the same command again to resume"
+                            if cadence.save is not None
+                            else "nothing saved"
+                        )
                     )
                     raise _Stopped
     except _Stopped:
@@ -254,9 +286,7 @@ def train(
     finally:
         batches.close()
     model.eval()
-    tps = statistics.median(rates) if rates else None
-    util = mfu(tps, plan.flops_per_token, peak, ctx.world) if tps and plan.flops_per_token else None
-    return Result(step, train_loss, tps, util, last_eval, start)
+    return Result(step, readout.train_loss, *readout.median_rate(), last_eval, start)
 
 
 class _Stopped(Exception):

@@ -162,6 +162,32 @@ def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
         dist.teardown(ctx)
 
 
+def _resume(path: Path | None, model: torch.nn.Module, opt) -> tuple[int, LoopState | None]:
+    """Model, optimizer and RNG from the newest matching checkpoint: (its step, the loop's state)."""
+    if path is None:
+        return 0, None
+    model_state, state = read_checkpoint(path)
+    dist.load_full_state(model, opt, model_state, state["optimizer"])
+    console.print(f"resuming from {path} (step {state['step']})")
+    return state["step"], LoopState(**state["loop"])
+
+
+def _print_setup(
+    args: ModelArgs, cfg, accum: int, tokens_per_step: int, flops_per_token: float, ctx: dist.DistContext
+) -> None:
+    peak, peak_source = device_peak(ctx.device)
+    console.print(
+        f"model: {args.arch}, {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, "
+        f"hidden {args.hidden_size}, vocab {args.vocab_size}; {flops_per_token / 1e6:.1f} MFLOPs/token"
+    )
+    console.print(
+        f"batch: {tokens_per_step:,} tokens/step ({cfg.batch_size} × {cfg.seq_len} × {accum} accum × "
+        f"{ctx.world} rank{'s' if ctx.world > 1 else ''}) on {ctx.device}"
+        + (f", {cfg.strategy}" if ctx.enabled else "")
+        + (f"; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"; {peak_source}")
+    )
+
+
 def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_step) -> dict:
     cfg = recipe.pretrain
     tok_dir = stage_dir(run_dir, "tokenizer")
@@ -178,27 +204,12 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     resume = latest_checkpoint(ckpt_dir, config_hash)
     model = dist.wrap(model, cfg.strategy, ctx)
     opt = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    start, loop_state = 0, None
-    if resume is not None:
-        model_state, state = read_checkpoint(resume)
-        dist.load_full_state(model, opt, model_state, state["optimizer"])
-        start, loop_state = state["step"], LoopState(**state["loop"])
-        console.print(f"resuming from {resume} (step {start})")
+    start, loop_state = _resume(resume, model, opt)
     step_model = torch.compile(model) if cfg.compile else model
     accum = _grad_accum(recipe, ctx.world)
     tokens_per_step = cfg.batch_size * accum * cfg.seq_len * ctx.world
     flops_per_token = args.flops_per_token(cfg.seq_len)
-    peak, peak_source = device_peak(ctx.device)
-    console.print(
-        f"model: {args.arch}, {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, "
-        f"hidden {args.hidden_size}, vocab {args.vocab_size}; {flops_per_token / 1e6:.1f} MFLOPs/token"
-    )
-    console.print(
-        f"batch: {tokens_per_step:,} tokens/step ({cfg.batch_size} × {cfg.seq_len} × {accum} accum × "
-        f"{ctx.world} rank{'s' if ctx.world > 1 else ''}) on {ctx.device}"
-        + (f", {cfg.strategy}" if ctx.enabled else "")
-        + (f"; peak {peak / 1e9:,.0f} GFLOP/s ({peak_source})" if peak else f"; {peak_source}")
-    )
+    _print_setup(args, cfg, accum, tokens_per_step, flops_per_token, ctx)
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
     fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
     plan = Plan(
@@ -209,6 +220,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         loss=partial(_loss, model, ctx.device),
         lr=partial(lr_at, cfg),
         flops_per_token=flops_per_token,
+        device=ctx.device,
         prefetch=ctx.device.type != "cpu",
     )
     evaluate = _Evaluate(recipe, model, val_tokens, ctx, monitor, tok, ChatFormat(tok_dir))

@@ -77,6 +77,8 @@ def with_params(recipe: Recipe, params: dict) -> Recipe:
 
 
 def tune(recipe: Recipe, trials: int | None = None) -> dict:
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials must be 1 or more, got {trials}")
     try:
         import optuna
     except ImportError:

@@ -170,6 +170,15 @@ def make_trainable(model: nn.Module, cfg) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def load_trainable(base_dir: Path, cfg, device) -> tuple[nn.Module, int]:
+    """The base model on `device`, made trainable as the recipe says; and its trainable parameter count."""
+    model = load_model(base_dir, device)
+    trainable = make_trainable(model, cfg)
+    model.to(device)
+    console.print(f"trainable parameters: {trainable / 1e6:.2f}M")
+    return model, trainable
+
+
 def save_tuned(model, guard: Validation, cfg, base_dir: Path, tok, out: Path, device) -> None:
     """The best weights as a model directory (and, for LoRA/DoRA, the adapter in PEFT's layout)."""
     if not guard.restore_best():

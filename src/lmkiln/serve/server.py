@@ -1,0 +1,93 @@
+"""`kiln serve`: the options checked and the port bound before the model loads (a busy port is one line
+at once, not after a minute of loading), then the app (serve/app.py) under uvicorn."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from lmkiln.errors import UserError
+from lmkiln.log import console
+from lmkiln.model.inference import check_model_dir
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: expected 0 to 65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(
+            f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); stop what holds it or choose another port"
+        ) from None
+    return sock
+
+
+def parse_adapters(specs: list[str]) -> dict[str, Path]:
+    """`NAME=DIR` options as {name: adapter directory}, each checked."""
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "+" in name:
+            raise UserError(f"--adapter '{spec}': expected NAME=DIR (a name without '+')")
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise UserError(f"--adapter {name}: '{path}' has no adapter_config.json")
+        adapters[name] = Path(path)
+    return adapters
+
+
+def serve(
+    model: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    name: str | None = None,
+    device: str = "auto",
+    adapters: list[str] | None = None,
+    max_batch: int = 16,
+    max_queue: int = 64,
+    context: int | None = None,
+    api_key: str | None = None,
+    cors: list[str] | None = None,
+    max_request_bytes: int = 1 << 20,
+) -> None:
+    """Serve `model` until interrupted."""
+    check_model_dir(model)
+    try:
+        import uvicorn
+    except ImportError:
+        raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
+    from lmkiln.serve.app import create_app
+
+    sizes = {"max-batch": max_batch, "max-queue": max_queue, "context": context, "max-request-bytes": max_request_bytes}
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} {value}: expected a positive number")
+    found = parse_adapters(adapters or [])
+    sock = bind(host, port)
+    host, port = sock.getsockname()[:2]
+    console.print(
+        f"kiln serve: {model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", soft_wrap=True
+    )
+    app = create_app(
+        model,
+        device,
+        name,
+        found,
+        max_batch,
+        max_queue,
+        context,
+        api_key,
+        cors or [],
+        max_request_bytes,
+        background=True,
+    )
+    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
