@@ -7,11 +7,13 @@ import math
 import re
 from pathlib import Path
 
-from lmkiln.io import read_manifest, write_text
+from lmkiln.config import STAGES
+from lmkiln.io import MANIFEST, read_manifest, write_text
+from lmkiln.runs import model_dir_of, stage_dir
 
 
 def _data_section(run_dir: Path) -> list[str]:
-    stats_path = run_dir / "data" / "stats.json"
+    stats_path = stage_dir(run_dir, "data") / "stats.json"
     if not stats_path.exists():
         return []
     s = json.loads(stats_path.read_text())
@@ -40,9 +42,9 @@ def _data_section(run_dir: Path) -> list[str]:
             f"{', '.join(f'{r} {n:,}' for r, n in sorted(p['removed'].items(), key=lambda kv: -kv[1]))} |"
             for src, p in s["per_source"].items()
         ] + [""]
-    if (run_dir / "data" / "removals.png").exists():
+    if (stage_dir(run_dir, "data") / "removals.png").exists():
         out += ["![documents and bytes kept and removed per reason and source](data/removals.png)", ""]
-    tok = read_manifest(run_dir / "tokenizer")
+    tok = read_manifest(stage_dir(run_dir, "tokenizer"))
     if tok:
         m = tok["metrics"]
         out += [
@@ -127,7 +129,7 @@ EXPLAINED = {  # what each kind of score means, said once under the table when t
 
 
 def _eval_section(run_dir: Path) -> list[str]:
-    path = run_dir / "eval" / "eval.json"
+    path = stage_dir(run_dir, "eval") / "eval.json"
     if not path.exists():
         return []
     from lmkiln.eval.stage import markdown_table
@@ -146,7 +148,7 @@ def _eval_section(run_dir: Path) -> list[str]:
         " ".join(EXPLAINED[k] for k in EXPLAINED if k in kinds),
         "",
     ]
-    if (run_dir / "eval" / "eval.png").exists():
+    if (stage_dir(run_dir, "eval") / "eval.png").exists():
         out += ["![every score, a bar per model](eval/eval.png)", ""]
     for task, r in first.items():
         if isinstance(r, dict) and r.get("samples"):
@@ -178,7 +180,7 @@ def _samples(run_dir: Path, task: str, samples: dict[str, list[dict]]) -> list[s
 
 
 def _import_section(run_dir: Path) -> list[str]:
-    manifest = read_manifest(run_dir / "import")
+    manifest = read_manifest(stage_dir(run_dir, "import"))
     if not manifest:
         return []
     from lmkiln.model.importer import describe
@@ -188,14 +190,14 @@ def _import_section(run_dir: Path) -> list[str]:
         "",
         f"Imported from `{manifest['metrics']['source']}`:",
         "",
-        fenced(describe(run_dir / "import" / "final")),
+        fenced(describe(model_dir_of(run_dir, "import"))),
         "",
     ]
 
 
 def _size_note(run_dir: Path) -> list[str]:
     """One honest sentence on what samples from a small model can show."""
-    manifest = read_manifest(run_dir / "pretrain")
+    manifest = read_manifest(stage_dir(run_dir, "pretrain"))
     if not manifest or manifest["metrics"]["parameters"] >= 100e6:
         return []
     m = manifest["metrics"]
@@ -222,7 +224,7 @@ def _f4(value) -> str:
 
 def write_report(run_dir: Path, skip_if_current: bool = True) -> Path:
     path = run_dir / "report.md"
-    manifests = [run_dir / s / "manifest.json" for s in ("data", "tokenizer", "pretrain", "import", "finetune", "eval")]
+    manifests = [stage_dir(run_dir, s) / MANIFEST for s in STAGES]
     newest = max((m.stat().st_mtime for m in manifests if m.exists()), default=0)
     if skip_if_current and path.exists() and path.stat().st_mtime >= newest:
         return path

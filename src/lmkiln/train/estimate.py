@@ -8,8 +8,6 @@ keeps for the backward pass. On top of that: weights, gradients, optimizer state
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +16,7 @@ from lmkiln.config import Recipe
 from lmkiln.errors import UserError
 from lmkiln.log import console
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
+from lmkiln.runs import stage_dir
 from lmkiln.train.speed import device_peak
 
 ALLOCATOR_OVERHEAD = 1.15  # temporaries and allocator slack: the mean under-count over six measured CPU runs
@@ -91,7 +90,7 @@ def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_lo
 
 
 def _vocab_size(recipe: Recipe) -> int:
-    header = Path(recipe.run_dir) / "tokenizer" / "train.json"
+    header = stage_dir(recipe.run_dir, "tokenizer") / "train.json"
     if header.is_file():
         import json
 
