@@ -175,11 +175,16 @@ class TokenizerConfig(Section):
     vocab_size: Size = Field(8192, ge=300, le=2**32 - 1)
     min_frequency: int = Field(2, ge=1)
     max_train_chars: Size = Field(50_000_000, gt=0, description="characters of the corpus used to learn merges")
+    kind: Literal["decoder", "encoder"] = Field(
+        "decoder", description="decoder: chat and FIM tokens; encoder: [CLS] [SEP] [MASK] [PAD] and BERT's pair layout"
+    )
 
 
 class ModelConfig(Section):
-    arch: Literal["llama", "qwen2", "qwen3", "mistral"] = Field(
-        "llama", description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window)"
+    arch: Literal["llama", "qwen2", "qwen3", "mistral", "modernbert"] = Field(
+        "llama",
+        description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window); "
+        "modernbert: an encoder pretrained by masked-language modelling (needs tokenizer.kind=encoder)",
     )
     preset: Literal["tiny", "mini", "small", "medium", "1b"] | None = Field(
         None, description="named size; explicit dims given beside it override it"
@@ -191,6 +196,8 @@ class ModelConfig(Section):
     intermediate_size: int | None = Field(None, gt=0)
     head_dim: int | None = Field(None, gt=0, description="per-head width; default hidden_size / num_heads")
     sliding_window: int | None = Field(None, gt=0, description="mistral only: attend to the last N tokens")
+    local_attention: int = Field(128, gt=1, description="modernbert: the local layers' whole window (half each side)")
+    global_every: int = Field(3, gt=0, description="modernbert: every Nth layer, from the first, attends globally")
     max_seq_len: int = Field(1024, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
@@ -233,6 +240,9 @@ class PretrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final LR as a share of lr")
     warmup_steps: int = Field(50, ge=0)
     fim_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of sequences rearranged for fill-in-the-middle")
+    mask_rate: float = Field(
+        0.30, gt=0.0, lt=1.0, description="modernbert: share of tokens masked (ModernBERT 0.30, BERT 0.15), 80/10/10"
+    )
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)

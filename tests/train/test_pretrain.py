@@ -147,15 +147,13 @@ def test_pretrain_with_fim(prepared):
 
 def test_prefetched_batches_equal_inline_batches(prepared):
     """The accelerator path reads the next step on a thread; its batches must be the inline ones."""
-    from functools import partial
-
     from lmkiln.tokenizer.encode import open_shard
     from lmkiln.train.dist import DistContext
     from lmkiln.train.loop import Plan, _Batches
-    from lmkiln.train.pretrain import _micro_batches
+    from lmkiln.train.pretrain import CausalLM
 
     tokens, _ = open_shard(prepared.run_dir / "tokenizer" / "train")
-    inline = partial(_micro_batches, prepared, tokens, 2, DistContext(device=torch.device("meta")), None)
+    inline = CausalLM(prepared, None, tokens, tokens, 2, DistContext(device=torch.device("meta")), None).micro_batches
     loop = _Batches(Plan("pretrain", 4, inline, None, None, None, prefetch=True))
     try:
         for step in range(4):

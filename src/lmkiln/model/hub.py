@@ -17,8 +17,11 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
+from lmkiln.model.encoder import Encoder, EncoderArgs, encoder_args_from_config, encoder_config
 from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
+
+ENCODER_CLASSES = {"ModernBertForMaskedLM": "modernbert"}
 
 HF_CLASSES = {
     "llama": "LlamaForCausalLM",
@@ -29,7 +32,9 @@ HF_CLASSES = {
 ARCH_OF_CLASS = {cls: arch for arch, cls in HF_CLASSES.items()}
 
 
-def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config(args: ModelArgs | EncoderArgs, dtype: torch.dtype = torch.float32) -> dict:
+    if isinstance(args, EncoderArgs):
+        return encoder_config(args, dtype)
     config = {
         "architectures": [HF_CLASSES[args.arch]],
         "model_type": args.arch,
@@ -65,17 +70,23 @@ def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     return config
 
 
-def args_from_hf(config: dict, where: str) -> ModelArgs:
+def args_from_hf(config: dict, where: str) -> ModelArgs | EncoderArgs:
     # a config saved without `architectures` still names its family in model_type
     cls = (
         config.get("architectures")
         or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")]
     )[0]
+    if cls in ENCODER_CLASSES or (not config.get("architectures") and config.get("model_type") == "modernbert"):
+        try:
+            return encoder_args_from_config(config, where)
+        except KeyError as exc:
+            raise UserError(f"{where}: missing key {exc}") from None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     arch = ARCH_OF_CLASS.get(cls)
     if arch is None:
-        raise UserError(
-            f"{where}: architecture '{cls}' is not supported (supported: {', '.join(sorted(ARCH_OF_CLASS))})"
-        )
+        supported = ", ".join(sorted([*ARCH_OF_CLASS, *ENCODER_CLASSES]))
+        raise UserError(f"{where}: architecture '{cls}' is not supported (supported: {supported})")
     refused = [
         ("mlp_bias", False),
         ("hidden_act", "silu"),
@@ -131,8 +142,20 @@ def _rope_settings(config: dict) -> dict:
     return {"theta": theta, "scaling": scaling}
 
 
+def build_model(args: ModelArgs | EncoderArgs) -> Transformer | Encoder:
+    """The model an args object describes: a decoder, or a ModernBERT encoder."""
+    return Encoder(args) if isinstance(args, EncoderArgs) else Transformer(args)
+
+
+def tied_head(args: ModelArgs | EncoderArgs) -> str | None:
+    """The output weight that is the token embedding (not stored), if the model ties them."""
+    if not args.tie_embeddings:
+        return None
+    return "decoder.weight" if isinstance(args, EncoderArgs) else "lm_head.weight"
+
+
 def save_model(
-    model: Transformer, out_dir: Path, tokenizer_dir: Path | None = None, extra_eos: list[int] | None = None
+    model: Transformer | Encoder, out_dir: Path, tokenizer_dir: Path | None = None, extra_eos: list[int] | None = None
 ) -> None:
     """Write weights, config and generation config into out_dir (already a temp dir), plus tokenizer files."""
     save_state(model.args, model.state_dict(), out_dir, tokenizer_dir, extra_eos)
@@ -149,8 +172,7 @@ def save_state(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    if args.tie_embeddings:
-        state.pop("lm_head.weight", None)  # HF re-ties it from tie_word_embeddings
+    state.pop(tied_head(args), None)  # HF re-ties it from tie_word_embeddings
     dtype = next(iter(state.values())).dtype
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
     write_json(out_dir / "config.json", hf_config(args, dtype))
@@ -158,17 +180,20 @@ def save_state(
     source_gen = Path(tokenizer_dir or "") / "generation_config.json"
     gen = json.loads(source_gen.read_text()) if tokenizer_dir is not None and source_gen.is_file() else {}
     old = gen.get("eos_token_id")
-    eos = [
-        e
-        for e in dict.fromkeys([args.eos_token_id, *(extra_eos or []), *([old] if isinstance(old, int) else old or [])])
-        if e is not None
-    ]
-    gen.update(
-        bos_token_id=args.bos_token_id,
-        pad_token_id=args.pad_token_id,
-        eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
-    )
-    write_json(out_dir / "generation_config.json", gen)
+    if isinstance(args, ModelArgs):  # an encoder generates nothing
+        eos = [
+            e
+            for e in dict.fromkeys(
+                [args.eos_token_id, *(extra_eos or []), *([old] if isinstance(old, int) else old or [])]
+            )
+            if e is not None
+        ]
+        gen.update(
+            bos_token_id=args.bos_token_id,
+            pad_token_id=args.pad_token_id,
+            eos_token_id=eos if len(eos) > 1 else (eos[0] if eos else None),
+        )
+        write_json(out_dir / "generation_config.json", gen)
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), out_dir)
 
@@ -235,17 +260,16 @@ def assign_weight(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+def expected_shapes(args: ModelArgs | EncoderArgs) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    if args.tie_embeddings:
-        expected.pop("lm_head.weight")
+        expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
+    expected.pop(tied_head(args), None)
     return expected
 
 
-def skipped_weight(name: str, args: ModelArgs) -> bool:
+def skipped_weight(name: str, args: ModelArgs | EncoderArgs) -> bool:
     """A stored weight the model does not need: a cached rotary buffer, or a tied head's copy."""
-    return name.endswith(IGNORED_WEIGHTS) or (args.tie_embeddings and name == "lm_head.weight")
+    return name.endswith(IGNORED_WEIGHTS) or name == tied_head(args)
 
 
 def check_weight(shard: Path, name: str, shape, expected: dict) -> None:
@@ -295,10 +319,13 @@ def load_model(
     model_dir = Path(model_dir)
     args = read_args(model_dir)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
     for _, name, tensor in iter_checked_weights(model_dir, args):
         assign_weight(model, name, tensor.to(dtype))
-    if args.tie_embeddings:
+    if isinstance(args, EncoderArgs):
+        model.decoder.weight = model.model.embeddings.tok_embeddings.weight
+        model.init_rope()
+    elif args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device)
 

@@ -164,13 +164,16 @@ def next_token_losses(
     head: torch.Tensor | None,
     segments: torch.Tensor | None = None,
     dense: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The cross-entropy of each labelled next token (y != IGNORE) and the row it is in. `forward` runs
-    the model (maybe DDP-wrapped or compiled). With the LM head's weight `head`, the head runs inside the
-    loss on the labelled positions alone, a chunk at a time: prompts and padding never become logits, and
-    the tokens x vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP,
-    where the head's weight is whole only inside the model's forward. `dense` says every position is
-    labelled (pretraining windows): no selection, and no rows (None)."""
+    """The cross-entropy of each labelled token (y != IGNORE) and the row it is in. `forward` runs
+    the model (maybe DDP-wrapped or compiled). With the LM head's weight `head` (and `bias`, for a head
+    that has one, as an encoder's decoder does), the head runs inside the loss on the labelled positions
+    alone, a chunk at a time: prompts, padding and unmasked tokens never become logits, and the tokens x
+    vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP, where the
+    head's weight is whole only inside the model's forward. `dense` says every position is labelled
+    (pretraining windows): no selection, and no rows (None). A decoder's caller shifts y by one (the next
+    token); an encoder's labels stand at the masked positions themselves."""
     kwargs = {"segments": segments} if segments is not None else {}
     labelled = None if dense else (y != IGNORE)
     if head is None:
@@ -180,5 +183,8 @@ def next_token_losses(
     else:
         out = forward(x, hidden_only=True, **kwargs)
         out, y = (out.flatten(0, 1), y.flatten()) if dense else (out[labelled], y[labelled])
+        if bias is not None:  # the bias as one more input column: h @ W.T + b = [h, 1] @ [W, b].T
+            out = torch.cat([out, out.new_ones(len(out), 1)], dim=1)
+            head = torch.cat([head, bias[:, None].to(head.dtype)], dim=1)
         losses = linear_cross_entropy(out, head, y)
     return losses, None if dense else labelled.nonzero(as_tuple=True)[0]

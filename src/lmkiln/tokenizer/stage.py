@@ -19,7 +19,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
 
 
 def config_of(recipe: Recipe) -> dict:
-    return recipe.tokenizer.model_dump(mode="json")
+    # a decoder's vocabulary is what it was before encoders existed: its runs stay current
+    return recipe.tokenizer.model_dump(mode="json", exclude={"kind"} if recipe.tokenizer.kind == "decoder" else None)
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
@@ -35,8 +36,8 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
             f"tokenizer: the data stage kept no training documents ({data_dir / 'stats.json'}); "
             f"rerun `kiln data` with more data"
         )
-    console.print(f"training byte-level BPE, vocab {cfg.vocab_size:,} ...")
-    tok = train_bpe(read_split(data_dir, "train"), cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars)
+    console.print(f"training byte-level BPE ({cfg.kind} tokens), vocab {cfg.vocab_size:,} ...")
+    tok = train_bpe(read_split(data_dir, "train"), cfg.vocab_size, cfg.min_frequency, cfg.max_train_chars, cfg.kind)
     save_tokenizer(tok, out, model_max_length=recipe.model.max_seq_len)
     ids = special_ids(tok)
     metrics: dict = {"vocab_size": tok.get_vocab_size()}

@@ -1,4 +1,8 @@
-"""Train a byte-level BPE tokenizer and write it as HF files (tokenizer.json, tokenizer_config.json)."""
+"""Train a byte-level BPE tokenizer and write it as HF files (tokenizer.json, tokenizer_config.json).
+
+A decoder's vocabulary carries lmkiln's chat and FIM tokens; an encoder's (`tokenizer.kind: encoder`)
+carries BERT's `[CLS] [SEP] [MASK] [PAD]` and its post-processor, so `tokenizer("a", "b")` in transformers
+gives `[CLS] a [SEP] b [SEP]` with token type ids 0 then 1."""
 
 from __future__ import annotations
 
@@ -21,7 +25,13 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_chars: int = 50_000_000) -> Tokenizer:
+CLS, SEP, MASK, ENC_PAD = "[CLS]", "[SEP]", "[MASK]", "[PAD]"
+ENCODER_TOKENS = [CLS, SEP, MASK, ENC_PAD]
+
+
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_chars: int = 50_000_000, kind: str = "decoder"
+) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -29,16 +39,31 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=ENCODER_TOKENS if kind == "encoder" else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_capped(texts, max_chars), trainer=trainer)
+    if kind == "encoder":
+        cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
+        pairs = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)]
+        )
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), pairs])
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1024) -> None:
     write_text(out_dir / "tokenizer.json", tok.to_str())
+    if tok.token_to_id(MASK) is not None:  # an encoder's vocabulary: BERT's tokens, no chat template
+        names = {"cls_token": CLS, "sep_token": SEP, "mask_token": MASK, "pad_token": ENC_PAD}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "unk_token": None}
+        write_json(
+            out_dir / "tokenizer_config.json",
+            {**config, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False},
+        )
+        write_json(out_dir / "special_tokens_map.json", names)
+        return
     write_json(
         out_dir / "tokenizer_config.json",
         {
@@ -64,6 +89,20 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     from lmkiln.model.chat_format import END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
+    if tok.token_to_id(MASK) is not None:  # an encoder's: documents are [CLS] ... [SEP]
+        cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
+        return {
+            "bos": cls,
+            "eos": sep,
+            "pad": tok.token_to_id(ENC_PAD),
+            "cls": cls,
+            "sep": sep,
+            "mask": tok.token_to_id(MASK),
+            "end": None,
+            "fim_prefix": None,
+            "fim_middle": None,
+            "fim_suffix": None,
+        }
     return {
         "bos": tok.token_to_id(BOS),
         "eos": tok.token_to_id(EOS),

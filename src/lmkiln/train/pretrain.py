@@ -18,6 +18,7 @@ from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.encoder import Encoder, EncoderArgs, build_encoder_args
 from lmkiln.model.loss import next_token_losses
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
@@ -27,6 +28,7 @@ from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
 from lmkiln.train.loop import Cadence, LoopState, Plan, train
 from lmkiln.train.metrics import Tracker, plot_curves
+from lmkiln.train.mlm import MaskedLM
 from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
 from lmkiln.train.speed import device_peak
 
@@ -41,7 +43,12 @@ def config_of(recipe: Recipe) -> dict:
     # how a run goes and what it reports, not what it computes
     for key in ("log_every", "tracker", "keep_checkpoints", "stop_after", "eval_tasks", "eval_tasks_max_examples"):
         cfg.pop(key)
-    return {"model": recipe.model.model_dump(mode="json"), "pretrain": cfg, "seed": recipe.seed}
+    model = recipe.model.model_dump(mode="json")
+    if recipe.model.arch != "modernbert":  # an encoder's settings: a decoder's runs stay current
+        for key in ("local_attention", "global_every"):
+            model.pop(key)
+        cfg.pop("mask_rate")
+    return {"model": model, "pretrain": cfg, "seed": recipe.seed}
 
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
@@ -130,19 +137,37 @@ def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
         raise UserError("pretrain.fim_rate needs a tokenizer with FIM tokens: rerun `kiln tokenizer --force`")
+    encoder_vocab = ids.get("mask") is not None
+    if recipe.model.arch == "modernbert" and not encoder_vocab:
+        raise UserError(
+            "model.arch=modernbert needs an encoder vocabulary ([CLS] [SEP] [MASK]): set tokenizer.kind=encoder "
+            "and rerun `kiln tokenizer`"
+        )
+    if recipe.model.arch != "modernbert" and encoder_vocab:
+        raise UserError(
+            f"model.arch={recipe.model.arch} is a decoder, but the tokenizer has an encoder's vocabulary: set "
+            f"tokenizer.kind=decoder and rerun `kiln tokenizer`, or model.arch=modernbert"
+        )
+    if recipe.model.arch == "modernbert" and cfg.eval_tasks:
+        raise UserError("pretrain.eval_tasks score a decoder's continuations: leave them out for model.arch=modernbert")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
         raise UserError(
             "pretrain.optimizer=muon with pretrain.strategy=fsdp is not supported: Muon needs whole matrices"
         )
 
 
-def _make_model(recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext) -> tuple[Transformer, ModelArgs]:
+def _make_model(
+    recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext
+) -> tuple[Transformer | Encoder, ModelArgs | EncoderArgs]:
     try:
-        args = build_args(recipe.model, vocab_size, ids)
+        if recipe.model.arch == "modernbert":
+            args = build_encoder_args(recipe.model, vocab_size, ids)
+        else:
+            args = build_args(recipe.model, vocab_size, ids)
     except ValueError as exc:
         raise UserError(f"model: {exc}") from None
     seed_everything(recipe.seed)
-    model = Transformer(args)
+    model = Encoder(args) if isinstance(args, EncoderArgs) else Transformer(args)
     model.init_weights(torch.Generator().manual_seed(recipe.seed))
     return model.to(ctx.device).train(), args
 
@@ -211,19 +236,23 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     flops_per_token = args.flops_per_token(cfg.seq_len)
     _print_setup(args, cfg, accum, tokens_per_step, flops_per_token, ctx)
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
-    fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
+    if args.arch == "modernbert":
+        objective = MaskedLM(recipe, model, train_tokens, val_tokens, accum, ctx, ids, args.vocab_size)
+    else:
+        fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
+        objective = CausalLM(recipe, model, train_tokens, val_tokens, accum, ctx, fim)
     plan = Plan(
         "pretrain",
         cfg.max_steps,
-        partial(_micro_batches, recipe, train_tokens, accum, ctx, fim),
-        weight=lambda step: tokens_per_step,
-        loss=partial(_loss, model, ctx.device),
+        objective.micro_batches,
+        weight=objective.weight,
+        loss=objective.loss,
         lr=partial(lr_at, cfg),
         flops_per_token=flops_per_token,
         device=ctx.device,
         prefetch=ctx.device.type != "cpu",
     )
-    evaluate = _Evaluate(recipe, model, val_tokens, ctx, monitor, tok, ChatFormat(tok_dir))
+    evaluate = _Evaluate(recipe, model, objective, ctx, monitor, tok, tok_dir)
 
     def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
         model_state, optim_state = dist.full_state(model, opt)  # collective
@@ -279,19 +308,46 @@ def lr_at(cfg, step: int) -> float:
     return cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
-def _micro_batches(recipe: Recipe, tokens: np.ndarray, accum: int, ctx: dist.DistContext, fim, step: int) -> list:
-    """This rank's micro-batches of a step, in host memory (pinned on CUDA for asynchronous copies)."""
-    cfg, out = recipe.pretrain, []
-    for micro in range(accum):
-        x, y = batch_at(tokens, recipe.seed, step, micro * ctx.world + ctx.rank, cfg.batch_size, cfg.seq_len, fim)
-        out.append((x.pin_memory(), y.pin_memory()) if ctx.device.type == "cuda" else (x, y))
-    return out
+class CausalLM:
+    """Pretraining's objective for a decoder: next-token prediction on random windows, every position
+    trained (see `batch_at`), and the validation loss on fixed windows."""
 
+    def __init__(
+        self,
+        recipe: Recipe,
+        model,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        accum: int,
+        ctx: dist.DistContext,
+        fim,
+    ) -> None:
+        self.recipe, self.model, self.train, self.val = recipe, model, train_tokens, val_tokens
+        self.accum, self.ctx, self.fim = accum, ctx, fim
+        c = recipe.pretrain
+        self.tokens_per_step = c.batch_size * accum * c.seq_len * ctx.world
 
-def _loss(model: torch.nn.Module, device: torch.device, run: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
-    x, y = (t.to(device, non_blocking=True) for t in batch)
-    with autocast(device):
-        return next_token_loss(run, model, x, y), x.numel()
+    def micro_batches(self, step: int) -> list:
+        """This rank's micro-batches of a step, in host memory (pinned on CUDA for asynchronous copies)."""
+        c, ctx, out = self.recipe.pretrain, self.ctx, []
+        for micro in range(self.accum):
+            x, y = batch_at(
+                self.train, self.recipe.seed, step, micro * ctx.world + ctx.rank, c.batch_size, c.seq_len, self.fim
+            )
+            out.append((x.pin_memory(), y.pin_memory()) if ctx.device.type == "cuda" else (x, y))
+        return out
+
+    def weight(self, step: int) -> float:
+        return self.tokens_per_step
+
+    def loss(self, run: torch.nn.Module, batch) -> tuple[torch.Tensor, int]:
+        x, y = (t.to(self.ctx.device, non_blocking=True) for t in batch)
+        with autocast(self.ctx.device):
+            return next_token_loss(run, self.model, x, y), x.numel()
+
+    def val_loss(self) -> float:
+        c = self.recipe.pretrain
+        return val_loss(self.model, self.val, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
 
 
 @dataclass
@@ -300,20 +356,19 @@ class _Evaluate:
 
     recipe: Recipe
     model: torch.nn.Module
-    val_tokens: np.ndarray
+    objective: CausalLM | MaskedLM
     ctx: dist.DistContext
     monitor: TaskMonitor | None
     tok: object
-    chat: ChatFormat
+    tok_dir: Path
     last_scores: dict | None = None
 
     def __call__(self, step: int, train_loss: float) -> tuple[dict, bool]:
-        c = self.recipe.pretrain
-        loss = val_loss(self.model, self.val_tokens, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
+        loss = self.objective.val_loss()
         fields = {"val_loss": round(loss, 5)}
         message = f"step {step}: train loss {train_loss:.4f}, val loss {loss:.4f}"
         if self.monitor is not None:
-            self.last_scores = self.monitor(dist.unwrap(self.model), self.tok, self.chat)
+            self.last_scores = self.monitor(dist.unwrap(self.model), self.tok, ChatFormat(self.tok_dir))
             fields.update(self.last_scores)
             message += f"; {describe(self.last_scores)}"
         console.print(message)

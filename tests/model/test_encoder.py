@@ -1,0 +1,190 @@
+"""The ModernBERT encoder: transformers loads what lmkiln writes with equal logits, packed documents do
+not see each other, and masked-language pretraining runs, resumes bit for bit and splits over ranks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lmkiln import data, tokenizer
+from lmkiln.errors import UserError
+from lmkiln.model.encoder import Encoder, EncoderArgs
+from lmkiln.model.hub import load_model
+from lmkiln.model.loss import IGNORE
+from lmkiln.train import pretrain as pretrain_stage
+from lmkiln.train import run_pretrain
+from lmkiln.train.metrics import read_metrics
+from lmkiln.train.mlm import mask_tokens
+from tests.conftest import TINY
+
+ENCODER = ["tokenizer.kind=encoder", "model.arch=modernbert", "model.local_attention=16", "model.num_layers=4"]
+
+
+@pytest.fixture
+def encoder_run(tiny_recipe, tmp_path):
+    def make(name="run", *extra):
+        recipe = tiny_recipe(*ENCODER, *extra, run_dir=tmp_path / name)
+        data.run(recipe)
+        tokenizer.run(recipe)
+        return recipe
+
+    return make
+
+
+def _random_encoder(seed=0) -> Encoder:
+    args = EncoderArgs(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_layers=4,
+        num_heads=4,
+        max_seq_len=128,
+        local_attention=16,
+        pad_token_id=0,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    model = Encoder(args)
+    model.init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # norms and bias off their initial values, so a misplaced one shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model.eval()
+
+
+def test_packed_documents_equal_each_document_alone():
+    model = _random_encoder()
+    a, b = torch.randint(3, 300, (1, 30)), torch.randint(3, 300, (1, 25))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 30 + [1] * 25])
+    with torch.no_grad():
+        together = model(packed, segments=segments)
+        alone = torch.cat([model(a), model(b)], dim=1)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_mask_tokens_follows_80_10_10_and_spares_special_tokens():
+    rng = np.random.default_rng(0)
+    window = rng.integers(3, 1000, size=200_000)
+    window[::50] = 1  # [CLS] and [SEP] now and then: never chosen
+    window[1::50] = 2
+    x, y = mask_tokens(window, rng, 0.3, mask_id=999, vocab_size=1000, special=np.array([0, 1, 2]))
+    chosen = y != IGNORE
+    assert not chosen[window < 3].any() and abs(chosen.mean() / (window >= 3).mean() - 0.3) < 0.01
+    assert (y[chosen] == window[chosen]).all() and (x[~chosen] == window[~chosen]).all()
+    masked, kept = (x[chosen] == 999).mean(), (x[chosen] == window[chosen]).mean()
+    assert abs(masked - 0.8) < 0.01 and 0.09 < kept < 0.11  # a random draw may repeat the token: ~0.1
+
+
+def test_mlm_pretraining_writes_a_directory_transformers_loads_with_equal_logits(encoder_run):
+    transformers = pytest.importorskip("transformers")
+    recipe = encoder_run()
+    manifest = run_pretrain(recipe)
+    losses = [r["loss"] for r in read_metrics(recipe.run_dir / "pretrain" / "metrics.jsonl") if "loss" in r]
+    assert manifest["metrics"]["steps"] == 12 and losses[-1] < losses[0]
+    final = recipe.run_dir / "pretrain" / "final"
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["ModernBertForMaskedLM"]
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(final, dtype=torch.float32).eval()
+    ours = load_model(final).eval()
+    x = torch.randint(0, ours.args.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    pair = tok.convert_ids_to_tokens(tok("a b", "c")["input_ids"])
+    assert pair[0] == "[CLS]" and pair.count("[SEP]") == 2 and pair[-1] == "[SEP]" and tok.mask_token == "[MASK]"
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the loop dies without saving."""
+
+
+def test_mlm_pretraining_resumes_bit_for_bit(encoder_run, tmp_path):
+    recipe = encoder_run()
+    reference = recipe.model_copy(update={"run_dir": tmp_path / "ref"})
+    shutil.copytree(recipe.run_dir, reference.run_dir)
+    run_pretrain(reference)
+    out = recipe.run_dir / "pretrain"
+    out.mkdir()
+
+    def kill_at_10(step):
+        if step == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain_stage.build(recipe, recipe.run_dir, out, on_step=kill_at_10)
+    assert run_pretrain(recipe)["metrics"]["resumed_from"] == 8
+    logged = [read_metrics(r.run_dir / "pretrain" / "metrics.jsonl") for r in (recipe, reference)]
+    assert [(r["step"], r["loss"]) for r in logged[0] if "loss" in r] == [
+        (r["step"], r["loss"]) for r in logged[1] if "loss" in r
+    ]
+    a, b = (load_model(r.run_dir / "pretrain" / "final").state_dict() for r in (recipe, reference))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_mlm_ddp_two_ranks_equal_one_rank_with_double_accumulation(encoder_run, tmp_path):
+    steps = ["pretrain.max_steps=4", "pretrain.checkpoint_every=100", "pretrain.eval_every=2"]
+    single = encoder_run("single", "pretrain.batch_tokens=512", *steps)
+    run_pretrain(single)
+    ddp_dir = tmp_path / "ddp"
+    shutil.copytree(single.run_dir, ddp_dir)
+    shutil.rmtree(ddp_dir / "pretrain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "lmkiln",
+        "pretrain",
+        *TINY,
+        *ENCODER,
+        f"run_dir={ddp_dir}",
+        "pretrain.batch_tokens=512",
+        *steps,
+        "pretrain.strategy=ddp",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 accum × 2 ranks" in res.stderr
+    a, b = (load_model(d / "pretrain" / "final").state_dict() for d in (ddp_dir, single.run_dir))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+
+
+def test_an_encoder_needs_an_encoder_vocabulary(tiny_recipe):
+    recipe = tiny_recipe("model.arch=modernbert")
+    data.run(recipe)
+    tokenizer.run(recipe)
+    with pytest.raises(UserError, match="model.arch=modernbert needs an encoder vocabulary"):
+        run_pretrain(recipe)
+
+
+def test_masked_loss_equals_transformers_loss_and_gradient(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmkiln.model.hub import save_model
+    from lmkiln.model.loss import next_token_losses
+
+    model = _random_encoder()
+    save_model(model, tmp_path)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, dtype=torch.float32)
+    rng = np.random.default_rng(1)
+    window = rng.integers(3, 300, size=(2, 48))
+    x, y = (torch.from_numpy(t.astype(np.int64)) for t in mask_tokens(window, rng, 0.3, 299, 300, np.array([0, 1, 2])))
+    model.train()
+    losses, _ = next_token_losses(model, x, y, model.decoder.weight, bias=model.decoder.bias)
+    losses.mean().backward()
+    theirs = hf(x, labels=y).loss
+    theirs.backward()
+    assert torch.allclose(losses.mean(), theirs, atol=1e-5)
+    ours_grad = {n: p.grad for n, p in model.named_parameters()}
+    for name, p in hf.named_parameters():
+        assert torch.allclose(ours_grad[name], p.grad, atol=1e-5), name
