@@ -188,3 +188,65 @@ def test_masked_loss_equals_transformers_loss_and_gradient(tmp_path):
     ours_grad = {n: p.grad for n, p in model.named_parameters()}
     for name, p in hf.named_parameters():
         assert torch.allclose(ours_grad[name], p.grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_path, method):
+    import csv
+
+    transformers = pytest.importorskip("transformers")
+    from lmkiln.cli import main
+    from lmkiln.train.classify import load_classifier
+
+    recipe = encoder_run()
+    run_pretrain(recipe)
+    words = {
+        "refund": ["money back", "refund please", "return the charge"],
+        "ship": ["where is the parcel", "track my delivery", "when does it ship"],
+        "login": ["reset my password", "cannot sign in", "locked out"],
+    }
+    rows = [
+        {"query": f"{p} {i}", "intent": k} for i in range(16) for k, ps in words.items() for p in ps[i % 3 : i % 3 + 1]
+    ]
+    path = tmp_path / "intents.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, ["query", "intent"])
+        w.writeheader()
+        w.writerows(rows)
+    run = tmp_path / f"tuned-{method}"
+    code = main(
+        [
+            "-q",
+            "finetune",
+            "--task",
+            "classify",
+            *TINY,
+            *ENCODER,
+            f"finetune.data={path}",
+            f"run_dir={run}",
+            f"finetune.base={recipe.run_dir / 'pretrain' / 'final'}",
+            "finetune.columns={text: query, label: intent}",
+            "finetune.epochs=12",
+            "finetune.lr=3e-3",
+            "finetune.batch_size=8",
+            "finetune.val_fraction=0.25",
+            f"finetune.method={method}",
+            "finetune.lora.r=8",
+        ]
+    )
+    assert code == 0
+    m = json.loads((run / "finetune" / "manifest.json").read_text())["metrics"]
+    final = run / "finetune" / "final"
+    ours, names = load_classifier(final)
+    if method == "full":
+        assert m["val_accuracy"] > m["majority_accuracy"] + 0.2, {
+            k: m[k] for k in ("val_accuracy", "majority_accuracy")
+        }
+    else:  # adapters on Wqkv, Wo, Wi and the head train; merged into the weights transformers reads below
+        assert m["trainable_parameters"] < 0.25 * sum(p.numel() for p in ours.parameters())
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "ModernBertForSequenceClassification" and hf.config.id2label[0] == names[0]
+    ids = torch.tensor([[1, 40, 41, 42, 43, 2], [1, 50, 51, 2, 0, 0]])  # the second row padded
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=(torch.arange(6) < torch.tensor([[6], [4]])).long()).logits
+        assert torch.allclose(ours(ids, torch.tensor([6, 4])), theirs, atol=1e-4)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ENCODER_LORA_TARGETS = ["Wqkv", "Wo", "Wi"]  # attention's and the feed-forward's projections
+
 
 @dataclass
 class EncoderArgs:
@@ -178,7 +180,7 @@ class Encoder(nn.Module):
         load on the meta device."""
         a = self.args
         for name, theta in (("global", a.global_rope_theta), ("local", a.local_rope_theta)):
-            inv = 1.0 / theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device="cpu") / a.head_dim)
+            inv = 1.0 / theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim)
             self.register_buffer(f"{name}_inv_freq", inv, persistent=False)
 
     def init_weights(self, generator: torch.Generator) -> None:
@@ -333,3 +335,24 @@ def build_encoder_args(model_cfg, vocab_size: int, special: dict[str, int | None
         mask_token_id=special.get("mask"),
         **dims,
     )
+
+
+class EncoderClassifier(nn.Module):
+    """ModernBertForSequenceClassification: the [CLS] token's (or the mean) final hidden state through the
+    prediction head and a linear classifier. Padding is a segment of its own, so no real token sees it."""
+
+    def __init__(self, body: Encoder, num_labels: int, pooling: str = "cls") -> None:
+        super().__init__()
+        self.body, self.pooling = body, pooling
+        self.classifier = nn.Linear(body.args.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        hidden = self.body.hidden_states(ids, segments=(~real).long())
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
+        return self.classifier(self.body.head(pooled))

@@ -20,6 +20,7 @@ from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
+from lmkiln.model.encoder import Encoder, EncoderClassifier, encoder_args_from_config
 from lmkiln.model.hub import HF_CLASSES, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
@@ -30,6 +31,7 @@ from lmkiln.train.metrics import plot_curves
 from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
+SEQ_CLS["modernbert"] = "ModernBertForSequenceClassification"
 
 
 class Classifier(nn.Module):
@@ -44,10 +46,12 @@ class Classifier(nn.Module):
         return self.score(hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
 
 
-def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat) -> list[list[int]]:
-    """BOS and the text's tokens, cut to max_len (the start of a text decides its class most often)."""
+def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat, closed: bool = False) -> list[list[int]]:
+    """BOS and the text's tokens, cut to max_len (the start of a text decides its class most often);
+    `closed`, for an encoder, ends each with EOS too ([CLS] text [SEP], as its tokenizer lays a text out)."""
     bos = [chat.bos] if chat.bos is not None else []
-    return [(bos + tok.encode(ex["text"], add_special_tokens=False).ids)[:max_len] for ex in examples]
+    eos = [chat.eos] if closed and chat.eos is not None else []
+    return [(bos + tok.encode(ex["text"], add_special_tokens=False).ids)[: max_len - len(eos)] + eos for ex in examples]
 
 
 def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: int, device):
@@ -77,23 +81,31 @@ def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: i
     return {
         "loss": loss / n,
         "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
-        "macro_f1": macro_f1(pred, labels, model.score.out_features),
+        "macro_f1": macro_f1(pred, labels, logits.shape[-1]),
     }
 
 
-def save_classifier(model: Classifier, out: Path, base_dir: Path, names: list[str]) -> None:
-    """An HF *ForSequenceClassification directory: the backbone's weights (no LM head) and `score`."""
+def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: Path, names: list[str]) -> None:
+    """An HF *ForSequenceClassification directory: the backbone's weights (no LM head or decoder) and the
+    classifier (`score` on a decoder; the prediction head and `classifier` on ModernBERT)."""
     args = model.body.args
-    state = {k: v for k, v in model.body.state_dict().items() if k != "lm_head.weight"}
-    state["score.weight"] = model.score.weight
+    encoder = isinstance(model, EncoderClassifier)
+    state = {k: v for k, v in model.body.state_dict().items() if not k.startswith(("lm_head.", "decoder."))}
+    state.update(
+        {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
+        if encoder
+        else {"score.weight": model.score.weight}
+    )
     save_state(args, state, out, base_dir)
     config = json.loads((out / "config.json").read_text())
+    if encoder:
+        config["classifier_pooling"] = model.pooling
     config.update(
         architectures=[SEQ_CLS[args.arch]],
         num_labels=len(names),
         id2label={str(i): n for i, n in enumerate(names)},
         label2id={n: i for i, n in enumerate(names)},
-        tie_word_embeddings=False,
+        tie_word_embeddings=encoder,  # a decoder's classifier has no head to tie; ModernBERT's config keeps its own
         problem_type="single_label_classification",
     )
     write_json(out / "config.json", config)
@@ -106,6 +118,8 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
+    if config.get("model_type") == "modernbert":
+        return _load_encoder_classifier(model_dir, config, names, device)
     # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
     args = args_from_hf(
         {**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
@@ -126,6 +140,49 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
         raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
     model.body.lm_head.weight = model.body.model.embed_tokens.weight
     return model.to(device).eval(), names
+
+
+def _load_encoder_classifier(model_dir: Path, config: dict, names: list[str], device) -> tuple[EncoderClassifier, list]:
+    from lmkiln.model.hub import assign_weight, read_shard, weight_shards
+
+    args = encoder_args_from_config(config, str(model_dir / "config.json"))
+    args.decoder_bias = False  # a classifier keeps no decoder
+    with torch.device("meta"):
+        model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
+    expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            key = name if name.startswith("classifier.") else f"body.{name}"
+            if key not in expected:
+                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
+            assign_weight(model, key, tensor.float())
+            seen.add(key)
+    if expected - seen:
+        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+    model.body.decoder.weight = model.body.model.embeddings.tok_embeddings.weight
+    model.body.init_rope()
+    return model.to(device).eval(), names
+
+
+def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Classifier | EncoderClassifier, int]:
+    """The base model with a new label head, made trainable as the recipe says (the head always trains);
+    and the trainable parameter count."""
+    body = load_model(base_dir, device)
+    if isinstance(body, Encoder):
+        model = EncoderClassifier(body, num_labels)
+        trainable = make_trainable(body, cfg)
+        head = [*body.head.parameters(), *model.classifier.parameters()]
+    else:
+        model = Classifier(body, num_labels)
+        trainable = make_trainable(body, cfg)
+        head = [model.score.weight]
+        if body.lm_head.weight is not body.model.embed_tokens.weight:
+            body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
+    for p in head:
+        trainable += 0 if p.requires_grad else p.numel()
+        p.requires_grad_(True)
+    return model.to(device), trainable
 
 
 def build_classifier(
@@ -151,19 +208,16 @@ def build_classifier(
         raise UserError(f"finetune.data: classification needs 2 or more labels and validation rows (labels: {names})")
     device = ctx.device
     chat = ChatFormat(base_dir)
+    torch.manual_seed(recipe.seed)
+    model, trainable = _new_classifier(base_dir, len(names), cfg, device)
+    encoder = isinstance(model, EncoderClassifier)
     train_ids, val_ids = (
-        encode_texts(tok, splits["train"], cfg.max_seq_len, chat),
-        encode_texts(tok, val_ex, cfg.max_seq_len, chat),
+        encode_texts(tok, splits["train"], cfg.max_seq_len, chat, closed=encoder),
+        encode_texts(tok, val_ex, cfg.max_seq_len, chat, closed=encoder),
     )
     train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
-    pad = chat.eos if chat.eos is not None else 0  # padded positions are never read: the last real token is
-    torch.manual_seed(recipe.seed)
-    model = Classifier(load_model(base_dir, device), len(names))
-    trainable = make_trainable(model.body, cfg) + model.score.weight.numel()
-    model.score.weight.requires_grad_(True)
-    if model.body.lm_head.weight is not model.body.model.embed_tokens.weight:
-        model.body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
-    model.to(device)
+    # padded positions are never read: a decoder reads its last real token, an encoder keeps padding apart
+    pad = chat.pad if encoder else (chat.eos if chat.eos is not None else 0)
     majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
     console.print(
         f"classify: {len(names)} labels, train {len(train_ids):,}, val {len(val_ids):,}; "

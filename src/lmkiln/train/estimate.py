@@ -71,10 +71,11 @@ def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
 def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> dict:
     """Memory of a fine-tuning run (fp32 on CPU): weights, gradients and AdamW state of what trains,
     the activations of one micro-batch of `seq_len`-token rows (twice the rows for DPO pairs)."""
+    from lmkiln.model.hub import build_model
     from lmkiln.train.tuning import make_trainable
 
     with torch.device("meta"), console.capture():  # the meta copy's LoRA line is not news
-        model = Transformer(args)
+        model = build_model(args)
         trainable = make_trainable(model, cfg)
     weights = sum(p.numel() for p in model.parameters()) * 4
     activations = saved_bytes(model, cfg.batch_size, seq_len, pairs)

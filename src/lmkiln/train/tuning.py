@@ -21,6 +21,7 @@ from lmkiln.io import atomic_dir
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
+from lmkiln.model.encoder import ENCODER_LORA_TARGETS, Encoder
 from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.runs import FINAL
@@ -164,7 +165,10 @@ def make_trainable(model: nn.Module, cfg) -> int:
     returns the trainable parameter count."""
     if cfg.method == "lora":
         lo = cfg.lora
-        wrapped = apply_lora(model, lo.targets, lo.r, lo.alpha, lo.dropout, lo.dora)
+        targets = lo.targets
+        if isinstance(model, Encoder) and not set(targets) & set(ENCODER_LORA_TARGETS):
+            targets = ENCODER_LORA_TARGETS  # a decoder's projection names mean nothing on ModernBERT
+        wrapped = apply_lora(model, targets, lo.r, lo.alpha, lo.dropout, lo.dora)
         console.print(f"{'DoRA' if lo.dora else 'LoRA'} r={lo.r} on {len(wrapped)} layers")
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
