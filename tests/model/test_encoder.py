@@ -250,3 +250,58 @@ def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_pa
     with torch.no_grad():
         theirs = hf(ids, attention_mask=(torch.arange(6) < torch.tensor([[6], [4]])).long()).logits
         assert torch.allclose(ours(ids, torch.tensor([6, 4])), theirs, atol=1e-4)
+
+
+def test_import_of_a_modernbert_directory_transformers_made(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmkiln.cli import main
+
+    config = transformers.ModernBertConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        local_attention=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    torch.manual_seed(0)
+    hf = transformers.ModernBertForMaskedLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["-q", "import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours").eval()
+    x = torch.randint(0, 320, (2, 60), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), hf(x).logits, atol=1e-4, rtol=0)
+
+
+def test_import_refuses_modernbert_values_it_does_not_implement(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmkiln.cli import main
+
+    config = transformers.ModernBertConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_activation="silu",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+    )
+    transformers.ModernBertForMaskedLM(config).save_pretrained(tmp_path / "hf")
+    with pytest.raises(UserError, match="hidden_activation=.silu."):
+        from lmkiln.model.hub import read_args
+
+        read_args(tmp_path / "hf")
+    assert (
+        main(["-q", "import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2 and not (tmp_path / "ours").exists()
+    )

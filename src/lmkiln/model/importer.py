@@ -19,6 +19,7 @@ from safetensors import safe_open
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model.checks import Check, consistency_checks
+from lmkiln.model.encoder import EncoderArgs
 from lmkiln.model.gguf_import import describe_source, gguf_source, write_gguf_import
 from lmkiln.model.hub import (
     check_missing,
@@ -185,7 +186,7 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
-        if not (tmp / "generation_config.json").is_file():
+        if not (tmp / "generation_config.json").is_file() and not isinstance(args, EncoderArgs):
             write_json(
                 tmp / "generation_config.json",
                 {
@@ -206,6 +207,12 @@ def describe(model_dir: Path) -> str:
     source = f"{describe_source(summary)}\n" if "gguf" in summary else ""
     args = read_args(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
+    if isinstance(args, EncoderArgs):
+        return (
+            f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers "
+            f"(global attention every {args.global_every}, local window {args.local_attention}), hidden "
+            f"{args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}, {cfg.get('torch_dtype')}"
+        )
     scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
     return (
         f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
