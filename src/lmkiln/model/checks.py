@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmkiln.io import read_json
 from lmkiln.model.chat_format import PROBE, chat_template, end_of_turn, render_chat
 
 
@@ -28,6 +29,8 @@ def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
     """Check the chat template, the end-of-turn stop token and padding; with `fix`, add a missing
     end-of-turn token to generation_config.json's eos_token_id."""
     model_dir = Path(model_dir)
+    if read_json(model_dir / "config.json").get("model_type") == "modernbert":
+        return [Check("encoder", "ok", "reads text whole: no chat template, end-of-turn or stop ids to check")]
     checks: list[Check] = []
     if chat_template(model_dir) is None:
         return [Check("chat template", "warning", "none: chat fine-tuning and /v1/chat/completions need one")]
