@@ -356,3 +356,19 @@ class EncoderClassifier(nn.Module):
         else:
             pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
         return self.classifier(self.body.head(pooled))
+
+
+@torch.no_grad()
+def mean_embeddings(model: Encoder, rows: list[list[int]]) -> torch.Tensor:
+    """Each row's final hidden states averaged over its tokens, unit length (as OpenAI's embeddings are);
+    rows are padded together, the padding a segment of its own."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    device = next(model.parameters()).device
+    ids, lengths = ids.to(device), lengths.to(device)
+    real = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
+    hidden = model.hidden_states(ids, segments=(~real).long())
+    pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
+    return F.normalize(pooled.float(), dim=-1)

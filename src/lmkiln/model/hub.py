@@ -17,7 +17,7 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
-from lmkiln.model.encoder import Encoder, EncoderArgs, encoder_args_from_config, encoder_config
+from lmkiln.model.encoder import Encoder, EncoderArgs, EncoderClassifier, encoder_args_from_config, encoder_config
 from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
 
@@ -336,3 +336,28 @@ def generation_eos(model_dir: str | Path) -> list[int]:
         return []
     eos = json.loads(path.read_text()).get("eos_token_id")
     return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier, list[str]]:
+    """A ModernBertForSequenceClassification directory (lmkiln's or transformers'), and its label names."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
+    args = encoder_args_from_config(config, str(model_dir / "config.json"))
+    args.decoder_bias = False  # a classifier keeps no decoder
+    with torch.device("meta"):
+        model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
+    expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            key = name if name.startswith("classifier.") else f"body.{name}"
+            if key not in expected:
+                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
+            assign_weight(model, key, tensor.float())
+            seen.add(key)
+    if expected - seen:
+        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+    model.body.decoder.weight = model.body.model.embeddings.tok_embeddings.weight
+    model.body.init_rope()
+    return model.to(device).eval(), names

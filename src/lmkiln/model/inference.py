@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from lmkiln.errors import UserError
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import load_model
+from lmkiln.model.hub import load_model, read_args
 from lmkiln.model.transformer import Transformer
 
 
@@ -46,7 +46,13 @@ def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
 def load_for_inference(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
+    """A decoder, its tokenizer and chat format, for generation."""
     model_dir = Path(model_dir)
+    if read_args(model_dir).arch == "modernbert":
+        raise UserError(
+            f"{model_dir}: an encoder (ModernBERT) does not generate; `kiln serve` offers it /v1/embeddings and "
+            f"/v1/classify"
+        )
     tok, chat = load_format(model_dir)
     model = load_model(model_dir, device, dtype).eval()
     return Loaded(model_dir, model, tok, chat)

@@ -1,7 +1,8 @@
 """An OpenAI-compatible API over the continuous-batching engine: /v1/models, /v1/completions and
 /v1/chat/completions (the model's chat template), streamed by server-sent events or whole; LoRA
 adapters by name (`base+adapter`); bearer-token auth, CORS and a body limit; /health, /metrics
-(Prometheus) and the chat page at /."""
+(Prometheus) and the chat page at /. An encoder (ModernBERT) gets /v1/embeddings and, when it is a
+classifier, /v1/classify instead of the generating routes (serve/encoding.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from lmkiln.serve.batching import QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.metrics import ServeMetrics
-from lmkiln.serve.protocol import ApiError, ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs
+from lmkiln.serve.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    TextsRequest,
+    chat_logprobs,
+    completion_logprobs,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -58,6 +66,7 @@ class Server:
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
         self.engine = None
+        self.encoder = None  # an EncoderService, for a ModernBERT directory
         self.error: str | None = None
         self.metrics = ServeMetrics(
             lambda: self.engine.queue_depth if self.engine else 0, lambda: self.engine.batch_size if self.engine else 0
@@ -68,8 +77,14 @@ class Server:
         from lmkiln.model.inference import load_for_inference
         from lmkiln.serve.adapters import AdapterSet
         from lmkiln.serve.batching import Engine
+        from lmkiln.serve.encoding import EncoderService, is_encoder
 
         try:
+            if is_encoder(self.model_dir):
+                if self.adapter_dirs:
+                    raise UserError("--adapter: adapters are served on a decoder; merge them into an encoder instead")
+                self.encoder = EncoderService(self.model_dir, pick_device(self.device))
+                return
             lm = load_for_inference(self.model_dir, pick_device(self.device))
             model, self.tok, self.chat = lm.model, lm.tok, lm.chat
             self.stop_ids = lm.chat.stop_ids
@@ -86,8 +101,23 @@ class Server:
             raise
 
     def ready(self) -> None:
-        if self.engine is None:
+        if self.engine is None and self.encoder is None:
             raise ApiError(503, self.error or f"model {self.name} is loading; retry shortly")
+
+    def generative(self) -> None:
+        """Ready, and a decoder: an encoder reads text whole and generates nothing."""
+        self.ready()
+        if self.encoder is not None:
+            raise ApiError(
+                400, f"model {self.name} is an encoder: it does not generate; use /v1/embeddings or /v1/classify"
+            )
+
+    def encoding(self):
+        """Ready, and an encoder: its EncoderService."""
+        self.ready()
+        if self.encoder is None:
+            raise ApiError(400, f"model {self.name} is a decoder: /v1/embeddings and /v1/classify need an encoder")
+        return self.encoder
 
     def model_ids(self) -> list[str]:
         return [self.name] + [f"{self.name}+{a}" for a in self.adapter_dirs]
@@ -286,6 +316,9 @@ def create_app(
 
     @app.get("/health")
     def health():
+        if server.encoder is not None:
+            kind = "classifier" if server.encoder.classifier is not None else "encoder"
+            return {"status": "ok", "model": server.name, "kind": kind, "context": server.encoder.context}
         if server.engine is None:
             status = "failed" if server.error else "loading"
             return JSONResponse(
@@ -315,9 +348,29 @@ def create_app(
             "data": [{"id": m, "object": "model", "created": now, "owned_by": "lmkiln"} for m in server.model_ids()],
         }
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: TextsRequest):
+        service = server.encoding()
+        vectors, tokens = await asyncio.to_thread(service.embeddings, req.texts())
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": _packed(v) if req.encoding_format == "base64" else v}
+                for i, v in enumerate(vectors)
+            ],
+            "model": server.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @app.post("/v1/classify")
+    async def classify(req: TextsRequest):
+        service = server.encoding()
+        results, tokens = await asyncio.to_thread(service.classify, req.texts())
+        return {"object": "list", "data": results, "model": server.name, "usage": {"prompt_tokens": tokens}}
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        server.ready()
+        server.generative()
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         prompts = [server.encode(t, "prompt") for t in texts]
         choices = start_choices(server, req, prompts, server.stop_ids, req.logprobs, req.max_tokens or 16)
@@ -325,7 +378,7 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        server.ready()
+        server.generative()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             text = server.chat.render(messages, add_generation_prompt=True)
@@ -338,6 +391,14 @@ def create_app(
         return await _respond(server, request, req, choices, [prompt], chat=True)
 
     return app
+
+
+def _packed(vector: list[float]) -> str:
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def _quiet_load(server: Server) -> None:

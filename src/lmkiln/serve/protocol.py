@@ -112,3 +112,22 @@ def chat_logprobs(tokens: list, decode) -> dict:
             {**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in (t.top or [])]} for t in tokens
         ]
     }
+
+
+class TextsRequest(BaseModel):
+    """/v1/embeddings (OpenAI's shape) and /v1/classify: one text or a list of them."""
+
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32, as OpenAI sends it
+
+    @field_validator("input")
+    @classmethod
+    def _texts(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input

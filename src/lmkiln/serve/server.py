@@ -74,9 +74,10 @@ def serve(
     found = parse_adapters(adapters or [])
     sock = bind(host, port)
     host, port = sock.getsockname()[:2]
-    console.print(
-        f"kiln serve: {model} at http://{host}:{port}/v1 (chat page at http://{host}:{port}/)", soft_wrap=True
-    )
+    from lmkiln.serve.encoding import is_encoder
+
+    page = "embeddings and classification" if is_encoder(model) else f"chat page at http://{host}:{port}/"
+    console.print(f"kiln serve: {model} at http://{host}:{port}/v1 ({page})", soft_wrap=True)
     app = create_app(
         model,
         device,

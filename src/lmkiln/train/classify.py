@@ -20,8 +20,8 @@ from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import Encoder, EncoderClassifier, encoder_args_from_config
-from lmkiln.model.hub import HF_CLASSES, load_model, save_state
+from lmkiln.model.encoder import Encoder, EncoderClassifier
+from lmkiln.model.hub import HF_CLASSES, load_encoder_classifier, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.runs import FINAL
@@ -119,7 +119,7 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     config = json.loads((model_dir / "config.json").read_text())
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
     if config.get("model_type") == "modernbert":
-        return _load_encoder_classifier(model_dir, config, names, device)
+        return load_encoder_classifier(model_dir, device)
     # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
     args = args_from_hf(
         {**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
@@ -139,29 +139,6 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     if expected - seen:
         raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
     model.body.lm_head.weight = model.body.model.embed_tokens.weight
-    return model.to(device).eval(), names
-
-
-def _load_encoder_classifier(model_dir: Path, config: dict, names: list[str], device) -> tuple[EncoderClassifier, list]:
-    from lmkiln.model.hub import assign_weight, read_shard, weight_shards
-
-    args = encoder_args_from_config(config, str(model_dir / "config.json"))
-    args.decoder_bias = False  # a classifier keeps no decoder
-    with torch.device("meta"):
-        model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
-    expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
-    seen = set()
-    for shard in weight_shards(model_dir):
-        for name, tensor in read_shard(shard):
-            key = name if name.startswith("classifier.") else f"body.{name}"
-            if key not in expected:
-                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
-            assign_weight(model, key, tensor.float())
-            seen.add(key)
-    if expected - seen:
-        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
-    model.body.decoder.weight = model.body.model.embeddings.tok_embeddings.weight
-    model.body.init_rope()
     return model.to(device).eval(), names
 
 

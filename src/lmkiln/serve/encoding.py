@@ -1,0 +1,74 @@
+"""What `kiln serve` offers for an encoder, which reads text whole and generates nothing: embeddings
+(any ModernBERT directory: the mean of the final hidden states, unit length) and, for a classifier
+(ModernBertForSequenceClassification), each label's probability."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from lmkiln.errors import UserError
+from lmkiln.io import read_json
+from lmkiln.serve.protocol import ApiError
+
+
+def is_encoder(model_dir: Path) -> bool:
+    return read_json(Path(model_dir) / "config.json").get("model_type") == "modernbert"
+
+
+class EncoderService:
+    def __init__(self, model_dir: Path, device) -> None:
+        from lmkiln.model.hub import load_encoder_classifier, load_model
+        from lmkiln.model.inference import load_format
+
+        self.tok, _ = load_format(model_dir)
+        arch = (read_json(model_dir / "config.json").get("architectures") or [""])[0]
+        if arch.endswith("ForSequenceClassification"):
+            self.classifier, self.labels = load_encoder_classifier(model_dir, device)
+            self.encoder = self.classifier.body
+        elif arch.endswith("ForMaskedLM"):
+            self.classifier, self.labels = None, []
+            self.encoder = load_model(model_dir, device).eval()
+        else:
+            raise UserError(f"{model_dir}: a ModernBERT '{arch}' cannot be served (masked LM or sequence classifier)")
+        self.context = self.encoder.args.max_seq_len
+        self.lock = threading.Lock()  # one forward at a time: the model's buffers are shared
+
+    def rows(self, texts: list[str]) -> list[list[int]]:
+        """Each text as the tokenizer lays it out ([CLS] text [SEP]); too long a text is a 413."""
+        rows = []
+        for i, text in enumerate(texts):
+            ids = self.tok.encode(text).ids
+            if len(ids) > self.context:
+                raise ApiError(413, f"input[{i}]: {len(ids)} tokens; the context is {self.context}", "input")
+            rows.append(ids)
+        return rows
+
+    def embeddings(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        from lmkiln.model.encoder import mean_embeddings
+
+        rows = self.rows(texts)
+        with self.lock:
+            vectors = mean_embeddings(self.encoder, rows)
+        return vectors.tolist(), sum(map(len, rows))
+
+    def classify(self, texts: list[str]) -> tuple[list[dict], int]:
+        if self.classifier is None:
+            raise ApiError(
+                400, "this encoder has no classification head: serve a `kiln finetune --task classify` model"
+            )
+        rows = self.rows(texts)
+        lengths = torch.tensor([len(r) for r in rows])
+        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        device = next(self.classifier.parameters()).device
+        with self.lock, torch.no_grad():
+            probs = self.classifier(ids.to(device), lengths.to(device)).float().softmax(-1).cpu()
+        out = []
+        for i, p in enumerate(probs.tolist()):
+            best = max(range(len(p)), key=p.__getitem__)
+            out.append({"index": i, "label": self.labels[best], "scores": dict(zip(self.labels, p))})
+        return out, int(lengths.sum())
