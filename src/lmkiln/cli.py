@@ -94,10 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--task",
-                choices=("generate", "classify", "dpo"),
+                choices=("generate", "classify", "dpo", "tag"),
                 default=None,
                 help="classify: a label head on {text, label} rows; dpo: preference pairs "
-                "{prompt, chosen, rejected} (same as finetune.task=...)",
+                "{prompt, chosen, rejected}; tag: a BIO tag per word on an encoder, from {tokens, tags} rows or "
+                "a .conll file (same as finetune.task=...)",
             )
         if name == "eval":
             p.add_argument(

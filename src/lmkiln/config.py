@@ -267,10 +267,12 @@ class FinetuneConfig(Section):
     data: str = Field(
         "builtin:python-docstrings", description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file"
     )
-    task: Literal["generate", "classify", "dpo"] = Field(
-        "generate", description="generate: a language model; classify: a label head; dpo: preference pairs"
+    task: Literal["generate", "classify", "dpo", "tag"] = Field(
+        "generate",
+        description="generate: a language model; classify: a label head; dpo: preference pairs; "
+        "tag: a label per word (BIO, an encoder base)",
     )
-    format: Literal["auto", "text", "instruction", "chat", "preference", "classification"] = Field(
+    format: Literal["auto", "text", "instruction", "chat", "preference", "classification", "tagging"] = Field(
         "auto", description="auto: told by each row's fields"
     )
     columns: dict[str, str] = Field(

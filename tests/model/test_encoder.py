@@ -305,3 +305,108 @@ def test_import_refuses_modernbert_values_it_does_not_implement(tmp_path):
     assert (
         main(["-q", "import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 2 and not (tmp_path / "ours").exists()
     )
+
+
+def _tagging_rows(n: int) -> list[dict]:
+    first, last = ["Alice", "Bruno", "Chen", "Dana", "Emil", "Fatima"], ["Smith", "Rossi", "Wang", "Levi", "Berg"]
+    cities = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Quito", "Hanoi"]
+    verbs = ["lives in", "flew to", "works near", "moved to"]
+    rows = []
+    for i in range(n):
+        name = [first[i % 6], last[(i // 6) % 5]]
+        verb = verbs[i % 4].split()
+        words = name + verb + [cities[(i * 3) % 7]]
+        tags = ["B-PER", "I-PER"] + ["O"] * len(verb) + ["B-LOC"]
+        if i % 3 == 0:  # some sentences open with a place, so position alone does not tell
+            words, tags = ["In", cities[i % 7], ","] + words, ["O", "B-LOC", "O"] + tags
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def test_tagging_learns_entities_and_loads_in_transformers(encoder_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmkiln.cli import main
+    from lmkiln.model.hub import load_encoder_classifier
+
+    recipe = encoder_run()
+    run_pretrain(recipe)
+    path = tmp_path / "entities.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _tagging_rows(120)))
+    run = tmp_path / "tagged"
+    code = main(
+        [
+            "-q",
+            "finetune",
+            "--task",
+            "tag",
+            *TINY,
+            *ENCODER,
+            f"finetune.data={path}",
+            f"run_dir={run}",
+            f"finetune.base={recipe.run_dir / 'pretrain' / 'final'}",
+            "finetune.epochs=10",
+            "finetune.lr=3e-3",
+            "finetune.batch_size=8",
+            "finetune.val_fraction=0.2",
+        ]
+    )
+    assert code == 0
+    m = json.loads((run / "finetune" / "manifest.json").read_text())["metrics"]
+    assert m["labels"] == ["B-LOC", "B-PER", "I-PER", "O"]
+    assert m["val_entity_f1"] > 0.9 and m["val_entity_f1"] > m["base_val_entity_f1"] + 0.5, m
+    final = run / "finetune" / "final"
+    ours, names = load_encoder_classifier(final)
+    hf = transformers.AutoModelForTokenClassification.from_pretrained(final, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "ModernBertForTokenClassification" and hf.config.id2label[1] == names[1]
+    ids = torch.tensor([[1, 40, 41, 42, 2], [1, 50, 2, 0, 0]])
+    with torch.no_grad():
+        theirs = hf(ids, attention_mask=(torch.arange(5) < torch.tensor([[5], [3]])).long()).logits
+        ours_logits = ours(ids, torch.tensor([5, 3]))
+    assert torch.allclose(ours_logits[0], theirs[0], atol=1e-4)
+    assert torch.allclose(ours_logits[1, :3], theirs[1, :3], atol=1e-4)  # padding's own outputs are nobody's
+
+
+def test_a_broken_conll_row_is_named_by_file_and_line(encoder_run, tmp_path, capsys):
+    from lmkiln.cli import main
+
+    recipe = encoder_run()
+    run_pretrain(recipe)
+    path = tmp_path / "ner.conll"
+    path.write_text("Alice B-PER\nlives O\n\nBruno B-PER\nParis\n")
+    code = main(
+        [
+            "finetune",
+            "--task",
+            "tag",
+            *TINY,
+            *ENCODER,
+            f"finetune.data={path}",
+            f"run_dir={recipe.run_dir}",
+            f"finetune.base={recipe.run_dir / 'pretrain' / 'final'}",
+        ]
+    )
+    assert code == 2 and f"{path}:5: expected a word and its tag" in capsys.readouterr().err
+    bad = tmp_path / "tags.jsonl"
+    bad.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["O", "X-PER"]}) + "\n")
+    code = main(
+        [
+            "finetune",
+            "--task",
+            "tag",
+            *TINY,
+            *ENCODER,
+            f"finetune.data={bad}",
+            f"run_dir={recipe.run_dir}",
+            f"finetune.base={recipe.run_dir / 'pretrain' / 'final'}",
+        ]
+    )
+    assert code == 2 and f"{bad}:1: tag 2 ('X-PER') is not BIO" in capsys.readouterr().err
+
+
+def test_entity_scores_count_as_seqeval_does():
+    from lmkiln.eval.tagging import entities, entity_scores
+
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-LOC"]) == {("PER", 0, 1), ("LOC", 3, 4), ("LOC", 5, 5)}
+    gold = [["B-PER", "I-PER", "O", "B-LOC"]]
+    scores = entity_scores([["B-PER", "O", "O", "B-LOC"]], gold)  # the person cut short: wrong
+    assert scores == {"entity_precision": 0.5, "entity_recall": 0.5, "entity_f1": 0.5}

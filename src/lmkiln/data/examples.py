@@ -16,6 +16,7 @@ it has none) and tokenised with labels on the assistant's replies and their end-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ from lmkiln.model.chat_format import ChatFormat, instruction_messages
 from lmkiln.model.loss import IGNORE
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)
-FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification")
+FORMATS = ("auto", "text", "instruction", "chat", "preference", "classification", "tagging")
+TAG = re.compile(r"O|[BI]-\S+")  # BIO: outside, or the beginning or inside of an entity of a type
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -44,6 +46,8 @@ def check_source(source: str) -> None:
 
 
 def detect_format(record: dict) -> str:
+    if "tokens" in record and "tags" in record:
+        return "tagging"
     if "chosen" in record or "rejected" in record:
         return "preference"
     if "messages" in record or "conversations" in record:
@@ -129,6 +133,19 @@ def _preference(record: dict) -> dict:
     return {"prompt_messages": messages, "chosen": chosen, "rejected": rejected}
 
 
+def _tagging(record: dict) -> dict:
+    """{tokens, tags}: a word list and a BIO tag per word."""
+    tokens, tags = record.get("tokens"), record.get("tags")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
+        raise BadRow("field 'tokens' must be a non-empty list of words")
+    if not isinstance(tags, list) or len(tags) != len(tokens):
+        raise BadRow(f"field 'tags' must be a list with a tag per word ({len(tokens)} words)")
+    for i, tag in enumerate(tags):
+        if not isinstance(tag, str) or not TAG.fullmatch(tag):
+            raise BadRow(f"tag {i + 1} ({tag!r}) is not BIO: expected O, B-TYPE or I-TYPE")
+    return {"tokens": tokens, "tags": tags}
+
+
 def preference_pair(ex: dict) -> tuple[dict, dict]:
     """The chosen and the rejected conversation of a preference example."""
     return tuple(
@@ -147,6 +164,8 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
     example = {"id": ref, "split": record.get("split") or None}
     if fmt == "text":
         return {**example, "text": _string(record, "text")}
+    if fmt == "tagging":
+        return {**example, **_tagging(record)}
     if fmt == "classification":
         label = record.get("label")
         if not isinstance(label, (str, int)) or isinstance(label, bool) or str(label).strip() == "":

@@ -16,7 +16,7 @@ from lmkiln.errors import UserError
 from lmkiln.io import base_suffix, iter_jsonl, read_text, text_lines
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-RECORD_SUFFIXES = TABLE_SUFFIXES + (".txt", ".md")
+RECORD_SUFFIXES = TABLE_SUFFIXES + (".txt", ".md", ".conll")
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long reply or document is one field, not an error
 
@@ -75,6 +75,8 @@ def read_records(path: Path, on_bad: Callable[[str], None], column: str | None =
                 lines = []
         if lines:
             yield f"{path}:{start}", {"text": "".join(lines).rstrip("\n")}
+    elif kind == ".conll":  # a sentence per blank-line block: a word and its tag per line
+        yield from _conll(path, on_bad)
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
@@ -92,3 +94,23 @@ def read_records(path: Path, on_bad: Callable[[str], None], column: str | None =
                 yield f"{path}:row {row}", record
     else:
         raise UserError(f"{path}: expected one of {', '.join(RECORD_SUFFIXES)} (optionally compressed)")
+
+
+def _conll(path: Path, on_bad: Callable[[str], None]) -> Iterator[tuple[str, dict]]:
+    """{tokens, tags} per sentence of a CoNLL file: the first field of a line is the word, the last its tag
+    (columns between, as CoNLL-2003's, are ignored); -DOCSTART- lines are skipped."""
+    start, tokens, tags = 1, [], []
+    for lineno, line in text_lines(path):
+        fields = line.split()
+        if fields and fields[0] != "-DOCSTART-":
+            if len(fields) < 2:
+                on_bad(f"{path}:{lineno}: expected a word and its tag")
+                continue
+            start = start if tokens else lineno
+            tokens.append(fields[0])
+            tags.append(fields[-1])
+        elif tokens:
+            yield f"{path}:{start}", {"tokens": tokens, "tags": tags}
+            tokens, tags = [], []
+    if tokens:
+        yield f"{path}:{start}", {"tokens": tokens, "tags": tags}

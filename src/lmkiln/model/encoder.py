@@ -372,3 +372,19 @@ def mean_embeddings(model: Encoder, rows: list[list[int]]) -> torch.Tensor:
     hidden = model.hidden_states(ids, segments=(~real).long())
     pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
     return F.normalize(pooled.float(), dim=-1)
+
+
+class EncoderTagger(nn.Module):
+    """ModernBertForTokenClassification: each token's final hidden state through the prediction head and
+    a linear classifier; padding is a segment of its own."""
+
+    def __init__(self, body: Encoder, num_labels: int) -> None:
+        super().__init__()
+        self.body = body
+        self.classifier = nn.Linear(body.args.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=0.02)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        return self.classifier(self.body.head(self.body.hidden_states(ids, segments=(~real).long())))

@@ -17,7 +17,14 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
-from lmkiln.model.encoder import Encoder, EncoderArgs, EncoderClassifier, encoder_args_from_config, encoder_config
+from lmkiln.model.encoder import (
+    Encoder,
+    EncoderArgs,
+    EncoderClassifier,
+    EncoderTagger,
+    encoder_args_from_config,
+    encoder_config,
+)
 from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
 
@@ -338,15 +345,20 @@ def generation_eos(model_dir: str | Path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier, list[str]]:
-    """A ModernBertForSequenceClassification directory (lmkiln's or transformers'), and its label names."""
+def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier | EncoderTagger, list[str]]:
+    """A ModernBertForSequenceClassification or ModernBertForTokenClassification directory (lmkiln's or
+    transformers'), and its label names."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
     args = encoder_args_from_config(config, str(model_dir / "config.json"))
     args.decoder_bias = False  # a classifier keeps no decoder
+    per_token = (config.get("architectures") or [""])[0].endswith("ForTokenClassification")
     with torch.device("meta"):
-        model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
+        if per_token:
+            model = EncoderTagger(Encoder(args), len(names))
+        else:
+            model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
     expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
     seen = set()
     for shard in weight_shards(model_dir):

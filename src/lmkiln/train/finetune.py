@@ -105,10 +105,17 @@ def check_base(base_dir: Path) -> None:
         raise UserError(f"finetune.base: {base_dir}: chat template {failed[0].detail}")
 
 
-TASK_FORMATS = {"generate": ("text", "instruction", "chat"), "dpo": ("preference",), "classify": ("classification",)}
+TASK_FORMATS = {
+    "generate": ("text", "instruction", "chat"),
+    "dpo": ("preference",),
+    "classify": ("classification",),
+    "tag": ("tagging",),
+}
 
 
 def kind_of(ex: dict) -> str:
+    if "tags" in ex:
+        return "tagging"
     if "chosen" in ex:
         return "preference"
     if "label" in ex:
@@ -186,7 +193,11 @@ def build(
             if save
             else None
         )
-        if cfg.task == "classify":
+        if cfg.task == "tag":
+            from lmkiln.train.tag import build_tagger
+
+            result = build_tagger(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
+        elif cfg.task == "classify":
             from lmkiln.train.classify import build_classifier
 
             result = build_classifier(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
