@@ -345,6 +345,21 @@ def generation_eos(model_dir: str | Path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+def load_head_model(model: nn.Module, model_dir: Path, expected: set[str], key_of) -> None:
+    """Fill a model with a label head (built on the meta device) from a *ForSequence/TokenClassification
+    directory: `key_of` maps a stored name to the model's; an unknown or missing weight is a UserError."""
+    seen = set()
+    for shard in weight_shards(model_dir):
+        for name, tensor in read_shard(shard):
+            key = key_of(name)
+            if key not in expected:
+                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
+            assign_weight(model, key, tensor.float())
+            seen.add(key)
+    if expected - seen:
+        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+
+
 def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier | EncoderTagger, list[str]]:
     """A ModernBertForSequenceClassification or ModernBertForTokenClassification directory (lmkiln's or
     transformers'), and its label names."""
@@ -360,16 +375,7 @@ def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier 
         else:
             model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
     expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
-    seen = set()
-    for shard in weight_shards(model_dir):
-        for name, tensor in read_shard(shard):
-            key = name if name.startswith("classifier.") else f"body.{name}"
-            if key not in expected:
-                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
-            assign_weight(model, key, tensor.float())
-            seen.add(key)
-    if expected - seen:
-        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+    load_head_model(model, model_dir, expected, lambda name: name if name.startswith("classifier.") else f"body.{name}")
     model.body.decoder.weight = model.body.model.embeddings.tok_embeddings.weight
     model.body.init_rope()
     return model.to(device).eval(), names

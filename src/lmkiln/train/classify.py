@@ -28,7 +28,7 @@ from lmkiln.runs import FINAL
 from lmkiln.train.dist import DistContext
 from lmkiln.train.estimate import print_memory
 from lmkiln.train.metrics import plot_curves
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, train_always
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
 SEQ_CLS["modernbert"] = "ModernBertForSequenceClassification"
@@ -113,7 +113,7 @@ def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: 
 
 def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str]]:
     """A classifier directory saved by `save_classifier` (or by transformers), and its label names."""
-    from lmkiln.model.hub import args_from_hf, assign_weight, read_shard, weight_shards
+    from lmkiln.model.hub import args_from_hf, load_head_model
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -128,16 +128,7 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     with torch.device("meta"):
         model = Classifier(Transformer(args), len(names))
     expected = {k for k in model.state_dict() if k != "body.lm_head.weight"}
-    seen = set()
-    for shard in weight_shards(model_dir):
-        for name, tensor in read_shard(shard):
-            key = name if name == "score.weight" else f"body.{name}"
-            if key not in expected:
-                raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
-            assign_weight(model, key, tensor.float())
-            seen.add(key)
-    if expected - seen:
-        raise UserError(f"{model_dir}: weights missing, e.g. '{sorted(expected - seen)[0]}'")
+    load_head_model(model, model_dir, expected, lambda name: name if name == "score.weight" else f"body.{name}")
     model.body.lm_head.weight = model.body.model.embed_tokens.weight
     return model.to(device).eval(), names
 
@@ -156,10 +147,18 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
         head = [model.score.weight]
         if body.lm_head.weight is not body.model.embed_tokens.weight:
             body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
-    for p in head:
-        trainable += 0 if p.requires_grad else p.numel()
-        p.requires_grad_(True)
-    return model.to(device), trainable
+    return model.to(device), trainable + train_always(head)
+
+
+def save_head_model(model, cfg, out: Path, base_dir: Path, names: list[str], write, title: str) -> None:
+    """A tuned label-head model as `final/` (LoRA merged first, `write` laying out its directory, the base's
+    format required of it) and its loss curves."""
+    if cfg.method == "lora":
+        merge_lora(model.body)
+    with atomic_dir(out / FINAL) as tmp:
+        write(model, tmp, base_dir, names)
+        require_same_format(base_dir, tmp)
+    plot_curves(out / "metrics.jsonl", out / "loss.png", title)
 
 
 def build_classifier(
@@ -223,12 +222,7 @@ def build_classifier(
     )
     guard.restore_best()
     if save and ctx.is_main:
-        if cfg.method == "lora":
-            merge_lora(model.body)
-        with atomic_dir(out / FINAL) as tmp:
-            save_classifier(model, tmp, base_dir, names)
-            require_same_format(base_dir, tmp)
-        plot_curves(out / "metrics.jsonl", out / "loss.png", "classification fine-tuning")
+        save_head_model(model, cfg, out, base_dir, names, save_classifier, "classification fine-tuning")
     best, base = guard.best, guard.base
     return {
         "task": "classify",

@@ -15,18 +15,15 @@ import torch.nn.functional as F
 
 from lmkiln.errors import UserError
 from lmkiln.eval.tagging import entity_scores
-from lmkiln.io import atomic_dir, write_json
+from lmkiln.io import write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.checks import require_same_format
 from lmkiln.model.encoder import Encoder, EncoderTagger
 from lmkiln.model.hub import load_model, save_state
-from lmkiln.model.lora import merge_lora
 from lmkiln.model.loss import IGNORE
-from lmkiln.runs import FINAL
+from lmkiln.train.classify import save_head_model
 from lmkiln.train.dist import DistContext
-from lmkiln.train.metrics import plot_curves
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs
+from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, train_always
 
 
 def encode_words(
@@ -120,10 +117,7 @@ def build_tagger(
     gold = [ex["tags"] for ex in val_ex]
     torch.manual_seed(recipe.seed)
     model = EncoderTagger(body, len(names))
-    trainable = make_trainable(body, cfg)
-    for p in [*body.head.parameters(), *model.classifier.parameters()]:
-        trainable += 0 if p.requires_grad else p.numel()
-        p.requires_grad_(True)
+    trainable = make_trainable(body, cfg) + train_always([*body.head.parameters(), *model.classifier.parameters()])
     model.to(device)
     console.print(f"tag: {len(names)} tags ({', '.join(names)}), train {len(train):,} sentences, val {len(val):,}")
 
@@ -152,12 +146,7 @@ def build_tagger(
     )
     guard.restore_best()
     if save and ctx.is_main:
-        if cfg.method == "lora":
-            merge_lora(body)
-        with atomic_dir(out / FINAL) as tmp:
-            save_tagger(model, tmp, base_dir, names)
-            require_same_format(base_dir, tmp)
-        plot_curves(out / "metrics.jsonl", out / "loss.png", "token classification fine-tuning")
+        save_head_model(model, cfg, out, base_dir, names, save_tagger, "token classification fine-tuning")
     best, base = guard.best, guard.base
     return {
         "task": "tag",

@@ -174,6 +174,16 @@ def make_trainable(model: nn.Module, cfg) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def train_always(params) -> int:
+    """A label head trains whatever the method (LoRA freezes the rest): the parameters it newly made
+    trainable, counted."""
+    added = 0
+    for p in params:
+        added += 0 if p.requires_grad else p.numel()
+        p.requires_grad_(True)
+    return added
+
+
 def load_trainable(base_dir: Path, cfg, device) -> tuple[nn.Module, int]:
     """The base model on `device`, made trainable as the recipe says; and its trainable parameter count."""
     model = load_model(base_dir, device)
