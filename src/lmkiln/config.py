@@ -296,6 +296,9 @@ class FinetuneConfig(Section):
     max_examples: Size | None = Field(None, gt=0, description="cap on training examples")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="held out when the data has no split")
     max_val_examples: int = Field(256, gt=0)
+    pooling: Literal["cls", "mean"] = Field(
+        "cls", description="an encoder's classifier: the [CLS] token's final state, or the mean over the text's tokens"
+    )
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="validate every N steps; 0: at the end of each epoch")
     patience: int = Field(0, ge=0, description="stop after N evaluations without improvement; 0: never")

@@ -190,8 +190,8 @@ def test_masked_loss_equals_transformers_loss_and_gradient(tmp_path):
         assert torch.allclose(ours_grad[name], p.grad, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_path, method):
+@pytest.mark.parametrize("method,pooling", [("full", "cls"), ("lora", "cls"), ("full", "mean")])
+def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_path, method, pooling):
     import csv
 
     transformers = pytest.importorskip("transformers")
@@ -213,7 +213,7 @@ def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_pa
         w = csv.DictWriter(fh, ["query", "intent"])
         w.writeheader()
         w.writerows(rows)
-    run = tmp_path / f"tuned-{method}"
+    run = tmp_path / f"tuned-{method}-{pooling}"
     code = main(
         [
             "-q",
@@ -232,6 +232,7 @@ def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_pa
             "finetune.val_fraction=0.25",
             f"finetune.method={method}",
             "finetune.lora.r=8",
+            f"finetune.pooling={pooling}",
         ]
     )
     assert code == 0
@@ -246,6 +247,7 @@ def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_pa
         assert m["trainable_parameters"] < 0.25 * sum(p.numel() for p in ours.parameters())
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(final, dtype=torch.float32).eval()
     assert type(hf).__name__ == "ModernBertForSequenceClassification" and hf.config.id2label[0] == names[0]
+    assert hf.config.classifier_pooling == pooling == ours.pooling
     ids = torch.tensor([[1, 40, 41, 42, 43, 2], [1, 50, 51, 2, 0, 0]])  # the second row padded
     with torch.no_grad():
         theirs = hf(ids, attention_mask=(torch.arange(6) < torch.tensor([[6], [4]])).long()).logits
@@ -410,3 +412,14 @@ def test_entity_scores_count_as_seqeval_does():
     gold = [["B-PER", "I-PER", "O", "B-LOC"]]
     scores = entity_scores([["B-PER", "O", "O", "B-LOC"]], gold)  # the person cut short: wrong
     assert scores == {"entity_precision": 0.5, "entity_recall": 0.5, "entity_f1": 0.5}
+
+
+def test_mean_pooling_is_refused_on_a_decoder(trained_run):
+    from types import SimpleNamespace
+
+    from lmkiln.train.classify import _new_classifier
+
+    _, run_dir, _ = trained_run
+    cfg = SimpleNamespace(method="full", pooling="mean", gradient_checkpointing=False)
+    with pytest.raises(UserError, match="finetune.pooling=mean applies to an encoder"):
+        _new_classifier(run_dir / "pretrain" / "final", 3, cfg, "cpu")

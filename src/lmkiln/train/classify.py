@@ -138,10 +138,14 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
     and the trainable parameter count."""
     body = load_model(base_dir, device)
     if isinstance(body, Encoder):
-        model = EncoderClassifier(body, num_labels)
+        model = EncoderClassifier(body, num_labels, cfg.pooling)
         trainable = make_trainable(body, cfg)
         head = [*body.head.parameters(), *model.classifier.parameters()]
     else:
+        if cfg.pooling != "cls":
+            raise UserError(
+                f"finetune.pooling={cfg.pooling} applies to an encoder; a decoder's classifier reads the last token"
+            )
         model = Classifier(body, num_labels)
         trainable = make_trainable(body, cfg)
         head = [model.score.weight]

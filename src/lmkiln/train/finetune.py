@@ -43,6 +43,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
 def config_of(recipe: Recipe) -> dict:
     # how often the run saves its state is not what it computes
     cfg = recipe.finetune.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints"})
+    if cfg["pooling"] == "cls":  # the default: runs from before the option stay current
+        cfg.pop("pooling")
     return {"finetune": cfg, "seed": recipe.seed, "heldout_fraction": recipe.data.val_fraction}
 
 
