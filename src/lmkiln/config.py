@@ -243,6 +243,7 @@ class PretrainConfig(Section):
     mask_rate: float = Field(
         0.30, gt=0.0, lt=1.0, description="modernbert: share of tokens masked (ModernBERT 0.30, BERT 0.15), 80/10/10"
     )
+    whole_word_mask: bool = Field(False, description="modernbert: mask whole words (every sub-token of a chosen word)")
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)

@@ -423,3 +423,24 @@ def test_mean_pooling_is_refused_on_a_decoder(trained_run):
     cfg = SimpleNamespace(method="full", pooling="mean", gradient_checkpointing=False)
     with pytest.raises(UserError, match="finetune.pooling=mean applies to an encoder"):
         _new_classifier(run_dir / "pretrain" / "final", 3, cfg, "cpu")
+
+
+def test_whole_word_masking_masks_every_sub_token_of_a_chosen_word():
+    rng = np.random.default_rng(0)
+    word_start = np.zeros(1000, dtype=bool)
+    word_start[500:] = True  # ids 500+ begin words, ids below continue them
+    window = np.where(rng.random(100_000) < 0.4, rng.integers(500, 1000, 100_000), rng.integers(3, 500, 100_000))
+    x, y = mask_tokens(window, rng, 0.3, 999, 1000, np.array([0, 1, 2]), word_start)
+    chosen = y != IGNORE
+    word = np.cumsum(word_start[window])
+    per_word = {}
+    for w, c in zip(word.tolist(), chosen.tolist()):
+        per_word.setdefault(w, set()).add(c)
+    assert all(len(v) == 1 for v in per_word.values())  # a word is masked whole or not at all
+    assert abs(np.mean([next(iter(v)) for v in per_word.values()]) - 0.3) < 0.02
+
+
+def test_whole_word_masked_pretraining_runs(encoder_run):
+    recipe = encoder_run("run", "pretrain.whole_word_mask=true", "pretrain.max_steps=6")
+    manifest = run_pretrain(recipe)
+    assert manifest["metrics"]["steps"] == 6 and manifest["metrics"]["val_loss"] > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmkiln.io import write_json, write_text
@@ -122,3 +123,12 @@ def token_byte_lengths(tok: Tokenizer) -> list[int]:
     for token, idx in tok.get_vocab().items():
         lengths[idx] = 0 if idx in specials else len(token)
     return lengths
+
+
+def word_starts(tok: Tokenizer) -> np.ndarray:
+    """Per token id: does it begin a word? In byte-level BPE a word's first token carries the space before it
+    (Ġ) or a line break (Ċ); special tokens stand alone. For whole-word masking."""
+    starts = np.zeros(tok.get_vocab_size(), dtype=bool)
+    for token, i in tok.get_vocab().items():
+        starts[i] = token.startswith(("Ġ", "Ċ")) or (token.startswith("[") and token.endswith("]"))
+    return starts

@@ -16,11 +16,26 @@ from lmkiln.model.loss import IGNORE
 
 
 def mask_tokens(
-    window: np.ndarray, rng: np.random.Generator, rate: float, mask_id: int, vocab_size: int, special: np.ndarray
+    window: np.ndarray,
+    rng: np.random.Generator,
+    rate: float,
+    mask_id: int,
+    vocab_size: int,
+    special: np.ndarray,
+    word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input ids, labels): labels hold the original token where one was chosen, IGNORE elsewhere."""
+    """(input ids, labels): labels hold the original token where one was chosen, IGNORE elsewhere. With
+    `word_start` (per vocabulary id: does the token begin a word), whole words are chosen: every sub-token
+    of a word shares the draw of its first."""
     maskable = ~np.isin(window, special)
-    chosen = (rng.random(window.shape) < rate) & maskable
+    draw = rng.random(window.shape)
+    if word_start is not None:
+        starts = word_start[window] | ~maskable
+        starts[..., 0] = True
+        pos = np.broadcast_to(np.arange(window.shape[-1]), window.shape)
+        first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
+        draw = np.take_along_axis(draw, first, axis=-1)
+    chosen = (draw < rate) & maskable
     labels = np.where(chosen, window, IGNORE)
     roll = rng.random(window.shape)
     random_ids = rng.integers(0, vocab_size, size=window.shape)
@@ -35,11 +50,16 @@ def segments_of(window: np.ndarray, cls_id: int) -> np.ndarray:
 
 
 def mlm_batch(
-    windows: np.ndarray, rng: np.random.Generator, rate: float, ids: dict, vocab_size: int
+    windows: np.ndarray,
+    rng: np.random.Generator,
+    rate: float,
+    ids: dict,
+    vocab_size: int,
+    word_start: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids, labels, segment ids) of a batch of windows."""
     special = np.array([ids["cls"], ids["sep"], ids["pad"]])
-    x, y = mask_tokens(windows, rng, rate, ids["mask"], vocab_size, special)
+    x, y = mask_tokens(windows, rng, rate, ids["mask"], vocab_size, special, word_start)
     seg = segments_of(windows, ids["cls"])
     return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(seg)
 
@@ -54,12 +74,13 @@ def mlm_batch_at(
     rate: float,
     ids: dict,
     vocab_size: int,
+    word_start: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The micro-batch of a step: random windows of seq_len tokens, masked."""
     rng = np.random.default_rng([seed, step, micro])
     starts = rng.integers(0, len(tokens) - seq_len, size=batch)
     windows = np.stack([np.asarray(tokens[s : s + seq_len], dtype=np.int64) for s in starts])
-    return mlm_batch(windows, rng, rate, ids, vocab_size)
+    return mlm_batch(windows, rng, rate, ids, vocab_size, word_start)
 
 
 def val_windows(tokens: np.ndarray, seq_len: int, n: int) -> np.ndarray:
@@ -82,15 +103,25 @@ class MaskedLM:
         ctx,
         ids: dict,
         vocab_size: int,
+        word_start: np.ndarray | None = None,  # whole-word masking: which ids begin a word
     ) -> None:
         self.recipe, self.model, self.train, self.val = recipe, model, train_tokens, val_tokens
-        self.accum, self.ctx, self.ids, self.vocab = accum, ctx, ids, vocab_size
+        self.accum, self.ctx, self.ids, self.vocab, self.word_start = accum, ctx, ids, vocab_size, word_start
         self._counts: dict[int, int] = {}
 
     def _batch(self, step: int, micro: int):
         c = self.recipe.pretrain
         return mlm_batch_at(
-            self.train, self.recipe.seed, step, micro, c.batch_size, c.seq_len, c.mask_rate, self.ids, self.vocab
+            self.train,
+            self.recipe.seed,
+            step,
+            micro,
+            c.batch_size,
+            c.seq_len,
+            c.mask_rate,
+            self.ids,
+            self.vocab,
+            self.word_start,
         )
 
     def micro_batches(self, step: int) -> list:
@@ -141,7 +172,7 @@ class MaskedLM:
         starts = val_windows(self.val, c.seq_len, n)
         rng = np.random.default_rng([self.recipe.seed, 1 << 30])
         windows = np.stack([np.asarray(self.val[s : s + c.seq_len], dtype=np.int64) for s in starts])
-        x, y, seg = mlm_batch(windows, rng, c.mask_rate, self.ids, self.vocab)
+        x, y, seg = mlm_batch(windows, rng, c.mask_rate, self.ids, self.vocab, self.word_start)
         mine = slice(ctx.rank, None, ctx.world)
         self.model.eval()
         total, count = 0.0, 0

@@ -23,7 +23,7 @@ from lmkiln.model.loss import next_token_losses
 from lmkiln.model.transformer import ModelArgs, Transformer, build_args
 from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
-from lmkiln.tokenizer.train import load_tokenizer, special_ids
+from lmkiln.tokenizer.train import load_tokenizer, special_ids, word_starts
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
 from lmkiln.train.loop import Cadence, LoopState, Plan, train
@@ -48,6 +48,7 @@ def config_of(recipe: Recipe) -> dict:
         for key in ("local_attention", "global_every"):
             model.pop(key)
         cfg.pop("mask_rate")
+        cfg.pop("whole_word_mask")
     return {"model": model, "pretrain": cfg, "seed": recipe.seed}
 
 
@@ -237,7 +238,8 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     _print_setup(args, cfg, accum, tokens_per_step, flops_per_token, ctx)
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
     if args.arch == "modernbert":
-        objective = MaskedLM(recipe, model, train_tokens, val_tokens, accum, ctx, ids, args.vocab_size)
+        starts = word_starts(tok) if cfg.whole_word_mask else None
+        objective = MaskedLM(recipe, model, train_tokens, val_tokens, accum, ctx, ids, args.vocab_size, starts)
     else:
         fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
         objective = CausalLM(recipe, model, train_tokens, val_tokens, accum, ctx, fim)
