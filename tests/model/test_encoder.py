@@ -2,10 +2,7 @@
 not see each other, and masked-language pretraining runs, resumes bit for bit and splits over ranks."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ from lmkiln.train import run_pretrain
 from lmkiln.train.metrics import read_metrics
 from lmkiln.train.mlm import mask_tokens
 from tests.conftest import TINY
+from tests.train.test_distributed import torchrun
 
 ENCODER = ["tokenizer.kind=encoder", "model.arch=modernbert", "model.local_attention=16", "model.num_layers=4"]
 
@@ -135,24 +133,7 @@ def test_mlm_ddp_two_ranks_equal_one_rank_with_double_accumulation(encoder_run, 
     ddp_dir = tmp_path / "ddp"
     shutil.copytree(single.run_dir, ddp_dir)
     shutil.rmtree(ddp_dir / "pretrain")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "lmkiln",
-        "pretrain",
-        *TINY,
-        *ENCODER,
-        f"run_dir={ddp_dir}",
-        "pretrain.batch_tokens=512",
-        *steps,
-        "pretrain.strategy=ddp",
-    ]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    res = torchrun(ddp_dir, *ENCODER, "pretrain.batch_tokens=512", *steps, "pretrain.strategy=ddp")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 accum × 2 ranks" in res.stderr
     a, b = (load_model(d / "pretrain" / "final").state_dict() for d in (ddp_dir, single.run_dir))
@@ -254,24 +235,19 @@ def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_pa
         assert torch.allclose(ours(ids, torch.tensor([6, 4])), theirs, atol=1e-4)
 
 
+def _modernbert_config(transformers, **values):
+    """A small ModernBERT config as transformers makes one, with special ids inside its vocabulary."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)
+    return transformers.ModernBertConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_attention_heads=4, **ids, **values
+    )
+
+
 def test_import_of_a_modernbert_directory_transformers_made(tmp_path):
     transformers = pytest.importorskip("transformers")
     from lmkiln.cli import main
 
-    config = transformers.ModernBertConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=128,
-        local_attention=16,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        cls_token_id=1,
-        sep_token_id=2,
-    )
+    config = _modernbert_config(transformers, num_hidden_layers=3, max_position_embeddings=128, local_attention=16)
     torch.manual_seed(0)
     hf = transformers.ModernBertForMaskedLM(config).eval()
     hf.save_pretrained(tmp_path / "hf")
@@ -286,19 +262,7 @@ def test_import_refuses_modernbert_values_it_does_not_implement(tmp_path):
     transformers = pytest.importorskip("transformers")
     from lmkiln.cli import main
 
-    config = transformers.ModernBertConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        hidden_activation="silu",
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        cls_token_id=1,
-        sep_token_id=2,
-    )
+    config = _modernbert_config(transformers, num_hidden_layers=2, hidden_activation="silu")
     transformers.ModernBertForMaskedLM(config).save_pretrained(tmp_path / "hf")
     with pytest.raises(UserError, match="hidden_activation=.silu."):
         from lmkiln.model.hub import read_args

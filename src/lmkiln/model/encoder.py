@@ -217,6 +217,12 @@ class Encoder(nn.Module):
                 x = layer(*args)
         return self.model.final_norm(x)
 
+    def padded_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of right-padded rows, and the mask of real tokens: the padding is a segment
+        of its own, so no real token sees it and a row's states are those it has alone."""
+        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        return self.hidden_states(ids, segments=(~real).long()), real
+
     def forward(
         self, ids: torch.Tensor, segments: torch.Tensor | None = None, hidden_only: bool = False
     ) -> torch.Tensor:
@@ -349,8 +355,7 @@ class EncoderClassifier(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        hidden = self.body.hidden_states(ids, segments=(~real).long())
+        hidden, real = self.body.padded_states(ids, lengths)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -358,18 +363,22 @@ class EncoderClassifier(nn.Module):
         return self.classifier(self.body.head(pooled))
 
 
+def pad_rows(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids as one right-padded (B, T) tensor, and each row's length."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return ids, lengths
+
+
 @torch.no_grad()
 def mean_embeddings(model: Encoder, rows: list[list[int]]) -> torch.Tensor:
     """Each row's final hidden states averaged over its tokens, unit length (as OpenAI's embeddings are);
     rows are padded together, the padding a segment of its own."""
-    lengths = torch.tensor([len(r) for r in rows])
-    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
     device = next(model.parameters()).device
-    ids, lengths = ids.to(device), lengths.to(device)
-    real = torch.arange(ids.shape[1], device=device)[None] < lengths[:, None]
-    hidden = model.hidden_states(ids, segments=(~real).long())
+    ids, lengths = (t.to(device) for t in pad_rows(rows))
+    hidden, real = model.padded_states(ids, lengths)
     pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
     return F.normalize(pooled.float(), dim=-1)
 
@@ -386,5 +395,4 @@ class EncoderTagger(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        return self.classifier(self.body.head(self.body.hidden_states(ids, segments=(~real).long())))
+        return self.classifier(self.body.head(self.body.padded_states(ids, lengths)[0]))

@@ -59,11 +59,9 @@ class EncoderService:
             raise ApiError(
                 400, "this encoder has no classification head: serve a `kiln finetune --task classify` model"
             )
-        rows = self.rows(texts)
-        lengths = torch.tensor([len(r) for r in rows])
-        ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
+        from lmkiln.model.encoder import pad_rows
+
+        ids, lengths = pad_rows(self.rows(texts))
         device = next(self.classifier.parameters()).device
         with self.lock, torch.no_grad():
             probs = self.classifier(ids.to(device), lengths.to(device)).float().softmax(-1).cpu()

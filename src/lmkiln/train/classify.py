@@ -20,7 +20,7 @@ from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import Encoder, EncoderClassifier
+from lmkiln.model.encoder import Encoder, EncoderClassifier, pad_rows
 from lmkiln.model.hub import HF_CLASSES, load_encoder_classifier, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
@@ -55,11 +55,7 @@ def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat, clos
 
 
 def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: int, device):
-    width = max(len(encoded[i]) for i in idx)
-    x = torch.full((len(idx), width), pad, dtype=torch.long)
-    for row, i in enumerate(idx):
-        x[row, : len(encoded[i])] = torch.tensor(encoded[i])
-    lengths = torch.tensor([len(encoded[i]) for i in idx])
+    x, lengths = pad_rows([encoded[i] for i in idx], pad)
     return x.to(device), lengths.to(device), torch.tensor([labels[i] for i in idx], device=device)
 
 
@@ -85,30 +81,43 @@ def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: i
     }
 
 
-def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: Path, names: list[str]) -> None:
-    """An HF *ForSequenceClassification directory: the backbone's weights (no LM head or decoder) and the
-    classifier (`score` on a decoder; the prediction head and `classifier` on ModernBERT)."""
-    args = model.body.args
-    encoder = isinstance(model, EncoderClassifier)
-    state = {k: v for k, v in model.body.state_dict().items() if not k.startswith(("lm_head.", "decoder."))}
-    state.update(
-        {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
-        if encoder
-        else {"score.weight": model.score.weight}
-    )
-    save_state(args, state, out, base_dir)
-    config = json.loads((out / "config.json").read_text())
-    if encoder:
-        config["classifier_pooling"] = model.pooling
-    config.update(
-        architectures=[SEQ_CLS[args.arch]],
+def write_labelled_model(
+    body, head: dict, out: Path, base_dir: Path, names: list[str], architecture: str, **config
+) -> None:
+    """An HF *ForSequence/TokenClassification directory: the backbone's weights (no LM head or decoder), the
+    head's tensors, and config.json naming the architecture and the labels (and `config`'s other keys)."""
+    state = {k: v for k, v in body.state_dict().items() if not k.startswith(("lm_head.", "decoder."))}
+    save_state(body.args, {**state, **head}, out, base_dir)
+    written = json.loads((out / "config.json").read_text())
+    written.update(
+        architectures=[architecture],
         num_labels=len(names),
         id2label={str(i): n for i, n in enumerate(names)},
         label2id={n: i for i, n in enumerate(names)},
-        tie_word_embeddings=encoder,  # a decoder's classifier has no head to tie; ModernBERT's config keeps its own
-        problem_type="single_label_classification",
+        **config,
     )
-    write_json(out / "config.json", config)
+    write_json(out / "config.json", written)
+
+
+def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: Path, names: list[str]) -> None:
+    """A *ForSequenceClassification directory: `score` on a decoder; on ModernBERT the prediction head (in
+    the backbone's weights) and `classifier`."""
+    if isinstance(model, EncoderClassifier):
+        head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
+        extra = {"classifier_pooling": model.pooling, "tie_word_embeddings": True}  # ModernBERT's config keeps its own
+    else:
+        head = {"score.weight": model.score.weight}
+        extra = {"tie_word_embeddings": False}  # a decoder's classifier has no head to tie
+    write_labelled_model(
+        model.body,
+        head,
+        out,
+        base_dir,
+        names,
+        SEQ_CLS[model.body.args.arch],
+        problem_type="single_label_classification",
+        **extra,
+    )
 
 
 def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str]]:
@@ -139,7 +148,6 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
     body = load_model(base_dir, device)
     if isinstance(body, Encoder):
         model = EncoderClassifier(body, num_labels, cfg.pooling)
-        trainable = make_trainable(body, cfg)
         head = [*body.head.parameters(), *model.classifier.parameters()]
     else:
         if cfg.pooling != "cls":
@@ -147,10 +155,10 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
                 f"finetune.pooling={cfg.pooling} applies to an encoder; a decoder's classifier reads the last token"
             )
         model = Classifier(body, num_labels)
-        trainable = make_trainable(body, cfg)
         head = [model.score.weight]
-        if body.lm_head.weight is not body.model.embed_tokens.weight:
-            body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
+    trainable = make_trainable(body, cfg)
+    if not isinstance(body, Encoder) and body.lm_head.weight is not body.model.embed_tokens.weight:
+        body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
     return model.to(device), trainable + train_always(head)
 
 

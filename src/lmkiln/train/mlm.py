@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmkiln.model.loss import IGNORE
+from lmkiln.device import autocast
+from lmkiln.model.loss import IGNORE, next_token_losses
+from lmkiln.train import dist
 
 
 def mask_tokens(
@@ -140,10 +142,6 @@ class MaskedLM:
         return max(self._counts[step], 1)
 
     def losses(self, run, batch) -> torch.Tensor:
-        from lmkiln.device import autocast
-        from lmkiln.model.loss import next_token_losses
-        from lmkiln.train import dist
-
         x, y, seg = (t.to(self.ctx.device, non_blocking=True) for t in batch)
         decoder = None if dist.is_sharded(self.model) else dist.unwrap(self.model).decoder
         with autocast(self.ctx.device):
@@ -164,8 +162,6 @@ class MaskedLM:
     def val_loss(self) -> float:
         """Mean loss at the masked positions of evenly spaced validation windows, masked the same way at
         every evaluation (a generator keyed by the seed), split across ranks."""
-        from lmkiln.train import dist
-
         c, ctx = self.recipe.pretrain, self.ctx
         n = min(c.eval_batches * c.batch_size, max(1, (len(self.val) - 1) // c.seq_len))
         n = max(ctx.world, n - n % ctx.world)

@@ -254,7 +254,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         device=ctx.device,
         prefetch=ctx.device.type != "cpu",
     )
-    evaluate = _Evaluate(recipe, model, objective, ctx, monitor, tok, tok_dir)
+    evaluate = _Evaluate(recipe, model, objective, ctx, monitor, tok, ChatFormat(tok_dir))
 
     def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
         model_state, optim_state = dist.full_state(model, opt)  # collective
@@ -362,7 +362,7 @@ class _Evaluate:
     ctx: dist.DistContext
     monitor: TaskMonitor | None
     tok: object
-    tok_dir: Path
+    chat: ChatFormat  # the tokenizer's format: its bos/eos for the task monitor
     last_scores: dict | None = None
 
     def __call__(self, step: int, train_loss: float) -> tuple[dict, bool]:
@@ -370,7 +370,7 @@ class _Evaluate:
         fields = {"val_loss": round(loss, 5)}
         message = f"step {step}: train loss {train_loss:.4f}, val loss {loss:.4f}"
         if self.monitor is not None:
-            self.last_scores = self.monitor(dist.unwrap(self.model), self.tok, ChatFormat(self.tok_dir))
+            self.last_scores = self.monitor(dist.unwrap(self.model), self.tok, self.chat)
             fields.update(self.last_scores)
             message += f"; {describe(self.last_scores)}"
         console.print(message)

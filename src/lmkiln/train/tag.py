@@ -6,47 +6,42 @@ Validation reports entity precision, recall and F1 (eval/tagging.py) before and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from lmkiln.data.examples import collate
 from lmkiln.errors import UserError
 from lmkiln.eval.tagging import entity_scores
-from lmkiln.io import write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.encoder import Encoder, EncoderTagger
-from lmkiln.model.hub import load_model, save_state
+from lmkiln.model.hub import load_model
 from lmkiln.model.loss import IGNORE
-from lmkiln.train.classify import save_head_model
+from lmkiln.train.classify import save_head_model, write_labelled_model
 from lmkiln.train.dist import DistContext
 from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, train_always
 
 
 def encode_words(
     tok, words: list[str], tags: list[str], index: dict[str, int], max_len: int, chat: ChatFormat
-) -> tuple[list[int], list[int], int]:
-    """([CLS] sub-tokens [SEP], a label on each word's first sub-token, words that fit in max_len)."""
-    ids, labels, kept = [chat.bos], [IGNORE], 0
+) -> tuple[list[int], list[int]]:
+    """([CLS] sub-tokens [SEP], a label on each word's first sub-token); words past max_len are left out."""
+    ids, labels = [chat.bos], [IGNORE]
     for i, (word, tag) in enumerate(zip(words, tags)):
         pieces = tok.encode(word if i == 0 else " " + word, add_special_tokens=False).ids or [chat.pad]
         if len(ids) + len(pieces) + 1 > max_len:
             break
         ids += pieces
         labels += [index.get(tag, IGNORE)] + [IGNORE] * (len(pieces) - 1)
-        kept += 1
-    return ids + [chat.eos], labels + [IGNORE], kept
+    return ids + [chat.eos], labels + [IGNORE]
 
 
 def _batch(rows: list, idx: list[int], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(rows[i][0]) for i in idx)
-    x = torch.full((len(idx), width), pad, dtype=torch.long)
-    y = torch.full((len(idx), width), IGNORE, dtype=torch.long)
-    for r, i in enumerate(idx):
-        x[r, : len(rows[i][0])], y[r, : len(rows[i][1])] = torch.tensor(rows[i][0]), torch.tensor(rows[i][1])
+    """Token ids, lengths and labels (IGNORE on padding) of the rows `idx`."""
+    x, y, _ = collate([rows[i] for i in idx], pad)
     lengths = torch.tensor([len(rows[i][0]) for i in idx])
     return x.to(device), lengths.to(device), y.to(device)
 
@@ -75,17 +70,8 @@ def evaluate(
 
 def save_tagger(model: EncoderTagger, out: Path, base_dir: Path, names: list[str]) -> None:
     """A ModernBertForTokenClassification directory: the encoder (no decoder), its head and the classifier."""
-    state = {k: v for k, v in model.body.state_dict().items() if not k.startswith("decoder.")}
-    state.update({f"classifier.{k}": v for k, v in model.classifier.state_dict().items()})
-    save_state(model.body.args, state, out, base_dir)
-    config = json.loads((out / "config.json").read_text())
-    config.update(
-        architectures=["ModernBertForTokenClassification"],
-        num_labels=len(names),
-        id2label={str(i): n for i, n in enumerate(names)},
-        label2id={n: i for i, n in enumerate(names)},
-    )
-    write_json(out / "config.json", config)
+    head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
+    write_labelled_model(model.body, head, out, base_dir, names, "ModernBertForTokenClassification")
 
 
 def build_tagger(
