@@ -23,7 +23,7 @@ import torch
 from lmkiln.model.encoder import Encoder, EncoderArgs
 from lmkiln.model.hub import save_model
 from lmkiln.model.loss import IGNORE, next_token_losses
-from lmkiln.train.mlm import mlm_batch
+from lmkiln.model.masking import mlm_batch
 from lmkiln.train.optim import make_optimizer
 from lmkiln.train.speed import device_peak, mfu
 

@@ -13,10 +13,10 @@ from lmkiln.errors import UserError
 from lmkiln.model.encoder import Encoder, EncoderArgs
 from lmkiln.model.hub import load_model
 from lmkiln.model.loss import IGNORE
+from lmkiln.model.masking import mask_tokens
 from lmkiln.train import pretrain as pretrain_stage
 from lmkiln.train import run_pretrain
 from lmkiln.train.metrics import read_metrics
-from lmkiln.train.mlm import mask_tokens
 from tests.conftest import TINY
 from tests.train.test_distributed import torchrun
 

@@ -46,6 +46,9 @@ print(json.dumps({"predicted": predicted, "measured": peak - base}))
 """
 
 
+ENCODER = ["tokenizer.kind=encoder", "model.arch=modernbert", "model.local_attention=64"]
+
+
 @pytest.fixture
 def prepared(tiny_recipe):
     recipe = tiny_recipe(*MODEL)
@@ -84,3 +87,21 @@ def test_estimate_cli_prints_table(prepared, capsys):
     assert main(["estimate", f"run_dir={prepared.run_dir}", *MODEL]) == 0
     out = capsys.readouterr().out
     assert "memory: total" in out and "time per step" in out
+
+
+def test_estimate_of_an_encoder_counts_its_model_and_masked_head(tiny_recipe, capsys):
+    """A ModernBERT recipe: the parameters of the model pretraining builds, its FLOPs, and a head loss that
+    runs at the masked positions alone (a smaller share of the logits than a decoder's)."""
+    from lmkiln.model.encoder import build_encoder_args
+
+    recipe = tiny_recipe(*MODEL, *ENCODER)
+    data.run(recipe)
+    tokenizer.run(recipe)
+    est = estimate(recipe)
+    args = build_encoder_args(recipe.model, 512, {})
+    assert est["parameters"] == args.num_params() and est["flops_per_token"] == args.flops_per_token(256)
+    lower = recipe.model_copy(deep=True)
+    lower.pretrain.mask_rate = 0.15
+    assert estimate(lower)["memory_bytes"]["logits"] < est["memory_bytes"]["logits"]
+    assert main(["estimate", f"run_dir={recipe.run_dir}", *MODEL, *ENCODER]) == 0
+    assert "memory: total" in capsys.readouterr().out

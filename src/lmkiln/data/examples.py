@@ -326,3 +326,25 @@ def encode_all(
         else:
             out.append((ids, labels))
     return out, too_long
+
+
+def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat, closed: bool = False) -> list[list[int]]:
+    """BOS and the text's tokens, cut to max_len (the start of a text decides its class most often);
+    `closed`, for an encoder, ends each with EOS too ([CLS] text [SEP], as its tokenizer lays a text out)."""
+    bos = [chat.bos] if chat.bos is not None else []
+    eos = [chat.eos] if closed and chat.eos is not None else []
+    return [(bos + tok.encode(ex["text"], add_special_tokens=False).ids)[: max_len - len(eos)] + eos for ex in examples]
+
+
+def encode_words(
+    tok, words: list[str], tags: list[str], index: dict[str, int], max_len: int, chat: ChatFormat
+) -> tuple[list[int], list[int]]:
+    """([CLS] sub-tokens [SEP], a label on each word's first sub-token); words past max_len are left out."""
+    ids, labels = [chat.bos], [IGNORE]
+    for i, (word, tag) in enumerate(zip(words, tags)):
+        pieces = tok.encode(word if i == 0 else " " + word, add_special_tokens=False).ids or [chat.pad]
+        if len(ids) + len(pieces) + 1 > max_len:
+            break
+        ids += pieces
+        labels += [index.get(tag, IGNORE)] + [IGNORE] * (len(pieces) - 1)
+    return ids + [chat.eos], labels + [IGNORE]

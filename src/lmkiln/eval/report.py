@@ -79,10 +79,11 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
 def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     """Base against tuned on validation, in the task's own measures."""
     task, method = m.get("task", "generate"), m["method"] + (" (DoRA)" if m.get("dora") else "")
-    head = f"{method} {({'dpo': 'DPO ', 'classify': 'classification '}).get(task, '')}fine-tuning"
+    kind = {"dpo": "DPO ", "classify": "classification ", "tag": "token classification "}.get(task, "")
+    head = f"{method} {kind}fine-tuning"
     out = [
         f"{head} on {m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
-        + (f", {len(m['labels'])} labels" if task == "classify" else "")
+        + (f", {len(m['labels'])} labels" if task in ("classify", "tag") else "")
         + f", {m['steps']} steps, {manifest['wall_time_s']:.0f} s. Best: step {m.get('best_step', '?')}"
         + (", stopped early" if m.get("stopped_early") else "")
         + ".",
@@ -96,6 +97,14 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
             f"| majority class | {m['majority_accuracy']:.1%} | | |",
             f"| base model + untrained head | {m['base_val_accuracy']:.1%} | | {base:.4f} |",
             f"| tuned | {m['val_accuracy']:.1%} | {m['val_macro_f1']:.4f} | {best:.4f} |",
+        ]
+    elif task == "tag":
+        out += [
+            "| validation | entity precision | entity recall | entity F1 | loss |",
+            "|---|---:|---:|---:|---:|",
+            f"| base model + untrained head | | | {m['base_val_entity_f1']:.4f} | {base:.4f} |",
+            f"| tuned | {m['val_entity_precision']:.4f} | {m['val_entity_recall']:.4f} | {m['val_entity_f1']:.4f} "
+            f"| {best:.4f} |",
         ]
     elif task == "dpo":
         out += [
@@ -123,6 +132,10 @@ EXPLAINED = {  # what each kind of score means, said once under the table when t
     "comparable across tokenizers.",
     "docstrings": "Docstring loss: nats per token of the reference docstrings of functions in held-out modules; "
     "ROUGE-L: F1 of the greedy generated docstring against the reference.",
+    "mlm": "Held-out MLM loss: an encoder's nats per masked token on the held-out text, masked by BERT's rule "
+    "at pretrain.mask_rate (the same positions for every model).",
+    "tagging": "Entity precision, recall and F1: a predicted entity counts when its type, start and end match "
+    "(seqeval's counting).",
     "gen": "Reply loss: nats per token of the reference replies; exact match and token F1 (SQuAD's normalisation) "
     "and ROUGE-L: the greedy reply against the reference, on rows fine-tuning held out (`@val`).",
 }
@@ -136,10 +149,11 @@ def _eval_section(run_dir: Path) -> list[str]:
 
     results = json.loads(path.read_text())
     first = next(iter(results.values()), {})
+    scores = [(t, r) for res in results.values() for t, r in res.items() if isinstance(r, dict)]
     kinds = {
-        "perplexity" if t == "perplexity" else "docstrings" if t == "docstrings" else "gen"
-        for t, r in first.items()
-        if isinstance(r, dict) and ("samples" in r or t == "perplexity")
+        t if t in ("perplexity", "docstrings", "mlm") else "tagging" if "entity_f1" in r else "gen"
+        for t, r in scores
+        if "samples" in r or "entity_f1" in r or t in ("perplexity", "mlm")
     }
     out = [
         "## Evaluation: base against tuned",

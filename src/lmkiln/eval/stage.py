@@ -10,14 +10,16 @@ from lmkiln.config import STAGES, Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.device import pick_device
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_path, read_text, sha256_file, write_json, write_text
+from lmkiln.io import atomic_path, read_json, read_text, sha256_file, write_json, write_text
 from lmkiln.log import console
+from lmkiln.model.hub import is_encoder_config
 from lmkiln.model.inference import load_for_inference
 from lmkiln.runs import check_models, model_dir_of, model_identity, stage_dir, upstream
 
 COLUMNS = [  # (task, metric, label, higher is better)
     ("perplexity", "loss", "held-out loss", False),
     ("perplexity", "bits_per_byte", "bits/byte", False),
+    ("mlm", "loss", "held-out MLM loss", False),
     ("docstrings", "reply_loss", "docstring loss", False),
     ("docstrings", "rouge_l", "docstring ROUGE-L", True),
 ]
@@ -110,7 +112,8 @@ def check_task_refs(cfg) -> None:
 
 def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
     """`gen:FILE[@SPLIT]` tasks: eval.max_examples rows of a data file in any fine-tuning format
-    (instruction, chat: generate the last reply; classification: score each label), checked row by row.
+    (instruction, chat: generate the last reply; classification: score each label, or an encoder's
+    classifier; tagging: an encoder's tagger), checked row by row.
     `@val`/`@test` keeps the rows fine-tuning holds out of that file, so base and tuned models are
     compared on rows neither trained on."""
     from lmkiln.data.examples import load_splits, sample
@@ -126,9 +129,9 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
         rows = splits[split] if split else splits["train"] + splits["val"] + splits["test"]
         rows = sample(rows, cfg.max_examples, salt="eval")
         if any("chosen" in r or ("text" in r and "label" not in r) for r in rows):
-            raise UserError(f"{ref}: generative tasks take instruction, chat or classification rows")
-        if len({("label" in r) for r in rows}) > 1:
-            raise UserError(f"{ref}: mixes classification rows with instruction or chat rows")
+            raise UserError(f"{ref}: gen: tasks take instruction, chat, classification or tagging rows")
+        if len({"label" if "label" in r else "tags" if "tags" in r else "reply" for r in rows}) > 1:
+            raise UserError(f"{ref}: mixes kinds of rows (classification, tagging, instruction or chat)")
         if rows:
             out[Path(path).stem + (f"@{split}" if split else "")] = rows
     return out
@@ -200,6 +203,9 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             raise UserError(f"eval.models: no model at '{path}'")
         name = names[ref]
         console.print(f"evaluating {name} ({path})")
+        if is_encoder_config(read_json(path / "config.json")):
+            results[name] = _encoder_scores(recipe, run_dir, path, name, generative, device)
+            continue
         lm = load_for_inference(path, device)
         model, tok, chat = lm.model, lm.tok, lm.chat
         res: dict = {"path": str(path)}
@@ -218,7 +224,11 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         for task, docs in zip(tasks, loaded):
             res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
         for task_name, rows in generative.items():
-            if "label" in rows[0]:
+            if "tags" in rows[0]:
+                console.print(
+                    f"{name}: tagging rows ({task_name}) are scored on an encoder's tagger; none for a decoder"
+                )
+            elif "label" in rows[0]:
                 res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
             else:
                 res[task_name] = score_instructions(
@@ -231,11 +241,23 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     return results
 
 
+def _encoder_scores(recipe: Recipe, run_dir: Path, path: Path, name: str, generative: dict, device) -> dict:
+    from lmkiln.eval.encoders import evaluate_encoder
+
+    try:
+        return evaluate_encoder(path, name, recipe, lambda: _texts(recipe, run_dir), generative, device)
+    except ValueError as exc:
+        raise UserError(f"{name} ({path}): {exc}") from None
+
+
 def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
-    """(task, metric, label, higher is better) for every score the results hold."""
+    """(task, metric, label, higher is better) for every score the results hold, in the order the
+    models first give them."""
     cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
-    first = next(iter(results.values()), {})
-    for task, r in first.items():
+    scores: dict = {}
+    for r in results.values():
+        scores.update({task: s for task, s in r.items() if task not in scores})
+    for task, r in scores.items():
         if isinstance(r, dict) and r.get("kind") == "bias":
             cols.append((task, "pct_stereotype", f"{task} stereotype share (0.5 = none)", None))
         elif isinstance(r, dict) and "kind" in r:
@@ -244,6 +266,9 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
                 cols.append((task, "acc_norm", f"{task} acc_norm", True))
         elif isinstance(r, dict) and "accuracy" in r and "labels" in r:
             cols += [(task, "accuracy", f"{task} accuracy", True), (task, "macro_f1", f"{task} macro-F1", True)]
+            cols.append((task, "majority_accuracy", f"{task} majority class", None))
+        elif isinstance(r, dict) and "entity_f1" in r:
+            cols += [(task, f"entity_{m}", f"{task} entity {m}", True) for m in ("precision", "recall", "f1")]
         elif isinstance(r, dict) and "token_f1" in r and task != "docstrings":
             cols += [
                 (task, "reply_loss", f"{task} reply loss", False),
@@ -251,7 +276,7 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
                 (task, "token_f1", f"{task} token F1", True),
                 (task, "rouge_l", f"{task} ROUGE-L", True),
             ]
-    if "icl" in first:
+    if "icl" in scores:
         cols.append(("icl", "centered", "ICL centered", True))
     return cols
 
@@ -327,7 +352,9 @@ def results_figure(results: dict):
         ax.set_title(label, fontsize=9)
         ax.set_ylabel(
             metric.replace("_", " ")
-            + {True: " (higher is better)", False: " (lower is better)", None: " (0.5 = no preference)"}[up],
+            + {True: " (higher is better)", False: " (lower is better)"}.get(
+                up, " (0.5 = no preference)" if metric == "pct_stereotype" else " (the baseline)"
+            ),
             fontsize=7,
         )
         ax.set_xlabel("model", fontsize=7)

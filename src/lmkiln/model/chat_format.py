@@ -139,13 +139,19 @@ class ChatFormat:
         self.model_dir = root if root is not None and chat_template(root) else None
         cfg = read_json(root / "config.json") if root else {}
         gen = read_json(root / "generation_config.json") if root else {}
+        # an encoder's text is framed [CLS] ... [SEP]: BERT's configs name those, not bos and eos
+        framing = {"bos": "cls", "eos": "sep", "pad": "pad"}
         found = {
-            name: _ids(cfg.get(f"{name}_token_id")) or _ids(gen.get(f"{name}_token_id"))
-            for name in ("bos", "eos", "pad")
+            name: _ids(cfg.get(f"{name}_token_id"))
+            or _ids(gen.get(f"{name}_token_id"))
+            or _ids(cfg.get(f"{framing[name]}_token_id"))
+            for name in framing
         }
         if root is not None and not all(found.values()):  # else the tokenizer's named tokens
             named = self._named_ids(root)
-            found = {name: ids or _ids(named.get(name)) for name, ids in found.items()}
+            found = {
+                name: ids or _ids(named.get(name)) or _ids(named.get(framing[name])) for name, ids in found.items()
+            }
         eos = found["eos"]
         self.bos: int | None = found["bos"][0] if found["bos"] else None
         self.eos: int | None = eos[0] if eos else None
@@ -165,11 +171,12 @@ class ChatFormat:
 
     @staticmethod
     def _named_ids(root: Path) -> dict[str, int]:
-        """tokenizer_config.json's bos_token/eos_token/pad_token strings, as ids of tokenizer.json."""
+        """tokenizer_config.json's bos/eos/pad (and an encoder's cls/sep) token strings, as ids of
+        tokenizer.json."""
         names = {
             k.removesuffix("_token"): (v.get("content") if isinstance(v, dict) else v)
             for k, v in read_json(root / "tokenizer_config.json").items()
-            if k in ("bos_token", "eos_token", "pad_token")
+            if k in ("bos_token", "eos_token", "pad_token", "cls_token", "sep_token")
         }
         tok = read_json(root / "tokenizer.json")
         vocab = dict((tok.get("model") or {}).get("vocab") or {})

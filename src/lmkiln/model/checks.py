@@ -29,7 +29,7 @@ def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
     """Check the chat template, the end-of-turn stop token and padding; with `fix`, add a missing
     end-of-turn token to generation_config.json's eos_token_id."""
     model_dir = Path(model_dir)
-    if read_json(model_dir / "config.json").get("model_type") == "modernbert":
+    if read_json(model_dir / "config.json").get("model_type") in ("modernbert", "bert", "roberta"):
         return [Check("encoder", "ok", "reads text whole: no chat template, end-of-turn or stop ids to check")]
     checks: list[Check] = []
     if chat_template(model_dir) is None:

@@ -15,8 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ENCODER_LORA_TARGETS = ["Wqkv", "Wo", "Wi"]  # attention's and the feed-forward's projections
-
 
 @dataclass
 class EncoderArgs:
@@ -148,6 +146,11 @@ def positions_of(segments: torch.Tensor | None, b: int, t: int, device) -> torch
     return pos - first
 
 
+def segment_mask(segments: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, 1, T, T) boolean mask, True where a query and key share a segment; None (all) without segments."""
+    return None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+
+
 def attention_masks(
     a: EncoderArgs, segments: torch.Tensor | None, t: int, device
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -155,15 +158,58 @@ def attention_masks(
     layers within local_attention // 2 tokens. Without segments the global mask is None (all of it)."""
     idx = torch.arange(t, device=device)
     near = (idx[:, None] - idx[None, :]).abs() <= a.local_attention // 2
-    if segments is None:
-        return None, near
-    same = (segments[:, :, None] == segments[:, None, :])[:, None]
-    return same, same & near
+    same = segment_mask(segments)
+    return (None, near) if same is None else (same, same & near)
 
 
-class Encoder(nn.Module):
+def linear_head(hidden: int, num_labels: int) -> nn.Linear:
+    """A label classifier, initialised as transformers does (normal 0.02, zero bias)."""
+    layer = nn.Linear(hidden, num_labels)
+    nn.init.normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class EncoderBase(nn.Module):
+    """What every encoder (ModernBERT here, BERT and RoBERTa in model/bert.py) offers the label heads,
+    serving and the masked-LM loss. The defaults are ModernBERT's: its prediction head feeds the labels."""
+
+    LORA_TARGETS: list[str] = []
+    args: EncoderArgs
+    head: nn.Module
+
+    def hidden_states(self, ids: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def padded_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states of right-padded rows, and the mask of real tokens: the padding is a segment
+        of its own, so no real token sees it and a row's states are those it has alone."""
+        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
+        return self.hidden_states(ids, segments=(~real).long()), real
+
+    def sequence_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled)
+
+    def token_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def feature_params(self, per_token: bool) -> list[nn.Parameter]:
+        """The parameters between the backbone and a label head's classifier, which always train."""
+        return list(self.head.parameters())
+
+    def classifier_head(self, num_labels: int) -> nn.Module:
+        return linear_head(self.args.hidden_size, num_labels)
+
+    def backbone_state(self, per_token: bool) -> dict[str, torch.Tensor]:
+        """The weights a *ForSequence/TokenClassification directory keeps of the backbone (no decoder)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("decoder.")}
+
+
+class Encoder(EncoderBase):
     """ModernBertForMaskedLM: `forward(ids)` gives logits over the vocabulary at every position;
     `hidden_only=True` gives the prediction head's output, for a loss that runs the decoder itself."""
+
+    LORA_TARGETS = ["Wqkv", "Wo", "Wi"]  # attention's and the feed-forward's projections
 
     def __init__(self, args: EncoderArgs) -> None:
         super().__init__()
@@ -171,13 +217,13 @@ class Encoder(nn.Module):
         self.model = _Body(args)
         self.head = _Head(args)
         self.decoder = nn.Linear(args.hidden_size, args.vocab_size, bias=args.decoder_bias)
-        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         self.gradient_checkpointing = False
-        self.init_rope()
+        self.after_load()
 
-    def init_rope(self) -> None:
-        """RoPE's inverse frequencies, one set per attention kind (computed, never stored); again after a
-        load on the meta device."""
+    def after_load(self) -> None:
+        """The decoder tied to the embedding, and RoPE's inverse frequencies, one set per attention kind
+        (computed, never stored): again after a load on the meta device."""
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         a = self.args
         for name, theta in (("global", a.global_rope_theta), ("local", a.local_rope_theta)):
             inv = 1.0 / theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32) / a.head_dim)
@@ -217,11 +263,9 @@ class Encoder(nn.Module):
                 x = layer(*args)
         return self.model.final_norm(x)
 
-    def padded_states(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final hidden states of right-padded rows, and the mask of real tokens: the padding is a segment
-        of its own, so no real token sees it and a row's states are those it has alone."""
-        real = torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]
-        return self.hidden_states(ids, segments=(~real).long()), real
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The decoder's weight and bias, for a loss that runs them on the masked positions alone."""
+        return self.decoder.weight, self.decoder.bias
 
     def forward(
         self, ids: torch.Tensor, segments: torch.Tensor | None = None, hidden_only: bool = False
@@ -344,15 +388,16 @@ def build_encoder_args(model_cfg, vocab_size: int, special: dict[str, int | None
 
 
 class EncoderClassifier(nn.Module):
-    """ModernBertForSequenceClassification: the [CLS] token's (or the mean) final hidden state through the
-    prediction head and a linear classifier. Padding is a segment of its own, so no real token sees it."""
+    """*ForSequenceClassification: the [CLS] token's (or the mean) final hidden state through what the
+    family puts before its classifier (ModernBERT's prediction head, BERT's pooler) and the classifier.
+    Padding is a segment of its own, so no real token sees it."""
 
-    def __init__(self, body: Encoder, num_labels: int, pooling: str = "cls") -> None:
+    per_token = False
+
+    def __init__(self, body: EncoderBase, num_labels: int, pooling: str = "cls") -> None:
         super().__init__()
         self.body, self.pooling = body, pooling
-        self.classifier = nn.Linear(body.args.hidden_size, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = body.classifier_head(num_labels)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         hidden, real = self.body.padded_states(ids, lengths)
@@ -360,7 +405,7 @@ class EncoderClassifier(nn.Module):
             pooled = hidden[:, 0]
         else:
             pooled = (hidden * real[..., None]).sum(1) / lengths[:, None]
-        return self.classifier(self.body.head(pooled))
+        return self.classifier(self.body.sequence_features(pooled))
 
 
 def pad_rows(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,7 +418,7 @@ def pad_rows(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def mean_embeddings(model: Encoder, rows: list[list[int]]) -> torch.Tensor:
+def mean_embeddings(model: EncoderBase, rows: list[list[int]]) -> torch.Tensor:
     """Each row's final hidden states averaged over its tokens, unit length (as OpenAI's embeddings are);
     rows are padded together, the padding a segment of its own."""
     device = next(model.parameters()).device
@@ -384,15 +429,15 @@ def mean_embeddings(model: Encoder, rows: list[list[int]]) -> torch.Tensor:
 
 
 class EncoderTagger(nn.Module):
-    """ModernBertForTokenClassification: each token's final hidden state through the prediction head and
-    a linear classifier; padding is a segment of its own."""
+    """*ForTokenClassification: each token's final hidden state (through ModernBERT's prediction head)
+    and a linear classifier; padding is a segment of its own."""
 
-    def __init__(self, body: Encoder, num_labels: int) -> None:
+    per_token = True
+
+    def __init__(self, body: EncoderBase, num_labels: int) -> None:
         super().__init__()
         self.body = body
-        self.classifier = nn.Linear(body.args.hidden_size, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
+        self.classifier = linear_head(body.args.hidden_size, num_labels)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body.head(self.body.padded_states(ids, lengths)[0]))
+        return self.classifier(self.body.token_features(self.body.padded_states(ids, lengths)[0]))

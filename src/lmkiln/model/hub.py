@@ -17,9 +17,19 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
+from lmkiln.model.bert import (
+    BERT_CLASSES,
+    IGNORED_BERT_WEIGHTS,
+    BertArgs,
+    BertEncoder,
+    bert_args_from_config,
+    bert_config,
+    bert_weight_name,
+)
 from lmkiln.model.encoder import (
     Encoder,
     EncoderArgs,
+    EncoderBase,
     EncoderClassifier,
     EncoderTagger,
     encoder_args_from_config,
@@ -28,7 +38,14 @@ from lmkiln.model.encoder import (
 from lmkiln.model.stream_safetensors import iter_tensors
 from lmkiln.model.transformer import ModelArgs, Transformer
 
-ENCODER_CLASSES = {"ModernBertForMaskedLM": "modernbert"}
+ENCODER_CLASSES = {"ModernBertForMaskedLM": "modernbert", **{c: f for c, (f, _) in BERT_CLASSES.items()}}
+ENCODER_TYPES = {"modernbert": "ModernBERT", "bert": "BERT", "roberta": "RoBERTa"}  # model_type: its name
+
+
+def is_encoder_config(config: dict) -> bool:
+    """Whether a config.json describes an encoder (of any head: masked LM, sequence or token labels)."""
+    return config.get("model_type") in ENCODER_TYPES
+
 
 HF_CLASSES = {
     "llama": "LlamaForCausalLM",
@@ -39,9 +56,11 @@ HF_CLASSES = {
 ARCH_OF_CLASS = {cls: arch for arch, cls in HF_CLASSES.items()}
 
 
-def hf_config(args: ModelArgs | EncoderArgs, dtype: torch.dtype = torch.float32) -> dict:
+def hf_config(args: ModelArgs | EncoderArgs | BertArgs, dtype: torch.dtype = torch.float32) -> dict:
     if isinstance(args, EncoderArgs):
         return encoder_config(args, dtype)
+    if isinstance(args, BertArgs):
+        return bert_config(args, dtype)
     config = {
         "architectures": [HF_CLASSES[args.arch]],
         "model_type": args.arch,
@@ -77,15 +96,18 @@ def hf_config(args: ModelArgs | EncoderArgs, dtype: torch.dtype = torch.float32)
     return config
 
 
-def args_from_hf(config: dict, where: str) -> ModelArgs | EncoderArgs:
+def args_from_hf(config: dict, where: str) -> ModelArgs | EncoderArgs | BertArgs:
     # a config saved without `architectures` still names its family in model_type
     cls = (
         config.get("architectures")
         or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")]
     )[0]
-    if cls in ENCODER_CLASSES or (not config.get("architectures") and config.get("model_type") == "modernbert"):
+    family = ENCODER_CLASSES.get(cls) or (config.get("model_type") if not config.get("architectures") else None)
+    if family in ENCODER_TYPES:
         try:
-            return encoder_args_from_config(config, where)
+            if family == "modernbert":
+                return encoder_args_from_config(config, where)
+            return bert_args_from_config(config, cls, where)
         except KeyError as exc:
             raise UserError(f"{where}: missing key {exc}") from None
         except ValueError as exc:
@@ -149,16 +171,56 @@ def _rope_settings(config: dict) -> dict:
     return {"theta": theta, "scaling": scaling}
 
 
-def build_model(args: ModelArgs | EncoderArgs) -> Transformer | Encoder:
-    """The model an args object describes: a decoder, or a ModernBERT encoder."""
-    return Encoder(args) if isinstance(args, EncoderArgs) else Transformer(args)
+def build_model(args: ModelArgs | EncoderArgs | BertArgs) -> Transformer | EncoderBase:
+    """The model an args object describes: a decoder, a ModernBERT encoder, or a BERT/RoBERTa one."""
+    if isinstance(args, EncoderArgs):
+        return Encoder(args)
+    return BertEncoder(args) if isinstance(args, BertArgs) else Transformer(args)
 
 
-def tied_head(args: ModelArgs | EncoderArgs) -> str | None:
+def recipe_model_args(model_cfg, vocab_size: int, ids: dict) -> ModelArgs | EncoderArgs:
+    """The args of the model a recipe's model section describes: a ModernBERT encoder or a decoder
+    (a ValueError names a setting that does not fit)."""
+    from lmkiln.model.encoder import build_encoder_args
+    from lmkiln.model.transformer import build_args
+
+    if model_cfg.arch == "modernbert":
+        return build_encoder_args(model_cfg, vocab_size, ids)
+    return build_args(model_cfg, vocab_size, ids)
+
+
+def is_encoder_args(args) -> bool:
+    return isinstance(args, (EncoderArgs, BertArgs))
+
+
+def tied_head(args: ModelArgs | EncoderArgs | BertArgs) -> str | None:
     """The output weight that is the token embedding (not stored), if the model ties them."""
+    if isinstance(args, BertArgs):
+        if not args.masked_lm:
+            return None
+        return "cls.predictions.decoder.weight" if args.arch == "bert" else "lm_head.decoder.weight"
     if not args.tie_embeddings:
         return None
     return "decoder.weight" if isinstance(args, EncoderArgs) else "lm_head.weight"
+
+
+def model_weight_name(name: str, args) -> str:
+    """A stored weight's name as the model has it (BERT checkpoints have a few other spellings)."""
+    return bert_weight_name(name, args) if isinstance(args, BertArgs) else name
+
+
+def optional_weight(name: str, args) -> bool:
+    """A weight a checkpoint may lack, newly initialised when it does (as transformers does): BERT's
+    pooler, which masked-LM checkpoints leave out and a sequence classifier reads."""
+    return isinstance(args, BertArgs) and ".pooler." in name
+
+
+def init_missing(model: nn.Module, args) -> None:
+    """Initialise the optional weights a load left on the meta device: normal(0.02) matrices, zero biases."""
+    for name, p in list(model.named_parameters()):
+        if p.is_meta and optional_weight(name, args):
+            value = torch.zeros(p.shape) if name.endswith("bias") else torch.empty(p.shape).normal_(0.0, 0.02)
+            assign_weight(model, name, value)
 
 
 def save_model(
@@ -267,15 +329,18 @@ def assign_weight(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     setattr(module, leaf, nn.Parameter(tensor, requires_grad=getattr(module, leaf).requires_grad))
 
 
-def expected_shapes(args: ModelArgs | EncoderArgs) -> dict[str, torch.Size]:
+def expected_shapes(args: ModelArgs | EncoderArgs | BertArgs) -> dict[str, torch.Size]:
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build_model(args).state_dict().items()}
     expected.pop(tied_head(args), None)
     return expected
 
 
-def skipped_weight(name: str, args: ModelArgs | EncoderArgs) -> bool:
-    """A stored weight the model does not need: a cached rotary buffer, or a tied head's copy."""
+def skipped_weight(name: str, args: ModelArgs | EncoderArgs | BertArgs) -> bool:
+    """A stored weight the model does not need: a cached rotary or position buffer, a tied head's copy,
+    BERT's next-sentence head."""
+    if isinstance(args, BertArgs) and any(part in name for part in IGNORED_BERT_WEIGHTS):
+        return True
     return name.endswith(IGNORED_WEIGHTS) or name == tied_head(args)
 
 
@@ -286,8 +351,8 @@ def check_weight(shard: Path, name: str, shape, expected: dict) -> None:
         raise UserError(f"{shard}: weight '{name}' has shape {list(shape)}; config.json implies {list(expected[name])}")
 
 
-def check_missing(model_dir: Path, expected: dict, seen: set[str]) -> None:
-    missing = sorted(set(expected) - seen)
+def check_missing(model_dir: Path, expected: dict, seen: set[str], args=None) -> None:
+    missing = sorted(n for n in set(expected) - seen if not optional_weight(n, args))
     if missing:
         raise UserError(f"{model_dir}: {len(missing)} weights missing, e.g. '{missing[0]}'")
 
@@ -298,13 +363,14 @@ def iter_checked_weights(model_dir: Path, args: ModelArgs) -> Iterator[tuple[Pat
     expected = expected_shapes(args)
     seen = set()
     for shard in weight_shards(model_dir):
-        for name, tensor in read_shard(shard):
+        for stored, tensor in read_shard(shard):
+            name = model_weight_name(stored, args)
             if skipped_weight(name, args):
                 continue
             check_weight(shard, name, tensor.shape, expected)
             seen.add(name)
             yield shard, name, tensor
-    check_missing(model_dir, expected, seen)
+    check_missing(model_dir, expected, seen, args)
 
 
 def read_args(model_dir: Path) -> ModelArgs:
@@ -320,7 +386,7 @@ def read_args(model_dir: Path) -> ModelArgs:
 
 def load_model(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Transformer:
+) -> Transformer | EncoderBase:
     """The model of an HF directory, built on the meta device and filled tensor by tensor (converted to
     `dtype` one at a time), so loading takes about the model's size in memory, not twice it."""
     model_dir = Path(model_dir)
@@ -329,9 +395,9 @@ def load_model(
         model = build_model(args)
     for _, name, tensor in iter_checked_weights(model_dir, args):
         assign_weight(model, name, tensor.to(dtype))
-    if isinstance(args, EncoderArgs):
-        model.decoder.weight = model.model.embeddings.tok_embeddings.weight
-        model.init_rope()
+    init_missing(model, args)
+    if is_encoder_args(args):
+        model.after_load()
     elif args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.to(device)
@@ -345,14 +411,19 @@ def generation_eos(model_dir: str | Path) -> list[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
-def load_head_model(model: nn.Module, model_dir: Path, expected: set[str], key_of) -> None:
+def load_head_model(
+    model: nn.Module, model_dir: Path, expected: set[str], key_of, optional: set[str] = frozenset()
+) -> None:
     """Fill a model with a label head (built on the meta device) from a *ForSequence/TokenClassification
-    directory: `key_of` maps a stored name to the model's; an unknown or missing weight is a UserError."""
+    directory: `key_of` maps a stored name to the model's (None: a buffer to skip); an unknown weight, or
+    a missing one that is not `optional`, is a UserError."""
     seen = set()
     for shard in weight_shards(model_dir):
         for name, tensor in read_shard(shard):
             key = key_of(name)
-            if key not in expected:
+            if key is None:
+                continue
+            if key not in expected | optional:
                 raise UserError(f"{shard}: weight '{name}' is not part of the classifier config.json describes")
             assign_weight(model, key, tensor.float())
             seen.add(key)
@@ -361,21 +432,38 @@ def load_head_model(model: nn.Module, model_dir: Path, expected: set[str], key_o
 
 
 def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier | EncoderTagger, list[str]]:
-    """A ModernBertForSequenceClassification or ModernBertForTokenClassification directory (lmkiln's or
-    transformers'), and its label names."""
+    """A *ForSequenceClassification or *ForTokenClassification directory of ModernBERT, BERT or RoBERTa
+    (lmkiln's or transformers'), and its label names."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
+    where = str(model_dir / "config.json")
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
-    args = encoder_args_from_config(config, str(model_dir / "config.json"))
-    args.decoder_bias = False  # a classifier keeps no decoder
-    per_token = (config.get("architectures") or [""])[0].endswith("ForTokenClassification")
-    with torch.device("meta"):
-        if per_token:
-            model = EncoderTagger(Encoder(args), len(names))
+    architecture = (config.get("architectures") or [""])[0]
+    per_token = architecture.endswith("ForTokenClassification")
+    try:
+        if config.get("model_type") == "modernbert":
+            args = encoder_args_from_config(config, where)
+            args.decoder_bias = False  # a classifier keeps no decoder
         else:
-            model = EncoderClassifier(Encoder(args), len(names), config.get("classifier_pooling", "cls"))
-    expected = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
-    load_head_model(model, model_dir, expected, lambda name: name if name.startswith("classifier.") else f"body.{name}")
-    model.body.decoder.weight = model.body.model.embeddings.tok_embeddings.weight
-    model.body.init_rope()
+            args = bert_args_from_config(config, "", where)
+            args.masked_lm = False  # a label head replaces the masked-LM one
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{where}: {exc}") from None
+    with torch.device("meta"):
+        body = build_model(args)
+        model = EncoderTagger(body, len(names)) if per_token else EncoderClassifier(body, len(names))
+        if not per_token:
+            model.pooling = config.get("classifier_pooling", "cls")
+    names_of_model = {k for k in model.state_dict() if not k.startswith("body.decoder.")}
+    optional = {k for k in names_of_model if optional_weight(k, args)}
+
+    def key_of(name: str) -> str | None:
+        if name.startswith("classifier."):
+            return name
+        name = model_weight_name(name, args)
+        return None if skipped_weight(name, args) else f"body.{name}"
+
+    load_head_model(model, model_dir, names_of_model - optional, key_of, optional)
+    init_missing(model, args)
+    body.after_load()
     return model.to(device).eval(), names

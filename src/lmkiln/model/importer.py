@@ -27,6 +27,8 @@ from lmkiln.model.hub import (
     copy_tokenizer_files,
     expected_shapes,
     hf_config,
+    is_encoder_args,
+    model_weight_name,
     read_args,
     read_shard,
     skipped_weight,
@@ -110,17 +112,23 @@ def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> 
             ]
         else:
             entries = [(n, t.dtype, tuple(t.shape)) for n, t in read_shard(shard)]
-        specs = [(n, target or d, s) for n, d, s in entries if not skipped_weight(n, args)]
+        # under the names the model has (a BERT checkpoint's gamma/beta, a base model's missing prefix)
+        entries = [(model_weight_name(n, args), d, s) for n, d, s in entries]
+        kept, named = [], set(seen)
+        for n, _, _ in entries:  # a tensor stored under two names (a tied bias) is written once
+            kept.append(not skipped_weight(n, args) and n not in named)
+            named.add(n)
+        specs = [(n, target or d, s) for (n, d, s), keep in zip(entries, kept) if keep]
         for n, _, s in specs:
             check_weight(shard, n, s, expected)
             seen.add(n)
         name = "model.safetensors" if len(files) == 1 else f"model-{k:05d}-of-{len(files):05d}.safetensors"
-        tensors = (t.to(target or t.dtype) for n, t in read_shard(shard) if not skipped_weight(n, args))
+        tensors = (t.to(target or t.dtype) for (_, t), keep in zip(read_shard(shard), kept) if keep)
         write_streamed(out / name, specs, tensors)
         weight_map.update({n: name for n, _, _ in specs})
         total += sum(torch.Size(s).numel() * torch.empty(0, dtype=d).element_size() for _, d, s in specs)
         written = written or (specs[0][1] if specs else None)
-    check_missing(src, expected, seen)
+    check_missing(src, expected, seen, args)
     if len(files) > 1:
         write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return written or torch.float32
@@ -135,15 +143,17 @@ def copyable_weights(src: Path, args) -> tuple[bool, torch.dtype | None]:
     expected, seen, dtypes, extra = expected_shapes(args), set(), set(), False
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
-            for name in f.keys():
+            for stored in f.keys():
+                name = model_weight_name(stored, args)
                 if skipped_weight(name, args):
-                    extra = True
+                    extra = True  # a buffer to drop: rewritten
                     continue
-                piece = f.get_slice(name)
+                extra |= name != stored  # a name to change (BERT's gamma/beta, a base model's prefix)
+                piece = f.get_slice(stored)
                 check_weight(shard, name, piece.get_shape(), expected)
                 dtypes.add(piece.get_dtype())
                 seen.add(name)
-    check_missing(src, expected, seen)
+    check_missing(src, expected, seen, args)
     dtype = (
         {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop())
         if len(dtypes) == 1
@@ -186,7 +196,7 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
-        if not (tmp / "generation_config.json").is_file() and not isinstance(args, EncoderArgs):
+        if not (tmp / "generation_config.json").is_file() and not is_encoder_args(args):
             write_json(
                 tmp / "generation_config.json",
                 {
@@ -207,11 +217,16 @@ def describe(model_dir: Path) -> str:
     source = f"{describe_source(summary)}\n" if "gguf" in summary else ""
     args = read_args(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
-    if isinstance(args, EncoderArgs):
+    if is_encoder_args(args):
+        layers = (
+            f"(global attention every {args.global_every}, local window {args.local_attention})"
+            if isinstance(args, EncoderArgs)
+            else f"({args.max_seq_len} positions)"
+        )
         return (
             f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers "
-            f"(global attention every {args.global_every}, local window {args.local_attention}), hidden "
-            f"{args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}, {cfg.get('torch_dtype')}"
+            f"{layers}, hidden {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}, "
+            f"{cfg.get('torch_dtype')}"
         )
     scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
     return (

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 from lmkiln.errors import UserError
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import load_model, read_args
+from lmkiln.model.hub import ENCODER_TYPES, is_encoder_args, load_model, read_args
 from lmkiln.model.transformer import Transformer
 
 
@@ -48,9 +48,10 @@ def load_for_inference(
 ) -> Loaded:
     """A decoder, its tokenizer and chat format, for generation."""
     model_dir = Path(model_dir)
-    if read_args(model_dir).arch == "modernbert":
+    args = read_args(model_dir)
+    if is_encoder_args(args):
         raise UserError(
-            f"{model_dir}: an encoder (ModernBERT) does not generate; `kiln serve` offers it /v1/embeddings and "
+            f"{model_dir}: an encoder ({ENCODER_TYPES[args.arch]}) does not generate; `kiln serve` offers it /v1/embeddings and "
             f"/v1/classify"
         )
     tok, chat = load_format(model_dir)

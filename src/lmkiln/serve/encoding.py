@@ -1,6 +1,6 @@
 """What `kiln serve` offers for an encoder, which reads text whole and generates nothing: embeddings
-(any ModernBERT directory: the mean of the final hidden states, unit length) and, for a classifier
-(ModernBertForSequenceClassification), each label's probability."""
+(any ModernBERT, BERT or RoBERTa directory: the mean of the final hidden states, unit length) and, for a
+classifier (*ForSequenceClassification), each label's probability."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from lmkiln.serve.protocol import ApiError
 
 
 def is_encoder(model_dir: Path) -> bool:
-    return read_json(Path(model_dir) / "config.json").get("model_type") == "modernbert"
+    from lmkiln.model.hub import is_encoder_config
+
+    return is_encoder_config(read_json(Path(model_dir) / "config.json"))
 
 
 class EncoderService:
     def __init__(self, model_dir: Path, device) -> None:
-        from lmkiln.model.hub import load_encoder_classifier, load_model
+        from lmkiln.model.hub import ENCODER_CLASSES, load_encoder_classifier, load_model
         from lmkiln.model.inference import load_format
 
         self.tok, _ = load_format(model_dir)
@@ -28,11 +30,13 @@ class EncoderService:
         if arch.endswith("ForSequenceClassification"):
             self.classifier, self.labels = load_encoder_classifier(model_dir, device)
             self.encoder = self.classifier.body
-        elif arch.endswith("ForMaskedLM"):
+        elif arch in ENCODER_CLASSES:
             self.classifier, self.labels = None, []
             self.encoder = load_model(model_dir, device).eval()
         else:
-            raise UserError(f"{model_dir}: a ModernBERT '{arch}' cannot be served (masked LM or sequence classifier)")
+            raise UserError(
+                f"{model_dir}: an encoder's '{arch}' cannot be served (a masked LM, base model or sequence classifier)"
+            )
         self.context = self.encoder.args.max_seq_len
         self.lock = threading.Lock()  # one forward at a time: the model's buffers are shared
 

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkiln.data.examples import encode_texts
 from lmkiln.errors import UserError
-from lmkiln.eval.generative import macro_f1
+from lmkiln.eval.heads import label_batch, score_classifier
 from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import Encoder, EncoderClassifier, pad_rows
-from lmkiln.model.hub import HF_CLASSES, load_encoder_classifier, load_model, save_state
+from lmkiln.model.encoder import EncoderBase, EncoderClassifier
+from lmkiln.model.hub import HF_CLASSES, is_encoder_config, load_encoder_classifier, load_model, save_state
 from lmkiln.model.lora import merge_lora
 from lmkiln.model.transformer import Transformer
 from lmkiln.runs import FINAL
@@ -31,7 +32,11 @@ from lmkiln.train.metrics import plot_curves
 from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, train_always
 
 SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
-SEQ_CLS["modernbert"] = "ModernBertForSequenceClassification"
+SEQ_CLS.update(
+    modernbert="ModernBertForSequenceClassification",
+    bert="BertForSequenceClassification",
+    roberta="RobertaForSequenceClassification",
+)
 
 
 class Classifier(nn.Module):
@@ -46,47 +51,15 @@ class Classifier(nn.Module):
         return self.score(hidden[torch.arange(len(ids), device=ids.device), lengths - 1])
 
 
-def encode_texts(tok, examples: list[dict], max_len: int, chat: ChatFormat, closed: bool = False) -> list[list[int]]:
-    """BOS and the text's tokens, cut to max_len (the start of a text decides its class most often);
-    `closed`, for an encoder, ends each with EOS too ([CLS] text [SEP], as its tokenizer lays a text out)."""
-    bos = [chat.bos] if chat.bos is not None else []
-    eos = [chat.eos] if closed and chat.eos is not None else []
-    return [(bos + tok.encode(ex["text"], add_special_tokens=False).ids)[: max_len - len(eos)] + eos for ex in examples]
-
-
-def _batches(encoded: list[list[int]], labels: list[int], idx: list[int], pad: int, device):
-    x, lengths = pad_rows([encoded[i] for i in idx], pad)
-    return x.to(device), lengths.to(device), torch.tensor([labels[i] for i in idx], device=device)
-
-
-@torch.no_grad()
-def evaluate(model: Classifier, encoded, labels, pad: int, device, batch_size: int) -> dict:
-    model.eval()
-    pred, loss = [], 0.0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    by_index = {}
-    for k in range(0, len(order), batch_size):
-        idx = order[k : k + batch_size]
-        x, lengths, y = _batches(encoded, labels, idx, pad, device)
-        logits = model(x, lengths).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        by_index.update(zip(idx, logits.argmax(-1).tolist()))
-    model.train()
-    pred = [by_index[i] for i in range(len(encoded))]
-    n = len(labels)
-    return {
-        "loss": loss / n,
-        "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
-        "macro_f1": macro_f1(pred, labels, logits.shape[-1]),
-    }
-
-
 def write_labelled_model(
     body, head: dict, out: Path, base_dir: Path, names: list[str], architecture: str, **config
 ) -> None:
     """An HF *ForSequence/TokenClassification directory: the backbone's weights (no LM head or decoder), the
     head's tensors, and config.json naming the architecture and the labels (and `config`'s other keys)."""
-    state = {k: v for k, v in body.state_dict().items() if not k.startswith(("lm_head.", "decoder."))}
+    if isinstance(body, EncoderBase):
+        state = body.backbone_state(per_token=architecture.endswith("ForTokenClassification"))
+    else:
+        state = {k: v for k, v in body.state_dict().items() if not k.startswith("lm_head.")}
     save_state(body.args, {**state, **head}, out, base_dir)
     written = json.loads((out / "config.json").read_text())
     written.update(
@@ -100,11 +73,13 @@ def write_labelled_model(
 
 
 def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: Path, names: list[str]) -> None:
-    """A *ForSequenceClassification directory: `score` on a decoder; on ModernBERT the prediction head (in
-    the backbone's weights) and `classifier`."""
+    """A *ForSequenceClassification directory: `score` on a decoder; on an encoder `classifier` (and what
+    precedes it in the backbone's weights: ModernBERT's prediction head, BERT's pooler)."""
     if isinstance(model, EncoderClassifier):
         head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
-        extra = {"classifier_pooling": model.pooling, "tie_word_embeddings": True}  # ModernBERT's config keeps its own
+        extra = {"tie_word_embeddings": True}  # an encoder's config keeps its own
+        if model.body.args.arch == "modernbert":
+            extra["classifier_pooling"] = model.pooling
     else:
         head = {"score.weight": model.score.weight}
         extra = {"tie_word_embeddings": False}  # a decoder's classifier has no head to tie
@@ -127,7 +102,7 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     names = [config["id2label"][str(i)] for i in range(config["num_labels"])]
-    if config.get("model_type") == "modernbert":
+    if is_encoder_config(config):
         return load_encoder_classifier(model_dir, device)
     # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
     args = args_from_hf(
@@ -146,9 +121,14 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
     """The base model with a new label head, made trainable as the recipe says (the head always trains);
     and the trainable parameter count."""
     body = load_model(base_dir, device)
-    if isinstance(body, Encoder):
+    if isinstance(body, EncoderBase):
+        if cfg.pooling != "cls" and body.args.arch != "modernbert":
+            raise UserError(
+                f"finetune.pooling={cfg.pooling}: {body.args.arch}'s sequence classifier reads the first token "
+                "(transformers has no other pooling for it); leave pooling at cls"
+            )
         model = EncoderClassifier(body, num_labels, cfg.pooling)
-        head = [*body.head.parameters(), *model.classifier.parameters()]
+        head = [*body.feature_params(per_token=False), *model.classifier.parameters()]
     else:
         if cfg.pooling != "cls":
             raise UserError(
@@ -157,7 +137,7 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
         model = Classifier(body, num_labels)
         head = [model.score.weight]
     trainable = make_trainable(body, cfg)
-    if not isinstance(body, Encoder) and body.lm_head.weight is not body.model.embed_tokens.weight:
+    if not isinstance(body, EncoderBase) and body.lm_head.weight is not body.model.embed_tokens.weight:
         body.lm_head.weight.requires_grad_(False)  # a classifier never uses (nor saves) the LM head
     return model.to(device), trainable + train_always(head)
 
@@ -214,10 +194,12 @@ def build_classifier(
     print_memory(model.body, cfg, max(map(len, train_ids)), vocab_logits=False)
 
     def micro_loss(net, batch: list[int]) -> tuple[torch.Tensor, int]:
-        x, lengths, y = _batches(train_ids, train_y, batch, pad, device)
+        x, lengths, y = label_batch(train_ids, train_y, batch, pad, device)
         return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
-    guard = Validation(model, lambda: evaluate(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval)
+    guard = Validation(
+        model, lambda: score_classifier(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval
+    )
     run = run_epochs(
         model,
         cfg,

@@ -15,7 +15,8 @@ from torch import nn
 from lmkiln.config import Recipe
 from lmkiln.errors import UserError
 from lmkiln.log import console
-from lmkiln.model.transformer import ModelArgs, Transformer, build_args
+from lmkiln.model.encoder import EncoderArgs
+from lmkiln.model.transformer import ModelArgs
 from lmkiln.runs import stage_dir
 from lmkiln.train.speed import device_peak
 
@@ -49,9 +50,11 @@ def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head
     return kept
 
 
-def saved_activation_bytes(args: ModelArgs, batch: int, seq_len: int, head: bool = True) -> int:
+def saved_activation_bytes(args: ModelArgs | EncoderArgs, batch: int, seq_len: int, head: bool = True) -> int:
+    from lmkiln.model.hub import build_model
+
     with torch.device("meta"):
-        model = Transformer(args)
+        model = build_model(args)
     return saved_bytes(model, batch, seq_len, head=head)
 
 
@@ -117,8 +120,10 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     if world < 1:
         raise UserError(f"--world {world}: expected 1 or more ranks")
     cfg = recipe.pretrain
+    from lmkiln.model.hub import recipe_model_args
+
     try:
-        args = build_args(recipe.model, _vocab_size(recipe), {})
+        args = recipe_model_args(recipe.model, _vocab_size(recipe), {})
     except ValueError as exc:
         raise UserError(f"model: {exc}") from None
     from lmkiln.device import pick_device
@@ -132,7 +137,9 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     act_scale = 0.5 if dev.type == "cuda" else 1.0  # bf16 activations under autocast
     chunked = not (world > 1 and cfg.strategy == "fsdp")  # as pretrain.next_token_loss decides
     activations = int(saved_activation_bytes(args, cfg.batch_size, cfg.seq_len, head=not chunked) * act_scale)
-    logits = head_loss_bytes(args, cfg.batch_size * cfg.seq_len, chunked)
+    # an encoder's loss (masked-LM) runs the head at the masked positions alone
+    scored = cfg.batch_size * cfg.seq_len * (cfg.mask_rate if isinstance(args, EncoderArgs) else 1)
+    logits = head_loss_bytes(args, int(scored), chunked)
     total = int(((weights + grads + optim) / shard + activations + logits) * ALLOCATOR_OVERHEAD)
     accum = _grad_accum(recipe, world)
     tokens_per_step = cfg.batch_size * cfg.seq_len * accum * world

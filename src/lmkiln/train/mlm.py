@@ -14,56 +14,8 @@ import torch
 
 from lmkiln.device import autocast
 from lmkiln.model.loss import IGNORE, next_token_losses
+from lmkiln.model.masking import mlm_batch
 from lmkiln.train import dist
-
-
-def mask_tokens(
-    window: np.ndarray,
-    rng: np.random.Generator,
-    rate: float,
-    mask_id: int,
-    vocab_size: int,
-    special: np.ndarray,
-    word_start: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(input ids, labels): labels hold the original token where one was chosen, IGNORE elsewhere. With
-    `word_start` (per vocabulary id: does the token begin a word), whole words are chosen: every sub-token
-    of a word shares the draw of its first."""
-    maskable = ~np.isin(window, special)
-    draw = rng.random(window.shape)
-    if word_start is not None:
-        starts = word_start[window] | ~maskable
-        starts[..., 0] = True
-        pos = np.broadcast_to(np.arange(window.shape[-1]), window.shape)
-        first = np.maximum.accumulate(np.where(starts, pos, 0), axis=-1)
-        draw = np.take_along_axis(draw, first, axis=-1)
-    chosen = (draw < rate) & maskable
-    labels = np.where(chosen, window, IGNORE)
-    roll = rng.random(window.shape)
-    random_ids = rng.integers(0, vocab_size, size=window.shape)
-    out = np.where(chosen & (roll < 0.8), mask_id, window)
-    out = np.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, out)
-    return out, labels
-
-
-def segments_of(window: np.ndarray, cls_id: int) -> np.ndarray:
-    """A segment id per token: a new segment at each [CLS] (a document's start)."""
-    return np.cumsum(window == cls_id, axis=-1)
-
-
-def mlm_batch(
-    windows: np.ndarray,
-    rng: np.random.Generator,
-    rate: float,
-    ids: dict,
-    vocab_size: int,
-    word_start: np.ndarray | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input ids, labels, segment ids) of a batch of windows."""
-    special = np.array([ids["cls"], ids["sep"], ids["pad"]])
-    x, y = mask_tokens(windows, rng, rate, ids["mask"], vocab_size, special, word_start)
-    seg = segments_of(windows, ids["cls"])
-    return torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(seg)
 
 
 def mlm_batch_at(
@@ -143,16 +95,9 @@ class MaskedLM:
 
     def losses(self, run, batch) -> torch.Tensor:
         x, y, seg = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-        decoder = None if dist.is_sharded(self.model) else dist.unwrap(self.model).decoder
+        weight, bias = (None, None) if dist.is_sharded(self.model) else dist.unwrap(self.model).output_layer()
         with autocast(self.ctx.device):
-            losses, _ = next_token_losses(
-                run,
-                x,
-                y,
-                decoder.weight if decoder is not None else None,
-                seg,
-                bias=decoder.bias if decoder is not None else None,
-            )
+            losses, _ = next_token_losses(run, x, y, weight, seg, bias=bias)
         return losses
 
     def loss(self, run, batch) -> tuple[torch.Tensor, int]:

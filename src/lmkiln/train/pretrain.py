@@ -18,9 +18,10 @@ from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.encoder import Encoder, EncoderArgs, build_encoder_args
+from lmkiln.model.encoder import Encoder, EncoderArgs
+from lmkiln.model.hub import build_model, recipe_model_args
 from lmkiln.model.loss import next_token_losses
-from lmkiln.model.transformer import ModelArgs, Transformer, build_args
+from lmkiln.model.transformer import ModelArgs, Transformer
 from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
 from lmkiln.tokenizer.train import load_tokenizer, special_ids, word_starts
@@ -161,14 +162,11 @@ def _make_model(
     recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext
 ) -> tuple[Transformer | Encoder, ModelArgs | EncoderArgs]:
     try:
-        if recipe.model.arch == "modernbert":
-            args = build_encoder_args(recipe.model, vocab_size, ids)
-        else:
-            args = build_args(recipe.model, vocab_size, ids)
+        args = recipe_model_args(recipe.model, vocab_size, ids)
     except ValueError as exc:
         raise UserError(f"model: {exc}") from None
     seed_everything(recipe.seed)
-    model = Encoder(args) if isinstance(args, EncoderArgs) else Transformer(args)
+    model = build_model(args)
     model.init_weights(torch.Generator().manual_seed(recipe.seed))
     return model.to(ctx.device).train(), args
 

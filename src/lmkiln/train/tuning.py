@@ -21,7 +21,7 @@ from lmkiln.io import atomic_dir
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import ENCODER_LORA_TARGETS, Encoder
+from lmkiln.model.encoder import EncoderBase
 from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.runs import FINAL
@@ -166,8 +166,8 @@ def make_trainable(model: nn.Module, cfg) -> int:
     if cfg.method == "lora":
         lo = cfg.lora
         targets = lo.targets
-        if isinstance(model, Encoder) and not set(targets) & set(ENCODER_LORA_TARGETS):
-            targets = ENCODER_LORA_TARGETS  # a decoder's projection names mean nothing on ModernBERT
+        if isinstance(model, EncoderBase) and not set(targets) & set(model.LORA_TARGETS):
+            targets = model.LORA_TARGETS  # a decoder's projection names mean nothing on an encoder
         wrapped = apply_lora(model, targets, lo.r, lo.alpha, lo.dropout, lo.dora)
         console.print(f"{'DoRA' if lo.dora else 'LoRA'} r={lo.r} on {len(wrapped)} layers")
     model.gradient_checkpointing = cfg.gradient_checkpointing
