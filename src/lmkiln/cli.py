@@ -19,8 +19,8 @@ STAGE_HELP = {
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
     "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, or a classification "
     "head (run_dir/finetune)",
-    "eval": "score models side by side: perplexity, in-context tasks, generative tasks on your data, bias probes "
-    "(run_dir/eval)",
+    "eval": "score models side by side: perplexity (an encoder: masked-LM loss), in-context tasks, generative, "
+    "classification and tagging tasks on your data, bias probes (run_dir/eval)",
 }
 
 EPILOG = """\
@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs="+",
                 metavar="TASK",
                 default=None,
-                help="perplexity (held-out text, eval.text), docstrings (the quickstart's task), "
-                "gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, ROUGE-L, reply loss; "
-                "{text, label} rows: accuracy, macro-F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
+                help="perplexity (held-out text, eval.text; an encoder: its masked-LM loss), docstrings (the "
+                "quickstart's task), gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, "
+                "ROUGE-L, reply loss; {text, label} rows: accuracy, macro-F1; {tokens, tags} rows on an "
+                "encoder's tagger: entity precision, recall, F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
                 "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
                 "files (.yaml); same as eval.tasks=[...]",
             )

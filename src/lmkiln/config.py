@@ -380,9 +380,12 @@ class EvalConfig(Section):
     separator: str = Field("\n\n", description="ICL tasks: written between few-shot examples")
     add_bos: bool = Field(False, description="ICL tasks: start each prompt with BOS (lm-evaluation-harness does not)")
     icl_max_examples: int | None = Field(None, gt=0, description="ICL tasks: score the first N documents")
-    seed: int = Field(1234, description="ICL tasks: seed of the few-shot draws")
-    text: str = Field("val", description="held-out text for perplexity: 'val' (the data stage's split) or a file")
-    max_tokens: Size = Field(65536, gt=0, description="tokens scored for perplexity")
+    seed: int = Field(1234, description="ICL tasks: seed of the few-shot draws; an encoder's MLM loss: of its masks")
+    text: str = Field(
+        "val",
+        description="held-out text for perplexity (an encoder: its MLM loss): 'val' (the data stage's split) or a file",
+    )
+    max_tokens: Size = Field(65536, gt=0, description="tokens scored for perplexity (an encoder: its MLM loss)")
     seq_len: int = Field(256, gt=1)
     stride: int | None = Field(
         None, gt=0, description="perplexity: a sliding window moving this many tokens; none: windows side by side"

@@ -54,6 +54,13 @@ def test_each_format_and_the_column_mapping(tmp_path):
         {"role": "user", "content": "Where is my order?"},
         {"role": "assistant", "content": "It ships tomorrow."},
     ]
+    # the mapping names the format where the source's own column names would say another
+    with open(tmp_path / "intents.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["instruction", "intent"], ["Where is my order?", "track_order"]])
+    (row,) = _all(
+        load_splits(str(tmp_path / "intents.csv"), 0.5, 0.05, columns={"text": "instruction", "label": "intent"})
+    )
+    assert (row["text"], row["label"]) == ("Where is my order?", "track_order")
     (doc,) = _all(load_splits(str(tmp_path / "corpus.parquet"), 0.5, 0.05, fmt="text", columns={"text": "body"}))
     assert doc["text"] == "Clay is fired in a kiln." and doc["id"].endswith(":row 1")
     with pytest.raises(

@@ -274,3 +274,26 @@ def test_eval_puts_a_base_encoder_beside_its_classifier(tmp_path, tokenizer_dir,
     assert tuned["intents@val"]["majority_accuracy"] == pytest.approx(m["majority_accuracy"], abs=1e-4)
     table = (out / "eval.md").read_text()
     assert "held-out MLM loss" in table and "intents@val accuracy" in table and "–" in table
+
+
+def test_serve_answers_classify_on_a_tuned_roberta_and_embeddings_on_its_base(tmp_path, tokenizer_dir):
+    import httpx
+
+    from lmkiln.model.encoder import mean_embeddings
+    from lmkiln.serve.app import create_app
+    from lmkiln.train.classify import load_classifier
+    from tests.serve.conftest import serving
+
+    run, _ = _tuned_classifier(tmp_path, tokenizer_dir, "roberta")
+    final, tok = run / "finetune" / "final", tokenizer_dir[1]
+    ours, names = load_classifier(final)
+    row = tok.encode("where is the parcel").ids
+    with serving(create_app(final, device="cpu", name="intents")) as url:
+        item = httpx.post(url + "/v1/classify", json={"input": ["where is the parcel"]}).json()["data"][0]
+    with torch.no_grad():
+        probs = ours(torch.tensor([row]), torch.tensor([len(row)])).softmax(-1)[0]
+    assert item["label"] == names[int(probs.argmax())] and abs(item["scores"][names[0]] - float(probs[0])) < 1e-5
+    with serving(create_app(tmp_path / "base", device="cpu", name="base")) as url:
+        r = httpx.post(url + "/v1/embeddings", json={"input": "where is the parcel"})
+    expected = mean_embeddings(load_model(tmp_path / "base").eval(), [row])[0]
+    assert torch.allclose(torch.tensor(r.json()["data"][0]["embedding"]), expected, atol=1e-5)

@@ -57,10 +57,16 @@ def prepared(tiny_recipe):
     return recipe
 
 
-def test_estimate_within_20_percent_of_measured_cpu_peak(prepared, tiny_recipe):
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_estimate_within_20_percent_of_measured_cpu_peak(tiny_recipe, kind):
+    """A decoder, and a ModernBERT encoder pretrained by masked-language modelling."""
     from tests.conftest import TINY
 
-    overrides = [*TINY, f"run_dir={prepared.run_dir}", *MODEL]
+    extra = [*MODEL, *(ENCODER if kind == "encoder" else [])]
+    prepared = tiny_recipe(*extra)
+    data.run(prepared)
+    tokenizer.run(prepared)
+    overrides = [*TINY, f"run_dir={prepared.run_dir}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
     res = subprocess.run(
         [sys.executable, "-c", PROBE, *overrides], capture_output=True, text=True, env=env, timeout=300

@@ -64,6 +64,17 @@ def detect_format(record: dict) -> str:
     )
 
 
+def _mapped_format(columns: dict[str, str]) -> str | None:
+    """The format the column mapping names (label -> classification, output -> instruction, ...), when it
+    says more than `text`: a mapped row keeps its source columns, whose names may say otherwise (a CSV
+    with an `instruction` column mapped to text and `intent` to label is classification)."""
+    try:
+        named = detect_format(dict.fromkeys(columns)) if columns else None
+    except BadRow:
+        return None
+    return None if named == "text" else named
+
+
 def _string(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key)
     if value is None and not required:
@@ -160,7 +171,7 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
         if column not in record:
             raise BadRow(f"no column '{column}' (mapped to '{canonical}'; columns: {', '.join(sorted(record))})")
         record = {**record, canonical: record[column]}
-    fmt = detect_format(record) if fmt == "auto" else fmt
+    fmt = _mapped_format(columns) or detect_format(record) if fmt == "auto" else fmt
     example = {"id": ref, "split": record.get("split") or None}
     if fmt == "text":
         return {**example, "text": _string(record, "text")}

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkiln.model.encoder import EncoderBase, linear_head, positions_of, segment_mask
+from lmkiln.model.transformer import hf_shape
 
 # the classes a checkpoint may name; (family, has the masked-LM head)
 BERT_CLASSES = {
@@ -249,14 +250,9 @@ class _RobertaClassificationHead(nn.Module):
 def bert_config(args: BertArgs, dtype: torch.dtype = torch.float32, architecture: str | None = None) -> dict:
     """config.json as transformers writes it for BERT or RoBERTa."""
     family = "Bert" if args.arch == "bert" else "Roberta"
+    architecture = architecture or f"{family}{'ForMaskedLM' if args.masked_lm else 'Model'}"
     return {
-        "architectures": [architecture or f"{family}{'ForMaskedLM' if args.masked_lm else 'Model'}"],
-        "model_type": args.arch,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
+        **hf_shape(args, architecture, args.arch),
         "max_position_embeddings": args.max_position_embeddings,
         "type_vocab_size": args.type_vocab_size,
         "layer_norm_eps": args.norm_eps,

@@ -277,14 +277,10 @@ class Encoder(EncoderBase):
 def encoder_config(args: EncoderArgs, dtype: torch.dtype = torch.float32) -> dict:
     """config.json as transformers writes it for ModernBertForMaskedLM (read by transformers 4.48+ and 5)."""
     types = ["full_attention" if args.is_global(i) else "sliding_attention" for i in range(args.num_layers)]
+    from lmkiln.model.transformer import hf_shape
+
     return {
-        "architectures": ["ModernBertForMaskedLM"],
-        "model_type": "modernbert",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
+        **hf_shape(args, "ModernBertForMaskedLM", "modernbert"),
         "max_position_embeddings": args.max_seq_len,
         "norm_eps": args.norm_eps,
         "norm_bias": False,

@@ -36,7 +36,7 @@ from lmkiln.model.encoder import (
     encoder_config,
 )
 from lmkiln.model.stream_safetensors import iter_tensors
-from lmkiln.model.transformer import ModelArgs, Transformer
+from lmkiln.model.transformer import ModelArgs, Transformer, hf_shape
 
 ENCODER_CLASSES = {"ModernBertForMaskedLM": "modernbert", **{c: f for c, (f, _) in BERT_CLASSES.items()}}
 ENCODER_TYPES = {"modernbert": "ModernBERT", "bert": "BERT", "roberta": "RoBERTa"}  # model_type: its name
@@ -62,13 +62,7 @@ def hf_config(args: ModelArgs | EncoderArgs | BertArgs, dtype: torch.dtype = tor
     if isinstance(args, BertArgs):
         return bert_config(args, dtype)
     config = {
-        "architectures": [HF_CLASSES[args.arch]],
-        "model_type": args.arch,
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.intermediate_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_heads,
+        **hf_shape(args, HF_CLASSES[args.arch], args.arch),
         "num_key_value_heads": args.num_kv_heads,
         "head_dim": args.head_dim,
         "max_position_embeddings": args.max_seq_len,

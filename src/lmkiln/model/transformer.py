@@ -33,6 +33,19 @@ PRESETS: dict[str, dict[str, int]] = {
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 
 
+def hf_shape(args, architecture: str, model_type: str) -> dict:
+    """The config.json keys every family lmkiln writes shares: its class, vocabulary, width and depth."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_heads,
+    }
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int
