@@ -375,6 +375,11 @@ class EvalConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)"
     )
+    metrics: list[Literal["bleu", "chrf"]] = Field(
+        default_factory=list,
+        description="gen: tasks (instruction and chat rows): corpus BLEU and/or chrF of the greedy replies, "
+        "as sacrebleu computes them (its defaults: 13a tokenisation, chrF with character n-grams up to 6)",
+    )
     shots: int = Field(0, ge=0, description="ICL tasks: examples in each prompt")
     delimiter: str = Field(" ", description="ICL tasks: written between a context and its continuation")
     separator: str = Field("\n\n", description="ICL tasks: written between few-shot examples")

@@ -85,11 +85,26 @@ def macro_f1(pred: list[int], gold: list[int], num_labels: int) -> float:
     return sum(scores) / max(len(scores), 1)
 
 
+def corpus_scores(hypotheses: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
+    """Corpus BLEU and/or chrF of the hypotheses against one reference each, by sacrebleu with its
+    defaults: the numbers its command line prints for the same two files."""
+    import sacrebleu
+
+    scorers = {"bleu": sacrebleu.corpus_bleu, "chrf": sacrebleu.corpus_chrf}
+    return {m: round(scorers[m](hypotheses, [references]).score, 4) for m in metrics}
+
+
 def score_instructions(
-    model: Transformer, tok: Tokenizer, examples: list[dict], max_new_tokens: int, max_len: int, chat: ChatFormat
+    model: Transformer,
+    tok: Tokenizer,
+    examples: list[dict],
+    max_new_tokens: int,
+    max_len: int,
+    chat: ChatFormat,
+    metrics: list[str] = (),
 ) -> dict:
     """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
-    exact match, token F1 and ROUGE-L F1."""
+    exact match, token F1 and ROUGE-L F1; with `metrics`, corpus BLEU and chrF (translation's)."""
 
     device = next(model.parameters()).device
     encoded, _ = encode_all(tok, examples, max_len, chat)
@@ -122,11 +137,13 @@ def score_instructions(
             }
         )
     n = max(len(examples), 1)
+    corpus = corpus_scores([s["generated"] for s in samples], [s["reference"] for s in samples], list(metrics))
     # no reference that fits in max_len has no loss to report (not a loss of 0)
     return {
         "reply_loss": round(nats / count, 5) if count else None,
         "reply_tokens": count,
         **{k: round(totals[k] / n, 5) for k in ("exact_match", "token_f1", "rouge_l")},
+        **corpus,
         "examples": len(examples),
         "samples": samples,
     }

@@ -232,7 +232,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
                 res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
             else:
                 res[task_name] = score_instructions(
-                    model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat
+                    model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat, cfg.metrics
                 )
         core = core_average({t.name: res[t.name] for t in tasks})
         if core is not None:
@@ -276,6 +276,7 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
                 (task, "token_f1", f"{task} token F1", True),
                 (task, "rouge_l", f"{task} ROUGE-L", True),
             ]
+            cols += [(task, m, f"{task} {label}", True) for m, label in (("bleu", "BLEU"), ("chrf", "chrF")) if m in r]
     if "icl" in scores:
         cols.append(("icl", "centered", "ICL centered", True))
     return cols

@@ -36,6 +36,7 @@ from lmkiln.model.encoder import (
     encoder_config,
 )
 from lmkiln.model.stream_safetensors import iter_tensors
+from lmkiln.model.t5 import IGNORED_T5_WEIGHTS, T5, T5_CLASSES, T5Args, t5_args_from_config, t5_config
 from lmkiln.model.transformer import ModelArgs, Transformer, hf_shape
 
 ENCODER_CLASSES = {"ModernBertForMaskedLM": "modernbert", **{c: f for c, (f, _) in BERT_CLASSES.items()}}
@@ -61,6 +62,8 @@ def hf_config(args: ModelArgs | EncoderArgs | BertArgs, dtype: torch.dtype = tor
         return encoder_config(args, dtype)
     if isinstance(args, BertArgs):
         return bert_config(args, dtype)
+    if isinstance(args, T5Args):
+        return t5_config(args, dtype)
     config = {
         **hf_shape(args, HF_CLASSES[args.arch], args.arch),
         "num_key_value_heads": args.num_kv_heads,
@@ -96,7 +99,18 @@ def args_from_hf(config: dict, where: str) -> ModelArgs | EncoderArgs | BertArgs
         config.get("architectures")
         or [HF_CLASSES.get(config.get("model_type"), f"model_type {config.get('model_type')!r}")]
     )[0]
-    family = ENCODER_CLASSES.get(cls) or (config.get("model_type") if not config.get("architectures") else None)
+    family = (
+        ENCODER_CLASSES.get(cls)
+        or T5_CLASSES.get(cls)
+        or (config.get("model_type") if not config.get("architectures") else None)
+    )
+    if family in ("t5", "mt5"):
+        try:
+            return t5_args_from_config(config, where)
+        except KeyError as exc:
+            raise UserError(f"{where}: missing key {exc}") from None
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     if family in ENCODER_TYPES:
         try:
             if family == "modernbert":
@@ -108,7 +122,7 @@ def args_from_hf(config: dict, where: str) -> ModelArgs | EncoderArgs | BertArgs
             raise UserError(str(exc)) from None
     arch = ARCH_OF_CLASS.get(cls)
     if arch is None:
-        supported = ", ".join(sorted([*ARCH_OF_CLASS, *ENCODER_CLASSES]))
+        supported = ", ".join(sorted([*ARCH_OF_CLASS, *ENCODER_CLASSES, *T5_CLASSES]))
         raise UserError(f"{where}: architecture '{cls}' is not supported (supported: {supported})")
     refused = [
         ("mlp_bias", False),
@@ -165,10 +179,13 @@ def _rope_settings(config: dict) -> dict:
     return {"theta": theta, "scaling": scaling}
 
 
-def build_model(args: ModelArgs | EncoderArgs | BertArgs) -> Transformer | EncoderBase:
-    """The model an args object describes: a decoder, a ModernBERT encoder, or a BERT/RoBERTa one."""
+def build_model(args: ModelArgs | EncoderArgs | BertArgs | T5Args) -> Transformer | EncoderBase | T5:
+    """The model an args object describes: a decoder, a ModernBERT encoder, a BERT/RoBERTa one, or a T5
+    encoder-decoder."""
     if isinstance(args, EncoderArgs):
         return Encoder(args)
+    if isinstance(args, T5Args):
+        return T5(args)
     return BertEncoder(args) if isinstance(args, BertArgs) else Transformer(args)
 
 
@@ -335,6 +352,8 @@ def skipped_weight(name: str, args: ModelArgs | EncoderArgs | BertArgs) -> bool:
     BERT's next-sentence head."""
     if isinstance(args, BertArgs) and any(part in name for part in IGNORED_BERT_WEIGHTS):
         return True
+    if isinstance(args, T5Args) and name in IGNORED_T5_WEIGHTS:
+        return True
     return name.endswith(IGNORED_WEIGHTS) or name == tied_head(args)
 
 
@@ -390,7 +409,7 @@ def load_model(
     for _, name, tensor in iter_checked_weights(model_dir, args):
         assign_weight(model, name, tensor.to(dtype))
     init_missing(model, args)
-    if is_encoder_args(args):
+    if is_encoder_args(args) or isinstance(args, T5Args):
         model.after_load()
     elif args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

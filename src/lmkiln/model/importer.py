@@ -36,6 +36,7 @@ from lmkiln.model.hub import (
 )
 from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES
 from lmkiln.model.stream_safetensors import read_header, write_streamed
+from lmkiln.model.t5 import T5Args
 
 DTYPES = {
     "fp32": torch.float32,
@@ -197,13 +198,14 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
         if not (tmp / "generation_config.json").is_file() and not is_encoder_args(args):
+            first = (
+                {"decoder_start_token_id": args.decoder_start_token_id}
+                if isinstance(args, T5Args)
+                else {"bos_token_id": args.bos_token_id}
+            )
             write_json(
                 tmp / "generation_config.json",
-                {
-                    "bos_token_id": args.bos_token_id,
-                    "eos_token_id": args.eos_token_id,
-                    "pad_token_id": args.pad_token_id,
-                },
+                {**first, "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id},
             )
         checks = consistency_checks(tmp, fix=True)
         write_json(
@@ -227,6 +229,19 @@ def describe(model_dir: Path) -> str:
             f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers "
             f"{layers}, hidden {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}, "
             f"{cfg.get('torch_dtype')}"
+        )
+    if isinstance(args, T5Args):
+        head = (
+            "tied head, outputs scaled"
+            if args.scale_decoder_outputs
+            else "tied head"
+            if args.tie_embeddings
+            else "own head"
+        )
+        return (
+            f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} encoder + "
+            f"{args.num_decoder_layers} decoder layers, d_model {args.d_model}, {args.num_heads} heads, "
+            f"{args.feed_forward_proj}, {head}, vocab {args.vocab_size}, {cfg.get('torch_dtype')}"
         )
     scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
     return (

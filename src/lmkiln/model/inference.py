@@ -49,6 +49,11 @@ def load_for_inference(
     """A decoder, its tokenizer and chat format, for generation."""
     model_dir = Path(model_dir)
     args = read_args(model_dir)
+    if args.arch in ("t5", "mt5"):
+        raise UserError(
+            f"{model_dir}: a T5 encoder-decoder: kiln import reads it and transformers loads what it writes, "
+            "but lmkiln's generate, chat, serve and eval run decoders and encoders only so far"
+        )
     if is_encoder_args(args):
         raise UserError(
             f"{model_dir}: an encoder ({ENCODER_TYPES[args.arch]}) does not generate; `kiln serve` offers it /v1/embeddings and "
