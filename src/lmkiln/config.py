@@ -266,7 +266,9 @@ class PretrainConfig(Section):
 
 class FinetuneConfig(Section):
     data: str = Field(
-        "builtin:python-docstrings", description="builtin:python-docstrings or a JSONL, JSON, CSV/TSV or Parquet file"
+        "builtin:python-docstrings",
+        description="builtin:python-docstrings, builtin:gettext-LANG (English -> LANG program messages from this "
+        "machine's gettext catalogues) or a JSONL, JSON, CSV/TSV or Parquet file",
     )
     task: Literal["generate", "classify", "dpo", "tag"] = Field(
         "generate",

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from lmkiln.data.gettext_pairs import PREFIX as GETTEXT
+from lmkiln.data.gettext_pairs import checked_catalogues, gettext_splits
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
 from lmkiln.model.chat_format import ChatFormat, instruction_messages
@@ -38,9 +40,12 @@ class BadRow(ValueError):
 
 
 def check_source(source: str) -> None:
-    if source.startswith("builtin:"):
+    if source.startswith(GETTEXT):
+        checked_catalogues(source)
+    elif source.startswith("builtin:"):
         if source not in BUILTIN_TASKS:
-            raise UserError(f"finetune.data: '{source}' is not a builtin task (known: {', '.join(BUILTIN_TASKS)})")
+            known = ", ".join([*BUILTIN_TASKS, f"{GETTEXT}LANG"])
+            raise UserError(f"finetune.data: '{source}' is not a builtin task (known: {known})")
     elif not Path(source).is_file():
         raise UserError(f"finetune.data: '{source}' does not exist (expected a data file or {BUILTIN_TASKS[0]})")
 
@@ -231,12 +236,17 @@ def load_splits(
     are those the corpus held out at `heldout_fraction`; a data file uses its `split` field, or carves
     `val_fraction` out by row."""
     check_source(source)
-    if source == "builtin:python-docstrings":
+    if source == "builtin:python-docstrings" or source.startswith(GETTEXT):
         from lmkiln.data.builtin import docstring_splits
 
+        rows = (
+            gettext_splits(source, heldout_fraction, val_fraction)
+            if source.startswith(GETTEXT)
+            else docstring_splits(heldout_fraction, val_fraction)
+        )
         splits = {
             k: [{**ex, "messages": instruction_messages(ex["instruction"], ex["input"], ex["output"])} for ex in v]
-            for k, v in docstring_splits(heldout_fraction, val_fraction).items()
+            for k, v in rows.items()
         }
         return {**splits, "skipped": []}
     examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows)

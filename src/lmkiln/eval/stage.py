@@ -93,7 +93,11 @@ def gen_ref(ref: str) -> tuple[str, str]:
     path, _, split = ref[len("gen:") :].partition("@")
     if split not in ("", "train", "val", "test"):
         raise UserError(f"eval.tasks: '{ref}': the split after @ must be train, val or test")
-    if not Path(path).is_file():
+    if path.startswith("builtin:"):
+        from lmkiln.data.examples import check_source
+
+        check_source(path)
+    elif not Path(path).is_file():
         raise UserError(f"eval.tasks: '{ref}': '{path}' does not exist (expected a data file)")
     return path, split
 
@@ -160,6 +164,10 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
         gen_path = ref[len("gen:") :].partition("@")[0]
         if ref.startswith("gen:") and Path(gen_path).is_file():
             ident[ref] = sha256_file(gen_path)
+        elif ref.startswith("gen:builtin:gettext-"):
+            from lmkiln.data.gettext_pairs import catalogue_fingerprint
+
+            ident[ref] = catalogue_fingerprint(gen_path)
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
         ident["text"] = upstream(run_dir, "data")
     return ident

@@ -12,6 +12,8 @@ import torch
 
 from lmkiln.config import Recipe
 from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
+from lmkiln.data.gettext_pairs import PREFIX as GETTEXT
+from lmkiln.data.gettext_pairs import catalogue_fingerprint
 from lmkiln.device import seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
@@ -51,7 +53,9 @@ def config_of(recipe: Recipe) -> dict:
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     data = recipe.finetune.data
     ident = {"base": model_identity(run_dir, recipe.finetune.base)}
-    if data.startswith("builtin:"):
+    if data.startswith(GETTEXT):
+        ident["data"] = catalogue_fingerprint(data)
+    elif data.startswith("builtin:"):
         from lmkiln.data.builtin import stdlib_fingerprint
 
         ident["data"] = stdlib_fingerprint()
