@@ -175,16 +175,19 @@ class TokenizerConfig(Section):
     vocab_size: Size = Field(8192, ge=300, le=2**32 - 1)
     min_frequency: int = Field(2, ge=1)
     max_train_chars: Size = Field(50_000_000, gt=0, description="characters of the corpus used to learn merges")
-    kind: Literal["decoder", "encoder"] = Field(
-        "decoder", description="decoder: chat and FIM tokens; encoder: [CLS] [SEP] [MASK] [PAD] and BERT's pair layout"
+    kind: Literal["decoder", "encoder", "t5"] = Field(
+        "decoder",
+        description="decoder: chat and FIM tokens; encoder: [CLS] [SEP] [MASK] [PAD] and BERT's pair layout; t5: "
+        "<pad> </s> <unk> and 100 sentinels <extra_id_0..99> at the top of the vocabulary, </s> after each text",
     )
 
 
 class ModelConfig(Section):
-    arch: Literal["llama", "qwen2", "qwen3", "mistral", "modernbert"] = Field(
+    arch: Literal["llama", "qwen2", "qwen3", "mistral", "modernbert", "t5"] = Field(
         "llama",
         description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window); "
-        "modernbert: an encoder pretrained by masked-language modelling (needs tokenizer.kind=encoder)",
+        "modernbert: an encoder pretrained by masked-language modelling (needs tokenizer.kind=encoder); t5: an "
+        "encoder-decoder (T5 v1.1) pretrained by span corruption (needs tokenizer.kind=t5)",
     )
     preset: Literal["tiny", "mini", "small", "medium", "1b"] | None = Field(
         None, description="named size; explicit dims given beside it override it"
@@ -244,6 +247,8 @@ class PretrainConfig(Section):
         0.30, gt=0.0, lt=1.0, description="modernbert: share of tokens masked (ModernBERT 0.30, BERT 0.15), 80/10/10"
     )
     whole_word_mask: bool = Field(False, description="modernbert: mask whole words (every sub-token of a chosen word)")
+    noise_density: float = Field(0.15, gt=0.0, lt=1.0, description="t5: share of tokens span corruption removes")
+    mean_span: float = Field(3.0, ge=1.0, description="t5: mean length of a removed span (T5: 3)")
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(0.1, ge=0.0)
     beta1: float = Field(0.9, ge=0.0, lt=1.0)

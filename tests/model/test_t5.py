@@ -95,3 +95,88 @@ def test_relative_buckets_are_exact_near_and_logarithmic_far():
     assert (causal[41:] == 0).all() and causal[:40].max().item() <= 31  # the future shares bucket 0
     far = relative_buckets(torch.tensor([-1000, -128, 1000]), True, 32, 128)
     assert far[0].item() == 15 and far[1].item() == 15 and far[2].item() == 31  # past max_distance: the last
+
+
+T5_RUN = ["tokenizer.kind=t5", "model.arch=t5", "pretrain.seq_len=48"]
+
+
+@pytest.fixture
+def t5_run(tiny_recipe, tmp_path):
+    from lmkiln import data, tokenizer
+
+    def make(name="run"):
+        recipe = tiny_recipe(*T5_RUN, run_dir=tmp_path / name)
+        data.run(recipe)
+        tokenizer.run(recipe)
+        return recipe
+
+    return make
+
+
+def test_span_corruption_pretraining_writes_a_directory_transformers_loads(t5_run):
+    from lmkiln.train import run_pretrain
+    from lmkiln.train.metrics import read_metrics
+
+    recipe = t5_run()
+    manifest = run_pretrain(recipe)
+    losses = [r["loss"] for r in read_metrics(recipe.run_dir / "pretrain" / "metrics.jsonl") if "loss" in r]
+    assert manifest["metrics"]["steps"] == 12 and losses[-1] < losses[0]
+    final = recipe.run_dir / "pretrain" / "final"
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(final, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "T5ForConditionalGeneration"
+    ours = load_model(final).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(3, 400, (2, 40), generator=g), torch.randint(3, 400, (2, 10), generator=g)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    assert torch.allclose(ours(x, y, mask), _logits(hf, x, y, mask), atol=1e-4, rtol=0)
+    tok = transformers.AutoTokenizer.from_pretrained(final)
+    assert tok.convert_ids_to_tokens(tok("a b")["input_ids"])[-1] == "</s>" and tok.pad_token_id == 0
+    assert tok.convert_tokens_to_ids("<extra_id_0>") == ours.args.vocab_size - 1
+
+
+def test_span_corruption_pretraining_resumes_bit_for_bit(t5_run, tmp_path):
+    import shutil
+
+    from lmkiln.train import pretrain as pretrain_stage
+    from lmkiln.train import run_pretrain
+    from lmkiln.train.metrics import read_metrics
+
+    class Killed(Exception):
+        pass
+
+    recipe = t5_run()
+    reference = recipe.model_copy(update={"run_dir": tmp_path / "ref"})
+    shutil.copytree(recipe.run_dir, reference.run_dir)
+    run_pretrain(reference)
+    out = recipe.run_dir / "pretrain"
+    out.mkdir()
+
+    def kill_at_10(step):
+        if step == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain_stage.build(recipe, recipe.run_dir, out, on_step=kill_at_10)
+    assert run_pretrain(recipe)["metrics"]["resumed_from"] == 8
+    logged = [read_metrics(r.run_dir / "pretrain" / "metrics.jsonl") for r in (recipe, reference)]
+    assert [(r["step"], r["loss"]) for r in logged[0] if "loss" in r] == [
+        (r["step"], r["loss"]) for r in logged[1] if "loss" in r
+    ]
+    a, b = (load_model(r.run_dir / "pretrain" / "final").state_dict() for r in (recipe, reference))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
+    from lmkiln.model.t5 import build_t5_args
+    from lmkiln.train.estimate import estimate
+    from tests.conftest import TINY
+
+    recipe = t5_run()
+    est = estimate(recipe)
+    vocab = json.loads((recipe.run_dir / "tokenizer" / "train.json").read_text())["vocab_size"]
+    args = build_t5_args(recipe.model, vocab, {"pad": 0, "eos": 1})
+    # 48 inputs come from windows of 52 tokens, whose targets are 12 long
+    assert est["parameters"] == args.num_params() and est["flops_per_token"] == args.flops_per_token(48, 12)
+    assert 0 < est["memory_bytes"]["activations"] < est["memory_bytes"]["total"]
+    assert main(["estimate", *TINY, f"run_dir={recipe.run_dir}", *T5_RUN]) == 0
+    assert "memory: total" in capsys.readouterr().out

@@ -193,10 +193,13 @@ def recipe_model_args(model_cfg, vocab_size: int, ids: dict) -> ModelArgs | Enco
     """The args of the model a recipe's model section describes: a ModernBERT encoder or a decoder
     (a ValueError names a setting that does not fit)."""
     from lmkiln.model.encoder import build_encoder_args
+    from lmkiln.model.t5 import build_t5_args
     from lmkiln.model.transformer import build_args
 
     if model_cfg.arch == "modernbert":
         return build_encoder_args(model_cfg, vocab_size, ids)
+    if model_cfg.arch == "t5":
+        return build_t5_args(model_cfg, vocab_size, ids)
     return build_args(model_cfg, vocab_size, ids)
 
 

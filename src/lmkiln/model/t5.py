@@ -69,9 +69,25 @@ class T5Args:
     def hidden_size(self) -> int:
         return self.d_model
 
+    @property
+    def num_layers_total(self) -> int:
+        return self.num_layers + self.num_decoder_layers
+
     def num_params(self) -> int:
         with torch.device("meta"):
             return sum(p.numel() for p in T5(self).parameters())
+
+    def flops_per_token(self, seq_len: int, targets_len: int | None = None) -> float:
+        """Training FLOPs per input token (6 x matrix parameters x the tokens each stack runs on, plus
+        attention over the keys each layer sees), for `seq_len` inputs and `targets_len` targets."""
+        t = targets_len if targets_len is not None else seq_len
+        d, inner, mats = self.d_model, self.num_heads * self.d_kv, 3 if self.gated else 2
+        ff = mats * d * self.d_ff
+        encoder = self.num_layers * (4 * d * inner + ff) * seq_len
+        cross_kv = self.num_decoder_layers * 2 * d * inner * seq_len  # keys and values of the encoder's output
+        decoder = (self.num_decoder_layers * (6 * d * inner + ff) + d * self.vocab_size) * t
+        attention = 2 * inner * (self.num_layers * seq_len**2 + self.num_decoder_layers * (t * t + t * seq_len))
+        return (6 * (encoder + cross_kv + decoder) + 6 * attention) / seq_len
 
 
 def relative_buckets(offset: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
@@ -235,6 +251,20 @@ class T5(nn.Module):
         if self.args.tie_embeddings:
             self.lm_head.weight = self.shared.weight
 
+    def init_weights(self, generator: torch.Generator) -> None:
+        """T5's initialisation (Mesh TensorFlow's): each matrix normal with std 1/sqrt(fan-in), the query's
+        also divided by sqrt(d_kv) (T5 does not scale attention logits), embeddings normal(0, 1), norms 1.
+        The head gets 1/sqrt(d_model), so the first logits are of unit scale."""
+        a, inner = self.args, self.args.num_heads * self.args.d_kv
+        std = {".q.": (a.d_model * a.d_kv) ** -0.5, ".o.": inner**-0.5, ".wo.": a.d_ff**-0.5, "shared.": 1.0}
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.dim() == 1:
+                    p.fill_(1.0)
+                else:
+                    s = next((v for k, v in std.items() if k in f".{name}"), a.d_model**-0.5)
+                    p.normal_(0.0, s, generator=generator)
+
     def _run(self, stack: _Stack, x: torch.Tensor, *args) -> torch.Tensor:
         for block in stack.block:
             if self.gradient_checkpointing and self.training:
@@ -349,4 +379,31 @@ def t5_args_from_config(config: dict, where: str) -> T5Args:
         decoder_start_token_id=config.get("decoder_start_token_id", 0),
         max_seq_len=config.get("n_positions", 512),
         arch=config.get("model_type", "t5"),
+    )
+
+
+def build_t5_args(model_cfg, vocab_size: int, special: dict) -> T5Args:
+    """T5Args from the recipe's model section: the preset's width, depth (each stack) and heads, a gated
+    GELU feed-forward of intermediate_size, an own head (T5 v1.1)."""
+    from lmkiln.model.transformer import PRESETS
+
+    dims = {k: v for k, v in PRESETS[model_cfg.preset or "tiny"].items() if k != "num_kv_heads"}
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        if getattr(model_cfg, key) is not None:
+            dims[key] = getattr(model_cfg, key)
+    if dims["hidden_size"] % dims["num_heads"]:
+        raise ValueError(f"hidden_size {dims['hidden_size']} does not split into {dims['num_heads']} heads")
+    return T5Args(
+        vocab_size=vocab_size,
+        d_model=dims["hidden_size"],
+        d_kv=dims["hidden_size"] // dims["num_heads"],
+        d_ff=dims["intermediate_size"],
+        num_layers=dims["num_layers"],
+        num_decoder_layers=dims["num_layers"],
+        num_heads=dims["num_heads"],
+        norm_eps=model_cfg.norm_eps,
+        pad_token_id=special.get("pad", 0),  # T5's ids when no vocabulary is at hand (kiln estimate)
+        eos_token_id=special.get("eos", 1),
+        decoder_start_token_id=special.get("pad", 0),
+        max_seq_len=model_cfg.max_seq_len,
     )

@@ -23,8 +23,15 @@ def shard_dtype(vocab_size: int) -> np.dtype:
 
 
 def encode_to_shard(
-    tok: Tokenizer, texts: Iterable[str], path_stem: Path, bos: int, eos: int, batch_docs: int = 256, on_batch=None
+    tok: Tokenizer,
+    texts: Iterable[str],
+    path_stem: Path,
+    bos: int | None,
+    eos: int,
+    batch_docs: int = 256,
+    on_batch=None,
 ) -> dict:
+    """Each text's ids framed by bos (when the vocabulary has one: T5's has not) and eos, into one shard."""
     dtype = shard_dtype(tok.get_vocab_size())
     starts: list[int] = []
     n = 0
@@ -34,10 +41,13 @@ def encode_to_shard(
 
         def flush() -> None:
             nonlocal n
+            first = 0 if bos is None else 1
             for enc in tok.encode_batch(batch, add_special_tokens=False):
-                ids = np.empty(len(enc.ids) + 2, dtype=dtype)
-                ids[0], ids[-1] = bos, eos
-                ids[1:-1] = enc.ids
+                ids = np.empty(len(enc.ids) + first + 1, dtype=dtype)
+                ids[-1] = eos
+                if bos is not None:
+                    ids[0] = bos
+                ids[first:-1] = enc.ids
                 starts.append(n)
                 n += len(ids)
                 fh.write(ids.tobytes())

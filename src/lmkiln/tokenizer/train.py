@@ -2,7 +2,9 @@
 
 A decoder's vocabulary carries lmkiln's chat and FIM tokens; an encoder's (`tokenizer.kind: encoder`)
 carries BERT's `[CLS] [SEP] [MASK] [PAD]` and its post-processor, so `tokenizer("a", "b")` in transformers
-gives `[CLS] a [SEP] b [SEP]` with token type ids 0 then 1."""
+gives `[CLS] a [SEP] b [SEP]` with token type ids 0 then 1. T5's (`tokenizer.kind: t5`) has `<pad>`,
+`</s>` and `<unk>` as ids 0-2, the 100 sentinels of span corruption at the top (`<extra_id_0>` highest),
+and `</s>` after each text."""
 
 from __future__ import annotations
 
@@ -28,6 +30,12 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
 
 CLS, SEP, MASK, ENC_PAD = "[CLS]", "[SEP]", "[MASK]", "[PAD]"
 ENCODER_TOKENS = [CLS, SEP, MASK, ENC_PAD]
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # T5's ids 0, 1 and 2
+T5_SENTINELS = 100
+
+
+def sentinel(i: int) -> str:
+    return f"<extra_id_{i}>"
 
 
 def train_bpe(
@@ -37,10 +45,11 @@ def train_bpe(
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = {"encoder": ENCODER_TOKENS, "t5": [T5_PAD, T5_EOS, T5_UNK]}.get(kind, SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - (T5_SENTINELS if kind == "t5" else 0),
         min_frequency=min_frequency,
-        special_tokens=ENCODER_TOKENS if kind == "encoder" else SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -51,11 +60,29 @@ def train_bpe(
             single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)]
         )
         tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), pairs])
+    if kind == "t5":  # the sentinels last, <extra_id_0> the highest id, as T5's vocabulary has them
+        tok.add_special_tokens([sentinel(i) for i in reversed(range(T5_SENTINELS))])
+        closing = processors.TemplateProcessing(
+            single=f"$A {T5_EOS}",
+            pair=f"$A {T5_EOS} $B:1 {T5_EOS}:1",
+            special_tokens=[(T5_EOS, tok.token_to_id(T5_EOS))],
+        )
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), closing])
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1024) -> None:
     write_text(out_dir / "tokenizer.json", tok.to_str())
+    if tok.token_to_id(sentinel(0)) is not None:  # T5's: pad, eos, unk and the sentinels
+        names = {"pad_token": T5_PAD, "eos_token": T5_EOS, "unk_token": T5_UNK}
+        extra = [sentinel(i) for i in range(T5_SENTINELS)]
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "additional_special_tokens": extra}
+        write_json(
+            out_dir / "tokenizer_config.json",
+            {**config, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False},
+        )
+        write_json(out_dir / "special_tokens_map.json", {**names, "additional_special_tokens": extra})
+        return
     if tok.token_to_id(MASK) is not None:  # an encoder's vocabulary: BERT's tokens, no chat template
         names = {"cls_token": CLS, "sep_token": SEP, "mask_token": MASK, "pad_token": ENC_PAD}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "unk_token": None}
@@ -90,6 +117,17 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
     from lmkiln.model.chat_format import END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
+    if tok.token_to_id(sentinel(0)) is not None:  # T5's: documents end with </s>, nothing before them
+        return {
+            "bos": None,
+            "eos": tok.token_to_id(T5_EOS),
+            "pad": tok.token_to_id(T5_PAD),
+            "sentinels": [tok.token_to_id(sentinel(i)) for i in range(T5_SENTINELS)],
+            "end": None,
+            "fim_prefix": None,
+            "fim_middle": None,
+            "fim_suffix": None,
+        }
     if tok.token_to_id(MASK) is not None:  # an encoder's: documents are [CLS] ... [SEP]
         cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
         return {

@@ -27,10 +27,13 @@ ALLOCATOR_OVERHEAD = 1.3
 EFFICIENCY = {"cpu": 0.6, "cuda": 0.4}  # assumed share of peak FLOP/s, for the time estimate
 
 
-def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head: bool = True) -> int:
+def saved_bytes(
+    model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head: bool = True, targets: int | None = None
+) -> int:
     """Bytes autograd saves for backward in one forward pass of a (batch, seq_len) micro-batch of a
     model built on the meta device (`head=False`: up to the final norm, for a loss that runs the head
-    itself). With gradient checkpointing, what it keeps is each block's input."""
+    itself; `targets`: an encoder-decoder's decoder length). With gradient checkpointing, what it keeps
+    is each block's input."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -42,10 +45,11 @@ def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         x = torch.zeros(batch * pairs, seq_len, dtype=torch.long, device="meta")
+        inputs = (x,) if targets is None else (x, x[:, :targets])
         if head:
-            F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+            F.cross_entropy(model(*inputs).float().flatten(0, 1), inputs[-1].flatten())
         else:
-            model(x, hidden_only=True)
+            model(*inputs, hidden_only=True)
     kept = sum(storages.values())
     if getattr(model, "gradient_checkpointing", False):
         args = model.args
@@ -53,12 +57,14 @@ def saved_bytes(model: nn.Module, batch: int, seq_len: int, pairs: int = 1, head
     return kept
 
 
-def saved_activation_bytes(args: ModelArgs | EncoderArgs, batch: int, seq_len: int, head: bool = True) -> int:
+def saved_activation_bytes(
+    args: ModelArgs | EncoderArgs, batch: int, seq_len: int, head: bool = True, targets: int | None = None
+) -> int:
     from lmkiln.model.hub import build_model
 
     with torch.device("meta"):
         model = build_model(args)
-    return saved_bytes(model, batch, seq_len, head=head)
+    return saved_bytes(model, batch, seq_len, head=head, targets=targets)
 
 
 def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
@@ -139,19 +145,26 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     optim = optimizer_bytes(args, cfg.optimizer)
     act_scale = 0.5 if dev.type == "cuda" else 1.0  # bf16 activations under autocast
     chunked = not (world > 1 and cfg.strategy == "fsdp")  # as pretrain.next_token_loss decides
-    activations = int(saved_activation_bytes(args, cfg.batch_size, cfg.seq_len, head=not chunked) * act_scale)
-    # an encoder's loss (masked-LM) runs the head at the masked positions alone
-    scored = cfg.batch_size * cfg.seq_len * (cfg.mask_rate if isinstance(args, EncoderArgs) else 1)
+    targets = None
+    if args.arch == "t5":  # the decoder runs on span corruption's targets
+        from lmkiln.model.span_corruption import raw_length
+
+        targets = raw_length(cfg.seq_len, cfg.noise_density, cfg.mean_span)[1]
+    activations = saved_activation_bytes(args, cfg.batch_size, cfg.seq_len, head=not chunked, targets=targets)
+    activations = int(activations * act_scale)
+    # an encoder's loss (masked-LM) runs the head at the masked positions alone; T5's at its targets
+    scored = cfg.batch_size * (targets or cfg.seq_len) * (cfg.mask_rate if isinstance(args, EncoderArgs) else 1)
     logits = head_loss_bytes(args, int(scored), chunked)
     total = int(((weights + grads + optim) / shard + activations + logits) * ALLOCATOR_OVERHEAD)
     accum = _grad_accum(recipe, world)
     tokens_per_step = cfg.batch_size * cfg.seq_len * accum * world
-    flops = args.flops_per_token(cfg.seq_len) * tokens_per_step / world
+    per_token = args.flops_per_token(cfg.seq_len, targets) if targets else args.flops_per_token(cfg.seq_len)
+    flops = per_token * tokens_per_step / world
     peak, source = device_peak(dev)
     seconds = flops / (peak * EFFICIENCY.get(dev.type, 0.4)) if peak else None
     return {
         "parameters": args.num_params(),
-        "flops_per_token": args.flops_per_token(cfg.seq_len),
+        "flops_per_token": per_token,
         "device": str(dev),
         "world_size": world,
         "strategy": cfg.strategy if world > 1 else "single",

@@ -31,6 +31,7 @@ from lmkiln.train.loop import Cadence, LoopState, Plan, train
 from lmkiln.train.metrics import Tracker, plot_curves
 from lmkiln.train.mlm import MaskedLM
 from lmkiln.train.optim import cosine_lr, make_optimizer, wsd_lr
+from lmkiln.train.seq2seq import SpanCorruption
 from lmkiln.train.speed import device_peak
 
 
@@ -50,6 +51,9 @@ def config_of(recipe: Recipe) -> dict:
             model.pop(key)
         cfg.pop("mask_rate")
         cfg.pop("whole_word_mask")
+    if recipe.model.arch != "t5":  # span corruption's
+        cfg.pop("noise_density")
+        cfg.pop("mean_span")
     return {"model": model, "pretrain": cfg, "seed": recipe.seed}
 
 
@@ -139,13 +143,21 @@ def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
         raise UserError("pretrain.fim_rate needs a tokenizer with FIM tokens: rerun `kiln tokenizer --force`")
+    t5_vocab = ids.get("sentinels") is not None
+    if (recipe.model.arch == "t5") != t5_vocab:
+        raise UserError(
+            "model.arch=t5 and tokenizer.kind=t5 go together (span corruption needs the sentinels): set both "
+            "and rerun `kiln tokenizer`"
+        )
+    if t5_vocab and cfg.eval_tasks:
+        raise UserError("pretrain.eval_tasks score a decoder's continuations: leave them out for model.arch=t5")
     encoder_vocab = ids.get("mask") is not None
     if recipe.model.arch == "modernbert" and not encoder_vocab:
         raise UserError(
             "model.arch=modernbert needs an encoder vocabulary ([CLS] [SEP] [MASK]): set tokenizer.kind=encoder "
             "and rerun `kiln tokenizer`"
         )
-    if recipe.model.arch != "modernbert" and encoder_vocab:
+    if recipe.model.arch not in ("modernbert", "t5") and encoder_vocab:
         raise UserError(
             f"model.arch={recipe.model.arch} is a decoder, but the tokenizer has an encoder's vocabulary: set "
             f"tokenizer.kind=decoder and rerun `kiln tokenizer`, or model.arch=modernbert"
@@ -232,10 +244,16 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     step_model = torch.compile(model) if cfg.compile else model
     accum = _grad_accum(recipe, ctx.world)
     tokens_per_step = cfg.batch_size * accum * cfg.seq_len * ctx.world
-    flops_per_token = args.flops_per_token(cfg.seq_len)
+    if args.arch == "t5":
+        objective = SpanCorruption(recipe, model, train_tokens, val_tokens, accum, ctx, ids)
+        flops_per_token = args.flops_per_token(cfg.seq_len, objective.targets_len)
+    else:
+        flops_per_token = args.flops_per_token(cfg.seq_len)
     _print_setup(args, cfg, accum, tokens_per_step, flops_per_token, ctx)
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
-    if args.arch == "modernbert":
+    if args.arch == "t5":
+        pass  # made above: its targets' length sets the FLOPs
+    elif args.arch == "modernbert":
         starts = word_starts(tok) if cfg.whole_word_mask else None
         objective = MaskedLM(recipe, model, train_tokens, val_tokens, accum, ctx, ids, args.vocab_size, starts)
     else:
