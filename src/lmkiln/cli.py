@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0 = all (default 50)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument(
+        "--num-beams", type=int, default=1, help="beam search width on an encoder-decoder (T5); 1 = no beam search"
+    )
+    p.add_argument(
+        "--length-penalty", type=float, default=1.0, help="beam search: finished scores over length ** this (default 1)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument(
         "--compile",
@@ -328,6 +334,8 @@ def _generate(args) -> None:
         args.seed,
         args.device,
         args.compile,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
     )
 
 

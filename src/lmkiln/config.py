@@ -382,6 +382,7 @@ class EvalConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)"
     )
+    num_beams: int = Field(1, ge=1, description="gen: tasks on an encoder-decoder (T5): beam search width; 1 = greedy")
     metrics: list[Literal["bleu", "chrf"]] = Field(
         default_factory=list,
         description="gen: tasks (instruction and chat rows): corpus BLEU and/or chrF of the greedy replies, "

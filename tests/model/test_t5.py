@@ -1,6 +1,7 @@
 """T5 checkpoints as transformers makes them (v1.1/Flan-T5, the original T5, mT5): imported with equal
 logits, written back so transformers reads them, refused where lmkiln does not implement a value."""
 
+import io
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmkiln.cli import main
+from lmkiln.model.generate import print_continuation
 from lmkiln.model.hub import load_model
 from lmkiln.model.t5 import relative_buckets
 
@@ -180,3 +182,111 @@ def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
     assert 0 < est["memory_bytes"]["activations"] < est["memory_bytes"]["total"]
     assert main(["estimate", *TINY, f"run_dir={recipe.run_dir}", *T5_RUN]) == 0
     assert "memory: total" in capsys.readouterr().out
+
+
+def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
+    """Greedy and beam search (widths, length penalties, early stopping) give transformers' outputs; EOS is
+    set to a token the random model often produces, so hypotheses end early and the finished-beam rules
+    are exercised."""
+    import collections
+
+    from lmkiln.model.t5_generate import generate
+
+    config = transformers.T5Config(
+        **{**SMALL, "vocab_size": 60}, feed_forward_proj="gated-gelu", decoder_start_token_id=0
+    )
+    hf = _hf_dir(tmp_path / "hf", config, own_head=True)
+    inputs = [torch.randint(2, 60, (1, 12), generator=torch.Generator().manual_seed(s)) for s in range(8)]
+    produced = collections.Counter(
+        t for x in inputs for t in hf.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)[0, 1:].tolist()
+    )
+    eos = [t for t, _ in produced.most_common() if t > 1][0]
+    for name in ("config.json", "generation_config.json"):
+        path = tmp_path / "hf" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": eos}))
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    assert main(["-q", "import", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours").eval()
+    ended = 0
+    for x in inputs:
+        for beams, penalty, early in (
+            (1, 1.0, False),
+            (4, 1.0, False),
+            (3, 0.6, False),
+            (4, 2.0, True),
+            (5, -0.5, False),
+        ):
+            settings = dict(num_beams=beams, length_penalty=penalty, early_stopping=early)
+            theirs = hf.generate(x, max_new_tokens=10, do_sample=False, use_cache=False, **settings)[0, 1:].tolist()
+            theirs = theirs[: theirs.index(eos) + 1] if eos in theirs else theirs  # padding after EOS
+            mine = generate(ours, x[0].tolist(), 10, **settings)
+            assert mine == theirs, settings
+            ended += eos in mine
+    assert ended >= 10, ended
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_text_to_text_fine_tuning_learns_and_saves_a_t5_transformers_loads(t5_run, method):
+    from lmkiln.train import run_finetune, run_pretrain
+
+    recipe = t5_run()
+    run_pretrain(recipe)
+    tuned = recipe.model_copy(deep=True)
+    tuned.finetune.base = "pretrain"
+    tuned.finetune.method = method
+    tuned.finetune.lr = 3e-3
+    tuned.finetune.epochs = 3
+    metrics = run_finetune(tuned)["metrics"]
+    assert metrics["best_val_loss"] < metrics["base_val_loss"], metrics
+    final = recipe.run_dir / "finetune" / "final"
+    ours = load_model(final).eval()
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(final, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(3, 400, (1, 20), generator=g), torch.randint(3, 400, (1, 6), generator=g)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    assert torch.allclose(ours(x, y, mask), _logits(hf, x, y, mask), atol=1e-4, rtol=0)
+    if method == "lora":  # q, k, v, o and the feed-forward's matrices carried adapters
+        assert (recipe.run_dir / "finetune" / "adapter" / "adapter_config.json").is_file()
+    if method == "full":  # the verbs that run a model: generate (greedy and beam search) and eval
+        from lmkiln.model.inference import load_format
+        from lmkiln.model.t5_generate import generate, input_ids
+
+        tok, _ = load_format(final)
+        prompt = "Write the docstring for this Python function."
+        ids = input_ids(tok, prompt, ours.args.eos_token_id)
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, num_beams=2, do_sample=False, use_cache=False)
+        expected = tok.decode(expected[0, 1:].tolist(), skip_special_tokens=True)
+        assert tok.decode(generate(ours, ids, 8, num_beams=2), skip_special_tokens=True) == expected
+        out = io.StringIO()
+        print_continuation(final, prompt, max_tokens=8, temperature=0, num_beams=2, out=out)
+        assert out.getvalue() == expected + "\n"
+        ev = ["-q", "eval", f"run_dir={recipe.run_dir}", "eval.metrics=[bleu, chrf]", "--models", str(final)]
+        assert main([*ev, "--tasks", f"gen:{recipe.finetune.data}@val", "--out", str(recipe.run_dir / "ev")]) == 0
+        scores = next(iter(json.loads((recipe.run_dir / "ev" / "eval.json").read_text()).values()))
+        task = next(v for k, v in scores.items() if k != "path")
+        assert {"reply_loss", "bleu", "chrf", "samples"} <= set(task) and task["reply_loss"] > 0
+        _check_serving(final, ours, tok, prompt)
+
+
+def _check_serving(final, model, tok, prompt: str) -> None:
+    """/v1/completions reads the prompt as the input; chat reads the conversation as `role: content`
+    lines; both answer what greedy decoding gives, and the openai client reads them."""
+    import openai
+
+    from lmkiln.model.t5_generate import generate, input_ids
+    from lmkiln.serve.app import create_app
+    from tests.serve.conftest import serving
+
+    def greedy(text: str) -> str:
+        return tok.decode(generate(model, input_ids(tok, text, model.args.eos_token_id), 8), skip_special_tokens=True)
+
+    with serving(create_app(final, device="cpu", name="t5")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        done = client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0)
+        assert done.choices[0].text == greedy(prompt) and done.usage.completion_tokens > 0
+        reply = client.chat.completions.create(
+            model="t5", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].message.content == greedy(f"user: {prompt}")
+        chunks = list(client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks) == greedy(prompt)

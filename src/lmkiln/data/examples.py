@@ -369,3 +369,30 @@ def encode_words(
         ids += pieces
         labels += [index.get(tag, IGNORE)] + [IGNORE] * (len(pieces) - 1)
     return ids + [chat.eos], labels + [IGNORE]
+
+
+def source_and_target(ex: dict) -> tuple[str, str]:
+    """An encoder-decoder's (input text, output text) of an instruction or chat row: the instruction and
+    its input, or the conversation before the last reply as `role: content` lines; and that reply."""
+    if "instruction" in ex:
+        source = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+        return source, ex["output"]
+    messages = messages_of(ex)
+    return conversation_text(messages[:-1]), messages[-1]["content"]
+
+
+def conversation_text(messages: list[dict]) -> str:
+    """A conversation as an encoder-decoder reads it: one `role: content` line per message."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def encode_pairs(tok: Tokenizer, examples: list[dict], max_len: int, eos: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, target ids) of each example, each cut to max_len and ending with EOS (the tokenizer's
+    post-processor adds it to a T5 vocabulary's texts; added here where it does not)."""
+
+    def ids(text: str) -> list[int]:
+        out = tok.encode(text).ids
+        out = out if out and out[-1] == eos else out + [eos]
+        return out[: max_len - 1] + [eos] if len(out) > max_len else out
+
+    return [(ids(s), ids(t)) for s, t in map(source_and_target, examples)]

@@ -109,8 +109,6 @@ def score_instructions(
     device = next(model.parameters()).device
     encoded, _ = encode_all(tok, examples, max_len, chat)
     nats, count = reply_loss(model, encoded, 8, chat.pad, device)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    samples, totals = [], Counter()
     prompts = []
     for ex in examples:
         prompt = prompt_ids(tok, ex, chat)
@@ -118,8 +116,18 @@ def score_instructions(
             prompt = prompt[-(model.args.max_seq_len - max_new_tokens) :]
         prompts.append(prompt)
     replies = generate_greedy_batch(model, prompts, max_new_tokens, sorted(chat.stop_ids))
-    for ex, reply in zip(examples, replies):
-        text = tok.decode(reply).strip()
+    texts = [tok.decode(reply).strip() for reply in replies]
+    return reply_scores(examples, texts, nats / count if count else None, count, metrics)
+
+
+def reply_scores(
+    examples: list[dict], texts: list[str], loss: float | None, tokens: int, metrics: list[str] = ()
+) -> dict:
+    """The generated replies against the references (each row's last reply): mean exact match, token F1
+    and ROUGE-L, corpus BLEU/chrF when asked, the samples, and the references' loss (nats per token)."""
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    samples, totals = [], Counter()
+    for ex, text in zip(examples, texts):
         reference = messages_of(ex)[-1]["content"]
         scores = {
             "exact_match": exact_match(text, reference),
@@ -140,8 +148,8 @@ def score_instructions(
     corpus = corpus_scores([s["generated"] for s in samples], [s["reference"] for s in samples], list(metrics))
     # no reference that fits in max_len has no loss to report (not a loss of 0)
     return {
-        "reply_loss": round(nats / count, 5) if count else None,
-        "reply_tokens": count,
+        "reply_loss": round(loss, 5) if loss is not None else None,
+        "reply_tokens": tokens,
         **{k: round(totals[k] / n, 5) for k in ("exact_match", "token_f1", "rouge_l")},
         **corpus,
         "examples": len(examples),

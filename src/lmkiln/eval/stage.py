@@ -211,8 +211,14 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             raise UserError(f"eval.models: no model at '{path}'")
         name = names[ref]
         console.print(f"evaluating {name} ({path})")
-        if is_encoder_config(read_json(path / "config.json")):
+        config = read_json(path / "config.json")
+        if is_encoder_config(config):
             results[name] = _encoder_scores(recipe, run_dir, path, name, generative, device)
+            continue
+        if config.get("model_type") in ("t5", "mt5"):
+            from lmkiln.eval.seq2seq import evaluate_seq2seq
+
+            results[name] = evaluate_seq2seq(path, name, recipe, generative, examples, device)
             continue
         lm = load_for_inference(path, device)
         model, tok, chat = lm.model, lm.tok, lm.chat

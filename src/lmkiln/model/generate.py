@@ -182,15 +182,31 @@ def print_continuation(
     device: str = "auto",
     compile: bool = False,
     out: TextIO | None = None,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
 ) -> None:
     """`kiln generate`: stream a continuation of `prompt` (with `chat`, a reply to it as a user turn in
-    the model's own template) to `out` as it is decoded, stopping at the model's stop ids."""
+    the model's own template) to `out` as it is decoded, stopping at the model's stop ids. An
+    encoder-decoder (T5) writes its output for the prompt as its input, by greedy, sampling or beam search."""
     from lmkiln.device import pick_device
+    from lmkiln.model.hub import read_args
     from lmkiln.model.inference import check_model_dir, load_for_inference
 
     out = out or sys.stdout  # looked up at call time: a caller may have replaced it
     check_sampling(temperature, top_p, max_tokens, top_k)
     check_model_dir(model_dir)
+    if num_beams < 1:
+        raise UserError(f"--num-beams {num_beams}: expected 1 or more")
+    if read_args(Path(model_dir)).arch in ("t5", "mt5"):
+        from lmkiln.model.t5_generate import print_output
+
+        text = f"user: {prompt}" if chat else prompt
+        seed_gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        sampling = dict(temperature=temperature, top_p=top_p, generator=seed_gen)
+        print_output(model_dir, text, max_tokens, num_beams, length_penalty, sampling, pick_device(device), out)
+        return
+    if num_beams > 1:
+        raise UserError("--num-beams: beam search runs on encoder-decoders (T5); a decoder samples or decodes greedily")
     lm = load_for_inference(model_dir, pick_device(device))
     text = lm.chat.render([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
     ids = lm.tok.encode(text, add_special_tokens=False).ids

@@ -51,8 +51,8 @@ def load_for_inference(
     args = read_args(model_dir)
     if args.arch in ("t5", "mt5"):
         raise UserError(
-            f"{model_dir}: a T5 encoder-decoder: kiln import reads it and transformers loads what it writes, "
-            "but lmkiln's generate, chat, serve and eval run decoders and encoders only so far"
+            f"{model_dir}: a T5 encoder-decoder: `kiln generate` and `kiln eval` run it; chat and serving "
+            "run decoders and encoders only so far"
         )
     if is_encoder_args(args):
         raise UserError(

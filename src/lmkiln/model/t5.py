@@ -119,6 +119,8 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused kernel, the same sums
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         variance = x.float().pow(2).mean(-1, keepdim=True)
         return self.weight * (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
 
@@ -142,12 +144,13 @@ class Attention(nn.Module):
         )
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, memory: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         source = x if memory is None else memory
         q = self.q(x).view(b, t, self.a.num_heads, self.a.d_kv).transpose(1, 2)
         k, v = (p(source).view(b, -1, self.a.num_heads, self.a.d_kv).transpose(1, 2) for p in (self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
+        mask = bias.to(q.dtype) if bias is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -237,6 +240,8 @@ class T5(nn.Module):
     """T5ForConditionalGeneration: `forward(input_ids, decoder_input_ids)` gives the decoder's logits over
     the vocabulary; `encode` and `decode` run the two stacks apart (generation encodes once)."""
 
+    LORA_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wi", "wo"]
+
     def __init__(self, args: T5Args) -> None:
         super().__init__()
         self.args = args
@@ -288,8 +293,8 @@ class T5(nn.Module):
         future = torch.ones(s, s, dtype=torch.bool, device=ids.device).triu(1)
         causal = torch.zeros(s, s, dtype=x.dtype, device=ids.device).masked_fill(future, torch.finfo(x.dtype).min)
         self_bias = self.decoder.bias_table.position_bias(s, s, False, ids.device).to(x.dtype) + causal
-        cross_bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=x.dtype, device=ids.device)
-        cross_bias = cross_bias + key_mask_bias(memory_mask, x.dtype)
+        # cross-attention has no position bias: only padded keys to hide, if any
+        cross_bias = None if memory_mask is None or bool(memory_mask.all()) else key_mask_bias(memory_mask, x.dtype)
         return self._run(self.decoder, x, self_bias, memory, cross_bias)
 
     def head_input(self, states: torch.Tensor) -> torch.Tensor:
@@ -313,6 +318,31 @@ def shift_right(targets: torch.Tensor, start_id: int, pad_id: int) -> torch.Tens
     out[:, 0] = start_id
     out[:, 1:] = targets[:, :-1].clamp(min=0) + (targets[:, :-1] < 0) * pad_id
     return out
+
+
+def pair_batch(pairs: list, idx: list[int], pad: int, start: int, device):
+    """Padded inputs and their mask, the decoder's inputs (targets shifted right) and the labels (IGNORE
+    on padding) of the (input ids, target ids) pairs `idx`."""
+    from lmkiln.model.loss import IGNORE
+
+    sources, targets = [pairs[i][0] for i in idx], [pairs[i][1] for i in idx]
+    x = torch.full((len(idx), max(map(len, sources))), pad, dtype=torch.long)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    y = torch.full((len(idx), max(map(len, targets))), IGNORE, dtype=torch.long)
+    for r, (s, t) in enumerate(zip(sources, targets)):
+        x[r, : len(s)], mask[r, : len(s)], y[r, : len(t)] = torch.tensor(s), True, torch.tensor(t)
+    return x.to(device), mask.to(device), shift_right(y, start, pad).to(device), y.to(device)
+
+
+def target_losses(run, head: torch.Tensor, batch) -> torch.Tensor:
+    """Each labelled target token's cross-entropy (`run`: the model, maybe wrapped; `head`: its lm_head
+    weight); the head runs on the labelled positions alone."""
+    from lmkiln.model.loss import IGNORE, linear_cross_entropy
+
+    x, mask, d, y = batch
+    h = run(x, d, mask, hidden_only=True)
+    labelled = y != IGNORE
+    return linear_cross_entropy(h[labelled], head, y[labelled])
 
 
 def t5_config(args: T5Args, dtype: torch.dtype = torch.float32) -> dict:

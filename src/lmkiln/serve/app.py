@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from lmkiln.data.examples import conversation_text
 from lmkiln.errors import UserError
 
 try:
@@ -33,6 +34,7 @@ from lmkiln.serve.protocol import (
     chat_logprobs,
     completion_logprobs,
 )
+from lmkiln.serve.seq2seq import respond as respond_seq2seq
 
 STATIC = Path(__file__).parent / "static"
 
@@ -67,6 +69,7 @@ class Server:
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
         self.engine = None
         self.encoder = None  # an EncoderService, for a ModernBERT directory
+        self.seq2seq = None  # a Seq2SeqService, for a T5 directory
         self.error: str | None = None
         self.metrics = ServeMetrics(
             lambda: self.engine.queue_depth if self.engine else 0, lambda: self.engine.batch_size if self.engine else 0
@@ -80,6 +83,13 @@ class Server:
         from lmkiln.serve.encoding import EncoderService, is_encoder
 
         try:
+            from lmkiln.serve.seq2seq import Seq2SeqService, is_seq2seq
+
+            if is_seq2seq(self.model_dir):
+                if self.adapter_dirs:
+                    raise UserError("--adapter: adapters are served on a decoder; merge them into the T5 model instead")
+                self.seq2seq = Seq2SeqService(self.model_dir, pick_device(self.device))
+                return
             if is_encoder(self.model_dir):
                 if self.adapter_dirs:
                     raise UserError("--adapter: adapters are served on a decoder; merge them into an encoder instead")
@@ -101,7 +111,7 @@ class Server:
             raise
 
     def ready(self) -> None:
-        if self.engine is None and self.encoder is None:
+        if self.engine is None and self.encoder is None and self.seq2seq is None:
             raise ApiError(503, self.error or f"model {self.name} is loading; retry shortly")
 
     def generative(self) -> None:
@@ -319,6 +329,8 @@ def create_app(
         if server.encoder is not None:
             kind = "classifier" if server.encoder.classifier is not None else "encoder"
             return {"status": "ok", "model": server.name, "kind": kind, "context": server.encoder.context}
+        if server.seq2seq is not None:
+            return {"status": "ok", "model": server.name, "kind": "encoder-decoder", "context": server.seq2seq.context}
         if server.engine is None:
             status = "failed" if server.error else "loading"
             return JSONResponse(
@@ -372,6 +384,8 @@ def create_app(
     async def completions(req: CompletionRequest, request: Request):
         server.generative()
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if server.seq2seq is not None:
+            return await asyncio.to_thread(respond_seq2seq, server.seq2seq, req, texts, False, server.name, "prompt")
         prompts = [server.encode(t, "prompt") for t in texts]
         choices = start_choices(server, req, prompts, server.stop_ids, req.logprobs, req.max_tokens or 16)
         return await _respond(server, request, req, choices, prompts, chat=False, echo=texts if req.echo else None)
@@ -380,6 +394,9 @@ def create_app(
     async def chat_completions(req: ChatRequest, request: Request):
         server.generative()
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if server.seq2seq is not None:
+            text = conversation_text(messages)
+            return await asyncio.to_thread(respond_seq2seq, server.seq2seq, req, [text], True, server.name, "messages")
         try:
             text = server.chat.render(messages, add_generation_prompt=True)
         except Exception as exc:

@@ -21,6 +21,7 @@ from lmkiln.eval.generative import batch_loss, reply_loss
 from lmkiln.io import sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
 from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.hub import read_args
 from lmkiln.model.inference import load_format
 from lmkiln.model.loss import IGNORE
 from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
@@ -199,7 +200,13 @@ def build(
             if save
             else None
         )
-        if cfg.task == "tag":
+        if read_args(base_dir).arch in ("t5", "mt5"):
+            from lmkiln.train.seq2seq import build_seq2seq
+
+            if cfg.task != "generate":
+                raise UserError(f"finetune.task={cfg.task}: a T5 base fine-tunes text to text (task generate)")
+            result = build_seq2seq(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
+        elif cfg.task == "tag":
             from lmkiln.train.tag import build_tagger
 
             result = build_tagger(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lmkiln.device import autocast
 from lmkiln.model.loss import linear_cross_entropy
 from lmkiln.model.span_corruption import raw_length, span_corruption_batch
-from lmkiln.model.t5 import shift_right
+from lmkiln.model.t5 import pair_batch, shift_right, target_losses
 from lmkiln.train import dist
 from lmkiln.train.mlm import val_windows
 
@@ -87,3 +87,71 @@ class SpanCorruption:
         self.model.train()
         total, count = dist.all_sum([total, count], ctx)
         return total / max(count, 1)
+
+
+def build_seq2seq(recipe, base_dir, splits: dict, tok, out, on_eval, save: bool, ctx, checkpoints=None) -> dict:
+    """Text-to-text fine-tuning of an encoder-decoder: the encoder reads each row's input, the decoder is
+    trained on its output; full or LoRA, with fine-tuning's validation, early stopping and checkpoints."""
+    from lmkiln.data.examples import encode_pairs, sample
+    from lmkiln.errors import UserError
+    from lmkiln.log import console
+    from lmkiln.train.metrics import plot_curves
+    from lmkiln.train.tuning import Validation, load_trainable, run_epochs, save_tuned
+
+    cfg, device = recipe.finetune, ctx.device
+    model, trainable = load_trainable(base_dir, cfg, device)
+    args = dist.unwrap(model).args
+    pad, start = args.pad_token_id, args.decoder_start_token_id
+    if any("chosen" in ex or "label" in ex for ex in splits["train"][:1]):
+        raise UserError("finetune: an encoder-decoder base trains on instruction or chat rows (text to text)")
+    train = encode_pairs(tok, splits["train"], cfg.max_seq_len, args.eos_token_id)
+    val = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, args.eos_token_id)
+    if not val:
+        raise UserError(f"finetune.data: the validation split of {cfg.data} is empty; add rows or raise val_fraction")
+    console.print(f"text to text: train {len(train):,} pairs, val {len(val):,}, test {len(splits['test']):,}")
+
+    def head() -> torch.Tensor:
+        return dist.unwrap(model).lm_head.weight
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(val), cfg.batch_size):
+            idx = list(range(i, min(i + cfg.batch_size, len(val))))
+            losses = target_losses(model, head(), pair_batch(val, idx, pad, start, device))
+            total, count = total + losses.sum().item(), count + len(losses)
+        model.train()
+        return {"loss": total / max(count, 1)}
+
+    def micro_loss(net, idx: list[int]) -> tuple[torch.Tensor, int]:
+        batch = pair_batch(train, idx, pad, start, device)
+        return target_losses(net, head(), batch).sum(), batch[0].numel() + batch[2].numel()
+
+    guard = Validation(model, evaluate, cfg, on_eval)
+    run = run_epochs(
+        model,
+        cfg,
+        list(range(len(train))),
+        [len(s) + len(t) for s, t in train],
+        micro_loss,
+        lambda idx: sum(len(train[i][1]) for i in idx),
+        guard,
+        out,
+        recipe.seed,
+        "finetune",
+        ctx,
+        checkpoints,
+    )
+    if save and ctx.is_main:
+        save_tuned(model, guard, cfg, base_dir, tok, out, device)
+        plot_curves(out / "metrics.jsonl", out / "loss.png", "text-to-text fine-tuning")
+    return {
+        "task": "generate",
+        "method": cfg.method,
+        "examples": len(train),
+        "skipped_rows": len(splits["skipped"]),
+        **run,
+        **guard.summary(),
+        "trainable_parameters": trainable,
+    }

@@ -21,7 +21,6 @@ from lmkiln.io import atomic_dir
 from lmkiln.log import console
 from lmkiln.model.chat_format import ChatFormat
 from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import EncoderBase
 from lmkiln.model.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.runs import FINAL
@@ -166,8 +165,9 @@ def make_trainable(model: nn.Module, cfg) -> int:
     if cfg.method == "lora":
         lo = cfg.lora
         targets = lo.targets
-        if isinstance(model, EncoderBase) and not set(targets) & set(model.LORA_TARGETS):
-            targets = model.LORA_TARGETS  # a decoder's projection names mean nothing on an encoder
+        family_targets = getattr(model, "LORA_TARGETS", None)
+        if family_targets and not set(targets) & set(family_targets):
+            targets = family_targets  # a decoder's projection names mean nothing on an encoder or T5
         wrapped = apply_lora(model, targets, lo.r, lo.alpha, lo.dropout, lo.dora)
         console.print(f"{'DoRA' if lo.dora else 'LoRA'} r={lo.r} on {len(wrapped)} layers")
     model.gradient_checkpointing = cfg.gradient_checkpointing
