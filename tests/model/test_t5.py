@@ -106,8 +106,8 @@ T5_RUN = ["tokenizer.kind=t5", "model.arch=t5", "pretrain.seq_len=48"]
 def t5_run(tiny_recipe, tmp_path):
     from lmkiln import data, tokenizer
 
-    def make(name="run"):
-        recipe = tiny_recipe(*T5_RUN, run_dir=tmp_path / name)
+    def make(name="run", *extra):
+        recipe = tiny_recipe(*T5_RUN, *extra, run_dir=tmp_path / name)
         data.run(recipe)
         tokenizer.run(recipe)
         return recipe
@@ -290,3 +290,44 @@ def _check_serving(final, model, tok, prompt: str) -> None:
         assert reply.choices[0].message.content == greedy(f"user: {prompt}")
         chunks = list(client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0, stream=True))
         assert "".join(c.choices[0].text for c in chunks) == greedy(prompt)
+
+
+def test_a_sentencepiece_only_vocabulary_is_converted_or_refused_with_the_command(tmp_path, capsys):
+    """A T5 directory with spiece.model and no tokenizer.json: transformers converts it where sentencepiece
+    is installed; where not, the import stops before writing and names the command that converts it."""
+    import importlib.util
+
+    _hf_dir(tmp_path / "hf", transformers.T5Config(**SMALL, feed_forward_proj="gated-gelu"))
+    (tmp_path / "hf" / "spiece.model").write_bytes(b"not read unless sentencepiece is installed")
+    code = main(["-q", "import", str(tmp_path / "hf"), str(tmp_path / "ours")])
+    if importlib.util.find_spec("sentencepiece") is None:
+        err = capsys.readouterr().err
+        assert code == 2 and "spiece.model" in err and "save_pretrained" in err and not (tmp_path / "ours").exists()
+    else:  # a real spiece.model would convert; this one is not a SentencePiece model
+        assert code != 0
+
+
+@pytest.mark.slow
+def test_span_corruption_ddp_two_ranks_equal_one_rank_with_double_accumulation(t5_run, tmp_path):
+    import shutil
+
+    from lmkiln.train import run_pretrain
+    from tests.train.test_distributed import torchrun
+
+    steps = [
+        "pretrain.max_steps=4",
+        "pretrain.checkpoint_every=100",
+        "pretrain.eval_every=2",
+        "pretrain.batch_tokens=384",
+    ]
+    single = t5_run("single", *steps)
+    run_pretrain(single)
+    ddp_dir = tmp_path / "ddp"
+    shutil.copytree(single.run_dir, ddp_dir)
+    shutil.rmtree(ddp_dir / "pretrain")
+    res = torchrun(ddp_dir, *T5_RUN, *steps, "pretrain.strategy=ddp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "1 accum × 2 ranks" in res.stderr
+    a, b = (load_model(d / "pretrain" / "final").state_dict() for d in (ddp_dir, single.run_dir))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())

@@ -171,6 +171,28 @@ def _copy_weights(src: Path, out: Path) -> None:
         shutil.copyfile(index, out / index.name)
 
 
+def _sentencepiece_tokenizer(src: Path, out: Path | None) -> None:
+    """A T5 directory whose vocabulary is only `spiece.model` (SentencePiece): converted to tokenizer.json
+    through transformers (with `sentencepiece`) into `out`; where it cannot be, a UserError with the one
+    command that converts it. `out=None` only checks that it can be."""
+    if (src / "tokenizer.json").is_file() or not (src / "spiece.model").is_file():
+        return
+    command = (
+        f'pip install transformers sentencepiece && python -c "from transformers import AutoTokenizer; '
+        f"AutoTokenizer.from_pretrained('{src}').save_pretrained('{src}')\""
+    )
+    try:
+        import sentencepiece  # noqa: F401  (transformers' converter needs it)
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UserError(
+            f"{src}: the vocabulary is only spiece.model (SentencePiece); lmkiln reads tokenizer.json. Convert "
+            f"it once: {command}"
+        ) from None
+    if out is not None:
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
+
+
 def import_model(source: str, out: str | Path, dtype: str | None = None, force: bool = False) -> list[Check]:
     """Import `source` into `out` (written whole or not at all; never over the source, nor over files
     lmkiln did not write unless `force`); returns the consistency checks."""
@@ -187,6 +209,8 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         return checks
     src = resolve_source(source)
     args = read_args(src)
+    if isinstance(args, T5Args):
+        _sentencepiece_tokenizer(src, None)  # before any work: a vocabulary lmkiln can read
     copy, stored = copyable_weights(src, args)
     with output_dir(out, "kiln import") as tmp:
         if copy and target in (None, stored):  # the common case: a file copy, no tensor in memory
@@ -194,6 +218,8 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         else:
             stored = _rewrite_weights(src, args, tmp, target)
         copy_tokenizer_files(src, tmp)
+        if isinstance(args, T5Args):
+            _sentencepiece_tokenizer(src, tmp)
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
