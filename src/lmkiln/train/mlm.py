@@ -37,6 +37,21 @@ def mlm_batch_at(
     return mlm_batch(windows, rng, rate, ids, vocab_size, word_start)
 
 
+@torch.no_grad()
+def ranked_mean_loss(objective, tensors: tuple, batch_size: int, ctx) -> float:
+    """Mean of `objective.losses` over the rows of `tensors` (validation's fixed windows): each rank
+    takes every world-th row, in batches, and the sums meet across ranks."""
+    rows = tuple(t[ctx.rank :: ctx.world] for t in tensors)
+    objective.model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows[0]), batch_size):
+        losses = objective.losses(objective.model, tuple(t[i : i + batch_size] for t in rows))
+        total, count = total + losses.sum().item(), count + len(losses)
+    objective.model.train()
+    total, count = dist.all_sum([total, count], ctx)
+    return total / max(count, 1)
+
+
 def val_windows(tokens: np.ndarray, seq_len: int, n: int) -> np.ndarray:
     """Window starts spread evenly over the validation tokens."""
     return np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)
@@ -114,13 +129,4 @@ class MaskedLM:
         rng = np.random.default_rng([self.recipe.seed, 1 << 30])
         windows = np.stack([np.asarray(self.val[s : s + c.seq_len], dtype=np.int64) for s in starts])
         x, y, seg = mlm_batch(windows, rng, c.mask_rate, self.ids, self.vocab, self.word_start)
-        mine = slice(ctx.rank, None, ctx.world)
-        self.model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(starts[mine]), c.batch_size):
-            part = tuple(t[mine][i : i + c.batch_size] for t in (x, y, seg))
-            losses = self.losses(self.model, part)
-            total, count = total + losses.sum().item(), count + len(losses)
-        self.model.train()
-        total, count = dist.all_sum([total, count], ctx)
-        return total / max(count, 1)
+        return ranked_mean_loss(self, (x, y, seg), c.batch_size, ctx)

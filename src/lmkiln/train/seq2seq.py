@@ -17,7 +17,7 @@ from lmkiln.model.loss import linear_cross_entropy
 from lmkiln.model.span_corruption import raw_length, span_corruption_batch
 from lmkiln.model.t5 import pair_batch, shift_right, target_losses
 from lmkiln.train import dist
-from lmkiln.train.mlm import val_windows
+from lmkiln.train.mlm import ranked_mean_loss, val_windows
 
 
 class SpanCorruption:
@@ -77,16 +77,7 @@ class SpanCorruption:
         starts = val_windows(self.val, self.raw_len, n)
         windows = np.stack([np.asarray(self.val[s : s + self.raw_len], dtype=np.int64) for s in starts])
         x, d, y = self._corrupted(windows, np.random.default_rng([self.recipe.seed, 1 << 30]))
-        mine = slice(ctx.rank, None, ctx.world)
-        self.model.eval()
-        total, count = 0.0, 0
-        for i in range(0, len(starts[mine]), c.batch_size):
-            part = tuple(t[mine][i : i + c.batch_size] for t in (x, d, y))
-            losses = self.losses(self.model, part)
-            total, count = total + losses.sum().item(), count + len(losses)
-        self.model.train()
-        total, count = dist.all_sum([total, count], ctx)
-        return total / max(count, 1)
+        return ranked_mean_loss(self, (x, d, y), c.batch_size, ctx)
 
 
 def build_seq2seq(recipe, base_dir, splits: dict, tok, out, on_eval, save: bool, ctx, checkpoints=None) -> dict:
