@@ -264,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any"
     )
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument(
+        "--log-requests",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="log each generation request and reply to rotating requests-*.jsonl files in DIR (default: off)",
+    )
+    p.add_argument(
+        "--log-redact",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="redact personal data (the data stage's rules) before a record reaches disk (default: on)",
+    )
+    p.add_argument("--log-max-mb", type=int, default=64, help="request log: a new file past this size (default 64)")
+    p.add_argument("--log-max-files", type=int, default=20, help="request log: files kept, oldest removed (default 20)")
 
     p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template")
     p.add_argument("model", type=Path, help="a model directory")
@@ -355,6 +370,10 @@ def _serve(args) -> None:
         args.api_key,
         args.cors,
         args.max_request_bytes,
+        args.log_requests,
+        args.log_redact,
+        args.log_max_mb,
+        args.log_max_files,
     )
 
 

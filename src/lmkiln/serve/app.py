@@ -34,6 +34,7 @@ from lmkiln.serve.protocol import (
     chat_logprobs,
     completion_logprobs,
 )
+from lmkiln.serve.request_log import RequestLog
 from lmkiln.serve.seq2seq import respond as respond_seq2seq
 
 STATIC = Path(__file__).parent / "static"
@@ -70,6 +71,7 @@ class Server:
         self.engine = None
         self.encoder = None  # an EncoderService, for a ModernBERT directory
         self.seq2seq = None  # a Seq2SeqService, for a T5 directory
+        self.log = None  # a RequestLog, with --log-requests
         self.error: str | None = None
         self.metrics = ServeMetrics(
             lambda: self.engine.queue_depth if self.engine else 0, lambda: self.engine.batch_size if self.engine else 0
@@ -276,9 +278,14 @@ def create_app(
     cors_origins: list[str] | None = None,
     max_request_bytes: int = 1 << 20,
     background: bool = False,
+    request_log: RequestLog | None = None,
 ) -> FastAPI:
-    """The app; `background=True` loads the model on a thread (the routes answer 503 until then)."""
+    """The app; `background=True` loads the model on a thread (the routes answer 503 until then);
+    `request_log` records each generation request and reply."""
     server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context)
+    if request_log is not None:
+        request_log.on_write = server.metrics.logged
+        server.log = request_log
     if background:
         threading.Thread(target=lambda: _quiet_load(server), name="lmkiln-load", daemon=True).start()
     else:
@@ -388,7 +395,8 @@ def create_app(
             return await asyncio.to_thread(respond_seq2seq, server.seq2seq, req, texts, False, server.name, "prompt")
         prompts = [server.encode(t, "prompt") for t in texts]
         choices = start_choices(server, req, prompts, server.stop_ids, req.logprobs, req.max_tokens or 16)
-        return await _respond(server, request, req, choices, prompts, chat=False, echo=texts if req.echo else None)
+        logged = {"route": "completions", "input": texts}
+        return await _respond(server, request, req, choices, prompts, False, texts if req.echo else None, logged)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
@@ -405,7 +413,7 @@ def create_app(
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or server.engine.context
         choices = start_choices(server, req, [prompt], server.chat.stop_ids, logprobs, max_tokens)
-        return await _respond(server, request, req, choices, [prompt], chat=True)
+        return await _respond(server, request, req, choices, [prompt], True, None, {"route": "chat", "input": messages})
 
     return app
 
@@ -437,7 +445,9 @@ async def _respond(
     prompts: list[list[int]],
     chat: bool,
     echo: list[str] | None = None,
+    logged: dict | None = None,
 ):
+    started = time.perf_counter()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     head = {
@@ -457,9 +467,22 @@ async def _respond(
             return None
         return chat_logprobs(tokens, server.decode) if chat else completion_logprobs(tokens, server.decode, offset)
 
+    def log(texts: list[str], finishes: list[str | None]) -> None:
+        if server.log is not None and logged is not None:
+            server.log.write(
+                {
+                    **logged,
+                    "model": head["model"],
+                    "output": texts,
+                    "finish_reasons": finishes,
+                    **usage(),
+                    "latency_s": round(time.perf_counter() - started, 4),
+                }
+            )
+
     if req.stream:
         return StreamingResponse(
-            _events(server, req, choices, head, usage, logprobs_of, chat), media_type="text/event-stream"
+            _events(server, req, choices, head, usage, logprobs_of, chat, log), media_type="text/event-stream"
         )
 
     results = {i: {"text": echo[i // req.n] if echo else "", "tokens": [], "finish": None} for i in range(len(choices))}
@@ -492,10 +515,11 @@ async def _respond(
             )
         else:
             body.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
+    log([r["text"] for r in results.values()], [r["finish"] for r in results.values()])
     return {**head, "choices": body, "usage": usage()}
 
 
-async def _events(server, req, choices, head, usage, logprobs_of, chat) -> AsyncIterator[str]:
+async def _events(server, req, choices, head, usage, logprobs_of, chat, log) -> AsyncIterator[str]:
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
 
     def event(payload: dict) -> str:
@@ -517,8 +541,11 @@ async def _events(server, req, choices, head, usage, logprobs_of, chat) -> Async
                 }
             )
     offsets = [0] * len(choices)
+    texts, finishes = [""] * len(choices), [None] * len(choices)
     try:
         async for i, text, tokens, finish in merged(choices):
+            texts[i] += text
+            finishes[i] = finish or finishes[i]
             if not text and finish is None:
                 continue
             lp = logprobs_of(tokens, offsets[i])
@@ -536,6 +563,7 @@ async def _events(server, req, choices, head, usage, logprobs_of, chat) -> Async
     except Exception as exc:
         yield event(ApiError(500, f"internal error: {exc}").body())
         return
+    log(texts, finishes)
     if req.stream_options is not None and req.stream_options.include_usage:
         yield event({**head, "choices": [], "usage": usage()})
     yield "data: [DONE]\n\n"

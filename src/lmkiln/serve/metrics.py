@@ -30,12 +30,18 @@ class ServeMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.log_records = Counter(
+            "lmkiln_request_log_records", "requests logged (written) or not (dropped)", ["status"], registry=r
+        )
         Gauge("lmkiln_queue_depth", "requests waiting for a slot", registry=r).set_function(queue_depth)
         Gauge("lmkiln_batch_size", "sequences in the running batch", registry=r).set_function(batch_size)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def logged(self, written: bool) -> None:
+        self.log_records.labels("written" if written else "dropped").inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

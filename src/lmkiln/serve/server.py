@@ -58,8 +58,12 @@ def serve(
     api_key: str | None = None,
     cors: list[str] | None = None,
     max_request_bytes: int = 1 << 20,
+    log_requests: Path | None = None,
+    log_redact: bool = True,
+    log_max_mb: int = 64,
+    log_max_files: int = 20,
 ) -> None:
-    """Serve `model` until interrupted."""
+    """Serve `model` until interrupted (with `log_requests`, each generation logged there)."""
     check_model_dir(model)
     try:
         import uvicorn
@@ -67,11 +71,19 @@ def serve(
         raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
     from lmkiln.serve.app import create_app
 
-    sizes = {"max-batch": max_batch, "max-queue": max_queue, "context": context, "max-request-bytes": max_request_bytes}
+    sizes = {
+        "max-batch": max_batch,
+        "max-queue": max_queue,
+        "context": context,
+        "max-request-bytes": max_request_bytes,
+        "log-max-mb": log_max_mb,
+        "log-max-files": log_max_files,
+    }
     for flag, value in sizes.items():
         if value is not None and value < 1:
             raise UserError(f"--{flag} {value}: expected a positive number")
     found = parse_adapters(adapters or [])
+    request_log = _request_log(log_requests, log_redact, log_max_mb, log_max_files)  # checked before binding
     sock = bind(host, port)
     host, port = sock.getsockname()[:2]
     from lmkiln.serve.encoding import is_encoder
@@ -90,5 +102,17 @@ def serve(
         cors or [],
         max_request_bytes,
         background=True,
+        request_log=request_log,
     )
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+
+
+def _request_log(directory: Path | None, redact: bool, max_mb: int, max_files: int):
+    """The request log `--log-requests` asks for: a directory of lmkiln's logs, never a file."""
+    if directory is None:
+        return None
+    from lmkiln.serve.request_log import RequestLog
+
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise UserError(f"--log-requests {directory}: a file, not a directory")
+    return RequestLog(Path(directory), redact, max_mb << 20, max_files)
