@@ -99,6 +99,19 @@ CASES = [
     ("generate-no-model", "generate", ["{ws}/nope", "--prompt", "hi"], "is not a model directory"),
     ("chat-no-model", "chat", ["{ws}/nope"], "is not a model directory"),
     ("serve-no-model", "serve", ["{ws}/nope"], "is not a model directory"),
+    ("monitor-no-task-file", "monitor", ["http://127.0.0.1:9/v1", "--tasks", "gen:{ws}/nope.jsonl"], "does not exist"),
+    (
+        "monitor-baseline-not-eval-json",
+        "monitor",
+        ["http://127.0.0.1:9/v1", "--tasks", "gen:{ws}/two.jsonl", "--baseline", "{ws}/sft.jsonl"],
+        "not an eval.json",
+    ),
+    (
+        "monitor-zero-concurrency",
+        "monitor",
+        ["http://127.0.0.1:9/v1", "--tasks", "gen:{ws}/two.jsonl", "--concurrency", "0"],
+        "--concurrency",
+    ),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),
     (
         "import-no-source",
@@ -208,6 +221,7 @@ VERBS = {
     "generate",
     "chat",
     "serve",
+    "monitor",
     "import",
     "export",
 }

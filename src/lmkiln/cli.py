@@ -156,6 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: pretrain.device)")
     _add_quiet(p)
 
+    p = sub.add_parser(
+        "monitor",
+        help="re-evaluate a live OpenAI-compatible endpoint on gen: tasks; exit 3 when a score fell below its "
+        "baseline beyond the paired bootstrap interval",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("url", help="the endpoint's /v1 base, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", required=True, help="gen:FILE[@val|@test] tasks")
+    p.add_argument("--model", default=None, help="the model id to ask for (default: the endpoint's)")
+    p.add_argument(
+        "--history", type=Path, default=Path("monitor/history.jsonl"), help="scores appended here, a run a line"
+    )
+    p.add_argument("--baseline", type=Path, default=None, help="an eval.json from kiln eval (default: the first run)")
+    p.add_argument("--webhook", default=None, help="POST each alert here as JSON")
+    p.add_argument("--every", type=float, default=None, metavar="MINUTES", help="run again every N minutes")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default 120)")
+    _add_quiet(p)
+
     p = sub.add_parser("generate", help="continue a prompt with a model directory (KV cache, sampling)")
     p.add_argument("model", type=Path, help="a model directory (e.g. runs/quickstart/finetune/final)")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -404,8 +425,26 @@ def _export(args) -> None:
     )
 
 
+def _monitor(args) -> int:
+    import time
+
+    from lmkiln.monitor.live import monitor_once
+
+    if args.concurrency < 1 or args.timeout <= 0 or (args.every is not None and args.every <= 0):
+        raise UserError("--concurrency, --timeout and --every must be positive")
+    recipe = _recipe(args)
+    while True:
+        code = monitor_once(
+            recipe, args.url, args.model, args.history, args.baseline, args.webhook, args.concurrency, args.timeout
+        )
+        if args.every is None:
+            return code
+        time.sleep(args.every * 60)
+
+
 VERBS = {
     "run": _stages,
+    "monitor": _monitor,
     **{name: _stages for name in STAGE_HELP},
     "tune": _tune,
     "estimate": _estimate,
@@ -425,8 +464,8 @@ def dispatch(args) -> int:
     if args.version:
         print(f"lmkiln {__version__}")
         return 0
-    VERBS[args.verb](args)
-    return 0
+    outcome = VERBS[args.verb](args)
+    return outcome if isinstance(outcome, int) else 0  # a verb may name its own exit code (monitor's alert)
 
 
 def main(argv: list[str] | None = None) -> int:

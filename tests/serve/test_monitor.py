@@ -1,0 +1,74 @@
+"""`kiln monitor`: a live endpoint re-evaluated on gen: rows, its history, and an alert (exit 3, a line,
+a webhook) when a score falls below the baseline beyond the paired bootstrap interval."""
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+from lmkiln.cli import main
+from lmkiln.serve.app import create_app
+from tests.serve.conftest import serving
+
+
+def _rows(path):
+    rows = [{"instruction": f"Name the number {i}.", "output": f"The number is {i}."} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _monitor(url, rows, history, *extra):
+    return main(
+        ["-q", "monitor", url, "--tasks", f"gen:{rows}", "--history", str(history), "eval.max_new_tokens=6", *extra]
+    )
+
+
+def test_monitoring_the_same_model_twice_raises_no_alert(tiny_model, tmp_path):
+    rows, history = _rows(tmp_path / "qa.jsonl"), tmp_path / "history.jsonl"
+    with serving(create_app(tiny_model, device="cpu", name="tiny")) as url:
+        assert _monitor(url + "/v1", rows, history) == 0  # the first run is the baseline
+        assert _monitor(url + "/v1", rows, history) == 0
+    first, second = (json.loads(line) for line in history.read_text().splitlines())
+    task = second["tasks"]["qa"]
+    assert "interval" not in first["tasks"]["qa"] and task["alert"] is False and task["failed_requests"] == 0
+    assert task["token_f1"] == first["tasks"]["qa"]["token_f1"]  # greedy: the same replies
+
+
+def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model, tmp_path, capsys):
+    rows, history = _rows(tmp_path / "qa.jsonl"), tmp_path / "history.jsonl"
+    # a baseline that answered every row perfectly, as kiln eval writes it
+    baseline = tmp_path / "eval.json"
+    samples = [{"token_f1": 1.0} for _ in range(8)]
+    baseline.write_text(json.dumps({"good-model": {"qa": {"token_f1": 1.0, "samples": samples}}}))
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        with serving(create_app(tiny_model, device="cpu", name="tiny")) as url:
+            webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+            code = _monitor(url + "/v1", rows, history, "--baseline", str(baseline), "--webhook", webhook)
+    finally:
+        hook.shutdown()
+    assert code == 3
+    assert "kiln monitor: ALERT qa: token F1" in capsys.readouterr().err
+    assert received and received[0]["tasks"]["qa"]["alert"] is True and received[0]["tasks"]["qa"]["interval"][1] < 0
+    assert json.loads(history.read_text())["tasks"]["qa"]["alert"] is True
+
+
+def test_an_endpoint_that_does_not_answer_counts_failures_without_crashing(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows, history = _rows(tmp_path / "qa.jsonl"), tmp_path / "history.jsonl"
+    assert _monitor(f"http://127.0.0.1:{port}/v1", rows, history, "--timeout", "2") == 0
+    assert json.loads(history.read_text())["tasks"]["qa"]["failed_requests"] == 8
