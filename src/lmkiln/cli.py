@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--baseline", type=Path, default=None, help="an eval.json from kiln eval (default: the first run)")
     p.add_argument("--webhook", default=None, help="POST each alert here as JSON")
+    p.add_argument(
+        "--metrics-port", type=int, default=None, help="serve the latest scores and alerts to Prometheus on this port"
+    )
     p.add_argument("--every", type=float, default=None, metavar="MINUTES", help="run again every N minutes")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default 120)")
@@ -428,14 +431,23 @@ def _export(args) -> None:
 def _monitor(args) -> int:
     import time
 
-    from lmkiln.monitor.live import monitor_once
+    from lmkiln.monitor.live import Gauges, monitor_once
 
     if args.concurrency < 1 or args.timeout <= 0 or (args.every is not None and args.every <= 0):
         raise UserError("--concurrency, --timeout and --every must be positive")
     recipe = _recipe(args)
+    gauges = Gauges(args.metrics_port) if args.metrics_port is not None else None
     while True:
         code = monitor_once(
-            recipe, args.url, args.model, args.history, args.baseline, args.webhook, args.concurrency, args.timeout
+            recipe,
+            args.url,
+            args.model,
+            args.history,
+            args.baseline,
+            args.webhook,
+            args.concurrency,
+            args.timeout,
+            gauges,
         )
         if args.every is None:
             return code

@@ -6,6 +6,8 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import httpx
+
 from lmkiln.cli import main
 from lmkiln.serve.app import create_app
 from tests.serve.conftest import serving
@@ -53,13 +55,19 @@ def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model
 
     hook = HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=hook.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
     try:
         with serving(create_app(tiny_model, device="cpu", name="tiny")) as url:
             webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
-            code = _monitor(url + "/v1", rows, history, "--baseline", str(baseline), "--webhook", webhook)
+            extra = ["--baseline", str(baseline), "--webhook", webhook, "--metrics-port", str(metrics_port)]
+            code = _monitor(url + "/v1", rows, history, *extra)
     finally:
         hook.shutdown()
     assert code == 3
+    gauges = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text  # the gauge of the alert, for Prometheus
+    assert 'lmkiln_monitor_alert{task="qa"} 1.0' in gauges
     assert "kiln monitor: ALERT qa: token F1" in capsys.readouterr().err
     assert received and received[0]["tasks"]["qa"]["alert"] is True and received[0]["tasks"]["qa"]["interval"][1] < 0
     assert json.loads(history.read_text())["tasks"]["qa"]["alert"] is True

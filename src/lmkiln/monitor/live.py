@@ -8,7 +8,7 @@ request is a reply of nothing (every score 0) and is counted, never a crash. The
 The baseline is an `eval.json` that `kiln eval` wrote (its first model's samples), or else the first run
 in the history. A task alerts when its mean token F1 is below the baseline's beyond the paired bootstrap
 95% interval (the same rows, resampled together): the run exits 3, the alert is logged, and with
-`--webhook` it is POSTed as JSON."""
+`--webhook` it is POSTed as JSON; `--metrics-port` serves the latest scores and alerts to Prometheus."""
 
 from __future__ import annotations
 
@@ -87,6 +87,32 @@ def judge(results: dict, base: dict[str, list[float]] | None) -> dict[str, dict]
     return out
 
 
+class Gauges:
+    """`--metrics-port`: the latest run's scores and alerts for Prometheus, on loopback."""
+
+    def __init__(self, port: int) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Gauge, start_http_server
+        except ImportError:
+            raise UserError("--metrics-port needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
+        r = CollectorRegistry()
+        self.alert = Gauge(
+            "lmkiln_monitor_alert", "1 while the task's score is below its baseline", ["task"], registry=r
+        )
+        self.token_f1 = Gauge("lmkiln_monitor_token_f1", "the latest run's mean token F1", ["task"], registry=r)
+        self.failed = Gauge("lmkiln_monitor_failed_requests", "the latest run's failed requests", ["task"], registry=r)
+        try:
+            start_http_server(port, addr="127.0.0.1", registry=r)
+        except OSError as exc:
+            raise UserError(f"--metrics-port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None
+
+    def update(self, verdict: dict) -> None:
+        for task, v in verdict.items():
+            self.alert.labels(task).set(1 if v.get("alert") else 0)
+            self.token_f1.labels(task).set(v["token_f1"])
+            self.failed.labels(task).set(v["failed_requests"])
+
+
 def monitor_once(
     recipe,
     url: str,
@@ -96,6 +122,7 @@ def monitor_once(
     webhook: str | None,
     concurrency: int,
     timeout: float,
+    gauges: Gauges | None = None,
 ) -> int:
     """One re-evaluation: scores appended to `history`; the exit code (ALERT_EXIT when a task alerts)."""
     tasks = generative_tasks(recipe)
@@ -109,6 +136,8 @@ def monitor_once(
     history.parent.mkdir(parents=True, exist_ok=True)
     with open(history, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+    if gauges is not None:
+        gauges.update(verdict)
     alerts = [t for t, v in verdict.items() if v.get("alert")]
     for task, v in verdict.items():
         against = (
