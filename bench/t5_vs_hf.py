@@ -16,19 +16,17 @@ loss are a real share of a T5 step, and where lmkiln's chunked loss differs most
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import torch
+from interleaved import print_comparison, time_interleaved  # bench/, beside this script
 
 from lmkiln.model.hub import save_model
 from lmkiln.model.loss import linear_cross_entropy
 from lmkiln.model.span_corruption import raw_length, span_corruption_batch
 from lmkiln.model.t5 import T5, T5Args, shift_right
 from lmkiln.train.optim import make_optimizer
-from lmkiln.train.speed import device_peak, mfu
 
 
 def build(args: argparse.Namespace):
@@ -85,31 +83,12 @@ def main() -> None:
         opt_hf.zero_grad(set_to_none=True)
         return loss
 
-    def timed(step) -> float:
-        start = time.perf_counter()
-        step().item()
-        return time.perf_counter() - start
-
-    for _ in range(args.warmup):
-        step_ours(), step_hf()
-    t_ours, t_hf = [], []
-    for _ in range(args.steps):
-        t_ours.append(timed(step_ours))
-        t_hf.append(timed(step_hf))
-    tokens = args.batch * args.seq
-    tps_ours, tps_hf = tokens / statistics.median(t_ours), tokens / statistics.median(t_hf)
-    peak, source = device_peak(torch.device("cpu"))
-    flops = targs.flops_per_token(args.seq, targets_len)
-    util, util_hf = mfu(tps_ours, flops, peak), mfu(tps_hf, flops, peak)
-    print(
+    s_ours, s_hf = time_interleaved(step_ours, step_hf, args.warmup, args.steps)
+    header = (
         f"model: T5 {targs.num_params() / 1e6:.1f}M parameters, batch {args.batch} × {args.seq} inputs "
-        f"({raw} raw tokens, {targets_len} targets), cpu, threads {torch.get_num_threads()}, "
-        f"peak {peak / 1e9:,.0f} GFLOP/s ({source})"
+        f"({raw} raw tokens, {targets_len} targets)"
     )
-    print(f"{'':14} {'tokens/s':>10} {'s/step':>8} {'MFU':>6}")
-    print(f"{'lmkiln':14} {tps_ours:10,.0f} {statistics.median(t_ours):8.3f} {util or 0:6.1%}")
-    print(f"{'transformers':14} {tps_hf:10,.0f} {statistics.median(t_hf):8.3f} {util_hf or 0:6.1%}")
-    print(f"tokens_per_s lmkiln={tps_ours:.0f} hf={tps_hf:.0f} ratio={tps_ours / tps_hf:.3f}")
+    print_comparison(header, args.batch * args.seq, s_ours, s_hf, targs.flops_per_token(args.seq, targets_len))
 
 
 if __name__ == "__main__":
