@@ -137,35 +137,9 @@ def test_span_corruption_pretraining_writes_a_directory_transformers_loads(t5_ru
 
 
 def test_span_corruption_pretraining_resumes_bit_for_bit(t5_run, tmp_path):
-    import shutil
+    from tests.model.test_encoder import assert_pretraining_resumes_bit_for_bit
 
-    from lmkiln.train import pretrain as pretrain_stage
-    from lmkiln.train import run_pretrain
-    from lmkiln.train.metrics import read_metrics
-
-    class Killed(Exception):
-        pass
-
-    recipe = t5_run()
-    reference = recipe.model_copy(update={"run_dir": tmp_path / "ref"})
-    shutil.copytree(recipe.run_dir, reference.run_dir)
-    run_pretrain(reference)
-    out = recipe.run_dir / "pretrain"
-    out.mkdir()
-
-    def kill_at_10(step):
-        if step == 10:
-            raise Killed
-
-    with pytest.raises(Killed):
-        pretrain_stage.build(recipe, recipe.run_dir, out, on_step=kill_at_10)
-    assert run_pretrain(recipe)["metrics"]["resumed_from"] == 8
-    logged = [read_metrics(r.run_dir / "pretrain" / "metrics.jsonl") for r in (recipe, reference)]
-    assert [(r["step"], r["loss"]) for r in logged[0] if "loss" in r] == [
-        (r["step"], r["loss"]) for r in logged[1] if "loss" in r
-    ]
-    a, b = (load_model(r.run_dir / "pretrain" / "final").state_dict() for r in (recipe, reference))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_pretraining_resumes_bit_for_bit(t5_run(), tmp_path)
 
 
 def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
