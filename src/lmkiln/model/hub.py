@@ -412,7 +412,7 @@ def load_model(
     for _, name, tensor in iter_checked_weights(model_dir, args):
         assign_weight(model, name, tensor.to(dtype))
     init_missing(model, args)
-    if is_encoder_args(args) or isinstance(args, T5Args):
+    if hasattr(model, "after_load"):  # encoders and T5 re-tie their heads and rebuild buffers themselves
         model.after_load()
     elif args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

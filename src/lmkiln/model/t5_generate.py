@@ -78,7 +78,7 @@ def _beam_search(
     early_stopping: bool,
 ) -> list[int]:
     device = memory.device
-    running = [[start]] + [[start] for _ in range(beams - 1)]
+    running = [[start] for _ in range(beams)]
     scores = torch.tensor([0.0] + [NEG] * (beams - 1), device=device)  # only the first beam expands at first
     finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most `beams`
     improvable = True

@@ -90,11 +90,11 @@ def build_seq2seq(recipe, base_dir, splits: dict, tok, out, on_eval, save: bool,
     from lmkiln.train.tuning import Validation, load_trainable, run_epochs, save_tuned
 
     cfg, device = recipe.finetune, ctx.device
+    if any("chosen" in ex or "label" in ex for ex in splits["train"][:1]):  # before the model loads
+        raise UserError("finetune: an encoder-decoder base trains on instruction or chat rows (text to text)")
     model, trainable = load_trainable(base_dir, cfg, device)
     args = dist.unwrap(model).args
     pad, start = args.pad_token_id, args.decoder_start_token_id
-    if any("chosen" in ex or "label" in ex for ex in splits["train"][:1]):
-        raise UserError("finetune: an encoder-decoder base trains on instruction or chat rows (text to text)")
     train = encode_pairs(tok, splits["train"], cfg.max_seq_len, args.eos_token_id)
     val = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, args.eos_token_id)
     if not val:
