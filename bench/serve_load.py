@@ -7,18 +7,24 @@
    1, 4 and 16 concurrent streams, `--requests-per-stream` streamed requests per stream of `--max-tokens`
    tokens each. Prints time to first token p50/p95, aggregate tokens/s, errors and lost requests (a
    request lost is one that neither finished nor failed), and the 16-stream / 1-stream throughput ratio.
+3. `--swap` (instead of 1 and 2): 16 streams, twice: once as they are, once with a new model version
+   loaded through `POST /admin/models` when half the requests are done. Prints errors, lost requests,
+   replies that mix versions (each chunk names the version that wrote it), the replies of each version,
+   and the swapped run's throughput and TTFT p95 against the plain run's (a ratio).
 
 The model is a random-init Llama of the reference shape in shared/DEPENDENCY-NOTES.md (16.9M
 parameters: vocab 8192, hidden 384, intermediate 1024, 6 layers, 6 heads) with a BPE tokenizer
 trained on the Bitext sample, unless --model names a directory.
 
     python bench/serve_load.py            # about 3 minutes on 2 cores
+    python bench/serve_load.py --swap --requests-per-stream 8   # about 30 seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import csv
 import os
 import socket
@@ -35,12 +41,14 @@ DATA = (
 )
 SHAPE = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_layers=6, num_heads=6, num_kv_heads=6)
 WEIGHT_MB = 0.0
+KEY = "bench-key"
 PROMPT = "I want to cancel my order and get a refund, how do I do that?"
 
 
-def make_model(out: Path) -> Path:
+def make_model(out: Path, seed: int = 0) -> Path:
     import torch
 
+    from lmkiln.model.checks import consistency_checks
     from lmkiln.model.hub import save_model
     from lmkiln.model.transformer import ModelArgs, Transformer
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
@@ -57,9 +65,10 @@ def make_model(out: Path) -> Path:
         **SHAPE,
     )
     model = Transformer(args)
-    model.init_weights(torch.Generator().manual_seed(0))
+    model.init_weights(torch.Generator().manual_seed(seed))
     save_tokenizer(tok, out)
     save_model(model, out)
+    consistency_checks(out, fix=True)  # the end-of-turn token a stop id, as kiln finetune leaves a model
     return out
 
 
@@ -111,9 +120,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def one_request(client, max_tokens: int) -> tuple[float | None, int, str | None]:
-    """(time to first token, completion tokens, error)."""
-    began, first, tokens, finished = time.perf_counter(), None, 0, False
+async def one_request(client, max_tokens: int) -> tuple[float | None, int, str | None, set[str]]:
+    """(time to first token, completion tokens, error, the models its chunks name: one version each)."""
+    began, first, tokens, finished, models = time.perf_counter(), None, 0, False, set()
     try:
         stream = await client.chat.completions.create(
             model="bench",
@@ -122,8 +131,10 @@ async def one_request(client, max_tokens: int) -> tuple[float | None, int, str |
             temperature=0.8,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},  # every reply max_tokens long: the runs compare like for like
         )
         async for chunk in stream:
+            models.add(chunk.model)
             if chunk.choices and chunk.choices[0].delta.content and first is None:
                 first = time.perf_counter() - began
             if chunk.choices and chunk.choices[0].finish_reason:
@@ -131,26 +142,46 @@ async def one_request(client, max_tokens: int) -> tuple[float | None, int, str |
             if chunk.usage:
                 tokens = chunk.usage.completion_tokens
     except Exception as exc:  # counted, not raised: the table reports errors
-        return None, 0, f"{type(exc).__name__}: {exc}"
-    return first, tokens, None if finished else "lost: no finish_reason"
+        return None, 0, f"{type(exc).__name__}: {exc}", models
+    return first, tokens, None if finished else "lost: no finish_reason", models
 
 
-async def load_level(url: str, streams: int, per_stream: int, max_tokens: int) -> dict:
+async def load_level(url: str, streams: int, per_stream: int, max_tokens: int, swap_to: Path | None = None) -> dict:
+    """`streams` concurrent streams of `per_stream` requests; with `swap_to`, that model directory is
+    loaded as a new version when half the requests are done."""
+    import httpx
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=600)
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+    done, half, swap = [0], streams * per_stream // 2, {}
 
     async def worker() -> list:
-        return [await one_request(client, max_tokens) for _ in range(per_stream)]
+        out = []
+        for _ in range(per_stream):
+            out.append(await one_request(client, max_tokens))
+            done[0] += 1
+        return out
+
+    async def swapper() -> None:
+        while done[0] < half:
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(timeout=600) as admin:
+            t = time.perf_counter()
+            r = await admin.post(
+                url + "/admin/models", json={"model": str(swap_to)}, headers={"Authorization": f"Bearer {KEY}"}
+            )
+            swap.update(status=r.status_code, seconds=time.perf_counter() - t, reply=r.json())
 
     began = time.perf_counter()
-    results = [r for rs in await asyncio.gather(*[worker() for _ in range(streams)]) for r in rs]
+    jobs = [worker() for _ in range(streams)] + ([swapper()] if swap_to else [])
+    results = [r for rs in await asyncio.gather(*jobs) if rs for r in rs]
     wall = time.perf_counter() - began
     await client.close()
     ttft = sorted(r[0] for r in results if r[0] is not None)
     errors = [r[2] for r in results if r[2] and not r[2].startswith("lost")]
     lost = [r for r in results if r[2] and r[2].startswith("lost")]
     q = statistics.quantiles(ttft, n=20) if len(ttft) > 1 else ttft * 19
+    versions = collections.Counter(next(iter(r[3])) for r in results if len(r[3]) == 1)
     return {
         "streams": streams,
         "requests": len(results),
@@ -160,8 +191,62 @@ async def load_level(url: str, streams: int, per_stream: int, max_tokens: int) -
         "ttft_p95": q[18] if q else float("nan"),
         "errors": len(errors),
         "lost": len(lost),
+        "mixed": sum(len(r[3]) > 1 for r in results),
+        "versions": dict(sorted(versions.items())),
+        "swap": swap,
         "first_error": errors[0] if errors else None,
     }
+
+
+def start_server(model_dir: Path, port: int) -> subprocess.Popen:
+    """`kiln serve` in its own process, healthy (or SystemExit with its stderr)."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench", "--port", str(port)]
+    cmd += ["--device", "cpu", "--max-batch", "16", "--max-queue", "256", "--api-key", KEY]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
+def swap_bench(model_dir: Path, second: Path, per_stream: int, max_tokens: int) -> None:
+    """16 streams without a swap, then 16 streams with one, each on a fresh server."""
+    runs = {}
+    for label, swap_to in (("plain", None), ("swap", second)):
+        port = free_port()
+        server = start_server(model_dir, port)
+        try:
+            runs[label] = asyncio.run(load_level(f"http://127.0.0.1:{port}", 16, per_stream, max_tokens, swap_to))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    plain, swapped = runs["plain"], runs["swap"]
+    print(
+        f"swap under load: 16 streams x {per_stream} streamed chat requests of {max_tokens} tokens, kiln serve on CPU"
+    )
+    for label, r in runs.items():
+        print(
+            f"  {label:>5}: {r['requests']} requests, {r['errors']} errors, {r['lost']} lost, {r['mixed']} replies "
+            f"mixing versions; replies per version {r['versions']}; {r['tokens'] / r['wall']:.1f} tok/s, "
+            f"TTFT p95 {r['ttft_p95'] * 1000:.0f} ms"
+        )
+        if r["first_error"]:
+            print(f"    first error: {r['first_error']}")
+    s = swapped["swap"]
+    print(f"  the swap: HTTP {s.get('status')} in {s.get('seconds', float('nan')):.2f} s: {s.get('reply')}")
+    print(
+        f"  swapped / plain: throughput ratio={swapped['tokens'] / swapped['wall'] / (plain['tokens'] / plain['wall']):.3f}, "
+        f"TTFT p95 ratio {swapped['ttft_p95'] / plain['ttft_p95']:.2f}"
+    )
 
 
 def main() -> None:
@@ -174,6 +259,9 @@ def main() -> None:
     ap.add_argument("--requests-per-stream", type=int, default=4)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument(
+        "--swap", action="store_true", help="instead: 16 streams with a new model version swapped in halfway"
+    )
+    ap.add_argument(
         "--hf-static-compile",
         action="store_true",
         help="give transformers its fast path too: static cache, forward compiled (about 45 s more)",
@@ -182,6 +270,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(Path(tmp) / "model")
+        if args.swap:
+            second = make_model(Path(tmp) / "second", seed=1)  # the new version: other weights, same shape
+            return swap_bench(model_dir, second, args.requests_per_stream, args.max_tokens)
         ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
         print(
             f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
@@ -195,40 +286,8 @@ def main() -> None:
         )
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lmkiln",
-                "serve",
-                str(model_dir),
-                "--name",
-                "bench",
-                "--port",
-                str(port),
-                "--device",
-                "cpu",
-                "--max-batch",
-                "16",
-                "--max-queue",
-                "256",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        server = start_server(model_dir, port)
         try:
-            import httpx
-
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if httpx.get(url + "/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit(f"the server did not start: {server.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
             rows = [
                 asyncio.run(load_level(url, int(s), args.requests_per_stream, args.max_tokens))
                 for s in args.levels.split(",")

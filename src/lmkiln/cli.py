@@ -8,6 +8,7 @@ A user mistake prints one line and exits 2; a bug raises with its traceback (exi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -168,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", metavar="TASK", required=True, help="gen:FILE[@val|@test] tasks")
     p.add_argument("--model", default=None, help="the model id to ask for (default: the endpoint's)")
     p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="the endpoint's key, sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY)",
+    )
+    p.add_argument(
         "--history", type=Path, default=Path("monitor/history.jsonl"), help="scores appended here, a run a line"
     )
     p.add_argument("--baseline", type=Path, default=None, help="an eval.json from kiln eval (default: the first run)")
@@ -261,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /"
     )
-    p.add_argument("model", type=Path, help="a model directory")
+    p.add_argument("model", type=Path, nargs="?", help="a model directory (or --models-file)")
+    p.add_argument(
+        "--models-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="YAML naming the version to serve (model: DIR, adapters: {NAME: DIR}, version: LABEL); "
+        "on SIGHUP it is re-read and what it names then is loaded, checked and swapped in without downtime",
+    )
+    p.add_argument("--version", default=None, help="label of the first version, reported in replies (default v1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
@@ -283,7 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tokens per slot, prompt and reply together (default: the model's max_seq_len)",
     )
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: none)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 and /admin; the admin API (new versions, rollback) "
+        "is off without it (default: none)",
+    )
     p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any"
     )
@@ -398,6 +418,8 @@ def _serve(args) -> None:
         args.log_redact,
         args.log_max_mb,
         args.log_max_files,
+        args.models_file,
+        args.version,
     )
 
 
@@ -448,6 +470,7 @@ def _monitor(args) -> int:
             args.concurrency,
             args.timeout,
             gauges,
+            args.api_key,
         )
         if args.every is None:
             return code

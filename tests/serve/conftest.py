@@ -27,7 +27,7 @@ def serving(app):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        app.state.server.engine and app.state.server.engine.close()
+        app.state.server.close()
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,21 @@ def reference(tiny_model):
     return model, tok, greedy
 
 
-def test_models_lists_the_served_model(server):
+def test_models_lists_the_served_model_and_its_version(server):
     _, client = server
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", "tiny@v1"]  # the name, and the version it stands for
+    assert {m.version for m in models} == {"v1"} and {m.state for m in models} == {"active"}
+
+
+def test_each_reply_names_the_version_that_answered(server):
+    url, client = server
+    raw = client.completions.with_raw_response.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert raw.headers["x-lmkiln-version"] == "v1" and raw.parse().model == "tiny@v1"
+    pinned = client.completions.create(model="tiny@v1", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert pinned.model == "tiny@v1"
+    with pytest.raises(openai.NotFoundError, match="tiny@v9"):
+        client.completions.create(model="tiny@v9", prompt=PROMPT, max_tokens=2)
 
 
 def test_greedy_completion_equals_generate_with_usage(server, reference, tiny_model):

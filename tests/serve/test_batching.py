@@ -152,7 +152,7 @@ def test_adapters_by_name_in_one_batch_equal_their_merged_models(tiny_model, ada
             assert [e.logprob for e in ev] == pytest.approx(want, abs=1e-4)
     with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["tiny", "tiny+sounds"]
+        assert [m.id for m in client.models.list().data] == ["tiny", "tiny+sounds", "tiny@v1"]
         text = (
             client.completions.create(model="tiny+sounds", prompt=PROMPTS[0], max_tokens=12, temperature=0)
             .choices[0]

@@ -11,6 +11,7 @@ import httpx
 from lmkiln.cli import main
 from lmkiln.serve.app import create_app
 from tests.serve.conftest import serving
+from tests.serve.test_versions import degraded
 
 
 def _rows(path):
@@ -71,6 +72,54 @@ def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model
     assert "kiln monitor: ALERT qa: token F1" in capsys.readouterr().err
     assert received and received[0]["tasks"]["qa"]["alert"] is True and received[0]["tasks"]["qa"]["interval"][1] < 0
     assert json.loads(history.read_text())["tasks"]["qa"]["alert"] is True
+
+
+def test_an_alert_end_to_end_after_the_server_is_switched_to_a_degraded_version(tiny_model, tmp_path, capsys):
+    """First the live model passes; then the version API switches the server to a noisy copy of it, and
+    the next run alerts: exit 3, the line, the gauge and the webhook (received by a local server)."""
+    history, received = tmp_path / "history.jsonl", []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    key = {"Authorization": "Bearer s3cret"}
+    questions = [f"What sound does a {a} make? ({i})" for i, a in enumerate(["cat", "dog", "cow", "duck"] * 4)]
+    try:
+        with serving(create_app(tiny_model, device="cpu", name="tiny", api_key="s3cret")) as url:
+            # the golden set: the deployed version's own replies, as an operator records them at release
+            rows = tmp_path / "golden.jsonl"
+            with rows.open("w") as fh:
+                for q in questions:
+                    body = {"messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0}
+                    reply = httpx.post(url + "/v1/chat/completions", json=body, headers=key).json()
+                    fh.write(json.dumps({"instruction": q, "output": reply["choices"][0]["message"]["content"]}) + "\n")
+            webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
+            extra = ["--webhook", webhook, "--api-key", "s3cret"]
+            assert _monitor(url + "/v1", rows, history, *extra) == 0  # passes, and is the baseline
+            noisy = degraded(tiny_model, tmp_path / "noisy")
+            swapped = httpx.post(url + "/admin/models", json={"model": str(noisy)}, headers=key, timeout=120)
+            assert swapped.json()["version"] == "v2"
+            assert _monitor(url + "/v1", rows, history, *extra, "--metrics-port", str(metrics_port)) == 3
+    finally:
+        hook.shutdown()
+    first, second = (json.loads(line)["tasks"]["golden"] for line in history.read_text().splitlines())
+    assert first["token_f1"] == 1.0 and second["token_f1"] < 0.5 and second["alert"] is True
+    assert first["answered_by"] == ["tiny@v1"] and second["answered_by"] == ["tiny@v2"]
+    assert "kiln monitor: ALERT golden: token F1" in capsys.readouterr().err
+    gauges = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'lmkiln_monitor_alert{task="golden"} 1.0' in gauges
+    assert len(received) == 1 and received[0]["tasks"]["golden"]["alert"] is True
 
 
 def test_an_endpoint_that_does_not_answer_counts_failures_without_crashing(tmp_path):

@@ -30,7 +30,7 @@ def test_requests_are_logged_with_personal_data_redacted(tiny_model, tmp_path):
     log.close()
     assert 'lmkiln_request_log_records_total{status="written"} 2.0' in metrics
     completion, streamed = _records(log)
-    assert completion["route"] == "completions" and completion["model"] == "tiny"
+    assert completion["route"] == "completions" and completion["model"] == "tiny@v1"
     assert completion["completion_tokens"] == 4 and completion["latency_s"] > 0
     assert completion["finish_reasons"] == ["length"] and isinstance(completion["output"][0], str)
     assert streamed["route"] == "chat" and streamed["input"][0]["role"] == "user"

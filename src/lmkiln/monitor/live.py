@@ -30,26 +30,42 @@ ALERT_EXIT = 3  # 2 is a usage error; an alert is its own outcome for cron and C
 
 
 def ask(client: httpx.Client, url: str, model: str | None, row: dict, max_tokens: int) -> str | None:
-    """The endpoint's greedy reply to the row's conversation, or None when the request fails."""
+    """The endpoint's greedy reply to the row's conversation, or None when the request fails. The
+    model that answered (a version, with lmkiln's server) is added to `client.answered`."""
     body = {"messages": messages_of(row)[:-1], "max_tokens": max_tokens, "temperature": 0}
     if model:
         body["model"] = model
     try:
         r = client.post(f"{url.rstrip('/')}/chat/completions", json=body)
         r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"] or ""
+        reply = r.json()
+        client.answered.add(reply.get("model") or "")
+        return reply["choices"][0]["message"]["content"] or ""
     except (httpx.HTTPError, KeyError, IndexError, ValueError):
         return None
 
 
-def score_endpoint(url: str, model: str | None, tasks: dict, max_tokens: int, concurrency: int, timeout: float) -> dict:
-    """Every task's scores on the endpoint, with each sample's, and the count of failed requests."""
+def client_for(api_key: str | None, timeout: float) -> httpx.Client:
+    """An HTTP client for the endpoint, with its API key when it has one."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(timeout=timeout, headers=headers)
+    client.answered = set()
+    return client
+
+
+def score_endpoint(
+    url: str, model: str | None, tasks: dict, max_tokens: int, concurrency: int, timeout: float, api_key: str | None
+) -> dict:
+    """Every task's scores on the endpoint, with each sample's, the count of failed requests, and the
+    models that answered."""
     results = {}
-    with httpx.Client(timeout=timeout) as client, ThreadPoolExecutor(concurrency) as pool:
+    with client_for(api_key, timeout) as client, ThreadPoolExecutor(concurrency) as pool:
         for name, rows in tasks.items():
+            client.answered = set()
             replies = list(pool.map(lambda row: ask(client, url, model, row, max_tokens), rows))
             scores = reply_scores(rows, [r or "" for r in replies], None, 0)
             scores["failed_requests"] = sum(r is None for r in replies)
+            scores["answered_by"] = sorted(client.answered)
             results[name] = scores
     return results
 
@@ -78,7 +94,12 @@ def judge(results: dict, base: dict[str, list[float]] | None) -> dict[str, dict]
     out = {}
     for task, r in results.items():
         now = [s["token_f1"] for s in r["samples"]]
-        entry = {"token_f1": r["token_f1"], "failed_requests": r["failed_requests"], "token_f1_samples": now}
+        entry = {
+            "token_f1": r["token_f1"],
+            "failed_requests": r["failed_requests"],
+            "answered_by": r["answered_by"],
+            "token_f1_samples": now,
+        }
         before = (base or {}).get(task)
         if before is not None and len(before) == len(now):
             low, high = paired_bootstrap(before, now)
@@ -123,6 +144,7 @@ def monitor_once(
     concurrency: int,
     timeout: float,
     gauges: Gauges | None = None,
+    api_key: str | None = None,
 ) -> int:
     """One re-evaluation: scores appended to `history`; the exit code (ALERT_EXIT when a task alerts)."""
     tasks = generative_tasks(recipe)
@@ -130,7 +152,7 @@ def monitor_once(
     if not tasks:
         raise UserError("kiln monitor: --tasks needs gen:FILE tasks of instruction or chat rows")
     base = baseline_samples(baseline, history)
-    results = score_endpoint(url, model, tasks, recipe.eval.max_new_tokens, concurrency, timeout)
+    results = score_endpoint(url, model, tasks, recipe.eval.max_new_tokens, concurrency, timeout, api_key)
     verdict = judge(results, base)
     record = {"time": round(time.time(), 3), "url": url, "tasks": verdict}
     history.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from exc
 
+from lmkiln.serve.admin import VERSION_HEADER, add_admin_routes
 from lmkiln.serve.batching import QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import (
@@ -36,6 +37,7 @@ from lmkiln.serve.protocol import (
 )
 from lmkiln.serve.request_log import RequestLog
 from lmkiln.serve.seq2seq import respond as respond_seq2seq
+from lmkiln.serve.versions import Version, Versions
 
 STATIC = Path(__file__).parent / "static"
 
@@ -52,8 +54,8 @@ def cache_summary(engine) -> str:
 
 
 class Server:
-    """The model, tokenizer, engine and adapters behind the routes; loaded on a thread when asked, so
-    the routes answer 503 until it is ready."""
+    """The served name's versions (serve/versions.py), its metrics and request log. The first version
+    loads on a thread when asked, so the routes answer 503 until it is ready."""
 
     def __init__(
         self,
@@ -64,94 +66,67 @@ class Server:
         max_batch: int,
         max_queue: int,
         context: int | None,
+        version: str | None = None,
     ) -> None:
-        self.model_dir, self.device, self.adapter_dirs = Path(model_dir), device, adapters
+        self.model_dir, self.device, self.first = Path(model_dir), device, (dict(adapters), version)
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
-        self.engine = None
-        self.encoder = None  # an EncoderService, for a ModernBERT directory
-        self.seq2seq = None  # a Seq2SeqService, for a T5 directory
         self.log = None  # a RequestLog, with --log-requests
         self.error: str | None = None
+
+        def engines():
+            return [v.engine for v in self.versions.loaded() if v.engine is not None]
+
         self.metrics = ServeMetrics(
-            lambda: self.engine.queue_depth if self.engine else 0, lambda: self.engine.batch_size if self.engine else 0
+            lambda: sum(e.queue_depth for e in engines()),
+            lambda: sum(e.batch_size for e in engines()),
+        )
+        self.versions = Versions(self.name, self._load_version, self.metrics.activated)
+
+    def _load_version(self, label: str, model_dir: Path, adapters: dict[str, Path]) -> Version:
+        return Version(
+            label, model_dir, adapters, self.device, self.max_batch, self.max_queue, self.context, self.metrics.finished
         )
 
     def load(self) -> None:
-        from lmkiln.device import pick_device
-        from lmkiln.model.inference import load_for_inference
-        from lmkiln.serve.adapters import AdapterSet
-        from lmkiln.serve.batching import Engine
-        from lmkiln.serve.encoding import EncoderService, is_encoder
-
+        adapters, label = self.first
         try:
-            from lmkiln.serve.seq2seq import Seq2SeqService, is_seq2seq
-
-            if is_seq2seq(self.model_dir):
-                if self.adapter_dirs:
-                    raise UserError("--adapter: adapters are served on a decoder; merge them into the T5 model instead")
-                self.seq2seq = Seq2SeqService(self.model_dir, pick_device(self.device))
-                return
-            if is_encoder(self.model_dir):
-                if self.adapter_dirs:
-                    raise UserError("--adapter: adapters are served on a decoder; merge them into an encoder instead")
-                self.encoder = EncoderService(self.model_dir, pick_device(self.device))
-                return
-            lm = load_for_inference(self.model_dir, pick_device(self.device))
-            model, self.tok, self.chat = lm.model, lm.tok, lm.chat
-            self.stop_ids = lm.chat.stop_ids
-            adapters = AdapterSet(model) if self.adapter_dirs else None
-            self.adapters = {n: adapters.add(n, d) for n, d in self.adapter_dirs.items()}
-            self.engine = Engine(
-                model, self.max_batch, self.max_queue, self.context, adapters, on_finish=self.metrics.finished
-            )
-            from lmkiln.log import console
-
-            console.print(cache_summary(self.engine), soft_wrap=True)
+            version = self.versions.build(self.model_dir, adapters, label, checks=False)
         except UserError as exc:
             self.error = str(exc)
             raise
+        self.versions.activate(version)
+        if version.engine is not None:
+            from lmkiln.log import console
 
-    def ready(self) -> None:
-        if self.engine is None and self.encoder is None and self.seq2seq is None:
+            console.print(cache_summary(version.engine), soft_wrap=True)
+
+    @property
+    def active(self) -> Version:
+        """The version new requests go to; 503 while the first one loads."""
+        if self.versions.active is None:
             raise ApiError(503, self.error or f"model {self.name} is loading; retry shortly")
+        return self.versions.active
 
-    def generative(self) -> None:
-        """Ready, and a decoder: an encoder reads text whole and generates nothing."""
-        self.ready()
-        if self.encoder is not None:
+    @property
+    def engine(self):
+        return self.versions.active.engine if self.versions.active else None
+
+    def pick(self, requested: str | None, route: str) -> tuple[Version, str | None]:
+        """The version and adapter a request names, checked against the route: an encoder reads text
+        whole and generates nothing; a decoder has no embeddings."""
+        self.active  # noqa: B018 - 503 while loading, with the load error when it failed
+        version, adapter = self.versions.pick(requested)
+        if route == "generate" and version.encoder is not None:
             raise ApiError(
                 400, f"model {self.name} is an encoder: it does not generate; use /v1/embeddings or /v1/classify"
             )
-
-    def encoding(self):
-        """Ready, and an encoder: its EncoderService."""
-        self.ready()
-        if self.encoder is None:
+        if route == "encode" and version.encoder is None:
             raise ApiError(400, f"model {self.name} is a decoder: /v1/embeddings and /v1/classify need an encoder")
-        return self.encoder
+        return version, adapter
 
-    def model_ids(self) -> list[str]:
-        return [self.name] + [f"{self.name}+{a}" for a in self.adapter_dirs]
-
-    def adapter_of(self, requested: str | None) -> int:
-        if requested in (None, "", self.name):
-            return -1
-        base, _, adapter = requested.partition("+")
-        if base == self.name and adapter in self.adapters:
-            return self.adapters[adapter]
-        raise ApiError(404, f"model '{requested}' is not served here (serving {', '.join(self.model_ids())})", "model")
-
-    def encode(self, text: str, param: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        if not ids:
-            raise ApiError(400, f"{param}: empty after tokenisation", param)
-        if len(ids) >= self.engine.context:
-            raise ApiError(413, f"{param}: {len(ids)} tokens; the context is {self.engine.context}", param)
-        return ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids)
+    def close(self) -> None:
+        self.versions.close()
 
 
 class Choice:
@@ -160,14 +135,15 @@ class Choice:
 
     def __init__(
         self,
-        server: Server,
+        version: Version,
+        metrics: ServeMetrics,
         prompt: list[int],
         sampling: Sampling,
         stop_ids: frozenset[int],
         stops: list[str],
         adapter: int,
     ) -> None:
-        self.server, self.stops = server, stops
+        self.version, self.metrics, self.stops = version, metrics, stops
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.seq = Sequence(
@@ -175,7 +151,7 @@ class Choice:
         )
         self.tokens = 0
         try:
-            server.engine.submit(self.seq)
+            version.engine.submit(self.seq)
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later") from None
 
@@ -191,15 +167,15 @@ class Choice:
                 if isinstance(event, str):
                     if event.startswith("error"):
                         raise RuntimeError(event)
-                    text = self.server.decode(ids)
+                    text = self.version.decode(ids)
                     yield text[len(emitted) :], tokens, "length" if event == "length" else "stop"
                     return
                 if not ids:
-                    self.server.metrics.first_token(time.perf_counter() - self.seq.submitted)
+                    self.metrics.first_token(time.perf_counter() - self.seq.submitted)
                 ids.append(event.id)
                 tokens.append(event)
                 self.tokens += 1
-                text = self.server.decode(ids)
+                text = self.version.decode(ids)
                 cut = min((text.find(s) for s in self.stops if s in text), default=-1)
                 if cut >= 0:
                     yield text[len(emitted) : cut], tokens, "stop"
@@ -213,9 +189,17 @@ class Choice:
 
 
 def start_choices(
-    server: Server, req, prompts: list[list[int]], stop_ids: frozenset[int], logprobs: int | None, max_tokens: int
+    server: Server,
+    version: Version,
+    adapter: str | None,
+    req,
+    prompts: list[list[int]],
+    stop_ids: frozenset[int],
+    logprobs: int | None,
+    max_tokens: int,
 ) -> list[Choice]:
-    adapter = server.adapter_of(req.model)
+    index = version.adapters[adapter] if adapter else -1
+    stop_ids = frozenset() if req.ignore_eos else stop_ids
     choices = []
     try:
         for prompt in prompts:
@@ -228,7 +212,7 @@ def start_choices(
                     None if req.seed is None else req.seed + j,
                     logprobs,
                 )
-                choices.append(Choice(server, prompt, sampling, stop_ids, req.stop or [], adapter))
+                choices.append(Choice(version, server.metrics, prompt, sampling, stop_ids, req.stop or [], index))
     except ApiError:
         for c in choices:
             c.seq.cancel()
@@ -279,10 +263,12 @@ def create_app(
     max_request_bytes: int = 1 << 20,
     background: bool = False,
     request_log: RequestLog | None = None,
+    version: str | None = None,
 ) -> FastAPI:
     """The app; `background=True` loads the model on a thread (the routes answer 503 until then);
-    `request_log` records each generation request and reply."""
-    server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context)
+    `request_log` records each generation request and reply; `version` names the first version (v1 by
+    default), and serve/admin.py's routes load the next ones."""
+    server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context, version)
     if request_log is not None:
         request_log.on_write = server.metrics.logged
         server.log = request_log
@@ -302,13 +288,18 @@ def create_app(
         """Auth and body size before any parsing; requests counted by route and status."""
         began = time.perf_counter()
         path = request.url.path
-        if path.startswith("/v1/"):
+        if path.startswith("/admin/") and not api_key:
+            return _error(ApiError(403, "the admin API needs a key: start kiln serve with --api-key"))
+        if path.startswith(("/v1/", "/admin/")):
             if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
                 return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)"))
             size = request.headers.get("content-length")
             if size is not None and int(size) > max_request_bytes:
                 return _error(ApiError(413, f"request body is {size} bytes; the limit is {max_request_bytes}"))
         response = await call_next(request)
+        answered = getattr(request.state, "version", None)
+        if answered is not None:  # the version that answered, streamed replies included
+            response.headers[VERSION_HEADER] = answered
         if path.startswith("/v1/") and request.method == "POST":
             server.metrics.request(path, response.status_code, time.perf_counter() - began)
         return response
@@ -333,25 +324,27 @@ def create_app(
 
     @app.get("/health")
     def health():
-        if server.encoder is not None:
-            kind = "classifier" if server.encoder.classifier is not None else "encoder"
-            return {"status": "ok", "model": server.name, "kind": kind, "context": server.encoder.context}
-        if server.seq2seq is not None:
-            return {"status": "ok", "model": server.name, "kind": "encoder-decoder", "context": server.seq2seq.context}
-        if server.engine is None:
+        version = server.versions.active
+        if version is None:
             status = "failed" if server.error else "loading"
             return JSONResponse(
                 status_code=503, content={"status": status, "model": server.name, "error": server.error}
             )
+        head = {"status": "ok", "model": server.name, "version": version.label}
+        if version.encoder is not None:
+            kind = "classifier" if version.encoder.classifier is not None else "encoder"
+            return {**head, "kind": kind, "context": version.context}
+        if version.seq2seq is not None:
+            return {**head, "kind": "encoder-decoder", "context": version.context}
+        engine = version.engine
         return {
-            "status": "ok",
-            "model": server.name,
-            "queue": server.engine.queue_depth,
-            "running": server.engine.batch_size,
+            **head,
+            "queue": engine.queue_depth,
+            "running": engine.batch_size,
             "max_batch": server.max_batch,
-            "context": server.engine.context,
-            "kv_cache_bytes": server.engine.cache.nbytes,
-            "kv_cache_max_bytes": server.max_batch * server.engine.context * server.engine.token_bytes,
+            "context": engine.context,
+            "kv_cache_bytes": engine.cache.nbytes,
+            "kv_cache_max_bytes": server.max_batch * engine.context * engine.token_bytes,
         }
 
     @app.get("/metrics")
@@ -360,61 +353,83 @@ def create_app(
 
     @app.get("/v1/models")
     def models():
-        server.ready()
+        active = server.active
         now = int(time.time())
-        return {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": now, "owned_by": "lmkiln"} for m in server.model_ids()],
-        }
+        states = {v.label: s["state"] for v, s in zip(server.versions.loaded(), server.versions.describe())}
+        data = []
+        for m in server.versions.model_ids():
+            label = m.partition("+")[0].partition("@")[2] or active.label
+            data.append(
+                {
+                    "id": m,
+                    "object": "model",
+                    "created": now,
+                    "owned_by": "lmkiln",
+                    "version": label,
+                    "state": states[label],
+                }
+            )
+        return {"object": "list", "data": data}
 
     @app.post("/v1/embeddings")
-    async def embeddings(req: TextsRequest):
-        service = server.encoding()
-        vectors, tokens = await asyncio.to_thread(service.embeddings, req.texts())
+    async def embeddings(req: TextsRequest, request: Request):
+        version, _ = server.pick(req.model, "encode")
+        request.state.version = version.label
+        vectors, tokens = await asyncio.to_thread(version.encoder.embeddings, req.texts())
         return {
             "object": "list",
             "data": [
                 {"object": "embedding", "index": i, "embedding": _packed(v) if req.encoding_format == "base64" else v}
                 for i, v in enumerate(vectors)
             ],
-            "model": server.name,
+            "model": server.versions.served_id(version),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
     @app.post("/v1/classify")
-    async def classify(req: TextsRequest):
-        service = server.encoding()
-        results, tokens = await asyncio.to_thread(service.classify, req.texts())
-        return {"object": "list", "data": results, "model": server.name, "usage": {"prompt_tokens": tokens}}
+    async def classify(req: TextsRequest, request: Request):
+        version, _ = server.pick(req.model, "encode")
+        request.state.version = version.label
+        results, tokens = await asyncio.to_thread(version.encoder.classify, req.texts())
+        served = server.versions.served_id(version)
+        return {"object": "list", "data": results, "model": served, "usage": {"prompt_tokens": tokens}}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        server.generative()
+        version, adapter = server.pick(req.model, "generate")
+        request.state.version = version.label
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if server.seq2seq is not None:
-            return await asyncio.to_thread(respond_seq2seq, server.seq2seq, req, texts, False, server.name, "prompt")
-        prompts = [server.encode(t, "prompt") for t in texts]
-        choices = start_choices(server, req, prompts, server.stop_ids, req.logprobs, req.max_tokens or 16)
-        logged = {"route": "completions", "input": texts}
+        served = server.versions.served_id(version, adapter)
+        if version.seq2seq is not None:
+            return await asyncio.to_thread(respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt")
+        prompts = [version.encode(t, "prompt") for t in texts]
+        choices = start_choices(
+            server, version, adapter, req, prompts, version.stop_ids, req.logprobs, req.max_tokens or 16
+        )
+        logged = {"route": "completions", "input": texts, "model": served}
         return await _respond(server, request, req, choices, prompts, False, texts if req.echo else None, logged)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        server.generative()
+        version, adapter = server.pick(req.model, "generate")
+        request.state.version = version.label
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if server.seq2seq is not None:
+        served = server.versions.served_id(version, adapter)
+        if version.seq2seq is not None:
             text = conversation_text(messages)
-            return await asyncio.to_thread(respond_seq2seq, server.seq2seq, req, [text], True, server.name, "messages")
+            return await asyncio.to_thread(respond_seq2seq, version.seq2seq, req, [text], True, served, "messages")
         try:
-            text = server.chat.render(messages, add_generation_prompt=True)
+            text = version.chat.render(messages, add_generation_prompt=True)
         except Exception as exc:
             raise ApiError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
-        prompt = server.encode(text, "messages")
+        prompt = version.encode(text, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens or req.max_tokens or server.engine.context
-        choices = start_choices(server, req, [prompt], server.chat.stop_ids, logprobs, max_tokens)
-        return await _respond(server, request, req, choices, [prompt], True, None, {"route": "chat", "input": messages})
+        max_tokens = req.max_completion_tokens or req.max_tokens or version.engine.context
+        choices = start_choices(server, version, adapter, req, [prompt], version.stop_ids, logprobs, max_tokens)
+        logged = {"route": "chat", "input": messages, "model": served}
+        return await _respond(server, request, req, choices, [prompt], True, None, logged)
 
+    add_admin_routes(app, server)
     return app
 
 
@@ -444,9 +459,11 @@ async def _respond(
     choices: list[Choice],
     prompts: list[list[int]],
     chat: bool,
-    echo: list[str] | None = None,
-    logged: dict | None = None,
+    echo: list[str] | None,
+    logged: dict,
 ):
+    """The reply to a generation request; `logged` is what the request log records of it (the route,
+    the input, and the served model: the version that answered)."""
     started = time.perf_counter()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -454,8 +471,9 @@ async def _respond(
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": created,
-        "model": req.model or server.name,
+        "model": logged["model"],
     }
+    decode = choices[0].version.decode
     n_prompt = sum(len(p) for p in prompts)
 
     def usage() -> dict:
@@ -465,14 +483,13 @@ async def _respond(
     def logprobs_of(tokens: list[Token], offset: int):
         if not tokens or tokens[0].logprob is None:
             return None
-        return chat_logprobs(tokens, server.decode) if chat else completion_logprobs(tokens, server.decode, offset)
+        return chat_logprobs(tokens, decode) if chat else completion_logprobs(tokens, decode, offset)
 
     def log(texts: list[str], finishes: list[str | None]) -> None:
-        if server.log is not None and logged is not None:
+        if server.log is not None:
             server.log.write(
                 {
                     **logged,
-                    "model": head["model"],
                     "output": texts,
                     "finish_reasons": finishes,
                     **usage(),

@@ -1,11 +1,12 @@
 """What /metrics reports, in Prometheus' text format: requests by route and status, tokens in and out,
-time to first token, request latency, and the queue and batch as they are now."""
+time to first token, request latency, the queue and batch as they are now, and model versions (the
+active one, swaps loaded and refused)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -33,6 +34,13 @@ class ServeMetrics:
         self.log_records = Counter(
             "lmkiln_request_log_records", "requests logged (written) or not (dropped)", ["status"], registry=r
         )
+        self.swaps = Counter(
+            "lmkiln_model_swaps",
+            "new versions asked for: loaded, or refused by the load checks",
+            ["result"],
+            registry=r,
+        )
+        self.version = Info("lmkiln_model_version", "the version new requests go to", registry=r)
         Gauge("lmkiln_queue_depth", "requests waiting for a slot", registry=r).set_function(queue_depth)
         Gauge("lmkiln_batch_size", "sequences in the running batch", registry=r).set_function(batch_size)
 
@@ -42,6 +50,12 @@ class ServeMetrics:
 
     def logged(self, written: bool) -> None:
         self.log_records.labels("written" if written else "dropped").inc()
+
+    def activated(self, label: str) -> None:
+        self.version.info({"version": label})
+
+    def swapped(self, loaded: bool) -> None:
+        self.swaps.labels("loaded" if loaded else "refused").inc()
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -46,7 +46,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
 
 
 def serve(
-    model: Path,
+    model: Path | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     name: str | None = None,
@@ -62,8 +62,21 @@ def serve(
     log_redact: bool = True,
     log_max_mb: int = 64,
     log_max_files: int = 20,
+    models_file: Path | None = None,
+    version: str | None = None,
 ) -> None:
-    """Serve `model` until interrupted (with `log_requests`, each generation logged there)."""
+    """Serve `model` until interrupted (with `log_requests`, each generation logged there). With
+    `models_file` instead, serve the version it names, and on SIGHUP load the one it names then."""
+    if (model is None) == (models_file is None):
+        raise UserError("kiln serve: name a model directory or --models-file FILE (one of them)")
+    if models_file is not None:
+        from lmkiln.serve.admin import read_models_file
+
+        spec = read_models_file(models_file)
+        if adapters or version:
+            raise UserError("--models-file: its adapters and version are in the file; drop --adapter and --version")
+        model, version = Path(spec.model), spec.version
+        adapters = [f"{n}={d}" for n, d in spec.adapters.items()]
     check_model_dir(model)
     try:
         import uvicorn
@@ -103,7 +116,12 @@ def serve(
         max_request_bytes,
         background=True,
         request_log=request_log,
+        version=version,
     )
+    if models_file is not None:
+        from lmkiln.serve.admin import reload_on_sighup
+
+        reload_on_sighup(app.state.server, models_file)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
 
 
