@@ -289,3 +289,21 @@ def test_kiln_serve_command_listens_where_told_and_answers(tiny_model, tmp_path)
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert f"at http://127.0.0.1:{port}/v1" in err
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_model_does(server, reference):
+    """What lm-eval's local-completions and kiln monitor's drift and ICL tasks ask of an endpoint: each
+    prompt token's log-probability (max_tokens 0: nothing generated)."""
+    _, client = server
+    model, tok, _ = reference
+    out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    ids = tok.encode(PROMPT, add_special_tokens=False).ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    got = out.choices[0].logprobs
+    assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+    assert got.token_logprobs[1:] == pytest.approx([float(logp[k, ids[k + 1]]) for k in range(len(ids) - 1)], abs=1e-4)
+    assert all(1 <= len(top) <= 2 for top in got.top_logprobs[1:])  # two ids may decode alike
+    assert "".join(got.tokens) == PROMPT == out.choices[0].text and out.usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="needs echo and logprobs"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from exc
 
 from lmkiln.serve.admin import VERSION_HEADER, add_admin_routes
-from lmkiln.serve.batching import QueueFull, Sampling, Sequence, Token
+from lmkiln.serve.batching import PromptLogprobs, QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import (
     ApiError,
@@ -150,6 +150,7 @@ class Choice:
             prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event), stop_ids, adapter
         )
         self.tokens = 0
+        self.prompt_tokens = [Token(prompt[0])]  # with prompt logprobs: the rest, each with its logprob
         try:
             version.engine.submit(self.seq)
         except QueueFull as exc:
@@ -164,6 +165,9 @@ class Choice:
         try:
             while True:
                 event = await self.queue.get()
+                if isinstance(event, PromptLogprobs):
+                    self.prompt_tokens += event.tokens
+                    continue
                 if isinstance(event, str):
                     if event.startswith("error"):
                         raise RuntimeError(event)
@@ -211,6 +215,7 @@ def start_choices(
                     req.top_k,
                     None if req.seed is None else req.seed + j,
                     logprobs,
+                    prompt_logprobs=getattr(req, "echo", False) and logprobs is not None,
                 )
                 choices.append(Choice(version, server.metrics, prompt, sampling, stop_ids, req.stop or [], index))
     except ApiError:
@@ -396,6 +401,7 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        req.check_scoring()
         version, adapter = server.pick(req.model, "generate")
         request.state.version = version.label
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -403,9 +409,8 @@ def create_app(
         if version.seq2seq is not None:
             return await asyncio.to_thread(respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt")
         prompts = [version.encode(t, "prompt") for t in texts]
-        choices = start_choices(
-            server, version, adapter, req, prompts, version.stop_ids, req.logprobs, req.max_tokens or 16
-        )
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        choices = start_choices(server, version, adapter, req, prompts, version.stop_ids, req.logprobs, max_tokens)
         logged = {"route": "completions", "input": texts, "model": served}
         return await _respond(server, request, req, choices, prompts, False, texts if req.echo else None, logged)
 
@@ -520,7 +525,10 @@ async def _respond(
     task.result()
     body = []
     for i, r in results.items():
-        lp = logprobs_of(r["tokens"], len(echo[i // req.n]) if echo else 0)
+        if echo and req.logprobs is not None:  # the prompt's tokens too, the first without a logprob
+            lp = completion_logprobs(choices[i].prompt_tokens + r["tokens"], decode, 0)
+        else:
+            lp = logprobs_of(r["tokens"], len(echo[i // req.n]) if echo else 0)
         if chat:
             body.append(
                 {

@@ -32,6 +32,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+    prompt_logprobs: bool = False  # also each prompt token's (after the first), as one PromptLogprobs event
 
 
 @dataclass
@@ -41,9 +42,18 @@ class Token:
     top: list[tuple[int, float]] | None = None
 
 
-# What a sequence tells its owner: a Token, or the finish reason ("stop", "length", "cancelled", or an
-# error message) as a str, which is always the last event.
-Event = Token | str
+@dataclass
+class PromptLogprobs:
+    """Each prompt token after the first as a Token with its logprob given the tokens before it (and the
+    `logprobs` most likely there): what scoring a text (echo, max_tokens 0) asks for."""
+
+    tokens: list[Token]
+
+
+# What a sequence tells its owner: PromptLogprobs first when asked, then a Token per generated token, or
+# the finish reason ("stop", "length", "cancelled", or an error message) as a str, which is always the
+# last event.
+Event = PromptLogprobs | Token | str
 
 
 @dataclass(eq=False)
@@ -158,7 +168,26 @@ class Engine:
             if seq.sampling.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
             self.cache.lengths[seq.slot] = 0
-            self._sample(seq, self._forward([seq], [seq.prompt], last_only=True)[0])
+            if not seq.sampling.prompt_logprobs:
+                self._sample(seq, self._forward([seq], [seq.prompt], last_only=True)[:, -1].float()[0])
+                continue
+            logits = self._forward([seq], [seq.prompt])[0]
+            seq.emit(PromptLogprobs(self._scored(logits[:-1], seq.prompt[1:], seq.sampling.logprobs or 0)))
+            if seq.sampling.max_tokens == 0:  # scoring only
+                self._finish(seq, "length")
+            else:
+                self._sample(seq, logits[-1].float())
+
+    @staticmethod
+    def _scored(logits: torch.Tensor, ids: list[int], top: int) -> list[Token]:
+        """Each of `ids` with its logprob under the logits before it, and the `top` most likely there."""
+        logp = torch.log_softmax(logits.float(), -1)
+        chosen = logp.gather(1, torch.tensor(ids, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+        tops = logp.topk(top) if top > 0 else None
+        return [
+            Token(i, lp, list(zip(tops.indices[k].tolist(), tops.values[k].tolist())) if tops is not None else None)
+            for k, (i, lp) in enumerate(zip(ids, chosen))
+        ]
 
     def _forward(self, seqs: list[Sequence], tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
         self.cache.rows = [s.slot for s in seqs]
@@ -166,11 +195,11 @@ class Engine:
         if self.adapters is not None:
             self.adapters.select([s.adapter for s in seqs])
         x = torch.tensor(tokens, device=self.device)
-        return self.model(x, cache=self.cache, last_only=last_only)[:, -1].float()
+        return self.model(x, cache=self.cache, last_only=last_only)
 
     def _decode(self) -> None:
         seqs = [self.running[slot] for slot in sorted(self.running)]  # slot order: the cache is read as a view
-        logits = self._forward(seqs, [[s.last] for s in seqs])
+        logits = self._forward(seqs, [[s.last] for s in seqs])[:, -1].float()
         next(self.steps)
         for seq, row in zip(seqs, logits):
             self._sample(seq, row)

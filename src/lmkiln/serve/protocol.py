@@ -59,6 +59,14 @@ class CompletionRequest(Common):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo and logprobs: score the prompt, generate nothing
+
+    def check_scoring(self) -> None:
+        """max_tokens 0 scores the prompt: echo and logprobs, answered whole."""
+        if self.max_tokens == 0 and not (self.echo and self.logprobs is not None):
+            raise ApiError(400, "max_tokens 0 scores the prompt: it needs echo and logprobs", "max_tokens")
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is answered whole", "stream")
 
     @field_validator("prompt")
     @classmethod
