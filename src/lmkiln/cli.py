@@ -166,7 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="the endpoint's /v1 base, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
-    p.add_argument("--tasks", nargs="+", metavar="TASK", required=True, help="gen:FILE[@val|@test] tasks")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", default=None, help="gen:FILE[@val|@test] tasks to score")
+    p.add_argument(
+        "--drift",
+        action="store_true",
+        help="compare the logged prompts of a window (--requests) with a reference (--reference): length, "
+        "language, the model's own loss, vocabulary; exit 3 when a signal's PSI passes --drift-threshold",
+    )
+    p.add_argument("--requests", type=Path, default=None, metavar="DIR", help="drift: kiln serve's --log-requests DIR")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="SRC",
+        help="drift: the fine-tuning data (any fine-tuning format) or a request-log directory "
+        "(default: the same log before --window)",
+    )
+    p.add_argument(
+        "--window", type=float, default=None, metavar="HOURS", help="drift: the last HOURS of the log (default: all)"
+    )
+    p.add_argument(
+        "--drift-threshold", type=float, default=0.25, help="drift: the PSI past which a signal alerts (default 0.25)"
+    )
+    p.add_argument(
+        "--drift-sample", type=int, default=500, help="drift: prompts measured per side at most (default 500)"
+    )
+    p.add_argument(
+        "--drift-history",
+        type=Path,
+        default=Path("monitor/drift.jsonl"),
+        help="drift: each check appended here, a line a window",
+    )
     p.add_argument("--model", default=None, help="the model id to ask for (default: the endpoint's)")
     p.add_argument(
         "--api-key",
@@ -276,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML naming the version to serve (model: DIR, adapters: {NAME: DIR}, version: LABEL); "
         "on SIGHUP it is re-read and what it names then is loaded, checked and swapped in without downtime",
     )
-    p.add_argument("--version", default=None, help="label of the first version, reported in replies (default v1)")
+    p.add_argument(
+        "--version-name",
+        default=None,
+        metavar="LABEL",
+        help="the first version's label, named in replies as MODEL@LABEL (default v1)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: directory name)")
@@ -419,7 +454,7 @@ def _serve(args) -> None:
         args.log_max_mb,
         args.log_max_files,
         args.models_file,
-        args.version,
+        args.version_name,
     )
 
 
@@ -453,25 +488,56 @@ def _export(args) -> None:
 def _monitor(args) -> int:
     import time
 
-    from lmkiln.monitor.live import Gauges, monitor_once
+    from lmkiln.monitor.alerts import Gauges
+    from lmkiln.monitor.drift import check_drift
+    from lmkiln.monitor.live import monitor_once
 
     if args.concurrency < 1 or args.timeout <= 0 or (args.every is not None and args.every <= 0):
         raise UserError("--concurrency, --timeout and --every must be positive")
+    if not args.tasks and not args.drift:
+        raise UserError("kiln monitor: nothing to check: name --tasks, or --drift with --requests")
+    if args.drift and args.requests is None:
+        raise UserError("--drift: name the request log with --requests DIR (kiln serve --log-requests DIR)")
+    if args.drift_sample < 20 or args.drift_threshold <= 0 or (args.window is not None and args.window <= 0):
+        raise UserError("--drift-sample must be at least 20; --drift-threshold and --window must be positive")
     recipe = _recipe(args)
     gauges = Gauges(args.metrics_port) if args.metrics_port is not None else None
+    options = {
+        "sample": args.drift_sample,
+        "threshold": args.drift_threshold,
+        "concurrency": args.concurrency,
+        "timeout": args.timeout,
+        "api_key": args.api_key,
+        "columns": recipe.eval.columns or recipe.finetune.columns,
+    }
     while True:
-        code = monitor_once(
-            recipe,
-            args.url,
-            args.model,
-            args.history,
-            args.baseline,
-            args.webhook,
-            args.concurrency,
-            args.timeout,
-            gauges,
-            args.api_key,
-        )
+        code = 0
+        if args.tasks:
+            code = monitor_once(
+                recipe,
+                args.url,
+                args.model,
+                args.history,
+                args.baseline,
+                args.webhook,
+                args.concurrency,
+                args.timeout,
+                gauges,
+                args.api_key,
+            )
+        if args.drift:
+            drifted = check_drift(
+                args.url,
+                args.model,
+                args.requests,
+                args.reference,
+                args.window,
+                args.drift_history,
+                options,
+                args.webhook,
+                gauges,
+            )
+            code = max(code, drifted)
         if args.every is None:
             return code
         time.sleep(args.every * 60)

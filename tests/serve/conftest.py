@@ -13,7 +13,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 @contextmanager
 def serving(app):
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    # log_config=None: no handler bound to the sys.stderr of the moment (a test's capture, closed after it)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -25,8 +25,7 @@ from lmkiln.errors import UserError
 from lmkiln.eval.generative import reply_scores
 from lmkiln.eval.stage import generative_tasks, paired_bootstrap
 from lmkiln.log import console
-
-ALERT_EXIT = 3  # 2 is a usage error; an alert is its own outcome for cron and CI
+from lmkiln.monitor.alerts import ALERT_EXIT, Gauges, append_history, notify
 
 
 def ask(client: httpx.Client, url: str, model: str | None, row: dict, max_tokens: int) -> str | None:
@@ -108,32 +107,6 @@ def judge(results: dict, base: dict[str, list[float]] | None) -> dict[str, dict]
     return out
 
 
-class Gauges:
-    """`--metrics-port`: the latest run's scores and alerts for Prometheus, on loopback."""
-
-    def __init__(self, port: int) -> None:
-        try:
-            from prometheus_client import CollectorRegistry, Gauge, start_http_server
-        except ImportError:
-            raise UserError("--metrics-port needs the 'serve' extra: pip install 'lmkiln[serve]'") from None
-        r = CollectorRegistry()
-        self.alert = Gauge(
-            "lmkiln_monitor_alert", "1 while the task's score is below its baseline", ["task"], registry=r
-        )
-        self.token_f1 = Gauge("lmkiln_monitor_token_f1", "the latest run's mean token F1", ["task"], registry=r)
-        self.failed = Gauge("lmkiln_monitor_failed_requests", "the latest run's failed requests", ["task"], registry=r)
-        try:
-            start_http_server(port, addr="127.0.0.1", registry=r)
-        except OSError as exc:
-            raise UserError(f"--metrics-port {port}: cannot listen on 127.0.0.1:{port} ({exc.strerror})") from None
-
-    def update(self, verdict: dict) -> None:
-        for task, v in verdict.items():
-            self.alert.labels(task).set(1 if v.get("alert") else 0)
-            self.token_f1.labels(task).set(v["token_f1"])
-            self.failed.labels(task).set(v["failed_requests"])
-
-
 def monitor_once(
     recipe,
     url: str,
@@ -154,12 +127,9 @@ def monitor_once(
     base = baseline_samples(baseline, history)
     results = score_endpoint(url, model, tasks, recipe.eval.max_new_tokens, concurrency, timeout, api_key)
     verdict = judge(results, base)
-    record = {"time": round(time.time(), 3), "url": url, "tasks": verdict}
-    history.parent.mkdir(parents=True, exist_ok=True)
-    with open(history, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    append_history(history, {"time": round(time.time(), 3), "url": url, "tasks": verdict})
     if gauges is not None:
-        gauges.update(verdict)
+        gauges.scores(verdict)
     alerts = [t for t, v in verdict.items() if v.get("alert")]
     for task, v in verdict.items():
         against = (
@@ -174,12 +144,7 @@ def monitor_once(
         else:
             console.print(line)
     if alerts and webhook:
-        try:
-            httpx.post(
-                webhook,
-                json={"alert": "score below baseline", "url": url, "tasks": {t: verdict[t] for t in alerts}},
-                timeout=timeout,
-            )
-        except httpx.HTTPError as exc:
-            console.print(f"webhook {webhook}: {exc}")
+        notify(
+            webhook, {"alert": "score below baseline", "url": url, "tasks": {t: verdict[t] for t in alerts}}, timeout
+        )
     return ALERT_EXIT if alerts else 0
