@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "monitor",
-        help="re-evaluate a live OpenAI-compatible endpoint on gen: tasks; exit 3 when a score fell below its "
-        "baseline beyond the paired bootstrap interval",
+        help="re-evaluate a live OpenAI-compatible endpoint on gen: tasks, and check its logged prompts for drift; "
+        "exit 3 when a score fell below its baseline beyond the paired bootstrap interval, or a signal drifted",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -214,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every", type=float, default=None, metavar="MINUTES", help="run again every N minutes")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default 120)")
+    _add_quiet(p)
+
+    p = sub.add_parser(
+        "monitor report",
+        help="write an HTML page of kiln monitor's histories: scores in their baseline band, drift, alerts, "
+        "the prompts most out of distribution",
+    )
+    p.add_argument("--history", type=Path, default=Path("monitor/history.jsonl"), help="kiln monitor --tasks' history")
+    p.add_argument(
+        "--drift-history", type=Path, default=Path("monitor/drift.jsonl"), help="kiln monitor --drift's history"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("monitor/report.html"), help="the page (default monitor/report.html)"
+    )
     _add_quiet(p)
 
     p = sub.add_parser("generate", help="continue a prompt with a model directory (KV cache, sampling)")
@@ -543,9 +557,18 @@ def _monitor(args) -> int:
         time.sleep(args.every * 60)
 
 
+def _monitor_report(args) -> None:
+    from lmkiln.log import console
+    from lmkiln.monitor.report import write_report
+
+    out = write_report(args.history, args.drift_history, args.out)
+    console.print(f"kiln monitor report: {out}")
+
+
 VERBS = {
     "run": _stages,
     "monitor": _monitor,
+    "monitor report": _monitor_report,
     **{name: _stages for name in STAGE_HELP},
     "tune": _tune,
     "estimate": _estimate,
@@ -569,9 +592,17 @@ def dispatch(args) -> int:
     return outcome if isinstance(outcome, int) else 0  # a verb may name its own exit code (monitor's alert)
 
 
+def _joined_verbs(argv: list[str]) -> list[str]:
+    """`kiln monitor report` as the one verb "monitor report" (`kiln monitor URL` stays as it is)."""
+    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if verb is not None and argv[verb : verb + 2] == ["monitor", "report"]:
+        return argv[:verb] + ["monitor report"] + argv[verb + 2 :]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(_joined_verbs(list(sys.argv[1:] if argv is None else argv)))
     # Overrides may also come after an option (`kiln tune RECIPE --trials 4 finetune.lr=1e-3`).
     if (
         extra

@@ -20,6 +20,17 @@ def _rows(path):
     return path
 
 
+def golden_rows(url, path, headers=None):
+    """The golden set: the deployed version's own greedy replies, as an operator records them at release."""
+    questions = [f"What sound does a {a} make? ({i})" for i, a in enumerate(["cat", "dog", "cow", "duck"] * 4)]
+    with path.open("w") as fh:
+        for q in questions:
+            body = {"messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0}
+            reply = httpx.post(url + "/v1/chat/completions", json=body, headers=headers).json()
+            fh.write(json.dumps({"instruction": q, "output": reply["choices"][0]["message"]["content"]}) + "\n")
+    return path
+
+
 def _monitor(url, rows, history, *extra):
     return main(
         ["-q", "monitor", url, "--tasks", f"gen:{rows}", "--history", str(history), "eval.max_new_tokens=6", *extra]
@@ -94,16 +105,9 @@ def test_an_alert_end_to_end_after_the_server_is_switched_to_a_degraded_version(
         s.bind(("127.0.0.1", 0))
         metrics_port = s.getsockname()[1]
     key = {"Authorization": "Bearer s3cret"}
-    questions = [f"What sound does a {a} make? ({i})" for i, a in enumerate(["cat", "dog", "cow", "duck"] * 4)]
     try:
         with serving(create_app(tiny_model, device="cpu", name="tiny", api_key="s3cret")) as url:
-            # the golden set: the deployed version's own replies, as an operator records them at release
-            rows = tmp_path / "golden.jsonl"
-            with rows.open("w") as fh:
-                for q in questions:
-                    body = {"messages": [{"role": "user", "content": q}], "max_tokens": 6, "temperature": 0}
-                    reply = httpx.post(url + "/v1/chat/completions", json=body, headers=key).json()
-                    fh.write(json.dumps({"instruction": q, "output": reply["choices"][0]["message"]["content"]}) + "\n")
+            rows = golden_rows(url, tmp_path / "golden.jsonl", key)
             webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
             extra = ["--webhook", webhook, "--api-key", "s3cret"]
             assert _monitor(url + "/v1", rows, history, *extra) == 0  # passes, and is the baseline

@@ -177,7 +177,8 @@ def outliers(ref: Features, cur: Features, top: int) -> list[dict]:
             tails["loss"] = float(np.mean(r < cur.loss[i]))
         score = sum(tails.values()) / len(tails)
         ranked.append({"score": round(score, 4), "text": text[:500], "language": cur.language[i], **_rounded(tails)})
-    return sorted(ranked, key=lambda x: -x["score"])[:top]
+    unique = {x["text"]: x for x in sorted(ranked, key=lambda x: x["score"])}  # a prompt sent twice, once
+    return sorted(unique.values(), key=lambda x: -x["score"])[:top]
 
 
 def _rounded(tails: dict) -> dict:
