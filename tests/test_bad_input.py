@@ -34,6 +34,10 @@ def ws(trained_run, tmp_path_factory):
     two = root / "two.jsonl"
     two.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(2)))
     write_instructions(root / "sft.jsonl")
+    (root / "models.yaml").write_text(f"modle: {root / 'model'}\n")  # a misspelt key
+    qa = {"metric": "token_f1", "score": 0.5, "samples": [0.5], "failed_requests": 0, "answered_by": []}
+    run = {"time": 1.0, "url": "http://127.0.0.1:9/v1", "tasks": {"qa": qa}}
+    (root / "history.jsonl").write_text(json.dumps(run) + "\n")
     # a run whose tokenizer stage finished with an empty training shard
     shutil.copytree(run_dir / "data", root / "emptyrun" / "data")
     shutil.copytree(run_dir / "tokenizer", root / "emptyrun" / "tokenizer")
@@ -112,6 +116,40 @@ CASES = [
         ["http://127.0.0.1:9/v1", "--tasks", "gen:{ws}/two.jsonl", "--concurrency", "0"],
         "--concurrency",
     ),
+    ("monitor-nothing-to-check", "monitor", ["http://127.0.0.1:9/v1"], "nothing to check"),
+    ("monitor-drift-without-log", "monitor", ["http://127.0.0.1:9/v1", "--drift"], "--requests DIR"),
+    (
+        "monitor-drift-log-missing",
+        "monitor",
+        ["http://127.0.0.1:9/v1", "--drift", "--requests", "{ws}/nope"],
+        "--requests {ws}/nope: not a directory",
+    ),
+    (
+        "monitor-drift-reference-missing",
+        "monitor",
+        ["http://127.0.0.1:9/v1", "--drift", "--requests", "{ws}", "--reference", "{ws}/nope.jsonl"],
+        "--reference {ws}/nope.jsonl: no such file",
+    ),
+    (
+        "monitor-report-no-history",
+        "monitor report",
+        ["--history", "{ws}/nope.jsonl", "--drift-history", "{ws}/nope2.jsonl", "--out", "{ws}/report.html"],
+        "nothing to report",
+    ),
+    (
+        "monitor-report-over-a-users-file",
+        "monitor report",
+        ["--history", "{ws}/history.jsonl", "--drift-history", "{ws}/nope.jsonl", "--out", "{ws}/sft.jsonl"],
+        "not a report kiln monitor wrote",
+    ),
+    ("serve-models-file-missing", "serve", ["--models-file", "{ws}/nope.yaml"], "--models-file {ws}/nope.yaml"),
+    (
+        "serve-models-file-bad-key",
+        "serve",
+        ["--models-file", "{ws}/models.yaml"],
+        "--models-file {ws}/models.yaml: modle: Extra inputs are not permitted",
+    ),
+    ("serve-model-and-models-file", "serve", ["{ws}/model", "--models-file", "{ws}/models.yaml"], "one of them"),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),
     (
         "import-no-source",
@@ -222,6 +260,7 @@ VERBS = {
     "chat",
     "serve",
     "monitor",
+    "monitor report",
     "import",
     "export",
 }

@@ -7,6 +7,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import httpx
+import pytest
 
 from lmkiln.cli import main
 from lmkiln.serve.app import create_app
@@ -45,7 +46,7 @@ def test_monitoring_the_same_model_twice_raises_no_alert(tiny_model, tmp_path):
     first, second = (json.loads(line) for line in history.read_text().splitlines())
     task = second["tasks"]["qa"]
     assert "interval" not in first["tasks"]["qa"] and task["alert"] is False and task["failed_requests"] == 0
-    assert task["token_f1"] == first["tasks"]["qa"]["token_f1"]  # greedy: the same replies
+    assert task["metric"] == "token_f1" and task["score"] == first["tasks"]["qa"]["score"]  # greedy: the same replies
 
 
 def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model, tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_an_alert_end_to_end_after_the_server_is_switched_to_a_degraded_version(
     finally:
         hook.shutdown()
     first, second = (json.loads(line)["tasks"]["golden"] for line in history.read_text().splitlines())
-    assert first["token_f1"] == 1.0 and second["token_f1"] < 0.5 and second["alert"] is True
+    assert first["score"] == 1.0 and second["score"] < 0.5 and second["alert"] is True
     assert first["answered_by"] == ["tiny@v1"] and second["answered_by"] == ["tiny@v2"]
     assert "kiln monitor: ALERT golden: token F1" in capsys.readouterr().err
     gauges = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
@@ -133,3 +134,38 @@ def test_an_endpoint_that_does_not_answer_counts_failures_without_crashing(tmp_p
     rows, history = _rows(tmp_path / "qa.jsonl"), tmp_path / "history.jsonl"
     assert _monitor(f"http://127.0.0.1:{port}/v1", rows, history, "--timeout", "2") == 0
     assert json.loads(history.read_text())["tasks"]["qa"]["failed_requests"] == 8
+
+
+def test_icl_task_files_over_the_endpoint_score_as_kiln_eval_does(tiny_model, tmp_path):
+    """An ICL file's documents scored from the endpoint's prompt log-probabilities give the same
+    per-document correctness as kiln eval's own scoring of the model; classification rows score the
+    reply against the label."""
+    from lmkiln.eval.icl import IclTask, encode_pair, evaluate_task, loglikelihoods
+    from lmkiln.model.inference import load_for_inference
+    from lmkiln.monitor.live import client_for, loglikelihood
+
+    docs = [
+        {"query": f"The {a} says", "choices": [s, "meow" if s != "meow" else "woof", "nothing at all"], "gold": 0}
+        for a, s in [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("owl", "hoot")] * 2
+    ]
+    icl = tmp_path / "sounds.jsonl"
+    icl.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"text": f"{a}?", "label": "animal"}) + "\n" for a in ["cat", "dog", "owl"]))
+    history = tmp_path / "history.jsonl"
+    lm = load_for_inference(tiny_model)
+    pairs = [("The cat says", " meow"), ("The dog says", " nothing at all")]
+    want = loglikelihoods(lm.model, [encode_pair(lm.tok, c, t, None) for c, t in pairs], 4, greedy=True)
+    with serving(create_app(tiny_model, device="cpu", name="tiny")) as url:
+        with client_for(None, 30) as client:
+            got = [loglikelihood(client, url + "/v1", None, c, t) for c, t in pairs]
+        argv = ["-q", "monitor", url + "/v1", "--tasks", str(icl), f"gen:{labels}", "--history", str(history)]
+        assert main([*argv, "eval.max_new_tokens=3"]) == 0
+    for (ll, greedy), (ll_local, greedy_local) in zip(got, want):
+        assert ll == pytest.approx(ll_local, abs=1e-4) and greedy == greedy_local
+    run = json.loads(history.read_text())["tasks"]
+    local = evaluate_task(lm.model, lm.tok, lm.chat, IclTask("sounds", str(icl)))
+    assert run["sounds"]["metric"] == "acc" and run["sounds"]["samples"] == local["correct"]
+    assert run["sounds"]["score"] == local["acc"] and run["sounds"]["failed_requests"] == 0
+    assert run["labels"]["metric"] == "accuracy" and len(run["labels"]["samples"]) == 3
+    assert run["sounds"]["answered_by"] == ["tiny@v1"]

@@ -54,7 +54,9 @@ class Gauges:
         self.alert = Gauge(
             "lmkiln_monitor_alert", "1 while the task's score is below its baseline", ["task"], registry=r
         )
-        self.token_f1 = Gauge("lmkiln_monitor_token_f1", "the latest run's mean token F1", ["task"], registry=r)
+        self.score = Gauge(
+            "lmkiln_monitor_score", "the latest run's score (token F1, accuracy or acc)", ["task", "metric"], registry=r
+        )
         self.failed = Gauge("lmkiln_monitor_failed_requests", "the latest run's failed requests", ["task"], registry=r)
         self.drift = Gauge(
             "lmkiln_monitor_drift_psi", "the latest window's PSI against the reference", ["signal"], registry=r
@@ -70,7 +72,7 @@ class Gauges:
     def scores(self, verdict: dict) -> None:
         for task, v in verdict.items():
             self.alert.labels(task).set(1 if v.get("alert") else 0)
-            self.token_f1.labels(task).set(v["token_f1"])
+            self.score.labels(task, v["metric"]).set(v["score"])
             self.failed.labels(task).set(v["failed_requests"])
 
     def drifted(self, signals: dict) -> None:

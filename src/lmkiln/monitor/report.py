@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lmkiln.errors import UserError
 from lmkiln.monitor.alerts import read_history
+from lmkiln.monitor.live import METRIC_NAMES
 
 GENERATOR = "lmkiln monitor report"  # in the page's <meta name="generator">: a file lmkiln may replace
 TEMPLATE = Path(__file__).with_name("report.html.j2")
@@ -43,7 +44,7 @@ def _svg(fig) -> str:
 
 
 def score_chart(runs: list[dict]) -> str | None:
-    """Each task's token F1 per run; the band is the baseline's 95% interval as the paired bootstrap sees
+    """Each task's score per run; the band is the baseline's 95% interval as the paired bootstrap sees
     it from that run (score - high to score - low): a point below it is an alert. A dotted line marks a
     change of the version that answered."""
     import matplotlib
@@ -58,12 +59,13 @@ def score_chart(runs: list[dict]) -> str | None:
     for ax, task in zip(axes[:, 0], tasks):
         points = [(_when(r["time"]), r["tasks"][task]) for r in runs if task in r["tasks"]]
         times = [t for t, _ in points]
-        scores = [v["token_f1"] for _, v in points]
-        low = [v["token_f1"] - v["interval"][1] if "interval" in v else v["token_f1"] for _, v in points]
-        high = [v["token_f1"] - v["interval"][0] if "interval" in v else v["token_f1"] for _, v in points]
+        scores = [v["score"] for _, v in points]
+        low = [v["score"] - v["interval"][1] if "interval" in v else v["score"] for _, v in points]
+        high = [v["score"] - v["interval"][0] if "interval" in v else v["score"] for _, v in points]
         ax.fill_between(times, low, high, color="#9ecae1", alpha=0.5, step="mid", label="baseline, 95% interval")
-        ax.plot(times, scores, "o-", color="#08519c", label="token F1")
-        alerts = [(t, v["token_f1"]) for t, v in points if v.get("alert")]
+        metric = METRIC_NAMES[points[-1][1]["metric"]]
+        ax.plot(times, scores, "o-", color="#08519c", label=metric)
+        alerts = [(t, v["score"]) for t, v in points if v.get("alert")]
         if alerts:
             ax.plot(*zip(*alerts), "o", color="#cb181d", markersize=9, label="alert")
         answered = None
@@ -74,7 +76,7 @@ def score_chart(runs: list[dict]) -> str | None:
                 ax.annotate(now, (t, 1.0), xycoords=("data", "axes fraction"), fontsize=8, va="top", ha="left")
             answered = now
         ax.set_title(task, loc="left", fontsize=10)
-        ax.set_ylabel("token F1")
+        ax.set_ylabel(metric)
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[-1, 0].legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.3))
@@ -113,7 +115,7 @@ def alert_rows(runs: list[dict], drifts: list[dict]) -> list[dict]:
         for task, v in r["tasks"].items():
             if v.get("alert"):
                 detail = (
-                    f"token F1 {v['token_f1']:.4f} against {v['baseline_token_f1']:.4f}; change "
+                    f"{METRIC_NAMES[v['metric']]} {v['score']:.4f} against {v['baseline']:.4f}; change "
                     f"{v['interval'][0]:+.4f} to {v['interval'][1]:+.4f}; answered by "
                     f"{', '.join(v.get('answered_by') or ['?'])}"
                 )
