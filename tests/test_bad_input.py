@@ -147,7 +147,7 @@ CASES = [
         "serve-models-file-bad-key",
         "serve",
         ["--models-file", "{ws}/models.yaml"],
-        "--models-file {ws}/models.yaml: modle: Extra inputs are not permitted",
+        "--models-file {ws}/models.yaml: unknown key 'modle'",
     ),
     ("serve-model-and-models-file", "serve", ["{ws}/model", "--models-file", "{ws}/models.yaml"], "one of them"),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),

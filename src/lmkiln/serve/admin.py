@@ -38,11 +38,10 @@ def read_models_file(path: Path) -> VersionSpec:
     try:
         spec = VersionSpec.model_validate(raw)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]  # a misspelt key first
         where = ".".join(str(p) for p in err["loc"]) or "the file"
-        raise UserError(
-            f"--models-file {path}: {where}: {err['msg']} (expected model: DIR, adapters, version)"
-        ) from None
+        problem = f"unknown key '{where}'" if err["type"] == "extra_forbidden" else f"{where}: {err['msg']}"
+        raise UserError(f"--models-file {path}: {problem} (expected model: DIR, adapters, version)") from None
     base = Path(path).parent
     return spec.model_copy(
         update={
