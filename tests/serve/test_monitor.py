@@ -32,6 +32,30 @@ def golden_rows(url, path, headers=None):
     return path
 
 
+def webhook_server():
+    """A local HTTP server that keeps the JSON bodies POSTed to it: (server, bodies)."""
+    received = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    return hook, received
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _monitor(url, rows, history, *extra):
     return main(
         ["-q", "monitor", url, "--tasks", f"gen:{rows}", "--history", str(history), "eval.max_new_tokens=6", *extra]
@@ -55,22 +79,8 @@ def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model
     baseline = tmp_path / "eval.json"
     samples = [{"token_f1": 1.0} for _ in range(8)]
     baseline.write_text(json.dumps({"good-model": {"qa": {"token_f1": 1.0, "samples": samples}}}))
-    received = []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    hook = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    hook, received = webhook_server()
+    metrics_port = free_port()
     try:
         with serving(create_app(tiny_model, device="cpu", name="tiny")) as url:
             webhook = f"http://127.0.0.1:{hook.server_address[1]}/alerts"
@@ -89,22 +99,9 @@ def test_a_score_below_the_baseline_alerts_with_exit_code_and_webhook(tiny_model
 def test_an_alert_end_to_end_after_the_server_is_switched_to_a_degraded_version(tiny_model, tmp_path, capsys):
     """First the live model passes; then the version API switches the server to a noisy copy of it, and
     the next run alerts: exit 3, the line, the gauge and the webhook (received by a local server)."""
-    history, received = tmp_path / "history.jsonl", []
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    hook = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=hook.serve_forever, daemon=True).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
+    history = tmp_path / "history.jsonl"
+    hook, received = webhook_server()
+    metrics_port = free_port()
     key = {"Authorization": "Bearer s3cret"}
     try:
         with serving(create_app(tiny_model, device="cpu", name="tiny", api_key="s3cret")) as url:
@@ -128,9 +125,7 @@ def test_an_alert_end_to_end_after_the_server_is_switched_to_a_degraded_version(
 
 
 def test_an_endpoint_that_does_not_answer_counts_failures_without_crashing(tmp_path):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     rows, history = _rows(tmp_path / "qa.jsonl"), tmp_path / "history.jsonl"
     assert _monitor(f"http://127.0.0.1:{port}/v1", rows, history, "--timeout", "2") == 0
     assert json.loads(history.read_text())["tasks"]["qa"]["failed_requests"] == 8

@@ -69,7 +69,7 @@ def test_the_report_renders_in_chromium_with_charts_alerts_and_prompts(histories
             assert any("drift" in a and "language" in a for a in alerts)
             assert page.inner_text("#alert-count").startswith("2")
             prompts = page.locator("#outliers .prompt").all_inner_texts()
-            assert prompts and all(p.rsplit(" (", 1)[0] in FOREIGN or p in FOREIGN for p in prompts)
+            assert all(p in FOREIGN for p in prompts[:5]), prompts  # the foreign ones first
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "monitor_report.png"), full_page=True)
         finally:

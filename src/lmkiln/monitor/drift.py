@@ -96,16 +96,15 @@ def reference_prompts(source: Path, columns: dict[str, str]) -> list[str]:
 def prompt_losses(url: str, model: str | None, texts: list[str], client: httpx.Client, concurrency: int) -> list:
     """The endpoint's mean per-token loss on each text (None where it gives no prompt log-probabilities)."""
 
+    from lmkiln.monitor.live import post
+
     def loss(text: str) -> float | None:
         body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
-        if model:
-            body["model"] = model
         try:
-            r = client.post(f"{url.rstrip('/')}/completions", json=body)
-            r.raise_for_status()
-            scored = [x for x in r.json()["choices"][0]["logprobs"]["token_logprobs"] if x is not None]
-        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
+            logprobs = post(client, url, "completions", model, body)["choices"][0]["logprobs"]["token_logprobs"]
+        except (TypeError, KeyError, IndexError):
             return None
+        scored = [x for x in logprobs if x is not None]
         return -sum(scored) / len(scored) if scored else None
 
     with ThreadPoolExecutor(concurrency) as pool:
@@ -212,9 +211,9 @@ def drift_once(
     for what, texts in (("window", window), ("reference", ref_texts)):
         if len(texts) < 20:
             raise UserError(f"--drift: the {what} has {len(texts)} prompts; at least 20 are needed to compare")
-    rng = random.Random(0)
-    window = rng.sample(window, min(sample, len(window)))
-    ref_texts = rng.sample(ref_texts, min(2 * sample, len(ref_texts)))
+    rng = random.Random(0)  # sorted first: the same prompts give the same sample, in whatever order they were logged
+    window = rng.sample(sorted(window), min(sample, len(window)))
+    ref_texts = rng.sample(sorted(ref_texts), min(2 * sample, len(ref_texts)))
     half = len(ref_texts) // 2  # one half names the reference's words, the other is measured against them
     vocabulary = {w.lower() for t in ref_texts[:half] for w in WORD.findall(t)}
     ref_side = ref_texts[half:]

@@ -30,19 +30,25 @@ from lmkiln.monitor.alerts import ALERT_EXIT, Gauges, append_history, notify
 METRIC_NAMES = {"token_f1": "token F1", "accuracy": "accuracy", "acc": "acc"}
 
 
-def ask(client: httpx.Client, url: str, model: str | None, row: dict, max_tokens: int) -> str | None:
-    """The endpoint's greedy reply to the row's conversation, or None when the request fails. The
-    model that answered (a version, with lmkiln's server) is added to `client.answered`."""
-    body = {"messages": messages_of(row)[:-1], "max_tokens": max_tokens, "temperature": 0}
-    if model:
-        body["model"] = model
+def post(client: httpx.Client, url: str, route: str, model: str | None, body: dict) -> dict | None:
+    """The endpoint's JSON reply (None when the request fails); the model that answered (a version, with
+    lmkiln's server) is added to `client.answered`."""
     try:
-        r = client.post(f"{url.rstrip('/')}/chat/completions", json=body)
+        r = client.post(f"{url.rstrip('/')}/{route}", json={**body, "model": model} if model else body)
         r.raise_for_status()
         reply = r.json()
         client.answered.add(reply.get("model") or "")
-        return reply["choices"][0]["message"]["content"] or ""
-    except (httpx.HTTPError, KeyError, IndexError, ValueError):
+        return reply
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
+def ask(client: httpx.Client, url: str, model: str | None, row: dict, max_tokens: int) -> str | None:
+    """The endpoint's greedy reply to the row's conversation, or None when the request fails."""
+    body = {"messages": messages_of(row)[:-1], "max_tokens": max_tokens, "temperature": 0}
+    try:
+        return post(client, url, "chat/completions", model, body)["choices"][0]["message"]["content"] or ""
+    except (TypeError, KeyError, IndexError):
         return None
 
 
@@ -81,24 +87,17 @@ def loglikelihood(client: httpx.Client, url: str, model: str | None, context: st
     """(the continuation's summed log-probability, whether each of its tokens is the greedy one) after the
     context, from the endpoint's prompt log-probabilities; None when it does not answer."""
     body = {"prompt": context + continuation, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
-    if model:
-        body["model"] = model
     try:
-        r = client.post(f"{url.rstrip('/')}/completions", json=body)
-        r.raise_for_status()
-        reply = r.json()
-        lp = reply["choices"][0]["logprobs"]
-        client.answered.add(reply.get("model") or "")
-    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError):
+        lp = post(client, url, "completions", model, body)["choices"][0]["logprobs"]
+        offsets, logprobs = lp["text_offset"], lp["token_logprobs"]
+    except (TypeError, KeyError, IndexError):
         return None
     # the continuation's tokens: those that start at or after the context's end (lm-eval's local-completions)
-    picked = [k for k, at in enumerate(lp["text_offset"]) if at >= len(context) and lp["token_logprobs"][k] is not None]
+    picked = [k for k, at in enumerate(offsets) if at >= len(context) and logprobs[k] is not None]
     if not picked:
         return None
-    total = sum(lp["token_logprobs"][k] for k in picked)
-    greedy = all(
-        max((lp["top_logprobs"][k] or {}).values(), default=0.0) <= lp["token_logprobs"][k] + 1e-6 for k in picked
-    )
+    total = sum(logprobs[k] for k in picked)
+    greedy = all(max((lp["top_logprobs"][k] or {}).values(), default=0.0) <= logprobs[k] + 1e-6 for k in picked)
     return total, greedy
 
 

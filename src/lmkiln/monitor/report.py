@@ -134,6 +134,7 @@ def render(runs: list[dict], drifts: list[dict]) -> str:
 
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters["when"] = lambda t: _when(t).strftime("%Y-%m-%d %H:%M UTC")
+    env.filters["metric"] = METRIC_NAMES.get
     latest = next((d for d in reversed(drifts) if d["alert"]), drifts[-1]) if drifts else None
     return env.from_string(TEMPLATE.read_text()).render(
         generator=GENERATOR,
