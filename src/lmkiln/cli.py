@@ -370,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="redact personal data (the data stage's rules) before a record reaches disk (default: on)",
     )
+    p.add_argument(
+        "--blocklist",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="words and phrases (one a line) kept out of replies: whole words, any case; a reply that would "
+        "contain one is cut before it with finish_reason content_filter",
+    )
     p.add_argument("--log-max-mb", type=int, default=64, help="request log: a new file past this size (default 64)")
     p.add_argument("--log-max-files", type=int, default=20, help="request log: files kept, oldest removed (default 20)")
 
@@ -469,6 +477,7 @@ def _serve(args) -> None:
         args.log_max_files,
         args.models_file,
         args.version_name,
+        args.blocklist,
     )
 
 

@@ -26,6 +26,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from lmkiln.serve.admin import VERSION_HEADER, add_admin_routes
 from lmkiln.serve.batching import PromptLogprobs, QueueFull, Sampling, Sequence, Token
+from lmkiln.serve.blocklist import Blocklist
 from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import (
     ApiError,
@@ -72,6 +73,7 @@ class Server:
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
         self.log = None  # a RequestLog, with --log-requests
+        self.blocklist: Blocklist | None = None  # with --blocklist
         self.error: str | None = None
 
         def engines():
@@ -142,8 +144,9 @@ class Choice:
         stop_ids: frozenset[int],
         stops: list[str],
         adapter: int,
+        blocklist: Blocklist | None = None,
     ) -> None:
-        self.version, self.metrics, self.stops = version, metrics, stops
+        self.version, self.metrics, self.stops, self.blocklist = version, metrics, stops, blocklist
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.seq = Sequence(
@@ -155,6 +158,11 @@ class Choice:
             version.engine.submit(self.seq)
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later") from None
+
+    def _filtered(self, text: str, emitted: str, blocked: int, tokens: list[Token]):
+        """The last piece of a reply cut before a blocked phrase (never held-back text was sent past it)."""
+        self.metrics.filtered()
+        return text[len(emitted) : blocked], tokens, "content_filter"
 
     def _held(self, text: str) -> int:
         """Characters at the end of text that could start a stop string."""
@@ -172,6 +180,10 @@ class Choice:
                     if event.startswith("error"):
                         raise RuntimeError(event)
                     text = self.version.decode(ids)
+                    blocked = self.blocklist.cut(text, final=True) if self.blocklist else None
+                    if blocked is not None:
+                        yield self._filtered(text, emitted, blocked, tokens)
+                        return
                     yield text[len(emitted) :], tokens, "length" if event == "length" else "stop"
                     return
                 if not ids:
@@ -181,10 +193,15 @@ class Choice:
                 self.tokens += 1
                 text = self.version.decode(ids)
                 cut = min((text.find(s) for s in self.stops if s in text), default=-1)
+                blocked = self.blocklist.cut(text, final=False) if self.blocklist else None
+                if blocked is not None and (cut < 0 or blocked < cut):
+                    yield self._filtered(text, emitted, blocked, tokens)
+                    return
                 if cut >= 0:
                     yield text[len(emitted) : cut], tokens, "stop"
                     return
-                safe = len(text) - self._held(text)
+                held = max(self._held(text), self.blocklist.held(text) if self.blocklist else 0)
+                safe = len(text) - held
                 if not text.endswith("\ufffd") and safe > len(emitted):  # whole UTF-8 characters only
                     yield text[len(emitted) : safe], tokens, None
                     emitted, tokens = text[:safe], []
@@ -217,7 +234,9 @@ def start_choices(
                     logprobs,
                     prompt_logprobs=getattr(req, "echo", False) and logprobs is not None,
                 )
-                choices.append(Choice(version, server.metrics, prompt, sampling, stop_ids, req.stop or [], index))
+                choices.append(
+                    Choice(version, server.metrics, prompt, sampling, stop_ids, req.stop or [], index, server.blocklist)
+                )
     except ApiError:
         for c in choices:
             c.seq.cancel()
@@ -269,11 +288,13 @@ def create_app(
     background: bool = False,
     request_log: RequestLog | None = None,
     version: str | None = None,
+    blocklist: Blocklist | None = None,
 ) -> FastAPI:
     """The app; `background=True` loads the model on a thread (the routes answer 503 until then);
     `request_log` records each generation request and reply; `version` names the first version (v1 by
     default), and serve/admin.py's routes load the next ones."""
     server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context, version)
+    server.blocklist = blocklist
     if request_log is not None:
         request_log.on_write = server.metrics.logged
         server.log = request_log
@@ -407,7 +428,9 @@ def create_app(
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         served = server.versions.served_id(version, adapter)
         if version.seq2seq is not None:
-            return await asyncio.to_thread(respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt")
+            return await asyncio.to_thread(
+                respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt", server.blocklist
+            )
         prompts = [version.encode(t, "prompt") for t in texts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         choices = start_choices(server, version, adapter, req, prompts, version.stop_ids, req.logprobs, max_tokens)
@@ -422,7 +445,9 @@ def create_app(
         served = server.versions.served_id(version, adapter)
         if version.seq2seq is not None:
             text = conversation_text(messages)
-            return await asyncio.to_thread(respond_seq2seq, version.seq2seq, req, [text], True, served, "messages")
+            return await asyncio.to_thread(
+                respond_seq2seq, version.seq2seq, req, [text], True, served, "messages", server.blocklist
+            )
         try:
             text = version.chat.render(messages, add_generation_prompt=True)
         except Exception as exc:

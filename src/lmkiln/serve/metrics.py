@@ -34,6 +34,9 @@ class ServeMetrics:
         self.log_records = Counter(
             "lmkiln_request_log_records", "requests logged (written) or not (dropped)", ["status"], registry=r
         )
+        self.content_filtered = Counter(
+            "lmkiln_content_filtered", "replies cut before a blocked phrase (--blocklist)", registry=r
+        )
         self.swaps = Counter(
             "lmkiln_model_swaps",
             "new versions asked for: loaded, or refused by the load checks",
@@ -50,6 +53,9 @@ class ServeMetrics:
 
     def logged(self, written: bool) -> None:
         self.log_records.labels("written" if written else "dropped").inc()
+
+    def filtered(self) -> None:
+        self.content_filtered.inc()
 
     def activated(self, label: str) -> None:
         self.version.info({"version": label})

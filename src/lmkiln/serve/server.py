@@ -64,6 +64,7 @@ def serve(
     log_max_files: int = 20,
     models_file: Path | None = None,
     version: str | None = None,
+    blocklist: Path | None = None,
 ) -> None:
     """Serve `model` until interrupted (with `log_requests`, each generation logged there). With
     `models_file` instead, serve the version it names, and on SIGHUP load the one it names then."""
@@ -97,6 +98,9 @@ def serve(
             raise UserError(f"--{flag} {value}: expected a positive number")
     found = parse_adapters(adapters or [])
     request_log = _request_log(log_requests, log_redact, log_max_mb, log_max_files)  # checked before binding
+    from lmkiln.serve.blocklist import Blocklist
+
+    blocked = Blocklist.read(blocklist) if blocklist is not None else None
     sock = bind(host, port)
     host, port = sock.getsockname()[:2]
     from lmkiln.serve.encoding import is_encoder
@@ -117,6 +121,7 @@ def serve(
         background=True,
         request_log=request_log,
         version=version,
+        blocklist=blocked,
     )
     if models_file is not None:
         from lmkiln.serve.admin import reload_on_sighup
