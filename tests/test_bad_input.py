@@ -149,6 +149,7 @@ CASES = [
         ["--models-file", "{ws}/models.yaml"],
         "--models-file {ws}/models.yaml: unknown key 'modle'",
     ),
+    ("serve-blocklist-missing", "serve", ["{ws}/model", "--blocklist", "{ws}/nope.txt"], "--blocklist {ws}/nope.txt"),
     ("serve-model-and-models-file", "serve", ["{ws}/model", "--models-file", "{ws}/models.yaml"], "one of them"),
     ("export-no-model", "export", ["{ws}/nope", "{ws}/out"], "is neither a model directory"),
     (

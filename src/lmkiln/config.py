@@ -139,6 +139,16 @@ class DecontamConfig(Section):
     action: Literal["remove", "flag"] = Field("remove", description="remove, or keep and list in contaminated.jsonl")
 
 
+class CounterfactualConfig(Section):
+    enabled: bool = Field(False, description="swap gendered words and names in a copy of each row (or in place)")
+    mode: Literal["add", "replace"] = Field("add", description="add: keep each row and add its swapped copy; replace")
+    rate: float = Field(1.0, gt=0.0, le=1.0, description="the share of rows swapped (chosen by a hash of the row)")
+    pairs: list[str] = Field(
+        default_factory=lambda: ["builtin:gender", "builtin:names"],
+        description="word pair lists: builtin:gender, builtin:names, or TSV files of two words a line",
+    )
+
+
 class DataConfig(Section):
     sources: list[str] = Field(
         default_factory=lambda: ["builtin:python-stdlib"], description="files, globs, folders, or builtin:NAME"
@@ -169,6 +179,9 @@ class DataConfig(Section):
     near_dedup: NearDedupConfig = Field(default_factory=NearDedupConfig)
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     removed_samples: int = Field(20, ge=0, description="removed documents kept per reason in removed_samples.jsonl")
+    counterfactual: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig, description="counterfactual augmentation of the documents kept"
+    )
 
 
 class TokenizerConfig(Section):
@@ -322,6 +335,9 @@ class FinetuneConfig(Section):
     packing: bool = Field(False, description="several examples per row, each attending only to itself")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
     dpo_beta: float = Field(0.1, gt=0, description="dpo: how far the tuned model may move from the base")
+    counterfactual: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig, description="counterfactual augmentation of the training rows"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
     @model_validator(mode="after")
@@ -407,6 +423,14 @@ class EvalConfig(Section):
         64, gt=0, description="held-out docstring examples scored, and rows sampled from each gen: file"
     )
     max_new_tokens: int = Field(64, gt=0)
+    group_by: str | None = Field(
+        None,
+        description="gen: tasks: a column of the rows naming each row's group; scores per group, their largest "
+        "gap and, for classifiers, demographic parity and equalized odds differences (Fairlearn's definitions)",
+    )
+    positive_label: str | None = Field(
+        None, description="group_by on a two-label classifier: the positive label (default: the second in sorted order)"
+    )
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
 

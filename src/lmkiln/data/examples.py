@@ -174,10 +174,13 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
     """A validated example from one record; BadRow says what is wrong with it."""
     for canonical, column in columns.items():
         if column not in record:
-            raise BadRow(f"no column '{column}' (mapped to '{canonical}'; columns: {', '.join(sorted(record))})")
+            named = "eval.group_by" if canonical == "group" else f"mapped to '{canonical}'"
+            raise BadRow(f"no column '{column}' ({named}; columns: {', '.join(sorted(record))})")
         record = {**record, canonical: record[column]}
     fmt = _mapped_format(columns) or detect_format(record) if fmt == "auto" else fmt
     example = {"id": ref, "split": record.get("split") or None}
+    if "group" in columns:  # eval.group_by: the row's group travels with it
+        example["group"] = str(record["group"])
     if fmt == "text":
         return {**example, "text": _string(record, "text")}
     if fmt == "tagging":

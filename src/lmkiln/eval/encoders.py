@@ -83,7 +83,8 @@ def score_classification(model, names: list[str], tok, chat, rows: list[dict], m
         raise ValueError(f"none of the rows' labels is one the classifier knows ({', '.join(names)})")
     encoded = encode_texts(tok, known, max_len, chat, closed=True)
     labels = [index[r["label"]] for r in known]
-    scores = score_classifier(model, encoded, labels, chat.pad, device, batch_size=16)
+    scores = score_classifier(model, encoded, labels, chat.pad, device, batch_size=16, keep_predictions=True)
+    predicted = iter(names[p] for p in scores["predicted"])
     return {
         "accuracy": round(scores["accuracy"], 5),
         "macro_f1": round(scores["macro_f1"], 5),
@@ -92,6 +93,7 @@ def score_classification(model, names: list[str], tok, chat, rows: list[dict], m
         "labels": names,
         "examples": len(known),
         "unknown_label_rows": len(rows) - len(known),
+        "predicted": [next(predicted) if r["label"] in index else None for r in rows],
     }
 
 

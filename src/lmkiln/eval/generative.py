@@ -183,4 +183,5 @@ def score_labels(
         "majority_accuracy": round(majority, 5),
         "labels": labels,
         "examples": len(examples),
+        "predicted": [labels[p] for p in pred],
     }

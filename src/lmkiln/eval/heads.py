@@ -21,9 +21,17 @@ def label_batch(encoded: list[list[int]], labels: list[int], idx: list[int], pad
 
 
 @torch.no_grad()
-def score_classifier(model, encoded: list[list[int]], labels: list[int], pad: int, device, batch_size: int) -> dict:
+def score_classifier(
+    model,
+    encoded: list[list[int]],
+    labels: list[int],
+    pad: int,
+    device,
+    batch_size: int,
+    keep_predictions: bool = False,
+) -> dict:
     """Loss, accuracy and macro-F1 of `model(ids, lengths)`'s label logits on encoded texts and their
-    label indices; batches of similar length."""
+    label indices (and each text's predicted index, when kept); batches of similar length."""
     model.eval()
     pred, loss = [], 0.0
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -41,6 +49,7 @@ def score_classifier(model, encoded: list[list[int]], labels: list[int], pad: in
         "loss": loss / n,
         "accuracy": sum(p == g for p, g in zip(pred, labels)) / n,
         "macro_f1": macro_f1(pred, labels, logits.shape[-1]),
+        **({"predicted": pred} if keep_predictions else {}),
     }
 
 

@@ -124,6 +124,8 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
 
     cfg = recipe.eval
     columns = cfg.columns or recipe.finetune.columns
+    if cfg.group_by:
+        columns = {**columns, "group": cfg.group_by}
     out = {}
     for ref in cfg.tasks:
         if not ref.startswith("gen:"):
@@ -252,7 +254,40 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         if core is not None:
             res["icl"] = {"centered": core}
         results[name] = res
+    if cfg.group_by:
+        add_group_scores(results, generative, cfg.group_by, cfg.positive_label)
     return results
+
+
+def add_group_scores(results: dict, generative: dict, column: str, positive: str | None) -> None:
+    """Each gen: task's scores per group of `column` (eval/groups.py), beside its overall scores."""
+    from lmkiln.eval.groups import classifier_groups, metric_groups
+
+    for name, res in results.items():
+        for task, rows in generative.items():
+            r = res.get(task)
+            if not isinstance(r, dict):
+                continue
+            groups = [row["group"] for row in rows]
+            if "predicted" in r:
+                try:
+                    found = classifier_groups(groups, r["predicted"], [row["label"] for row in rows], positive)
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
+            elif "samples" in r:
+                per_row = {m: [s[m] for s in r["samples"]] for m in ("exact_match", "token_f1", "rouge_l")}
+                found = metric_groups(groups, per_row)
+            else:
+                continue
+            r["by_group"] = {"column": column, **found}
+            gaps = ", ".join(f"{m} {v:.4f}" for m, v in found["gaps"].items())
+            fair = (
+                f"; demographic parity difference {found['demographic_parity_difference']:.4f}, equalized odds "
+                f"difference {found['equalized_odds_difference']:.4f}"
+                if "demographic_parity_difference" in found
+                else ""
+            )
+            console.print(f"{name} {task}: {len(found['groups'])} groups of {column}: largest gaps {gaps}{fair}")
 
 
 def _encoder_scores(recipe: Recipe, run_dir: Path, path: Path, name: str, generative: dict, device) -> dict:
@@ -437,7 +472,9 @@ def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
     print_table(results)
     return {
         name: {
-            task: {k: v for k, v in r[task].items() if k not in ("samples", "correct")} for task in r if task != "path"
+            task: {k: v for k, v in r[task].items() if k not in ("samples", "correct", "predicted")}
+            for task in r
+            if task != "path"
         }
         for name, r in results.items()
     }

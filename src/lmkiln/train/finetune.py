@@ -174,6 +174,17 @@ def load_base(recipe: Recipe, run_dir: Path):
     check_task(splits["train"] + splits["val"], cfg.task)
     if cfg.max_examples:
         splits["train"] = sample(splits["train"], cfg.max_examples)
+    if cfg.counterfactual.enabled:  # the training rows only: validation measures the data as it comes
+        from lmkiln.data.counterfactual import augment
+
+        c = cfg.counterfactual
+        splits["train"], splits["counterfactual"] = augment(splits["train"], c.mode, c.rate, c.pairs)
+        stats = splits["counterfactual"]
+        top = ", ".join(f"{k} {v}" for k, v in list(stats["swaps"].items())[:6])
+        console.print(
+            f"counterfactual ({c.mode}): {stats['rows_changed']:,} of {stats['rows_in']:,} training rows swapped, "
+            f"{stats['rows_out']:,} rows now; {top}"
+        )
     return base_dir, tok, splits
 
 
@@ -222,6 +233,8 @@ def build(
             result = build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor, plan)
         if plan is not None and ctx.is_main:  # finished and saved: nothing left to resume
             shutil.rmtree(plan.dir, ignore_errors=True)
+        if "counterfactual" in splits:
+            result["counterfactual"] = splits["counterfactual"]
         return result
     finally:
         dist.teardown(ctx)

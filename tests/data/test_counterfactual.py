@@ -1,0 +1,83 @@
+"""Counterfactual augmentation on hand-made rows: case, possessives, her -> his or him, names, the rows
+and fields it touches, and the counts it reports."""
+
+import json
+
+import pytest
+
+from lmkiln.cli import main
+from lmkiln.data.counterfactual import Swapper, augment, read_pairs
+from tests.conftest import TINY
+
+SWAP = Swapper(read_pairs(["builtin:gender", "builtin:names"]))
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("He said she would come.", "She said he would come."),
+        ("HE WAS THERE", "SHE WAS THERE"),
+        ("The man's coat and the woman's hat", "The woman's coat and the man's hat"),
+        ("I gave her book to him.", "I gave his book to her."),  # her before a noun: his
+        ("I told her.", "I told him."),  # her at the end: him
+        ("I saw her at the station with his brother", "I saw him at the station with her sister"),
+        ("James met Mary's father", "Mary met James's mother"),
+        ("Hero, shepherd, heather and Johnson stay", "Hero, shepherd, heather and Johnson stay"),  # whole words only
+        ("The waitress thanked the actor himself", "The waiter thanked the actress herself"),
+    ],
+)
+def test_swaps_keep_case_possessives_and_whole_words(text, want):
+    assert SWAP.swap(text)[0] == want
+
+
+def test_the_counts_name_each_swap():
+    _, counts = SWAP.swap("He and his brother met her. He left.")
+    assert counts == {"he -> she": 2, "his -> her": 1, "brother -> sister": 1, "her -> him": 1}
+
+
+def test_add_keeps_rows_and_adds_swapped_copies_of_the_changed_ones_only():
+    rows = [
+        {"id": "a", "instruction": "What did he say?", "input": "", "output": "He said hello.", "split": None},
+        {"id": "b", "messages": [{"role": "user", "content": "Ask James."}, {"role": "assistant", "content": "Done."}]},
+        {"id": "c", "text": "Nothing to swap here.", "label": "he"},  # a label is never swapped
+    ]
+    out, stats = augment(rows, "add", 1.0, ["builtin:gender", "builtin:names"])
+    assert out[:2] == [
+        rows[0],
+        {**rows[0], "id": "a#counterfactual", "instruction": "What did she say?", "output": "She said hello."},
+    ]
+    assert out[3]["messages"][0] == {"role": "user", "content": "Ask Mary."} and out[4] == rows[2]
+    assert stats["rows_in"] == 3 and stats["rows_changed"] == 2 and stats["rows_out"] == 5
+    assert stats["swaps"] == {"he -> she": 2, "james -> mary": 1}
+    replaced, stats = augment(rows, "replace", 1.0, ["builtin:gender"])
+    assert [r["id"] for r in replaced] == ["a#counterfactual", "b", "c"] and stats["rows_out"] == 3
+
+
+def test_rate_swaps_the_same_share_of_rows_every_time():
+    rows = [{"id": str(i), "text": "he ran"} for i in range(400)]
+    first, stats = augment(rows, "replace", 0.25, ["builtin:gender"])
+    again, _ = augment(rows, "replace", 0.25, ["builtin:gender"])
+    assert first == again and 70 < stats["rows_changed"] < 130
+
+
+def test_bad_pair_files_are_named(tmp_path):
+    bad = tmp_path / "pairs.tsv"
+    bad.write_text("he she\n")  # a space, not a tab
+    with pytest.raises(Exception, match="pairs.tsv:1: expected two words separated by a tab"):
+        read_pairs([str(bad)])
+    with pytest.raises(Exception, match="builtin:gender, builtin:names"):
+        read_pairs(["builtin:colour"])
+
+
+def test_finetune_with_counterfactual_augmentation_reports_the_swaps(trained_run, tmp_path):
+    _, run_dir, _ = trained_run
+    data = tmp_path / "sft.jsonl"
+    rows = [{"instruction": f"What does he do? ({i})", "output": "He fixes cars."} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = [*TINY, f"run_dir={tmp_path / 'run'}", f"finetune.base={run_dir / 'pretrain' / 'final'}"]
+    argv += [f"finetune.data={data}", "finetune.epochs=1", "finetune.counterfactual.enabled=true"]
+    assert main(["-q", "finetune", *argv]) == 0
+    stats = json.loads((tmp_path / "run" / "finetune" / "manifest.json").read_text())["metrics"]["counterfactual"]
+    train = stats["rows_in"]
+    assert 0 < train < 24 and stats["rows_changed"] == train and stats["rows_out"] == 2 * train  # val untouched
+    assert stats["swaps"] == {"he -> she": 2 * train}
