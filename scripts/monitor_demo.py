@@ -10,7 +10,7 @@ monitoring report and the screenshot in docs/ (docs/images/monitor_report.png).
 4. Traffic shifts to tinyshakespeare; the drift check over that window alerts.
 5. `kiln monitor report`, and a screenshot of it.
 
-    python scripts/monitor_demo.py /tmp/monitor-demo      # about 5 minutes on 2 cores
+    python scripts/monitor_demo.py /tmp/monitor-demo      # about 8 minutes on 2 cores
 """
 
 from __future__ import annotations

@@ -428,6 +428,9 @@ class EvalConfig(Section):
         description="gen: tasks: a column of the rows naming each row's group; scores per group, their largest "
         "gap and, for classifiers, demographic parity and equalized odds differences (Fairlearn's definitions)",
     )
+    min_group_rows: int = Field(
+        10, gt=0, description="group_by: groups with fewer rows are listed but left out of the gaps (1: every group)"
+    )
     positive_label: str | None = Field(
         None, description="group_by on a two-label classifier: the positive label (default: the second in sorted order)"
     )

@@ -81,3 +81,25 @@ def test_finetune_with_counterfactual_augmentation_reports_the_swaps(trained_run
     train = stats["rows_in"]
     assert 0 < train < 24 and stats["rows_changed"] == train and stats["rows_out"] == 2 * train  # val untouched
     assert stats["swaps"] == {"he -> she": 2 * train}
+
+
+def test_the_data_stage_adds_swapped_copies_to_the_training_split_only(tmp_path):
+    import pyarrow.parquet as pq
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(30):
+        (docs / f"{i}.txt").write_text(f"Story {i}. " + "He told his brother that the king would come soon. " * 4)
+    argv = [f"run_dir={tmp_path / 'run'}", f"data.sources=[{docs}]", "data.val_fraction=0.2"]
+    assert main(["-q", "data", *argv, "data.counterfactual.enabled=true", "data.near_dedup.enabled=false"]) == 0
+    out = tmp_path / "run" / "data"
+    stats = json.loads((out / "stats.json").read_text())["counterfactual"]
+    train = [r for f in sorted(out.glob("train-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    val = [r for f in sorted(out.glob("val-*.parquet")) for r in pq.read_table(f).to_pylist()]
+    copies = [r for r in train if r["id"].endswith("#counterfactual")]
+    assert len(copies) == stats["rows_changed"] == stats["rows_in"] == len(train) - len(copies) > 0
+    assert copies[0]["text"].count("She told her sister that the queen would come soon.") == 4
+    assert not any(r["id"].endswith("#counterfactual") for r in val)
+    assert stats["swaps"] == {
+        k: 4 * len(copies) for k in ("he -> she", "his -> her", "brother -> sister", "king -> queen")
+    }

@@ -57,6 +57,9 @@ def test_classifier_groups_equal_fairlearns_metric_frame_and_fairness_metrics(la
     assert ours["demographic_parity_difference"] == pytest.approx(worst_parity, abs=1e-5)
     assert ours["equalized_odds_difference"] == pytest.approx(worst_odds, abs=1e-5)
     assert ours["gaps"]["accuracy"] > 0.1  # the planted gap is found
+    small = classifier_groups(groups + ["tiny"], predicted + [gold[0]], gold + [gold[0]], min_rows=10)
+    assert small["groups"]["tiny"]["n"] == 1 and small["compared_groups"] == 3  # listed, not compared
+    assert small["gaps"]["accuracy"] == ours["gaps"]["accuracy"]
 
 
 def test_metric_groups_equal_fairlearns_means():
@@ -94,7 +97,7 @@ def test_kiln_eval_group_by_on_classification_and_generative_rows(trained_run, t
     )
     final = run_dir / "pretrain" / "final"
     argv = ["eval", "--models", str(final), "--tasks", f"gen:{intents}", f"gen:{qa}", "--out", str(tmp_path / "o")]
-    assert main([*argv, "eval.group_by=region", "eval.max_new_tokens=3"]) == 0
+    assert main([*argv, "eval.group_by=region", "eval.min_group_rows=1", "eval.max_new_tokens=3"]) == 0
     res = json.loads((tmp_path / "o" / "eval.json").read_text())["pretrain/final"]
     grouped = res["intents"]["by_group"]
     assert grouped["column"] == "region" and set(grouped["groups"]) == {"north", "south"}

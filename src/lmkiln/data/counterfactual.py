@@ -119,33 +119,43 @@ def swap_row(row: dict, swapper: Swapper) -> tuple[dict, Counter]:
     return walk(row), counts
 
 
-def augment(
-    rows: list[dict], mode: str, rate: float, pairs: list[str], salt: str = "counterfactual"
-) -> tuple[list[dict], dict]:
+class Augmentation:
+    """Counterfactual augmentation row by row, counting as it goes (`stats`)."""
+
+    def __init__(self, mode: str, rate: float, pairs: list[str], salt: str = "counterfactual") -> None:
+        self.swapper, self.mode, self.rate, self.salt = Swapper(read_pairs(pairs)), mode, rate, salt
+        self.swaps: Counter = Counter()
+        self.rows_in = self.considered = self.changed = self.rows_out = 0
+
+    def rows(self, row: dict) -> list[dict]:
+        """What `row` becomes: itself, itself and its swapped copy (add), or the copy alone (replace)."""
+        self.rows_in += 1
+        out = [row]
+        if unit_hash(str(row.get("id")), self.salt) < self.rate:
+            self.considered += 1
+            swapped, counts = swap_row(row, self.swapper)
+            if counts:
+                self.changed += 1
+                self.swaps.update(counts)
+                copy = {**swapped, "id": f"{row.get('id')}#counterfactual"}
+                out = [row, copy] if self.mode == "add" else [copy]
+        self.rows_out += len(out)
+        return out
+
+    def stats(self) -> dict:
+        return {
+            "mode": self.mode,
+            "rate": self.rate,
+            "rows_in": self.rows_in,
+            "rows_considered": self.considered,
+            "rows_changed": self.changed,
+            "rows_out": self.rows_out,
+            "swaps": dict(self.swaps.most_common()),
+        }
+
+
+def augment(rows: list[dict], mode: str, rate: float, pairs: list[str]) -> tuple[list[dict], dict]:
     """The rows after augmentation (`add` or `replace`), and what changed: rows considered, changed and
     added, and each swap's count."""
-    swapper = Swapper(read_pairs(pairs))
-    out, swaps, changed, considered = [], Counter(), 0, 0
-    for row in rows:
-        if unit_hash(str(row.get("id")), salt) >= rate:
-            out.append(row)
-            continue
-        considered += 1
-        swapped, counts = swap_row(row, swapper)
-        if not counts:
-            out.append(row)
-            continue
-        changed += 1
-        swaps.update(counts)
-        copy = {**swapped, "id": f"{row.get('id')}#counterfactual"}
-        out += [row, copy] if mode == "add" else [copy]
-    stats = {
-        "mode": mode,
-        "rate": rate,
-        "rows_in": len(rows),
-        "rows_considered": considered,
-        "rows_changed": changed,
-        "rows_out": len(out),
-        "swaps": dict(swaps.most_common()),
-    }
-    return out, stats
+    aug = Augmentation(mode, rate, pairs)
+    return [r for row in rows for r in aug.rows(row)], aug.stats()

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from lmkiln.config import Recipe
 from lmkiln.data import sources
+from lmkiln.data.counterfactual import Augmentation, read_pairs
 from lmkiln.data.dedup import LshIndex
 from lmkiln.data.executor import map_shards
 from lmkiln.data.shards import SAMPLE_CHARS, process_shard, signature_rows
@@ -41,6 +42,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     for name in recipe.data.decontam.eval_files:
         if not Path(name).is_file():
             raise UserError(f"data.decontam.eval_files: '{name}' does not exist")
+    if recipe.data.counterfactual.enabled:
+        read_pairs(recipe.data.counterfactual.pairs)
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -52,7 +55,8 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     from lmkiln.io import sha256_file
 
     evals = {f: sha256_file(f) for f in recipe.data.decontam.eval_files if Path(f).is_file()}
-    return {"sources": sources.fingerprint(recipe.data.sources), "eval_files": evals}
+    pairs = {f: sha256_file(f) for f in recipe.data.counterfactual.pairs if Path(f).is_file()}  # edited lists redo
+    return {"sources": sources.fingerprint(recipe.data.sources), "eval_files": evals, "counterfactual_pairs": pairs}
 
 
 class ShardWriter:
@@ -173,6 +177,8 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
     samples: list[dict] = []
     sampled: Counter = Counter()
     flagged: list[dict] = []
+    cf = cfg.counterfactual
+    augmentation = Augmentation(cf.mode, cf.rate, cf.pairs) if cf.enabled else None
 
     def removed(row: dict, reason: str, text: str | None) -> None:
         tally.add_removed(row["origin"], reason, row["bytes_in"])
@@ -197,8 +203,10 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
                 if row["hits"]:  # kept although contaminated: the action is flag
                     flagged.append({"id": row["id"], "source": row["source"], "shared_ngrams": row["hits"]})
                 split = "val" if is_heldout(row["group"], cfg.val_fraction) else "train"
-                writers[split].add(row["id"], row["source"], row["text"])
                 tally.add_kept(row["origin"], split, len(row["text"].encode("utf-8")))
+                docs = [row] if augmentation is None or split == "val" else augmentation.rows(row)
+                for doc in docs:  # after dedup: a swapped copy is a near duplicate by design
+                    writers[split].add(doc["id"], doc["source"], doc["text"])
     _check_splits(tally.result(), cfg)
     for w in writers.values():
         w.flush()
@@ -210,6 +218,7 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
         "pii_redacted": dict(pii_total),
         "contaminated_flagged": len(flagged),
         "shards": {s: w.shards for s, w in writers.items()},
+        **({"counterfactual": augmentation.stats()} if augmentation is not None else {}),
     }
 
 

@@ -255,12 +255,12 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             res["icl"] = {"centered": core}
         results[name] = res
     if cfg.group_by:
-        add_group_scores(results, generative, cfg.group_by, cfg.positive_label)
+        add_group_scores(results, generative, cfg)
     return results
 
 
-def add_group_scores(results: dict, generative: dict, column: str, positive: str | None) -> None:
-    """Each gen: task's scores per group of `column` (eval/groups.py), beside its overall scores."""
+def add_group_scores(results: dict, generative: dict, cfg) -> None:
+    """Each gen: task's scores per group of eval.group_by (eval/groups.py), beside its overall scores."""
     from lmkiln.eval.groups import classifier_groups, metric_groups
 
     for name, res in results.items():
@@ -271,15 +271,16 @@ def add_group_scores(results: dict, generative: dict, column: str, positive: str
             groups = [row["group"] for row in rows]
             if "predicted" in r:
                 try:
-                    found = classifier_groups(groups, r["predicted"], [row["label"] for row in rows], positive)
+                    gold = [row["label"] for row in rows]
+                    found = classifier_groups(groups, r["predicted"], gold, cfg.positive_label, cfg.min_group_rows)
                 except ValueError as exc:
                     raise UserError(str(exc)) from None
             elif "samples" in r:
                 per_row = {m: [s[m] for s in r["samples"]] for m in ("exact_match", "token_f1", "rouge_l")}
-                found = metric_groups(groups, per_row)
+                found = metric_groups(groups, per_row, cfg.min_group_rows)
             else:
                 continue
-            r["by_group"] = {"column": column, **found}
+            r["by_group"] = {"column": cfg.group_by, **found}
             gaps = ", ".join(f"{m} {v:.4f}" for m, v in found["gaps"].items())
             fair = (
                 f"; demographic parity difference {found['demographic_parity_difference']:.4f}, equalized odds "
@@ -287,7 +288,10 @@ def add_group_scores(results: dict, generative: dict, column: str, positive: str
                 if "demographic_parity_difference" in found
                 else ""
             )
-            console.print(f"{name} {task}: {len(found['groups'])} groups of {column}: largest gaps {gaps}{fair}")
+            console.print(
+                f"{name} {task}: {len(found['groups'])} groups of {cfg.group_by} ({found['compared_groups']} with "
+                f"{cfg.min_group_rows}+ rows): largest gaps {gaps}{fair}"
+            )
 
 
 def _encoder_scores(recipe: Recipe, run_dir: Path, path: Path, name: str, generative: dict, device) -> dict:
