@@ -111,3 +111,20 @@ def test_kiln_eval_group_by_on_classification_and_generative_rows(trained_run, t
     assert {g: v["n"] for g, v in qa_groups.items()} == {"north": 3, "south": 3}
     missing = ["eval", "--models", str(final), "--tasks", f"gen:{qa}", "eval.group_by=country"]
     assert main([*missing, "--out", str(tmp_path / "p")]) == 2  # a row without the column: named, before scoring
+
+
+def test_the_run_report_shows_each_groups_score_per_model_and_the_gaps():
+    from lmkiln.eval.report import _group_lines
+
+    groups = ["north"] * 12 + ["south"] * 12 + ["east"] * 2
+    gold = ["a", "b"] * 13
+    base = classifier_groups(groups, ["a"] * 26, gold, min_rows=10)
+    tuned = classifier_groups(groups, gold, gold, min_rows=10)
+    lines = _group_lines(
+        "intents", {"pretrain": {"column": "region", **base}, "finetune": {"column": "region", **tuned}}
+    )
+    text = "\n".join(lines)
+    assert lines[0] == "### intents by region"
+    assert "| north | 12 | 0.5000 | 1.0000 |" in text and "| east | 2 | 0.5000 | 1.0000 |" in text
+    assert "| **largest gap** | | 0.0000 | 0.0000 |" in text
+    assert "| **demographic parity difference** |" in text and "over the 2 groups of 10+ rows" in text

@@ -124,6 +124,14 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
         out += ["", "Warning: validation loss rose while training loss fell (overfitting)."]
     if m.get("skipped_rows"):
         out += ["", f"{m['skipped_rows']} bad rows skipped (finetune.on_bad_rows=skip)."]
+    if m.get("counterfactual"):
+        c = m["counterfactual"]
+        swaps = ", ".join(f"{k} {v:,}" for k, v in list(c["swaps"].items())[:8])
+        out += [
+            "",
+            f"Counterfactual augmentation ({c['mode']}, rate {c['rate']}): {c['rows_changed']:,} of "
+            f"{c['rows_in']:,} training rows had words swapped; {c['rows_out']:,} rows trained on. Swaps: {swaps}.",
+        ]
     return out
 
 
@@ -165,8 +173,39 @@ def _eval_section(run_dir: Path) -> list[str]:
     if (stage_dir(run_dir, "eval") / "eval.png").exists():
         out += ["![every score, a bar per model](eval/eval.png)", ""]
     for task, r in first.items():
+        if isinstance(r, dict) and r.get("by_group"):
+            out += _group_lines(task, {name: res[task]["by_group"] for name, res in results.items() if task in res})
+    for task, r in first.items():
         if isinstance(r, dict) and r.get("samples"):
             out += _samples(run_dir, task, {name: res[task]["samples"] for name, res in results.items() if task in res})
+    return out
+
+
+def _group_lines(task: str, grouped: dict[str, dict]) -> list[str]:
+    """A task's main score per group (eval.group_by), each model side by side, then the largest gaps and,
+    for classifiers, the demographic parity and equalized odds differences."""
+    first = next(iter(grouped.values()))
+    metric = "accuracy" if "accuracy" in first["gaps"] else "token_f1"
+    names = list(grouped)
+    out = [
+        f"### {task} by {first['column']}",
+        "",
+        "| group | rows | " + " | ".join(f"{n} {metric.replace('_', ' ')}" for n in names) + " |",
+        "|---|---:|" + "---:|" * len(names),
+    ]
+    for g, v in first["groups"].items():
+        cells = [_f4(grouped[n]["groups"].get(g, {}).get(metric)) for n in names]
+        out.append(f"| {g} | {v['n']} | " + " | ".join(cells) + " |")
+    rows = [("largest gap", lambda b: b["gaps"][metric])]
+    if "demographic_parity_difference" in first:
+        rows += [
+            ("demographic parity difference", lambda b: b["demographic_parity_difference"]),
+            ("equalized odds difference", lambda b: b["equalized_odds_difference"]),
+        ]
+    for label, get in rows:
+        out.append(f"| **{label}** | | " + " | ".join(_f4(get(grouped[n])) for n in names) + " |")
+    compared = first.get("compared_groups", len(first["groups"]))
+    out += ["", f"Gaps and differences over the {compared} groups of {first.get('min_rows', 1)}+ rows.", ""]
     return out
 
 
