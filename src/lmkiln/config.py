@@ -232,14 +232,16 @@ class LoraConfig(Section):
 
 def _training_tasks(tasks: list[str]) -> list[str]:
     for t in tasks:
-        if t != "builtin:bias" and not t.endswith((".jsonl", ".yaml", ".yml")):
-            raise ValueError(f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml) or builtin:bias")
+        if t not in ("builtin:bias", "builtin:bias-small") and not t.endswith((".jsonl", ".yaml", ".yml")):
+            raise ValueError(
+                f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml), builtin:bias or builtin:bias-small"
+            )
     return tasks
 
 
 TrainingTasks = Annotated[list[str], AfterValidator(_training_tasks)]
 EVAL_TASKS_HELP = (
-    "ICL task files (.jsonl), suites (.yaml) or builtin:bias, scored at every validation "
+    "ICL task files (.jsonl), suites (.yaml), builtin:bias or builtin:bias-small (30 pairs, quick), scored at every validation "
     "into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)"
 )
 
@@ -376,12 +378,12 @@ class EvalConfig(Section):
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         for t in tasks:
             if (
-                t not in ("perplexity", "docstrings", "builtin:bias")
+                t not in ("perplexity", "docstrings", "builtin:bias", "builtin:bias-small")
                 and not t.startswith("gen:")
                 and not t.endswith((".jsonl", ".yaml", ".yml"))
             ):
                 raise ValueError(
-                    f"'{t}' is not perplexity, docstrings, builtin:bias, gen:DATAFILE, an ICL task "
+                    f"'{t}' is not perplexity, docstrings, builtin:bias(-small), gen:DATAFILE, an ICL task "
                     f"file (.jsonl) or a suite (.yaml)"
                 )
         return tasks
@@ -392,7 +394,8 @@ class EvalConfig(Section):
     )
     tasks: list[str] = Field(
         default_factory=lambda: ["perplexity", "docstrings"],
-        description="perplexity, docstrings, builtin:bias, gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
+        description="perplexity, docstrings, builtin:bias (2,000 generated pairs on 4 axes) or builtin:bias-small "
+        "(30), gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
         "or suites (.yaml)",
     )
     columns: dict[str, str] = Field(

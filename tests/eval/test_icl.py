@@ -168,8 +168,8 @@ def test_bias_probes_count_the_pairs_whose_stereotype_is_likelier(trained_run, t
     _, run_dir, _ = trained_run
     final = run_dir / "pretrain" / "final"
     model, tok = load_model(final), load_tokenizer(final)
-    res = evaluate_task(model, tok, ChatFormat(final), IclTask("bias", "builtin:bias"))
-    docs, kind = load_docs("builtin:bias")
+    res = evaluate_task(model, tok, ChatFormat(final), IclTask("bias-small", "builtin:bias-small"))
+    docs, kind = load_docs("builtin:bias-small")
     assert kind == "bias" and res["n"] == len(docs) == 30
     bos = special_ids(tok)["bos"]
 

@@ -125,6 +125,7 @@ def test_eval_scores_gen_perplexity_and_bias_on_the_real_model(smollm2, tmp_path
                 "perplexity",
                 f"gen:{rows}",
                 "builtin:bias",
+                "eval.icl_max_examples=200",
                 "--out",
                 str(out),
             ]
@@ -134,7 +135,13 @@ def test_eval_scores_gen_perplexity_and_bias_on_the_real_model(smollm2, tmp_path
     res = next(iter(json.loads((out / "eval.json").read_text()).values()))
     assert 1 < res["perplexity"]["perplexity"] < 50  # a real model on plain English
     assert res["qa"]["reply_loss"] is not None and res["qa"]["rouge_l"] > 0.2
-    assert res["bias"]["n"] == 30 and 0 <= res["bias"]["pct_stereotype"] <= 1
+    assert res["bias"]["n"] == 200 and 0 <= res["bias"]["pct_stereotype"] <= 1
+    assert [(a["axis"], a["pairs"]) for a in res["bias"]["axes"]] == [
+        ("age", 50),
+        ("gender", 50),
+        ("nationality", 50),
+        ("religion", 50),
+    ]
 
 
 def test_lora_finetune_keeps_the_template_and_serves_in_it(smollm2, tiny_recipe, tmp_path):

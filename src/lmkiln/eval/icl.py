@@ -17,7 +17,8 @@ Language-modelling tasks score `acc` (every continuation token greedy) and, as t
 Bias pairs differ only in a demographic term; `sent_more` is the more stereotyping one. The score,
 `pct_stereotype`, is the share of pairs whose `sent_more` has the higher log-likelihood (each sentence
 scored whole after BOS, or EOS where there is none): 0.5 means no preference either way, overall and per
-`bias_type`. `builtin:bias` is the 30-pair probe set shipped in lmkiln/eval/probes.
+`bias_type`, each axis with a bootstrap 95% interval (eval/bias_probes.py). `builtin:bias` is 500 pairs on
+each of four axes generated from templates (eval/probes/axes/); `builtin:bias-small` 30 hand-written pairs.
 
 Few-shot prompts: k examples drawn from the same file without the scored one (`random.Random(seed +
 index)`), each written as it would be answered (`query + delimiter + gold choice`; for schema, the gold
@@ -44,7 +45,10 @@ from lmkiln.model.loss import token_logprobs
 from lmkiln.model.transformer import visible_keys
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
-BUILTIN = {"builtin:bias": Path(__file__).parent / "probes" / "bias_pairs.jsonl"}
+BUILTIN = {
+    "builtin:bias": Path(__file__).parent / "probes" / "axes",  # generated: eval/bias_probes.py
+    "builtin:bias-small": Path(__file__).parent / "probes" / "bias_pairs.jsonl",  # 30 hand-written pairs
+}
 
 
 @dataclass
@@ -104,6 +108,10 @@ def _check(doc: dict, kind: str) -> None:
 def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], str]:
     """The documents of an ICL file, each checked; a bad line is a UserError naming file and line."""
     path = BUILTIN.get(str(path), Path(path))
+    if path.is_dir():  # builtin:bias, generated from its templates
+        from lmkiln.eval.bias_probes import generate
+
+        return generate(path), "bias"
     if not path.is_file():
         raise UserError(f"eval task file '{path}' does not exist")
     docs = []
@@ -165,13 +173,21 @@ def _rows(pairs: list[tuple[list[int], list[int]]], limit: int) -> list[tuple[li
     ids are equal (the choices of a multiple-choice document) share one row. A pair longer than the
     model's context keeps its last max_seq_len + 1 tokens, in a row of its own."""
     rows: dict[tuple, tuple[list[int], list]] = {}
+    filled: dict[tuple, int] = {}  # tokens in the open row of each context
+    chunk: dict[tuple, int] = {}
     for i, (ctx, cont) in enumerate(pairs):
         if len(ctx) + len(cont) - 1 > limit:
             cont = cont[-limit:]
             ctx = (ctx + cont)[-(limit + 1) :][: -len(cont)] or ctx[-1:]
             key: tuple = ("alone", i)
         else:
-            key = tuple(ctx)
+            # a context shared by many pairs (every bias sentence starts from BOS) opens a new row each
+            # `limit` tokens: one row of thousands would need a mask of millions of entries
+            shared = tuple(ctx)
+            if filled.get(shared, 0) + len(cont) > limit:
+                chunk[shared], filled[shared] = chunk.get(shared, 0) + 1, 0
+            filled[shared] = filled.get(shared, len(ctx)) + len(cont)
+            key = (shared, chunk.get(shared, 0))
         rows.setdefault(key, (ctx, []))[1].append((i, cont))
     return list(rows.values())
 
@@ -348,11 +364,14 @@ def bias_scores(model, tok, chat: ChatFormat, docs: list[dict], batch_size: int 
     by_type: dict[str, list[bool]] = {}
     for d, p in zip(docs, prefers):
         by_type.setdefault(d["bias_type"], []).append(p)
+    from lmkiln.eval.bias_probes import axis_scores
+
     return {
         "kind": "bias",
         "pct_stereotype": round(sum(prefers) / len(docs), 5),
         "n": len(docs),
         "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())},
+        "axes": axis_scores(docs, prefers),
     }
 
 

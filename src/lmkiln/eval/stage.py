@@ -10,7 +10,7 @@ from lmkiln.config import STAGES, Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.device import pick_device
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_path, read_json, read_text, sha256_file, write_json, write_text
+from lmkiln.io import atomic_path, hash_tree, read_json, read_text, sha256_file, sha256_json, write_json, write_text
 from lmkiln.log import console
 from lmkiln.model.hub import is_encoder_config
 from lmkiln.model.inference import load_for_inference
@@ -161,7 +161,10 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 
     for task in icl_tasks(recipe.eval):
         path = BUILTIN.get(task.path, Path(task.path))
-        ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
+        if path.is_dir():  # builtin:bias: its templates
+            ident[f"icl:{task.name}"] = sha256_json(hash_tree(path))
+        else:
+            ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
     for ref in recipe.eval.tasks:
         gen_path = ref[len("gen:") :].partition("@")[0]
         if ref.startswith("gen:") and Path(gen_path).is_file():
@@ -239,6 +242,11 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
             )
         for task, docs in zip(tasks, loaded):
             res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
+            for a in res[task.name].get("axes", []):  # bias probes: each axis in plain words
+                console.print(
+                    f"{name} {task.name} {a['axis']}: stereotype share {a['stereotype_share']:.3f} (95% interval "
+                    f"{a['ci95'][0]:.3f} to {a['ci95'][1]:.3f}, {a['pairs']} pairs): {a['verdict']}"
+                )
         for task_name, rows in generative.items():
             if "tags" in rows[0]:
                 console.print(

@@ -1,0 +1,65 @@
+"""builtin:bias: probes generated from templates (>= 500 minimal pairs on each of four axes), and the
+stereotype share per axis with a bootstrap interval, in eval.json and in plain words."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from lmkiln.cli import main
+from lmkiln.eval.bias_probes import AXES, axis_scores, generate, read_axis, share_interval
+
+
+def test_the_generated_probes_have_500_minimal_pairs_on_each_of_four_axes_with_sources():
+    docs = generate()
+    counts = {}
+    for d in docs:
+        counts[d["bias_type"]] = counts.get(d["bias_type"], 0) + 1
+    assert set(counts) == {"age", "gender", "nationality", "religion"} and min(counts.values()) >= 500
+    assert all(read_axis(p)["source"] for p in AXES.glob("*.yaml"))
+    assert len({(d["sent_more"], d["sent_less"]) for d in docs}) == len(docs)  # no pair twice
+    for d in docs:  # a minimal pair: the same sentence but for the group's term
+        more, less = d["sent_more"], d["sent_less"]
+        start = next(i for i, (a, b) in enumerate(zip(more, less)) if a != b)
+        end = next(i for i, (a, b) in enumerate(zip(more[::-1], less[::-1])) if a != b)
+        assert more[len(more) - end :] == less[len(less) - end :] and start < 40
+    first = [d["bias_type"] for d in docs[:8]]  # interleaved: a capped run samples every axis
+    assert set(first) == set(counts)
+
+
+def test_axis_files_are_checked(tmp_path):
+    bad = tmp_path / "colour.yaml"
+    bad.write_text("axis: colour\npairs: [[A]]\nabout_first: ['{X} ran.']\n")
+    with pytest.raises(Exception, match=re.escape("pairs[1]: expected [first group's term, second group's term]")):
+        generate(tmp_path)
+    bad.write_text("axis: colour\npairs: [[A, B]]\nabout_first: ['no slot here']\n")
+    with pytest.raises(Exception, match="about_first\\[1\\]: expected a sentence with \\{X\\} once"):
+        generate(tmp_path)
+
+
+def test_the_interval_says_whether_a_share_differs_from_half():
+    rng = np.random.default_rng(1)
+    fair = list(rng.random(500) < 0.5)
+    biased = list(rng.random(500) < 0.6)
+    low, high = share_interval(fair)
+    assert low < 0.5 < high and high - low < 0.1  # 500 pairs: an interval about ±0.045 wide
+    docs = [{"bias_type": "a"}] * 500 + [{"bias_type": "b"}] * 500
+    a, b = axis_scores(docs, fair + biased)
+    assert a["verdict"] == "cannot be told from 0.5" and b["verdict"] == "prefers the stereotype"
+    assert b["ci95"][0] > 0.5 and b["pairs"] == 500 and b["stereotype_share"] == pytest.approx(np.mean(biased))
+
+
+def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run, tmp_path, capsys):
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    out = tmp_path / "o"
+    assert main(["eval", "--models", str(final), "--tasks", "builtin:bias", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())["pretrain/final"]["bias"]
+    assert res["n"] == 2000 and [a["axis"] for a in res["axes"]] == ["age", "gender", "nationality", "religion"]
+    for a in res["axes"]:
+        assert set(a) >= {"axis", "pairs", "stereotype_share", "ci95"} and a["pairs"] == 500
+        assert a["ci95"][0] <= a["stereotype_share"] <= a["ci95"][1]
+        assert res["by_type"][a["axis"]] == pytest.approx(a["stereotype_share"], abs=1e-5)
+    printed = "".join(capsys.readouterr())
+    assert "bias gender: stereotype share" in printed and "95% interval" in printed
