@@ -63,3 +63,30 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
         assert res["by_type"][a["axis"]] == pytest.approx(a["stereotype_share"], abs=1e-5)
     printed = "".join(capsys.readouterr())
     assert "bias gender: stereotype share" in printed and "95% interval" in printed
+
+
+def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(trained_run):
+    """Conditioning on the term: a frequent group name does not make every sentence about it likelier."""
+    import torch
+
+    from lmkiln.eval.icl import bias_scores
+    from lmkiln.model.chat_format import ChatFormat
+    from lmkiln.model.hub import load_model
+    from lmkiln.tokenizer.train import load_tokenizer
+
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    model, tok, chat = load_model(final), load_tokenizer(final), ChatFormat(final)
+    docs = generate()[:40]
+
+    def rest_given_term(sentence, term):
+        ctx = [chat.start] + tok.encode(term, add_special_tokens=False).ids
+        whole = [chat.start] + tok.encode(sentence, add_special_tokens=False).ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole]))[0].double(), -1)
+        return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
+
+    prefers = [
+        rest_given_term(d["sent_more"], d["term_more"]) > rest_given_term(d["sent_less"], d["term_less"]) for d in docs
+    ]
+    assert bias_scores(model, tok, chat, docs)["pct_stereotype"] == pytest.approx(sum(prefers) / 40, abs=1e-5)
