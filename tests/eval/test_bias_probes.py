@@ -53,7 +53,7 @@ def test_the_interval_says_whether_a_share_differs_from_half():
 def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     final = run_dir / "pretrain" / "final"
-    out = tmp_path / "o"
+    out = tmp_path / "run" / "eval"
     assert main(["eval", "--models", str(final), "--tasks", "builtin:bias", "--out", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())["pretrain/final"]["bias"]
     assert res["n"] == 2000 and [a["axis"] for a in res["axes"]] == ["age", "gender", "nationality", "religion"]
@@ -63,6 +63,15 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
         assert res["by_type"][a["axis"]] == pytest.approx(a["stereotype_share"], abs=1e-5)
     printed = "".join(capsys.readouterr())
     assert "bias gender: stereotype share" in printed and "95% interval" in printed
+    gender = next(a for a in res["axes"] if a["axis"] == "gender")
+    cell = f"{gender['stereotype_share']:.3f} ({gender['ci95'][0]:.3f}–{gender['ci95'][1]:.3f})"
+    markdown = (out / "eval.md").read_text()
+    assert "## Bias probes per axis" in markdown and f"| gender | 500 | {cell} |" in markdown
+    assert (out / "bias.png").stat().st_size > 5000  # the chart
+    from lmkiln.eval.report import _eval_section
+
+    section = "\n".join(_eval_section(tmp_path / "run"))  # the run report shows the same table and chart
+    assert f"| gender | 500 | {cell} |" in section and "eval/bias.png" in section
 
 
 def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(trained_run):

@@ -172,6 +172,13 @@ def _eval_section(run_dir: Path) -> list[str]:
     ]
     if (stage_dir(run_dir, "eval") / "eval.png").exists():
         out += ["![every score, a bar per model](eval/eval.png)", ""]
+    from lmkiln.eval.bias_report import bias_table
+
+    table = bias_table(results)
+    if table:
+        out += ["### Bias probes per axis", "", table]
+        if (stage_dir(run_dir, "eval") / "bias.png").exists():
+            out += ["![stereotype share per axis, each model](eval/bias.png)", ""]
     for task, r in first.items():
         if isinstance(r, dict) and r.get("by_group"):
             out += _group_lines(task, {name: res[task]["by_group"] for name, res in results.items() if task in res})

@@ -474,7 +474,13 @@ def write_results(results: dict, out: Path) -> None:
         if significant(results)
         else ""
     )
-    write_text(out / "eval.md", "# Evaluation\n\n" + markdown_table(results) + note + "\n![scores](eval.png)\n")
+    from lmkiln.eval.bias_report import bias_table, plot_bias
+
+    bias = ""
+    if plot_bias(results, out / "bias.png"):
+        bias = "\n## Bias probes per axis\n\n" + bias_table(results) + "\n![stereotype share per axis](bias.png)\n"
+    text = "# Evaluation\n\n" + markdown_table(results) + note + "\n![scores](eval.png)\n" + bias
+    write_text(out / "eval.md", text)
     plot_results(results, out / "eval.png")
 
 
