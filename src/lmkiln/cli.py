@@ -166,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("url", help="the endpoint's /v1 base, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("recipe", nargs="*", metavar="RECIPE [KEY=VALUE ...]", help="a recipe YAML, then overrides")
-    p.add_argument("--tasks", nargs="+", metavar="TASK", default=None, help="gen:FILE[@val|@test] tasks to score")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        default=None,
+        help="what to score: gen:FILE[@val|@test] rows (replies by token F1, classification rows by accuracy) "
+        "and ICL task files (.jsonl, from the endpoint's prompt log-probabilities)",
+    )
     p.add_argument(
         "--drift",
         action="store_true",
