@@ -103,3 +103,8 @@ def test_the_data_stage_adds_swapped_copies_to_the_training_split_only(tmp_path)
     assert stats["swaps"] == {
         k: 4 * len(copies) for k in ("he -> she", "his -> her", "brother -> sister", "king -> queen")
     }
+    from lmkiln.eval.report import _data_section
+
+    report = "\n".join(_data_section(tmp_path / "run"))  # the run report says what was swapped
+    assert f"{len(copies)} of {len(copies)} training documents had words swapped" in report
+    assert f"he -> she {4 * len(copies)}" in report

@@ -42,6 +42,8 @@ def _data_section(run_dir: Path) -> list[str]:
             f"{', '.join(f'{r} {n:,}' for r, n in sorted(p['removed'].items(), key=lambda kv: -kv[1]))} |"
             for src, p in s["per_source"].items()
         ] + [""]
+    if s.get("counterfactual"):
+        out += [_counterfactual_line(s["counterfactual"], "training documents", "training documents written"), ""]
     if (stage_dir(run_dir, "data") / "removals.png").exists():
         out += ["![documents and bytes kept and removed per reason and source](data/removals.png)", ""]
     tok = read_manifest(stage_dir(run_dir, "tokenizer"))
@@ -125,14 +127,17 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     if m.get("skipped_rows"):
         out += ["", f"{m['skipped_rows']} bad rows skipped (finetune.on_bad_rows=skip)."]
     if m.get("counterfactual"):
-        c = m["counterfactual"]
-        swaps = ", ".join(f"{k} {v:,}" for k, v in list(c["swaps"].items())[:8])
-        out += [
-            "",
-            f"Counterfactual augmentation ({c['mode']}, rate {c['rate']}): {c['rows_changed']:,} of "
-            f"{c['rows_in']:,} training rows had words swapped; {c['rows_out']:,} rows trained on. Swaps: {swaps}.",
-        ]
+        out += ["", _counterfactual_line(m["counterfactual"], "training rows", "rows trained on")]
     return out
+
+
+def _counterfactual_line(c: dict, what: str, result: str) -> str:
+    """What counterfactual augmentation changed: rows or documents swapped, and the commonest swaps."""
+    swaps = ", ".join(f"{k} {v:,}" for k, v in list(c["swaps"].items())[:8]) or "none"
+    return (
+        f"Counterfactual augmentation ({c['mode']}, rate {c['rate']}): {c['rows_changed']:,} of {c['rows_in']:,} "
+        f"{what} had words swapped; {c['rows_out']:,} {result}. Swaps: {swaps}."
+    )
 
 
 EXPLAINED = {  # what each kind of score means, said once under the table when the run has it
