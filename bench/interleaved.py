@@ -1,6 +1,7 @@
-"""The timing both training-throughput benches against transformers share (mlm_vs_hf.py, t5_vs_hf.py):
-steps alternate between the two sides, so load on the machine falls on both alike, and the result is
-printed as a table and a last line of key=value figures."""
+"""What the training-throughput benches against transformers share (mlm_vs_hf.py, t5_vs_hf.py, and
+pretrain_vs_hf.py's optimizer step): one optimizer step the same on both sides; steps alternating between
+the two sides, so load on the machine falls on both alike; the result as a table and a last line of
+key=value figures."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from collections.abc import Callable
 import torch
 
 from lmkiln.train.speed import device_peak, mfu
+
+
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """Backward, clip at 1.0, step and clear: the same update for both sides; the loss, for timing."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def _timed(step: Callable[[], torch.Tensor]) -> float:

@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 import torch
-from interleaved import print_comparison, time_interleaved  # bench/, beside this script
+from interleaved import optimizer_step, print_comparison, time_interleaved  # bench/, beside this script
 
 from lmkiln.model.encoder import Encoder, EncoderArgs
 from lmkiln.model.hub import save_model
@@ -75,20 +75,12 @@ def main() -> None:
         x, y = batch()
         losses, _ = next_token_losses(ours, x, y, ours.decoder.weight, bias=ours.decoder.bias)  # what pretrain runs
         loss = losses.sum() / (y != IGNORE).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(ours, opt_ours, loss)
 
     def step_hf():
         x, y = batch()
         loss = hf(input_ids=x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(hf, opt_hf, loss)
 
     s_ours, s_hf = time_interleaved(step_ours, step_hf, args.warmup, args.steps)
     header = (

@@ -18,6 +18,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from interleaved import optimizer_step  # bench/, beside this script
 
 from lmkiln.device import autocast
 from lmkiln.model.hub import save_model
@@ -59,22 +60,14 @@ def make_steps(args, ours, hf, device):
         x, y = batch()
         with autocast(device):
             loss = next_token_loss(run_ours, ours, x, y) / y.numel()  # what `kiln pretrain` computes
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(ours, opt_ours, loss)
 
     def step_hf():
         x, y = batch()
         with autocast(device):
             out = hf(input_ids=x)
         loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(hf, opt_hf, loss)
 
     return step_ours, step_hf
 

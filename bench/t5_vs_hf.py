@@ -20,7 +20,7 @@ import tempfile
 
 import numpy as np
 import torch
-from interleaved import print_comparison, time_interleaved  # bench/, beside this script
+from interleaved import optimizer_step, print_comparison, time_interleaved  # bench/, beside this script
 
 from lmkiln.model.hub import save_model
 from lmkiln.model.loss import linear_cross_entropy
@@ -68,20 +68,12 @@ def main() -> None:
         x, y = batch()
         h = ours(x, shift_right(y, 0, 0), hidden_only=True)  # what pretrain's SpanCorruption runs
         loss = linear_cross_entropy(h.flatten(0, 1), ours.lm_head.weight, y.flatten()).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), 1.0)
-        opt_ours.step()
-        opt_ours.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(ours, opt_ours, loss)
 
     def step_hf():
         x, y = batch()
         loss = hf(input_ids=x, labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-        return loss
+        return optimizer_step(hf, opt_hf, loss)
 
     s_ours, s_hf = time_interleaved(step_ours, step_hf, args.warmup, args.steps)
     header = (
