@@ -22,6 +22,7 @@ import json
 import random
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -138,10 +139,8 @@ def compare(ref: Features, cur: Features, threshold: float) -> dict[str, dict]:
         out[name] = {"psi": round(psi(r, c), 4), "reference_mean": float(r.mean()), "window_mean": float(c.mean())}
     majors = major_languages(ref.language)
     cats = sorted(majors) + ["other"]
-    shares = [
-        np.array([sum(_category(x, majors) == k for x in langs) / len(langs) for k in cats])
-        for langs in (ref.language, cur.language)
-    ]
+    counts = [Counter(_category(x, majors) for x in langs) for langs in (ref.language, cur.language)]
+    shares = [np.array([c[k] for k in cats]) / sum(c.values()) for c in counts]
     out["language"] = {
         "psi": round(shares_psi(*shares), 4),
         "reference_shares": dict(zip(cats, np.round(shares[0], 4).tolist())),
@@ -154,7 +153,7 @@ def compare(ref: Features, cur: Features, threshold: float) -> dict[str, dict]:
 
 
 def major_languages(languages: list[str]) -> set[str]:
-    return {x for x in set(languages) if languages.count(x) / len(languages) >= MINOR_LANGUAGE}
+    return {x for x, n in Counter(languages).items() if n / len(languages) >= MINOR_LANGUAGE}
 
 
 def _category(language: str, majors: set[str]) -> str:
@@ -164,6 +163,7 @@ def _category(language: str, majors: set[str]) -> str:
 def outliers(ref: Features, cur: Features, top: int) -> list[dict]:
     """The window's prompts furthest out of the reference, each with its tail probability per signal."""
     majors = major_languages(ref.language)
+    ref_loss = ref.loss[~np.isnan(ref.loss)]
     ranked = []
     for i, text in enumerate(cur.texts):
         tails = {
@@ -171,9 +171,8 @@ def outliers(ref: Features, cur: Features, top: int) -> list[dict]:
             "vocabulary": float(np.mean(ref.vocabulary < cur.vocabulary[i])),
             "language": 0.0 if cur.language[i] in majors else 1.0,
         }
-        r = ref.loss[~np.isnan(ref.loss)]
-        if len(r) and not np.isnan(cur.loss[i]):
-            tails["loss"] = float(np.mean(r < cur.loss[i]))
+        if len(ref_loss) and not np.isnan(cur.loss[i]):
+            tails["loss"] = float(np.mean(ref_loss < cur.loss[i]))
         score = sum(tails.values()) / len(tails)
         ranked.append({"score": round(score, 4), "text": text[:500], "language": cur.language[i], **_rounded(tails)})
     unique = {x["text"]: x for x in sorted(ranked, key=lambda x: x["score"])}  # a prompt sent twice, once

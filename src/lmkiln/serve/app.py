@@ -381,7 +381,7 @@ def create_app(
     def models():
         active = server.active
         now = int(time.time())
-        states = {v.label: s["state"] for v, s in zip(server.versions.loaded(), server.versions.describe())}
+        states = {d["version"]: d["state"] for d in server.versions.describe()}
         data = []
         for m in server.versions.model_ids():
             label = m.partition("+")[0].partition("@")[2] or active.label

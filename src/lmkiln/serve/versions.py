@@ -45,13 +45,14 @@ class Version:
         self.engine = self.encoder = self.seq2seq = None
         self.adapters: dict[str, int] = {}
         where = pick_device(device)
-        if is_seq2seq(self.model_dir) or is_encoder(self.model_dir):
-            if adapter_dirs:
-                raise UserError("adapters: adapters are served on a decoder; merge them into the model instead")
-            if is_seq2seq(self.model_dir):
-                self.seq2seq = Seq2SeqService(self.model_dir, where)
-            else:
-                self.encoder = EncoderService(self.model_dir, where)
+        seq2seq, encoder = is_seq2seq(self.model_dir), is_encoder(self.model_dir)
+        if (seq2seq or encoder) and adapter_dirs:
+            raise UserError("adapters: adapters are served on a decoder; merge them into the model instead")
+        if seq2seq:
+            self.seq2seq = Seq2SeqService(self.model_dir, where)
+            return
+        if encoder:
+            self.encoder = EncoderService(self.model_dir, where)
             return
         from lmkiln.model.inference import load_for_inference
         from lmkiln.serve.adapters import AdapterSet
@@ -213,9 +214,8 @@ class Versions:
         threading.Thread(target=drain, name=f"lmkiln-drain-{version.label}", daemon=True).start()
 
     def pick(self, requested: str | None) -> tuple[Version, str | None]:
-        """The version and adapter a request's `model` names: NAME, NAME@VERSION, and either +ADAPTER."""
-        if self.active is None:
-            raise ApiError(503, f"model {self.name} is loading; retry shortly")
+        """The version and adapter a request's `model` names: NAME, NAME@VERSION, and either +ADAPTER (once a
+        version is active: Server.pick answers 503 before, with the load error when there is one)."""
         if requested in (None, "", self.name):
             return self.active, None
         base, _, adapter = requested.partition("+")
