@@ -400,21 +400,36 @@ def evaluate_task(
     if kind == "bias":
         return bias_scores(model, tok, chat, docs, batch_size)
     bos = chat.bos if add_bos else None
-    flat, shape, texts = [], [], []
-    for i, doc in enumerate(docs):
-        reqs = requests_of(docs, kind, i, task, seed)
-        shape.append(len(reqs))
-        texts.append(doc["choices"] if kind == "multiple_choice" else [doc["continuation"]] * len(reqs))
+    requests, texts = task_requests(docs, kind, task, seed)
+    flat = []
+    for i, reqs in enumerate(requests):
         try:
             flat += [encode_pair(tok, c, t, bos) for c, t in reqs]
         except ValueError as exc:
             raise UserError(f"{task.path}: document {i + 1}: {exc}") from None
     scored = loglikelihoods(model, flat, batch_size, greedy=kind == "language_modeling")
-    results, k = [], 0
-    for n in shape:
-        results.append(scored[k : k + n])
-        k += n
-    return {"kind": kind, "shots": task.shots, **score_docs(docs, kind, results, texts)}
+    return {"kind": kind, "shots": task.shots, **score_docs(docs, kind, per_document(scored, requests), texts)}
+
+
+def task_requests(
+    docs: list[dict], kind: str, task: IclTask, seed: int
+) -> tuple[list[list[tuple[str, str]]], list[list[str]]]:
+    """Per document: its (context, continuation) requests, and the option texts acc_norm divides by."""
+    requests = [requests_of(docs, kind, i, task, seed) for i in range(len(docs))]
+    texts = [
+        doc["choices"] if kind == "multiple_choice" else [doc["continuation"]] * len(reqs)
+        for doc, reqs in zip(docs, requests)
+    ]
+    return requests, texts
+
+
+def per_document(scored: list, requests: list[list]) -> list[list]:
+    """The flat scores of every request, cut back into each document's."""
+    out, k = [], 0
+    for reqs in requests:
+        out.append(scored[k : k + len(reqs)])
+        k += len(reqs)
+    return out
 
 
 def core_average(results: dict) -> float | None:

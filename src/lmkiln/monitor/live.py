@@ -103,26 +103,18 @@ def loglikelihood(client: httpx.Client, url: str, model: str | None, context: st
 
 def icl_task(client: httpx.Client, pool, url: str, model: str | None, task, seed: int) -> dict:
     """An ICL task file scored as kiln eval scores it (acc), from the endpoint's log-probabilities."""
-    from lmkiln.eval.icl import load_docs, requests_of, score_docs
+    from lmkiln.eval.icl import load_docs, per_document, score_docs, task_requests
 
     docs, kind = load_docs(task.path, task.kind)
     if kind == "bias":
         raise UserError(f"{task.path}: bias probes score sentences from the model's own BOS: run them with kiln eval")
     docs = docs[: task.max_examples] if task.max_examples else docs
-    pairs, shape, texts = [], [], []
-    for i, doc in enumerate(docs):
-        reqs = requests_of(docs, kind, i, task, seed)
-        pairs += reqs
-        shape.append(len(reqs))
-        texts.append(doc["choices"] if kind == "multiple_choice" else [doc["continuation"]] * len(reqs))
+    requests, texts = task_requests(docs, kind, task, seed)
+    pairs = [pair for reqs in requests for pair in reqs]
     scored = list(pool.map(lambda pair: loglikelihood(client, url, model, *pair), pairs))
     failed = sum(x is None for x in scored)
     scored = [x if x is not None else (float("-inf"), False) for x in scored]
-    results, k = [], 0
-    for n in shape:
-        results.append(scored[k : k + n])
-        k += n
-    scores = score_docs(docs, kind, results, texts)
+    scores = score_docs(docs, kind, per_document(scored, requests), texts)
     return {
         "metric": "acc",
         "score": scores["acc"],
