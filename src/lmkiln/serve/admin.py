@@ -53,9 +53,7 @@ def read_models_file(path: Path) -> VersionSpec:
 
 async def swap(server, spec: VersionSpec) -> dict:
     """Load `spec` beside the running version, check it, and send new requests to it."""
-    versions = server.versions
-    if versions.active is None:
-        raise ApiError(503, f"model {server.name} is loading; retry shortly")
+    versions, running = server.versions, server.active  # 503 while the first version loads
     if not versions.busy.acquire(blocking=False):
         raise ApiError(409, "a version is loading already; retry when it is done")
     adapters = {n: Path(d) for n, d in spec.adapters.items()}
@@ -64,14 +62,13 @@ async def swap(server, spec: VersionSpec) -> dict:
     except Exception as exc:  # a load that fails in any way is refused, never half-served
         server.metrics.swapped(False)
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-        raise ApiError(422, f"version refused ({reason}); {versions.active.label} keeps serving") from None
+        raise ApiError(422, f"version refused ({reason}); {running.label} keeps serving") from None
     finally:
         versions.busy.release()
-    replaced = versions.active
-    versions.activate(version)  # on the event loop: see Versions.activate
+    versions.activate(version)  # on the event loop: see Versions.activate (busy kept `running` active)
     server.metrics.swapped(True)
-    console.print(f"kiln serve: version {version.label} ({version.model_dir}) now serves; {replaced.label} drains")
-    return {"version": version.label, "model": versions.served_id(version), "previous": replaced.label}
+    console.print(f"kiln serve: version {version.label} ({version.model_dir}) now serves; {running.label} drains")
+    return {"version": version.label, "model": versions.served_id(version), "previous": running.label}
 
 
 def add_admin_routes(app, server) -> None:
