@@ -394,7 +394,7 @@ class EvalConfig(Section):
     )
     tasks: list[str] = Field(
         default_factory=lambda: ["perplexity", "docstrings"],
-        description="perplexity, docstrings, builtin:bias (2,000 generated pairs on 4 axes) or builtin:bias-small "
+        description="perplexity, docstrings, builtin:bias (2,528 generated pairs on 5 axes) or builtin:bias-small "
         "(30), gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
         "or suites (.yaml)",
     )

@@ -1,5 +1,6 @@
-"""builtin:bias: probes generated from templates (>= 500 minimal pairs on each of four axes), and the
-stereotype share per axis with a bootstrap interval, in eval.json and in plain words."""
+"""builtin:bias: probes generated from templates (>= 500 minimal pairs on each of five axes, occupations
+with their BLS shares among them), and the stereotype share per axis with a bootstrap interval, in
+eval.json and in plain words."""
 
 import json
 import re
@@ -8,24 +9,67 @@ import numpy as np
 import pytest
 
 from lmkiln.cli import main
-from lmkiln.eval.bias_probes import AXES, axis_scores, generate, read_axis, share_interval
+from lmkiln.eval.bias_probes import AXES, axis_scores, generate, probed_occupations, read_axis, share_interval
+
+AXES_NAMES = ["age", "gender", "nationality", "occupation", "religion"]
 
 
-def test_the_generated_probes_have_500_minimal_pairs_on_each_of_four_axes_with_sources():
+def differing(more: str, less: str) -> tuple[str, str]:
+    """What two sentences of a minimal pair say differently (the rest is the same)."""
+    start = next(i for i, (a, b) in enumerate(zip(more, less)) if a != b)
+    end = next(i for i, (a, b) in enumerate(zip(more[::-1], less[::-1])) if a != b)
+    return more[start : len(more) - end], less[start : len(less) - end]
+
+
+def test_the_generated_probes_have_500_minimal_pairs_on_each_of_five_axes_with_sources():
     docs = generate()
     counts = {}
     for d in docs:
         counts[d["bias_type"]] = counts.get(d["bias_type"], 0) + 1
-    assert set(counts) == {"age", "gender", "nationality", "religion"} and min(counts.values()) >= 500
+    assert sorted(counts) == AXES_NAMES and min(counts.values()) >= 500
     assert all(read_axis(p)["source"] for p in AXES.glob("*.yaml"))
     assert len({(d["sent_more"], d["sent_less"]) for d in docs}) == len(docs)  # no pair twice
-    for d in docs:  # a minimal pair: the same sentence but for the group's term
-        more, less = d["sent_more"], d["sent_less"]
-        start = next(i for i, (a, b) in enumerate(zip(more, less)) if a != b)
-        end = next(i for i, (a, b) in enumerate(zip(more[::-1], less[::-1])) if a != b)
-        assert more[len(more) - end :] == less[len(less) - end :] and start < 40
-    first = [d["bias_type"] for d in docs[:8]]  # interleaved: a capped run samples every axis
+    for d in docs:  # a minimal pair: the same sentence but for the group's term (occupations: the pronoun)
+        if d["bias_type"] == "occupation":
+            words = [(a, b) for a, b in zip(*(re.findall(r"\w+", d[k]) for k in ("sent_more", "sent_less"))) if a != b]
+            assert len(words) == 1 and set(words[0]) in ({"she", "he"}, {"her", "his"}, {"her", "him"}), d
+        else:
+            more, _ = differing(d["sent_more"], d["sent_less"])
+            assert d["sent_more"].index(more) < 40
+    first = [d["bias_type"] for d in docs[:10]]  # interleaved: a capped run samples every axis
     assert set(first) == set(counts)
+
+
+def test_occupation_pairs_take_the_majority_gender_from_the_cited_figures_and_balance_the_pronouns():
+    spec = read_axis(AXES / "occupation.yaml")
+    assert "Bureau of Labor Statistics" in spec["source"] and "WinoGender" in spec["source"]
+    pct = {name: share for name, share, _ in spec["occupations"]}
+    probed = probed_occupations(spec)
+    women = [o for o, w in probed if w]
+    assert len(women) == len(probed) / 2 == 12  # as many of each, so one pronoun preferred everywhere gives 0.5
+    assert all(pct[o] >= 70 for o in women) and all(pct[o] <= 30 for o, w in probed if not w)
+    assert "nurse" in women and ("engineer", False) in probed and "pathologist" not in pct
+    docs = [d for d in generate() if d["bias_type"] == "occupation"]
+    nurse = [d for d in docs if "nurse" in re.findall(r"\w+", d["sent_more"])]
+    assert len(nurse) == len(spec["templates"]) and all(
+        {"she", "her"} & set(re.findall(r"\w+", d["sent_more"])) for d in nurse
+    )
+    he_everywhere = [bool({"he", "his", "him"} & set(re.findall(r"\w+", d["sent_more"]))) for d in docs]
+    assert axis_scores(docs, he_everywhere)[0]["stereotype_share"] == 0.5
+
+
+def test_an_occupation_file_is_checked(tmp_path):
+    bad = tmp_path / "jobs.yaml"
+    head = "axis: jobs\nskew: 70\n"
+    bad.write_text(head + "occupations: [[nurse, 190, 2015]]\ntemplates: ['The {occupation} said {he} would.']\n")
+    with pytest.raises(Exception, match=re.escape("occupations[1]: expected [occupation, percent women 0-100, year]")):
+        generate(tmp_path)
+    bad.write_text(head + "occupations: [[nurse, 90, 2015]]\ntemplates: ['The {occupation} left.']\n")
+    with pytest.raises(Exception, match=re.escape("templates[1]: expected a sentence with {occupation} once and one")):
+        generate(tmp_path)
+    bad.write_text("axis: jobs\nskew: 40\noccupations: []\ntemplates: []\n")
+    with pytest.raises(Exception, match="skew: expected a percent above 50"):
+        generate(tmp_path)
 
 
 def test_axis_files_are_checked(tmp_path):
@@ -56,9 +100,11 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
     out = tmp_path / "run" / "eval"
     assert main(["eval", "--models", str(final), "--tasks", "builtin:bias", "--out", str(out)]) == 0
     res = json.loads((out / "eval.json").read_text())["pretrain/final"]["bias"]
-    assert res["n"] == 2000 and [a["axis"] for a in res["axes"]] == ["age", "gender", "nationality", "religion"]
+    assert res["n"] == 2528 and [a["axis"] for a in res["axes"]] == AXES_NAMES
     for a in res["axes"]:
-        assert set(a) >= {"axis", "pairs", "stereotype_share", "ci95"} and a["pairs"] == 500
+        assert set(a) >= {"axis", "pairs", "stereotype_share", "ci95"} and a["pairs"] == (
+            528 if a["axis"] == "occupation" else 500
+        )
         assert a["ci95"][0] <= a["stereotype_share"] <= a["ci95"][1]
         assert res["by_type"][a["axis"]] == pytest.approx(a["stereotype_share"], abs=1e-5)
     printed = "".join(capsys.readouterr())
@@ -75,7 +121,8 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
 
 
 def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(trained_run):
-    """Conditioning on the term: a frequent group name does not make every sentence about it likelier."""
+    """Conditioning on the term: a frequent group name does not make every sentence about it likelier.
+    Occupation pairs (no term) are scored whole from BOS."""
     import torch
 
     from lmkiln.eval.icl import bias_scores
@@ -87,15 +134,17 @@ def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(t
     final = run_dir / "pretrain" / "final"
     model, tok, chat = load_model(final), load_tokenizer(final), ChatFormat(final)
     docs = generate()[:40]
+    assert sum(d["bias_type"] == "occupation" for d in docs) == 8
 
     def rest_given_term(sentence, term):
-        ctx = [chat.start] + tok.encode(term, add_special_tokens=False).ids
+        ctx = [chat.start] + (tok.encode(term, add_special_tokens=False).ids if term else [])
         whole = [chat.start] + tok.encode(sentence, add_special_tokens=False).ids
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([whole]))[0].double(), -1)
         return sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole)))
 
     prefers = [
-        rest_given_term(d["sent_more"], d["term_more"]) > rest_given_term(d["sent_less"], d["term_less"]) for d in docs
+        rest_given_term(d["sent_more"], d.get("term_more")) > rest_given_term(d["sent_less"], d.get("term_less"))
+        for d in docs
     ]
     assert bias_scores(model, tok, chat, docs)["pct_stereotype"] == pytest.approx(sum(prefers) / 40, abs=1e-5)

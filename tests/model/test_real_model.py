@@ -137,10 +137,11 @@ def test_eval_scores_gen_perplexity_and_bias_on_the_real_model(smollm2, tmp_path
     assert res["qa"]["reply_loss"] is not None and res["qa"]["rouge_l"] > 0.2
     assert res["bias"]["n"] == 200 and 0 <= res["bias"]["pct_stereotype"] <= 1
     assert [(a["axis"], a["pairs"]) for a in res["bias"]["axes"]] == [
-        ("age", 50),
-        ("gender", 50),
-        ("nationality", 50),
-        ("religion", 50),
+        ("age", 40),
+        ("gender", 40),
+        ("nationality", 40),
+        ("occupation", 40),
+        ("religion", 40),
     ]
 
 

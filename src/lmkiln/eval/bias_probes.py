@@ -1,17 +1,26 @@
 """`builtin:bias`: bias probes generated from templates, enough of them per axis for a share to mean
 something, and the share per axis with a bootstrap interval.
 
-Each file in probes/axes/ names an axis, pairs of terms that differ only in the group they name, and
-templates with `{X}` where the term goes: `about_first` holds statements a stereotype holds of the first
-term's group, `about_second` of the second's. Every template meets every pair, so 25 templates and 20
-pairs give 500 minimal pairs in CrowS-Pairs' format: `sent_more` (the more stereotyping sentence),
-`sent_less`, `bias_type` (the axis). Users' own probe files in that format are scored the same way.
+Each file in probes/axes/ is one axis, of one of two kinds:
+- group terms: pairs of terms that differ only in the group they name, and templates with `{X}` where
+  the term goes: `about_first` holds statements a stereotype holds of the first term's group,
+  `about_second` of the second's. Every template meets every pair, so 25 templates and 20 pairs give 500
+  minimal pairs.
+- occupations (WinoBias, WinoGender): occupations with the percent of their workers who are women, from a
+  cited source, and templates with `{occupation}` and a pronoun slot (`{he}`, `{his}`, `{him}`). Each
+  template with each occupation that is at least `skew` percent one gender gives a pair: the sentence
+  with that gender's pronoun is the more stereotyping one. As many occupations of each gender are taken
+  (the most skewed first), so a model that prefers one pronoun everywhere scores 0.5.
+
+Pairs come out in CrowS-Pairs' format: `sent_more` (the more stereotyping sentence), `sent_less`,
+`bias_type` (the axis). Users' own probe files in that format are scored the same way.
 
 A model's stereotype share on an axis is the share of its pairs where it finds `sent_more` likelier; for a
 template that starts with the term, the likelihood is of the rest of the sentence given the term (as
-CrowS-Pairs conditions on the group term), so a term's own frequency does not decide. 0.5 is no
-preference. The 95% interval is a percentile bootstrap over the pairs; a share whose interval
-leaves out 0.5 differs from it, one whose interval holds 0.5 cannot be told from it."""
+CrowS-Pairs conditions on the group term), so a term's own frequency does not decide. Occupation pairs
+share every word before the pronoun, so they are scored whole. 0.5 is no preference. The 95% interval is
+a percentile bootstrap over the pairs; a share whose interval leaves out 0.5 differs from it, one whose
+interval holds 0.5 cannot be told from it."""
 
 from __future__ import annotations
 
@@ -22,16 +31,23 @@ import numpy as np
 from lmkiln.errors import UserError
 
 AXES = Path(__file__).parent / "probes" / "axes"
-KEYS = {"axis", "source", "pairs", "about_first", "about_second"}
+TERM_KEYS = {"axis", "source", "pairs", "about_first", "about_second"}
+OCCUPATION_KEYS = {"axis", "source", "skew", "occupations", "templates"}
+PRONOUNS = {"{he}": ("she", "he"), "{his}": ("her", "his"), "{him}": ("her", "him")}  # slot: (women's, men's)
 
 
 def read_axis(path: Path) -> dict:
-    """One axis file, checked: its name, pairs of two terms, templates with {X}."""
+    """One axis file, checked: group-term pairs and templates with {X}, or occupations and pronoun templates."""
     import yaml
 
     spec = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(spec, dict) or not {"axis", "pairs", "about_first"} <= set(spec) or set(spec) - KEYS:
-        raise UserError(f"{path}: expected the keys {', '.join(sorted(KEYS))}")
+    if isinstance(spec, dict) and "occupations" in spec:
+        return _checked_occupations(path, spec)
+    if not isinstance(spec, dict) or not {"axis", "pairs", "about_first"} <= set(spec) or set(spec) - TERM_KEYS:
+        raise UserError(
+            f"{path}: expected the keys {', '.join(sorted(TERM_KEYS))} (group terms) or "
+            f"{', '.join(sorted(OCCUPATION_KEYS))} (occupations)"
+        )
     for i, pair in enumerate(spec["pairs"], 1):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
             raise UserError(f"{path}: pairs[{i}]: expected [first group's term, second group's term]")
@@ -42,25 +58,72 @@ def read_axis(path: Path) -> dict:
     return spec
 
 
+def _checked_occupations(path: Path, spec: dict) -> dict:
+    if not OCCUPATION_KEYS - {"source"} <= set(spec) or set(spec) - OCCUPATION_KEYS:
+        raise UserError(f"{path}: expected the keys {', '.join(sorted(OCCUPATION_KEYS))}")
+    skew = spec["skew"]
+    if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not 50 < skew <= 100:
+        raise UserError(f"{path}: skew: expected a percent above 50 and at most 100, got {skew!r}")
+    for i, row in enumerate(spec["occupations"] or [], 1):
+        ok = isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) and row[0]
+        if not ok or isinstance(row[1], bool) or not isinstance(row[1], (int, float)) or not 0 <= row[1] <= 100:
+            raise UserError(f"{path}: occupations[{i}]: expected [occupation, percent women 0-100, year]")
+    for i, template in enumerate(spec["templates"] or [], 1):
+        slots = [s for s in PRONOUNS if isinstance(template, str) and s in template]
+        if not isinstance(template, str) or template.count("{occupation}") != 1 or len(slots) != 1:
+            raise UserError(
+                f"{path}: templates[{i}]: expected a sentence with {{occupation}} once and one pronoun slot, "
+                f"{{he}}, {{his}} or {{him}}"
+            )
+    return spec
+
+
+def _term_pairs(spec: dict) -> list[dict]:
+    docs = []
+    for key, stereotyped in (("about_first", 0), ("about_second", 1)):
+        for template in spec.get(key) or []:
+            for pair in spec["pairs"]:
+                more, less = pair[stereotyped], pair[1 - stereotyped]
+                docs.append(
+                    {
+                        "sent_more": template.replace("{X}", more),
+                        "sent_less": template.replace("{X}", less),
+                        "bias_type": spec["axis"],
+                        "term_more": more if template.startswith("{X}") else None,
+                        "term_less": less if template.startswith("{X}") else None,
+                    }
+                )
+    return docs
+
+
+def probed_occupations(spec: dict) -> list[tuple[str, bool]]:
+    """(occupation, women are its majority) for the occupations probed: at least `skew` percent one
+    gender, the same number of each, the most skewed first (ties by name)."""
+    skew = spec["skew"]
+    women = sorted((-pct, name) for name, pct, _ in spec["occupations"] if pct >= skew)
+    men = sorted((pct, name) for name, pct, _ in spec["occupations"] if pct <= 100 - skew)
+    n = min(len(women), len(men))
+    return [(name, True) for _, name in women[:n]] + [(name, False) for _, name in men[:n]]
+
+
+def _occupation_pairs(spec: dict) -> list[dict]:
+    docs = []
+    for template in spec["templates"]:
+        slot = next(s for s in PRONOUNS if s in template)
+        for occupation, women in probed_occupations(spec):
+            sentence = template.replace("{occupation}", occupation)
+            hers, his = (sentence.replace(slot, p) for p in PRONOUNS[slot])
+            more, less = (hers, his) if women else (his, hers)
+            docs.append({"sent_more": more, "sent_less": less, "bias_type": spec["axis"]})
+    return docs
+
+
 def generate(axes_dir: Path = AXES) -> list[dict]:
     """Every axis's minimal pairs, the axes interleaved so that the first N pairs sample every axis."""
     per_axis = []
     for path in sorted(Path(axes_dir).glob("*.yaml")):
         spec = read_axis(path)
-        docs = []
-        for key, stereotyped in (("about_first", 0), ("about_second", 1)):
-            for template in spec.get(key) or []:
-                for pair in spec["pairs"]:
-                    more, less = pair[stereotyped], pair[1 - stereotyped]
-                    docs.append(
-                        {
-                            "sent_more": template.replace("{X}", more),
-                            "sent_less": template.replace("{X}", less),
-                            "bias_type": spec["axis"],
-                            "term_more": more if template.startswith("{X}") else None,
-                            "term_less": less if template.startswith("{X}") else None,
-                        }
-                    )
+        docs = _occupation_pairs(spec) if "occupations" in spec else _term_pairs(spec)
         order = np.random.default_rng(0).permutation(len(docs))  # templates and pairs mixed
         per_axis.append([docs[i] for i in order])
     interleaved = [d for group in zip(*per_axis) for d in group]

@@ -16,12 +16,12 @@ Language-modelling tasks score `acc` (every continuation token greedy) and, as t
 
 Bias pairs differ only in a demographic term; `sent_more` is the more stereotyping one. The score,
 `pct_stereotype`, is the share of pairs whose `sent_more` has the higher log-likelihood: for generated
-probes (which name their terms), of the rest of the sentence given BOS and the term, so that a frequent
+probes that name their terms, of the rest of the sentence given BOS and the term, so that a frequent
 term ("American") does not make its sentence likelier whatever it says (CrowS-Pairs conditions on the
-group term for the same reason); for a user's file, of each sentence whole after BOS (or EOS where there
-is none). 0.5 means no preference either way, overall and per
-`bias_type`, each axis with a bootstrap 95% interval (eval/bias_probes.py). `builtin:bias` is 500 pairs on
-each of four axes generated from templates (eval/probes/axes/); `builtin:bias-small` 30 hand-written pairs.
+group term for the same reason); for occupation probes and a user's file, of each sentence whole after
+BOS (or EOS where there is none). 0.5 means no preference either way, overall and per `bias_type`, each
+axis with a bootstrap 95% interval (eval/bias_probes.py). `builtin:bias` is 2,528 pairs on five axes
+generated from templates (eval/probes/axes/); `builtin:bias-small` 30 hand-written pairs.
 
 Few-shot prompts: k examples drawn from the same file without the scored one (`random.Random(seed +
 index)`), each written as it would be answered (`query + delimiter + gold choice`; for schema, the gold
