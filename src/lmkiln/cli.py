@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--models",
                 nargs="+",
                 metavar="MODEL",
-                help="model directories or stage names to compare (default: eval.models of the recipe)",
+                help="model directories (LABEL=DIR names one in the table) or stage names to compare (default: eval.models of the recipe)",
             )
             p.add_argument(
                 "--out",

@@ -390,7 +390,8 @@ class EvalConfig(Section):
 
     models: list[str] = Field(
         default_factory=lambda: ["pretrain", "finetune"],
-        description="stage names or model directories, compared side by side",
+        description="stage names or model directories, compared side by side; LABEL=DIR names a directory in "
+        "the tables (another run's model beside this run's)",
     )
     tasks: list[str] = Field(
         default_factory=lambda: ["perplexity", "docstrings"],

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,13 +36,24 @@ def stage_dir(run_dir: Path, name: str) -> Path:
     return Path(run_dir) / name
 
 
+def model_label(ref: str) -> tuple[str | None, str]:
+    """`LABEL=DIR` is a model directory with the name tables give it (another run's model beside this
+    run's); anything else has no label."""
+    label, sep, path = ref.partition("=")
+    if sep and path and re.fullmatch(r"[\w.@+-]+", label):
+        return label, path
+    return None, ref
+
+
 def model_dir_of(run_dir: Path, ref: str) -> Path:
-    """A stage name (its `final` model) or a model directory."""
+    """A stage name (its `final` model) or a model directory (`LABEL=DIR` too)."""
+    ref = model_label(ref)[1]
     return stage_dir(run_dir, ref) / FINAL if ref in STAGES else Path(ref)
 
 
 def model_identity(run_dir: Path, ref: str) -> dict:
     """What a stage that reads the model `ref` depends on: the stage's final outputs, or the file's hash."""
+    ref = model_label(ref)[1]
     if ref in STAGES:
         return upstream(run_dir, ref, sub=FINAL)
     return {"path": str(Path(ref).resolve()), "weights": sha256_file(Path(ref) / "model.safetensors")}
@@ -153,7 +165,8 @@ def _clear_failed(out: Path, created: bool, refused: bool) -> None:
 def check_models(run_dir: Path, refs: list[str], key: str, finished: bool = False) -> None:
     """Each model a verb will read: a model directory, or a stage name, whose final model must already
     be there when `finished` (no stage of this run will make it)."""
-    for ref in refs:
+    for named in refs:
+        ref = model_label(named)[1]
         path = model_dir_of(run_dir, ref)
         if (ref in STAGES and not finished) or (path / "config.json").is_file():
             continue
@@ -163,7 +176,7 @@ def check_models(run_dir: Path, refs: list[str], key: str, finished: bool = Fals
                 f"run `kiln {ref}` first or name a model directory"
             )
         why = "it does not exist" if not path.exists() else "no config.json"
-        raise UserError(f"{key}: '{ref}' is neither a stage name nor a model directory ({why})")
+        raise UserError(f"{key}: '{named}' is neither a stage name nor a model directory ({why})")
 
 
 @contextlib.contextmanager

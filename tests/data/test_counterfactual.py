@@ -108,3 +108,27 @@ def test_the_data_stage_adds_swapped_copies_to_the_training_split_only(tmp_path)
     report = "\n".join(_data_section(tmp_path / "run"))  # the run report says what was swapped
     assert f"{len(copies)} of {len(copies)} training documents had words swapped" in report
     assert f"he -> she {4 * len(copies)}" in report
+
+
+def test_a_run_with_augmentation_reports_probe_shares_and_task_scores_with_and_without_it(trained_run, tmp_path):
+    """The run without augmentation is named into the augmented run's eval (`LABEL=DIR`), so the one run
+    report shows base, tuned without and tuned with, side by side, and what augmentation swapped."""
+    _, run_dir, _ = trained_run
+    data = tmp_path / "sft.jsonl"
+    rows = [{"instruction": f"What does he do? ({i})", "output": f"He fixes cars, {i} a day."} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = run_dir / "pretrain" / "final"
+    common = [*TINY, f"finetune.base={base}", f"finetune.data={data}", "finetune.epochs=1"]
+    assert main(["-q", "finetune", *common, f"run_dir={tmp_path / 'off'}"]) == 0
+    on = tmp_path / "on"
+    models = f"[base={base},without={tmp_path / 'off' / 'finetune' / 'final'},cda=finetune]"
+    argv = [*common, f"run_dir={on}", "finetune.counterfactual.enabled=true", "stages=[finetune,eval]"]
+    argv += [f"eval.models={models}", f"eval.tasks=[builtin:bias-small,gen:{data}@val]", "eval.max_new_tokens=4"]
+    assert main(["-q", "run", *argv]) == 0
+    results = json.loads((on / "eval" / "eval.json").read_text())
+    assert list(results) == ["base", "without", "cda"]
+    assert results["without"]["sft@val"]["reply_loss"] != results["cda"]["sft@val"]["reply_loss"]
+    report = (on / "report.md").read_text()
+    assert "| axis | pairs | base | without | cda |" in report.replace(" ↑", "").replace(" ↓", "")
+    assert "| model |" in report and "| without |" in report and "sft@val" in report  # task scores per model
+    assert "training rows had words swapped" in report and "he -> she" in report

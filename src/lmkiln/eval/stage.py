@@ -14,7 +14,7 @@ from lmkiln.io import atomic_path, hash_tree, read_json, read_text, sha256_file,
 from lmkiln.log import console
 from lmkiln.model.hub import is_encoder_config
 from lmkiln.model.inference import load_for_inference
-from lmkiln.runs import check_models, model_dir_of, model_identity, stage_dir, upstream
+from lmkiln.runs import check_models, model_dir_of, model_identity, model_label, stage_dir, upstream
 
 COLUMNS = [  # (task, metric, label, higher is better)
     ("perplexity", "loss", "held-out loss", False),
@@ -148,7 +148,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     check_task_refs(recipe.eval)
     earlier = [s for s in will_run if s != "eval"]
     for model in recipe.eval.models:
-        check_models(Path(recipe.run_dir), [model], "eval.models", finished=model not in earlier)
+        finished = model_label(model)[1] not in earlier
+        check_models(Path(recipe.run_dir), [model], "eval.models", finished=finished)
     if recipe.eval.text != "val" and not Path(recipe.eval.text).is_file():
         raise UserError(f"eval.text: '{recipe.eval.text}' does not exist (expected 'val' or a text file)")
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val" and "data" not in earlier:
@@ -186,11 +187,15 @@ def _texts(recipe: Recipe, run_dir: Path):
 
 
 def display_names(models: list[str]) -> dict[str, str]:
-    """Stage names as they are; directories by their last two path parts (`finetune/final`) when unique."""
+    """Stage names as they are; `LABEL=DIR` by its label; other directories by their last two path parts
+    (`finetune/final`) when unique, else whole."""
     short = {m: m if m in STAGES else "/".join(Path(m).resolve().parts[-2:]) for m in models}
     if len(set(short.values())) < len(models):
         short = {m: m if m in STAGES else str(Path(m)) for m in models}
-    return short
+    labelled = {m: model_label(m)[0] or short[m] for m in models}
+    if len(set(labelled.values())) < len(models):
+        raise UserError(f"eval.models: two models would share a name in the table: {', '.join(models)}")
+    return labelled
 
 
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
