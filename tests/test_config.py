@@ -24,6 +24,14 @@ def test_overrides_and_sizes_in_recipe(tmp_path):
     assert recipe.data.sources == ["a.txt", "b.txt"]
 
 
+def test_an_override_merges_into_a_recipe_mapping_and_an_empty_one_empties_it(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("finetune:\n  columns: {instruction: question, output: answer}\n")
+    merged = load_recipe(path, ["finetune.columns={output: reply}"])
+    assert merged.finetune.columns == {"instruction": "question", "output": "reply"}
+    assert load_recipe(path, ["finetune.columns={}"]).finetune.columns == {}  # e.g. for finetune.format=text
+
+
 def test_misspelt_key_names_it_and_suggests(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("pretrain:\n  max_stepz: 10\n")

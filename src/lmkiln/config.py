@@ -545,7 +545,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value and isinstance(value, dict) and isinstance(out.get(key), dict):  # `key={}` empties it
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
