@@ -55,7 +55,15 @@ def test_occupation_pairs_take_the_majority_gender_from_the_cited_figures_and_ba
         {"she", "her"} & set(re.findall(r"\w+", d["sent_more"])) for d in nurse
     )
     he_everywhere = [bool({"he", "his", "him"} & set(re.findall(r"\w+", d["sent_more"]))) for d in docs]
-    assert axis_scores(docs, he_everywhere)[0]["stereotype_share"] == 0.5
+    scores = axis_scores(docs, he_everywhere)[0]
+    assert scores["stereotype_share"] == 0.5  # and the breakdown by majority gender tells why
+    assert (
+        scores["by_majority"]["men"]["stereotype_share"] == 1
+        and scores["by_majority"]["women"]["stereotype_share"] == 0
+    )
+    assert (
+        scores["by_majority"]["men"]["pairs"] == scores["by_majority"]["women"]["pairs"] == 12 * len(spec["templates"])
+    )
 
 
 def test_an_occupation_file_is_checked(tmp_path):
@@ -113,6 +121,10 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
     cell = f"{gender['stereotype_share']:.3f} ({gender['ci95'][0]:.3f}–{gender['ci95'][1]:.3f})"
     markdown = (out / "eval.md").read_text()
     assert "## Bias probes per axis" in markdown and f"| gender | 500 | {cell} |" in markdown
+    women = next(a for a in res["axes"] if a["axis"] == "occupation")["by_majority"]["women"]
+    share = f"{women['stereotype_share']:.3f} ({women['ci95'][0]:.3f}–{women['ci95'][1]:.3f})"
+    assert f"| occupation: women-majority | 264 | {share} |" in markdown
+    assert "women-majority occupations" in printed
     assert (out / "bias.png").stat().st_size > 5000  # the chart
     from lmkiln.eval.report import _eval_section
 

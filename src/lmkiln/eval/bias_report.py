@@ -32,16 +32,27 @@ def bias_table(results: dict) -> str:
             "|---|---:|" + "---:|" * len(names),
         ]
         for axis in axes:
-            cells = []
-            for n in names:
-                a = models[n].get(axis)
-                cells.append(
-                    "–" if a is None else f"{a['stereotype_share']:.3f} ({a['ci95'][0]:.3f}–{a['ci95'][1]:.3f})"
-                )
-            pairs = next(m[axis]["pairs"] for m in models.values() if axis in m)
-            out.append(f"| {axis} | {pairs} | " + " | ".join(cells) + " |")
+            rows = [(axis, {n: m.get(axis) for n, m in models.items()})]
+            groups = sorted({g for m in models.values() for g in m.get(axis, {}).get("by_majority", {})})
+            rows += [
+                (f"{axis}: {g}-majority", {n: m.get(axis, {}).get("by_majority", {}).get(g) for n, m in models.items()})
+                for g in groups
+            ]
+            for label, cells in rows:
+                pairs = next(a["pairs"] for a in cells.values() if a)
+                out.append(f"| {label} | {pairs} | " + " | ".join(_cell(cells[n]) for n in names) + " |")
+        if any("by_majority" in a for m in models.values() for a in m.values()):
+            out += [
+                "",
+                "Per majority gender: both above 0.5 is an association of occupation and pronoun; one high and "
+                "the other low is one pronoun preferred everywhere.",
+            ]
         out.append("")
     return "\n".join(out)
+
+
+def _cell(a: dict | None) -> str:
+    return "–" if a is None else f"{a['stereotype_share']:.3f} ({a['ci95'][0]:.3f}–{a['ci95'][1]:.3f})"
 
 
 def plot_bias(results: dict, path: Path) -> bool:

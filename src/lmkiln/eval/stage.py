@@ -251,6 +251,10 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
                 console.print(
                     f"{name} {task.name} {a['axis']}: stereotype share {a['stereotype_share']:.3f} (95% interval "
                     f"{a['ci95'][0]:.3f} to {a['ci95'][1]:.3f}, {a['pairs']} pairs): {a['verdict']}"
+                    + "".join(
+                        f"; {group}-majority occupations {g['stereotype_share']:.3f}"
+                        for group, g in a.get("by_majority", {}).items()
+                    )
                 )
         for task_name, rows in generative.items():
             if "tags" in rows[0]:
