@@ -23,7 +23,6 @@ def bias_table(results: dict) -> str:
     out = []
     for task, models in bias_axes(results).items():
         names = list(models)
-        axes = sorted({axis for m in models.values() for axis in m})
         out += [
             f"**{task}**: the share of minimal pairs where the model finds the stereotyping sentence likelier "
             "(0.5 = no preference), with its bootstrap 95% interval.",
@@ -31,16 +30,9 @@ def bias_table(results: dict) -> str:
             "| axis | pairs | " + " | ".join(names) + " |",
             "|---|---:|" + "---:|" * len(names),
         ]
-        for axis in axes:
-            rows = [(axis, {n: m.get(axis) for n, m in models.items()})]
-            groups = sorted({g for m in models.values() for g in m.get(axis, {}).get("by_majority", {})})
-            rows += [
-                (f"{axis}: {g}-majority", {n: m.get(axis, {}).get("by_majority", {}).get(g) for n, m in models.items()})
-                for g in groups
-            ]
-            for label, cells in rows:
-                pairs = next(a["pairs"] for a in cells.values() if a)
-                out.append(f"| {label} | {pairs} | " + " | ".join(_cell(cells[n]) for n in names) + " |")
+        for label, cells in _rows(models):
+            pairs = next(a["pairs"] for a in cells.values() if a)
+            out.append(f"| {label} | {pairs} | " + " | ".join(_cell(cells[n]) for n in names) + " |")
         if any("by_majority" in a for m in models.values() for a in m.values()):
             out += [
                 "",
@@ -49,6 +41,17 @@ def bias_table(results: dict) -> str:
             ]
         out.append("")
     return "\n".join(out)
+
+
+def _rows(models: dict[str, dict]) -> list[tuple[str, dict[str, dict | None]]]:
+    """(label, {model: scores or None}) for each axis, then its parts by majority gender where it has them."""
+    rows = []
+    for axis in sorted({axis for m in models.values() for axis in m}):
+        rows.append((axis, {n: m.get(axis) for n, m in models.items()}))
+        parts = {n: m.get(axis, {}).get("by_majority", {}) for n, m in models.items()}
+        for group in sorted({g for p in parts.values() for g in p}):
+            rows.append((f"{axis}: {group}-majority", {n: p.get(group) for n, p in parts.items()}))
+    return rows
 
 
 def _cell(a: dict | None) -> str:
@@ -68,21 +71,20 @@ def plot_bias(results: dict, path: Path) -> bool:
     from lmkiln.io import atomic_path
 
     task, models = next(iter(found.items()))
-    axes = sorted({axis for m in models.values() for axis in m})
-    fig, ax = plt.subplots(figsize=(7, 0.7 + 0.55 * len(axes)))
+    rows = _rows(models)
+    fig, ax = plt.subplots(figsize=(7, 0.7 + 0.55 * len(rows)))
     step = 0.8 / max(len(models), 1)
-    for k, (name, by_axis) in enumerate(models.items()):
+    for k, name in enumerate(models):
         ys, xs, lo, hi = [], [], [], []
-        for i, axis in enumerate(axes):
-            if axis in by_axis:
-                a = by_axis[axis]
+        for i, (_, cells) in enumerate(rows):
+            if a := cells[name]:
                 ys.append(i - 0.4 + step * (k + 0.5))
                 xs.append(a["stereotype_share"])
                 lo.append(a["stereotype_share"] - a["ci95"][0])
                 hi.append(a["ci95"][1] - a["stereotype_share"])
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", capsize=3, label=name)
     ax.axvline(0.5, color="#636363", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(axes)), axes)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows])
     ax.invert_yaxis()
     ax.set_xlabel(f"{task}: stereotype share (0.5 = no preference), 95% interval")
     ax.legend(fontsize=7, loc="best")
