@@ -129,3 +129,22 @@ def test_sliding_window_scores_each_token_once_with_its_window_context(trained_r
             count += 1
         s += stride
     assert res["tokens"] == count and res["loss"] == pytest.approx(nats / count, abs=1e-4)
+
+
+def test_models_are_named_by_stage_label_or_path_and_two_names_never_collide(tmp_path):
+    from lmkiln.errors import UserError
+    from lmkiln.eval.stage import display_names
+    from lmkiln.runs import model_dir_of, model_label
+
+    a, b = str(tmp_path / "a" / "finetune" / "final"), str(tmp_path / "b" / "finetune" / "final")
+    assert model_label(f"without-cda={a}") == ("without-cda", a) and model_label(a) == (None, a)
+    assert model_dir_of(tmp_path, "cda=finetune") == tmp_path / "finetune" / "final"
+    assert display_names(["import", f"without={a}", "cda=finetune"]) == {
+        "import": "import",
+        f"without={a}": "without",
+        "cda=finetune": "cda",
+    }
+    assert display_names([a, b]) == {a: a, b: b}  # the same last two parts: whole paths
+    with pytest.raises(UserError, match="two models would share a name"):
+        display_names(["finetune", f"finetune={a}"])
+    assert main(["-q", "eval", "--models", f"x={tmp_path / 'nope'}", "--tasks", "builtin:bias-small"]) == 2
