@@ -13,7 +13,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from lmkiln.eval.stage import table_rows
+from lmkiln.eval.results import table_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

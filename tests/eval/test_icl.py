@@ -127,7 +127,7 @@ def test_a_malformed_line_names_file_and_line(tmp_path, trained_run, capsys):
 
 
 def test_paired_bootstrap_marks_only_clear_differences():
-    from lmkiln.eval.stage import paired_bootstrap, significant
+    from lmkiln.eval.results import paired_bootstrap, significant
 
     same = [1, 0] * 50
     assert paired_bootstrap(same, same) == (0.0, 0.0)

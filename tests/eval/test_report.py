@@ -5,7 +5,7 @@ import json
 import re
 
 from lmkiln.eval.report import fenced, write_report
-from lmkiln.eval.stage import results_figure
+from lmkiln.eval.results import results_figure
 
 
 def _tables(report: str) -> list[list[list[str]]]:

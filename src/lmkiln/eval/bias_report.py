@@ -18,6 +18,17 @@ def bias_axes(results: dict) -> dict[str, dict[str, dict]]:
     return found
 
 
+def axis_line(who: str, a: dict) -> str:
+    """One axis in plain words: share, interval, pairs, verdict, and each majority gender's share."""
+    line = (
+        f"{who} {a['axis']}: stereotype share {a['stereotype_share']:.3f} (95% interval {a['ci95'][0]:.3f} to "
+        f"{a['ci95'][1]:.3f}, {a['pairs']} pairs): {a['verdict']}"
+    )
+    return line + "".join(
+        f"; {group}-majority occupations {g['stereotype_share']:.3f}" for group, g in a.get("by_majority", {}).items()
+    )
+
+
 def bias_table(results: dict) -> str:
     """Markdown: a row per axis, a column per model, each cell the share and its interval."""
     out = []

@@ -158,7 +158,7 @@ def _eval_section(run_dir: Path) -> list[str]:
     path = stage_dir(run_dir, "eval") / "eval.json"
     if not path.exists():
         return []
-    from lmkiln.eval.stage import markdown_table
+    from lmkiln.eval.results import markdown_table
 
     results = json.loads(path.read_text())
     first = next(iter(results.values()), {})

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from lmkiln.config import STAGES, Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.device import pick_device
 from lmkiln.errors import UserError
-from lmkiln.io import atomic_path, hash_tree, read_json, read_text, sha256_file, sha256_json, write_json, write_text
+from lmkiln.eval.results import print_table, write_results
+from lmkiln.io import hash_tree, read_json, read_text, sha256_file, sha256_json
 from lmkiln.log import console
 from lmkiln.model.hub import is_encoder_config
 from lmkiln.model.inference import load_for_inference
 from lmkiln.runs import check_models, model_dir_of, model_identity, model_label, stage_dir, upstream
-
-COLUMNS = [  # (task, metric, label, higher is better)
-    ("perplexity", "loss", "held-out loss", False),
-    ("perplexity", "bits_per_byte", "bits/byte", False),
-    ("mlm", "loss", "held-out MLM loss", False),
-    ("docstrings", "reply_loss", "docstring loss", False),
-    ("docstrings", "rouge_l", "docstring ROUGE-L", True),
-]
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -200,9 +191,7 @@ def display_names(models: list[str]) -> dict[str, str]:
 
 def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     from lmkiln.data.examples import load_splits, sample
-    from lmkiln.eval.generative import score_instructions, score_labels
-    from lmkiln.eval.icl import core_average, evaluate_task, load_docs
-    from lmkiln.eval.perplexity import perplexity, tokens_of
+    from lmkiln.eval.icl import load_docs
 
     cfg = recipe.eval
     device = pick_device(cfg.device)
@@ -224,56 +213,58 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         config = read_json(path / "config.json")
         if is_encoder_config(config):
             results[name] = _encoder_scores(recipe, run_dir, path, name, generative, device)
-            continue
-        if config.get("model_type") in ("t5", "mt5"):
+        elif config.get("model_type") in ("t5", "mt5"):
             from lmkiln.eval.seq2seq import evaluate_seq2seq
 
             results[name] = evaluate_seq2seq(path, name, recipe, generative, examples, device)
-            continue
-        lm = load_for_inference(path, device)
-        model, tok, chat = lm.model, lm.tok, lm.chat
-        res: dict = {"path": str(path)}
-        if "perplexity" in cfg.tasks:
-            tokens = tokens_of(tok, chat, _texts(recipe, run_dir), cfg.max_tokens)
-            if len(tokens) <= cfg.seq_len:
-                raise UserError(
-                    f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
-                    f"than eval.seq_len={cfg.seq_len}"
-                )
-            res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len, stride=cfg.stride)
-        if examples is not None:
-            res["docstrings"] = score_instructions(
-                model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat
-            )
-        for task, docs in zip(tasks, loaded):
-            res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
-            for a in res[task.name].get("axes", []):  # bias probes: each axis in plain words
-                console.print(
-                    f"{name} {task.name} {a['axis']}: stereotype share {a['stereotype_share']:.3f} (95% interval "
-                    f"{a['ci95'][0]:.3f} to {a['ci95'][1]:.3f}, {a['pairs']} pairs): {a['verdict']}"
-                    + "".join(
-                        f"; {group}-majority occupations {g['stereotype_share']:.3f}"
-                        for group, g in a.get("by_majority", {}).items()
-                    )
-                )
-        for task_name, rows in generative.items():
-            if "tags" in rows[0]:
-                console.print(
-                    f"{name}: tagging rows ({task_name}) are scored on an encoder's tagger; none for a decoder"
-                )
-            elif "label" in rows[0]:
-                res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
-            else:
-                res[task_name] = score_instructions(
-                    model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat, cfg.metrics
-                )
-        core = core_average({t.name: res[t.name] for t in tasks})
-        if core is not None:
-            res["icl"] = {"centered": core}
-        results[name] = res
+        else:
+            lm = load_for_inference(path, device)
+            scores = _decoder_scores(recipe, run_dir, lm, name, list(zip(tasks, loaded)), generative, examples)
+            results[name] = {"path": str(path), **scores}
     if cfg.group_by:
         add_group_scores(results, generative, cfg)
     return results
+
+
+def _decoder_scores(recipe: Recipe, run_dir: Path, lm, name: str, tasks: list, generative: dict, examples) -> dict:
+    """A decoder's scores on every task: perplexity, docstrings, ICL tasks and bias probes, gen: rows."""
+    from lmkiln.eval.bias_report import axis_line
+    from lmkiln.eval.generative import score_instructions, score_labels
+    from lmkiln.eval.icl import core_average, evaluate_task
+    from lmkiln.eval.perplexity import perplexity, tokens_of
+
+    cfg = recipe.eval
+    model, tok, chat = lm.model, lm.tok, lm.chat
+    res: dict = {}
+    if "perplexity" in cfg.tasks:
+        tokens = tokens_of(tok, chat, _texts(recipe, run_dir), cfg.max_tokens)
+        if len(tokens) <= cfg.seq_len:
+            raise UserError(
+                f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
+                f"than eval.seq_len={cfg.seq_len}"
+            )
+        res["perplexity"] = perplexity(model, tok, tokens, cfg.seq_len, stride=cfg.stride)
+    if examples is not None:
+        res["docstrings"] = score_instructions(
+            model, tok, examples, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat
+        )
+    for task, docs in tasks:
+        res[task.name] = evaluate_task(model, tok, chat, task, cfg.seed, cfg.add_bos, loaded=docs)
+        for a in res[task.name].get("axes", []):  # bias probes: each axis in plain words
+            console.print(axis_line(f"{name} {task.name}", a))
+    for task_name, rows in generative.items():
+        if "tags" in rows[0]:
+            console.print(f"{name}: tagging rows ({task_name}) are scored on an encoder's tagger; none for a decoder")
+        elif "label" in rows[0]:
+            res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
+        else:
+            res[task_name] = score_instructions(
+                model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat, cfg.metrics
+            )
+    core = core_average({t.name: res[t.name] for t, _ in tasks})
+    if core is not None:
+        res["icl"] = {"centered": core}
+    return res
 
 
 def add_group_scores(results: dict, generative: dict, cfg) -> None:
@@ -318,179 +309,6 @@ def _encoder_scores(recipe: Recipe, run_dir: Path, path: Path, name: str, genera
         return evaluate_encoder(path, name, recipe, lambda: _texts(recipe, run_dir), generative, device)
     except ValueError as exc:
         raise UserError(f"{name} ({path}): {exc}") from None
-
-
-def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
-    """(task, metric, label, higher is better) for every score the results hold, in the order the
-    models first give them."""
-    cols = [c for c in COLUMNS if any(c[0] in r for r in results.values())]
-    scores: dict = {}
-    for r in results.values():
-        scores.update({task: s for task, s in r.items() if task not in scores})
-    for task, r in scores.items():
-        if isinstance(r, dict) and r.get("kind") == "bias":
-            cols.append((task, "pct_stereotype", f"{task} stereotype share (0.5 = none)", None))
-        elif isinstance(r, dict) and "kind" in r:
-            cols.append((task, "acc", f"{task} acc", True))
-            if r["kind"] != "language_modeling":
-                cols.append((task, "acc_norm", f"{task} acc_norm", True))
-        elif isinstance(r, dict) and "accuracy" in r and "labels" in r:
-            cols += [(task, "accuracy", f"{task} accuracy", True), (task, "macro_f1", f"{task} macro-F1", True)]
-            cols.append((task, "majority_accuracy", f"{task} majority class", None))
-        elif isinstance(r, dict) and "entity_f1" in r:
-            cols += [(task, f"entity_{m}", f"{task} entity {m}", True) for m in ("precision", "recall", "f1")]
-        elif isinstance(r, dict) and "token_f1" in r and task != "docstrings":
-            cols += [
-                (task, "reply_loss", f"{task} reply loss", False),
-                (task, "exact_match", f"{task} exact match", True),
-                (task, "token_f1", f"{task} token F1", True),
-                (task, "rouge_l", f"{task} ROUGE-L", True),
-            ]
-            cols += [(task, m, f"{task} {label}", True) for m, label in (("bleu", "BLEU"), ("chrf", "chrF")) if m in r]
-    if "icl" in scores:
-        cols.append(("icl", "centered", "ICL centered", True))
-    return cols
-
-
-def paired_bootstrap(base: list[int], other: list[int], iters: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of mean(other) - mean(base) over documents resampled with replacement (paired: the
-    same documents for both models)."""
-    a, b = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(iters, len(a)))
-    diffs = (b[idx] - a[idx]).mean(axis=1)
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
-
-
-def significant(results: dict) -> set[tuple[str, str]]:
-    """(model, task) pairs whose ICL accuracy differs from the first model's beyond the bootstrap 95%
-    interval (the interval excludes 0)."""
-    names = list(results)
-    marked = set()
-    for name in names[1:]:
-        for task, r in results[name].items():
-            base = results[names[0]].get(task)
-            if (
-                isinstance(r, dict)
-                and "correct" in r
-                and isinstance(base, dict)
-                and len(base.get("correct", [])) == len(r["correct"])
-            ):
-                low, high = paired_bootstrap(base["correct"], r["correct"])
-                if low > 0 or high < 0:
-                    marked.add((name, task))
-    return marked
-
-
-def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    cols = columns_of(results)
-    marked = significant(results)
-    header = ["model"] + [label + {True: " ↑", False: " ↓", None: ""}[up] for _, _, label, up in cols]
-    rows = []
-    for name, r in results.items():
-        rows.append(
-            [name]
-            + [
-                f"{r[task][metric]:.4f}" + ("*" if metric == "acc" and (name, task) in marked else "")
-                if task in r and r[task][metric] is not None
-                else "–"
-                for task, metric, _, _ in cols
-            ]
-        )
-    return header, rows
-
-
-def results_figure(results: dict):
-    """One panel per score, a bar per model with its value on it; the y axis names the score and its
-    direction, the x axis the models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = columns_of(results)
-    if not cols:
-        return None
-    per_row = min(len(cols), 4)
-    rows = (len(cols) + per_row - 1) // per_row
-    fig, axes = plt.subplots(rows, per_row, figsize=(3.4 * per_row, 3.0 * rows), squeeze=False)
-    names = list(results)
-    for ax, (task, metric, label, up) in zip(axes.flat, cols):
-        values = [results[n][task][metric] if task in results[n] else None for n in names]
-        bars = ax.bar(
-            range(len(names)), [0.0 if v is None else v for v in values], color=[f"C{i}" for i in range(len(names))]
-        )
-        ax.bar_label(bars, labels=["–" if v is None else f"{v:.4f}" for v in values], fontsize=7, padding=2)
-        ax.set_title(label, fontsize=9)
-        ax.set_ylabel(
-            metric.replace("_", " ")
-            + {True: " (higher is better)", False: " (lower is better)"}.get(
-                up, " (0.5 = no preference)" if metric == "pct_stereotype" else " (the baseline)"
-            ),
-            fontsize=7,
-        )
-        ax.set_xlabel("model", fontsize=7)
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7, ha="right")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.margins(y=0.15)  # room for the value labels above the tallest bar
-    for ax in list(axes.flat)[len(cols) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-def plot_results(results: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = results_figure(results)
-    if fig is None:
-        return
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-
-
-def markdown_table(results: dict) -> str:
-    header, rows = table_rows(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def print_table(results: dict) -> None:
-    """Scores as rows, models as columns: it stays readable with many tasks in a terminal."""
-    from rich.console import Console
-    from rich.table import Table
-
-    header, rows = table_rows(results)
-    table = Table(title="evaluation", show_edge=False)
-    table.add_column("score", justify="left", no_wrap=True)
-    for row in rows:
-        table.add_column(row[0], justify="right", no_wrap=True)
-    for i, label in enumerate(header[1:], 1):
-        table.add_row(label, *[row[i] for row in rows])
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe has no width to keep to: long task names stay whole
-        console = Console(width=240)
-    console.print(table)
-    if significant(results):
-        console.print("* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval")
-
-
-def write_results(results: dict, out: Path) -> None:
-    write_json(out / "eval.json", results)
-    note = (
-        "\n\\* ICL accuracy differs from the first model's beyond the paired bootstrap 95% interval.\n"
-        if significant(results)
-        else ""
-    )
-    from lmkiln.eval.bias_report import bias_table, plot_bias
-
-    bias = ""
-    if plot_bias(results, out / "bias.png"):
-        bias = "\n## Bias probes per axis\n\n" + bias_table(results) + "\n![stereotype share per axis](bias.png)\n"
-    text = "# Evaluation\n\n" + markdown_table(results) + note + "\n![scores](eval.png)\n" + bias
-    write_text(out / "eval.md", text)
-    plot_results(results, out / "eval.png")
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:

@@ -23,7 +23,8 @@ import httpx
 from lmkiln.data.examples import messages_of
 from lmkiln.errors import UserError
 from lmkiln.eval.generative import reply_scores
-from lmkiln.eval.stage import generative_tasks, paired_bootstrap
+from lmkiln.eval.results import paired_bootstrap
+from lmkiln.eval.stage import generative_tasks
 from lmkiln.log import console
 from lmkiln.monitor.alerts import ALERT_EXIT, Gauges, append_history, notify
 
