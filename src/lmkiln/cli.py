@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--models",
                 nargs="+",
                 metavar="MODEL",
-                help="model directories (LABEL=DIR names one in the table) or stage names to compare (default: eval.models of the recipe)",
+                help="model directories or stage names to compare (default: eval.models of the recipe); LABEL=DIR names one in the table (a label other than a recipe section or run_dir)",
             )
             p.add_argument(
                 "--out",
@@ -616,6 +616,16 @@ def _joined_verbs(argv: list[str]) -> list[str]:
     return argv
 
 
+def _is_override(value: str) -> bool:
+    """`eval.max_examples=8` after --models or --tasks is an override; `imported=DIR` a labelled model."""
+    if "=" not in value:
+        return False
+    from lmkiln.config import Recipe
+
+    head = value.split("=", 1)[0].split(".")[0]
+    return head in {field.alias or name for name, field in Recipe.model_fields.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(_joined_verbs(list(sys.argv[1:] if argv is None else argv)))
@@ -631,8 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     for listed in ("models", "tasks"):  # nargs="+" options swallow overrides that follow them
         values = getattr(args, listed, None)
         if values and isinstance(getattr(args, "recipe", None), list):
-            setattr(args, listed, [v for v in values if "=" not in v])
-            args.recipe += [v for v in values if "=" in v]
+            setattr(args, listed, [v for v in values if not _is_override(v)])
+            args.recipe += [v for v in values if _is_override(v)]
     if args.verb is None and not args.version:
         parser.print_help()
         return 2

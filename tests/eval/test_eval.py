@@ -147,4 +147,17 @@ def test_models_are_named_by_stage_label_or_path_and_two_names_never_collide(tmp
     assert display_names([a, b]) == {a: a, b: b}  # the same last two parts: whole paths
     with pytest.raises(UserError, match="two models would share a name"):
         display_names(["finetune", f"finetune={a}"])
+
+
+def test_kiln_eval_models_take_labels_beside_overrides(trained_run, tmp_path, capsys):
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    out = tmp_path / "out"
+    argv = ["eval", "--models", f"base={final}", f"again={final}", "eval.icl_max_examples=4"]
+    assert main([*argv, "--tasks", "builtin:bias-small", "--out", str(out)]) == 0  # the override still applies
+    results = json.loads((out / "eval.json").read_text())
+    assert list(results) == ["base", "again"] and results["base"]["bias-small"]["n"] == 4
+    capsys.readouterr()
     assert main(["-q", "eval", "--models", f"x={tmp_path / 'nope'}", "--tasks", "builtin:bias-small"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval.models: 'x={tmp_path / 'nope'}' is neither a stage name nor a model directory" in err
