@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "--models",
                 nargs="+",
                 metavar="MODEL",
-                help="model directories or stage names to compare (default: eval.models of the recipe); LABEL=DIR names one in the table (a label other than a recipe section or run_dir)",
+                help="model directories or stage names to compare (default: eval.models of the recipe); "
+                "LABEL=DIR names one in the table (a label other than a recipe section or run_dir)",
             )
             p.add_argument(
                 "--out",
