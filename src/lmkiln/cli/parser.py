@@ -1,18 +1,10 @@
-"""The `kiln` command: one verb per stage, plus `run`, `generate` and `serve`.
-
-Stage verbs take an optional recipe and `key.sub=value` overrides:
-    kiln run recipes/quickstart.yaml run_dir=/tmp/x pretrain.max_steps=50
-A user mistake prints one line and exits 2; a bug raises with its traceback (exit 1).
-"""
+"""`kiln`'s arguments: a parser per verb, every option with its help (`kiln VERB --help`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
-
-from lmkiln.errors import UserError
 
 STAGE_HELP = {
     "data": "gather, clean, filter and deduplicate text into Parquet shards (run_dir/data)",
@@ -29,19 +21,6 @@ Recipes are YAML files with one section per stage (see recipes/quickstart.yaml a
 Any key can be overridden after the recipe: `pretrain.max_steps=50 run_dir=/tmp/x`.
 Sizes accept suffixes: 20M, 1.5B, 8K.
 """
-
-
-def _recipe_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    recipe = None
-    overrides = []
-    for item in items:
-        if "=" in item:
-            overrides.append(item)
-        elif recipe is None:
-            recipe = item
-        else:
-            raise UserError(f"unexpected argument '{item}': give one recipe, then KEY=VALUE overrides")
-    return recipe, overrides
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or tables on stderr")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    _pipeline_verbs(sub)
+    _planning_verbs(sub)
+    _monitor_verbs(sub)
+    _generate_verb(sub)
+    _model_file_verbs(sub)
+    _serve_verb(sub)
+    _chat_verb(sub)
+    return parser
 
+
+def _pipeline_verbs(sub) -> None:
+    """Run, and a verb per stage."""
     p = sub.add_parser(
         "run",
         help="run every stage the recipe names, in order, then write report.md",
@@ -86,56 +76,67 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_recipe_args(p)
         if name == "finetune":
-            p.add_argument(
-                "--preview",
-                type=int,
-                metavar="N",
-                default=None,
-                help="print N training examples as rendered, trained tokens highlighted, and stop",
-            )
-            p.add_argument(
-                "--task",
-                choices=("generate", "classify", "dpo", "tag"),
-                default=None,
-                help="classify: a label head on {text, label} rows; dpo: preference pairs "
-                "{prompt, chosen, rejected}; tag: a BIO tag per word on an encoder, from {tokens, tags} rows or "
-                "a .conll file (same as finetune.task=...)",
-            )
+            _finetune_options(p)
         if name == "eval":
-            p.add_argument(
-                "--models",
-                nargs="+",
-                metavar="MODEL",
-                help="model directories or stage names to compare (default: eval.models of the recipe); "
-                "LABEL=DIR names one in the table (a label other than a recipe section or run_dir)",
-            )
-            p.add_argument(
-                "--out",
-                type=Path,
-                help="with --models: also write eval.json, eval.md and eval.png here "
-                "(a new directory, or one lmkiln wrote; --force to add them beside other files)",
-            )
-            p.add_argument(
-                "--tasks",
-                nargs="+",
-                metavar="TASK",
-                default=None,
-                help="perplexity (held-out text, eval.text; an encoder: its masked-LM loss), docstrings (the "
-                "quickstart's task), gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, "
-                "ROUGE-L, reply loss; {text, label} rows: accuracy, macro-F1; {tokens, tags} rows on an "
-                "encoder's tagger: entity precision, recall, F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
-                "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
-                "files (.yaml); same as eval.tasks=[...]",
-            )
-            p.add_argument(
-                "--limit",
-                type=int,
-                default=None,
-                metavar="N",
-                help="score the first N documents of every task (sets eval.icl_max_examples for ICL "
-                "tasks and eval.max_examples for gen: and docstrings)",
-            )
+            _eval_options(p)
 
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preview",
+        type=int,
+        metavar="N",
+        default=None,
+        help="print N training examples as rendered, trained tokens highlighted, and stop",
+    )
+    p.add_argument(
+        "--task",
+        choices=("generate", "classify", "dpo", "tag"),
+        default=None,
+        help="classify: a label head on {text, label} rows; dpo: preference pairs "
+        "{prompt, chosen, rejected}; tag: a BIO tag per word on an encoder, from {tokens, tags} rows or "
+        "a .conll file (same as finetune.task=...)",
+    )
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="model directories or stage names to compare (default: eval.models of the recipe); "
+        "LABEL=DIR names one in the table (a label other than a recipe section or run_dir)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="with --models: also write eval.json, eval.md and eval.png here "
+        "(a new directory, or one lmkiln wrote; --force to add them beside other files)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        default=None,
+        help="perplexity (held-out text, eval.text; an encoder: its masked-LM loss), docstrings (the "
+        "quickstart's task), gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, "
+        "ROUGE-L, reply loss; {text, label} rows: accuracy, macro-F1; {tokens, tags} rows on an "
+        "encoder's tagger: entity precision, recall, F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
+        "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
+        "files (.yaml); same as eval.tasks=[...]",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="score the first N documents of every task (sets eval.icl_max_examples for ICL "
+        "tasks and eval.max_examples for gen: and docstrings)",
+    )
+
+
+def _planning_verbs(sub) -> None:
+    """Tune and estimate: settings searched or costed before training."""
     p = sub.add_parser(
         "tune",
         help="search fine-tuning settings (lr, epochs, LoRA rank, tune.space) with "
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or mps (default: pretrain.device)")
     _add_quiet(p)
 
+
+def _monitor_verbs(sub) -> None:
+    """Monitor (a live endpoint) and monitor report."""
     p = sub.add_parser(
         "monitor",
         help="re-evaluate a live OpenAI-compatible endpoint on gen: tasks, and check its logged prompts for drift; "
@@ -175,36 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to score: gen:FILE[@val|@test] rows (replies by token F1, classification rows by accuracy) "
         "and ICL task files (.jsonl, from the endpoint's prompt log-probabilities)",
     )
-    p.add_argument(
-        "--drift",
-        action="store_true",
-        help="compare the logged prompts of a window (--requests) with a reference (--reference): length, "
-        "language, the model's own loss, vocabulary; exit 3 when a signal's PSI passes --drift-threshold",
-    )
-    p.add_argument("--requests", type=Path, default=None, metavar="DIR", help="drift: kiln serve's --log-requests DIR")
-    p.add_argument(
-        "--reference",
-        type=Path,
-        default=None,
-        metavar="SRC",
-        help="drift: the fine-tuning data (any fine-tuning format) or a request-log directory "
-        "(default: the same log before --window)",
-    )
-    p.add_argument(
-        "--window", type=float, default=None, metavar="HOURS", help="drift: the last HOURS of the log (default: all)"
-    )
-    p.add_argument(
-        "--drift-threshold", type=float, default=0.25, help="drift: the PSI past which a signal alerts (default 0.25)"
-    )
-    p.add_argument(
-        "--drift-sample", type=int, default=500, help="drift: prompts measured per side at most (default 500)"
-    )
-    p.add_argument(
-        "--drift-history",
-        type=Path,
-        default=Path("monitor/drift.jsonl"),
-        help="drift: each check appended here, a line a window",
-    )
+    _drift_options(p)
     p.add_argument("--model", default=None, help="the model id to ask for (default: the endpoint's)")
     p.add_argument(
         "--api-key",
@@ -238,6 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
+
+def _drift_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drift",
+        action="store_true",
+        help="compare the logged prompts of a window (--requests) with a reference (--reference): length, "
+        "language, the model's own loss, vocabulary; exit 3 when a signal's PSI passes --drift-threshold",
+    )
+    p.add_argument("--requests", type=Path, default=None, metavar="DIR", help="drift: kiln serve's --log-requests DIR")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="SRC",
+        help="drift: the fine-tuning data (any fine-tuning format) or a request-log directory "
+        "(default: the same log before --window)",
+    )
+    p.add_argument(
+        "--window", type=float, default=None, metavar="HOURS", help="drift: the last HOURS of the log (default: all)"
+    )
+    p.add_argument(
+        "--drift-threshold", type=float, default=0.25, help="drift: the PSI past which a signal alerts (default 0.25)"
+    )
+    p.add_argument(
+        "--drift-sample", type=int, default=500, help="drift: prompts measured per side at most (default 500)"
+    )
+    p.add_argument(
+        "--drift-history",
+        type=Path,
+        default=Path("monitor/drift.jsonl"),
+        help="drift: each check appended here, a line a window",
+    )
+
+
+def _generate_verb(sub) -> None:
+    """Generate: a model directory continuing a prompt."""
     p = sub.add_parser("generate", help="continue a prompt with a model directory (KV cache, sampling)")
     p.add_argument("model", type=Path, help="a model directory (e.g. runs/quickstart/finetune/final)")
     p.add_argument("--prompt", required=True, help="the text to continue")
@@ -261,6 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
+
+def _chat_verb(sub) -> None:
+    """Chat: a model directory in the terminal, through its chat template."""
+    p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template")
+    p.add_argument("model", type=Path, help="a model directory")
+    p.add_argument("--system", default=None, help="a system message to start each conversation with")
+    p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply at most (default 512)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+
+
+def _model_file_verbs(sub) -> None:
+    """Import and export: model directories in and out."""
     p = sub.add_parser(
         "import",
         help="import an open model (Llama, Qwen2/3, Mistral, SmolLM2, TinyLlama) from an HF "
@@ -316,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_quiet(p)
 
+
+def _serve_verb(sub) -> None:
+    """Serve: the OpenAI-compatible API."""
     p = sub.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API with continuous batching, and a chat page at /"
     )
@@ -365,6 +394,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any"
     )
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    _reply_options(p)
+
+
+def _reply_options(p: argparse.ArgumentParser) -> None:
+    """What happens to replies: the request log and the blocklist."""
     p.add_argument(
         "--log-requests",
         type=Path,
@@ -388,271 +422,3 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-max-mb", type=int, default=64, help="request log: a new file past this size (default 64)")
     p.add_argument("--log-max-files", type=int, default=20, help="request log: files kept, oldest removed (default 20)")
-
-    p = sub.add_parser("chat", help="talk to a model in the terminal through its chat template")
-    p.add_argument("model", type=Path, help="a model directory")
-    p.add_argument("--system", default=None, help="a system message to start each conversation with")
-    p.add_argument("--max-tokens", type=int, default=512, help="new tokens per reply at most (default 512)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    return parser
-
-
-def _recipe(args):
-    """The recipe and overrides a verb names, with its options set as the recipe fields they stand for."""
-    from lmkiln.config import load_recipe, resolve_recipe_path
-
-    path, overrides = _recipe_and_overrides(args.recipe)
-    settings: dict = {}
-    if getattr(args, "tasks", None):
-        settings["eval"] = {"tasks": args.tasks}
-    if getattr(args, "limit", None) is not None:
-        settings.setdefault("eval", {}).update(icl_max_examples=args.limit, max_examples=args.limit)
-    if getattr(args, "task", None):
-        settings["finetune"] = {"task": args.task}
-    return load_recipe(resolve_recipe_path(path) if path else None, overrides, settings)
-
-
-# Each verb: its parsed arguments handed to the one library function that does it.
-
-
-def _stages(args) -> None:
-    if args.verb == "finetune" and args.preview is not None:
-        from lmkiln.train.finetune import preview
-
-        return preview(_recipe(args), args.preview)
-    if args.verb == "eval" and args.models:
-        from lmkiln.eval.stage import compare
-
-        return compare(_recipe(args), args.models, args.out, args.force)
-    from lmkiln.pipeline import run_recipe
-
-    run_recipe(_recipe(args), force=args.force, only=None if args.verb == "run" else [args.verb])
-
-
-def _tune(args) -> None:
-    from lmkiln.train.tune import tune
-
-    tune(_recipe(args), args.trials)
-
-
-def _estimate(args) -> None:
-    from lmkiln.train.estimate import estimate, print_estimate
-
-    print_estimate(estimate(_recipe(args), world=args.world, device=args.device))
-
-
-def _generate(args) -> None:
-    from lmkiln.model.generate import print_continuation
-
-    print_continuation(
-        args.model,
-        args.prompt,
-        args.chat,
-        args.max_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.seed,
-        args.device,
-        args.compile,
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
-    )
-
-
-def _serve(args) -> None:
-    from lmkiln.serve.server import serve
-
-    serve(
-        args.model,
-        args.host,
-        args.port,
-        args.name,
-        args.device,
-        args.adapter,
-        args.max_batch,
-        args.max_queue,
-        args.context,
-        args.api_key,
-        args.cors,
-        args.max_request_bytes,
-        args.log_requests,
-        args.log_redact,
-        args.log_max_mb,
-        args.log_max_files,
-        args.models_file,
-        args.version_name,
-        args.blocklist,
-    )
-
-
-def _chat(args) -> None:
-    from lmkiln.serve.terminal import chat_loop
-
-    chat_loop(args.model, args.device, args.temperature, args.top_p, args.max_tokens, args.system, args.seed)
-
-
-def _import(args) -> None:
-    from lmkiln.model.importer import import_and_report
-
-    import_and_report(args.source, args.out, args.dtype, args.force)
-
-
-def _export(args) -> None:
-    from lmkiln.model.export import export_and_report
-
-    export_and_report(
-        args.model,
-        args.out,
-        merge=args.merge,
-        base=args.base,
-        fmt=args.format,
-        dtype=args.dtype,
-        force=args.force,
-        quant=args.quant,
-    )
-
-
-def _monitor(args) -> int:
-    import time
-
-    from lmkiln.monitor.alerts import Gauges
-    from lmkiln.monitor.drift import check_drift
-    from lmkiln.monitor.live import monitor_once
-
-    if args.concurrency < 1 or args.timeout <= 0 or (args.every is not None and args.every <= 0):
-        raise UserError("--concurrency, --timeout and --every must be positive")
-    if not args.tasks and not args.drift:
-        raise UserError("kiln monitor: nothing to check: name --tasks, or --drift with --requests")
-    if args.drift and args.requests is None:
-        raise UserError("--drift: name the request log with --requests DIR (kiln serve --log-requests DIR)")
-    if args.drift_sample < 20 or args.drift_threshold <= 0 or (args.window is not None and args.window <= 0):
-        raise UserError("--drift-sample must be at least 20; --drift-threshold and --window must be positive")
-    recipe = _recipe(args)
-    gauges = Gauges(args.metrics_port) if args.metrics_port is not None else None
-    options = {
-        "sample": args.drift_sample,
-        "threshold": args.drift_threshold,
-        "concurrency": args.concurrency,
-        "timeout": args.timeout,
-        "api_key": args.api_key,
-        "columns": recipe.eval.columns or recipe.finetune.columns,
-    }
-    while True:
-        code = 0
-        if args.tasks:
-            code = monitor_once(
-                recipe,
-                args.url,
-                args.model,
-                args.history,
-                args.baseline,
-                args.webhook,
-                args.concurrency,
-                args.timeout,
-                gauges,
-                args.api_key,
-            )
-        if args.drift:
-            drifted = check_drift(
-                args.url,
-                args.model,
-                args.requests,
-                args.reference,
-                args.window,
-                args.drift_history,
-                options,
-                args.webhook,
-                gauges,
-            )
-            code = max(code, drifted)
-        if args.every is None:
-            return code
-        time.sleep(args.every * 60)
-
-
-def _monitor_report(args) -> None:
-    from lmkiln.log import console
-    from lmkiln.monitor.report import write_report
-
-    out = write_report(args.history, args.drift_history, args.out)
-    console.print(f"kiln monitor report: {out}")
-
-
-VERBS = {
-    "run": _stages,
-    "monitor": _monitor,
-    "monitor report": _monitor_report,
-    **{name: _stages for name in STAGE_HELP},
-    "tune": _tune,
-    "estimate": _estimate,
-    "generate": _generate,
-    "import": _import,
-    "export": _export,
-    "serve": _serve,
-    "chat": _chat,
-}
-
-
-def dispatch(args) -> int:
-    from lmkiln import __version__
-    from lmkiln.log import set_quiet
-
-    set_quiet(args.quiet)
-    if args.version:
-        print(f"lmkiln {__version__}")
-        return 0
-    outcome = VERBS[args.verb](args)
-    return outcome if isinstance(outcome, int) else 0  # a verb may name its own exit code (monitor's alert)
-
-
-def _joined_verbs(argv: list[str]) -> list[str]:
-    """`kiln monitor report` as the one verb "monitor report" (`kiln monitor URL` stays as it is)."""
-    verb = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    if verb is not None and argv[verb : verb + 2] == ["monitor", "report"]:
-        return argv[:verb] + ["monitor report"] + argv[verb + 2 :]
-    return argv
-
-
-def _is_override(value: str) -> bool:
-    """`eval.max_examples=8` after --models or --tasks is an override; `imported=DIR` a labelled model."""
-    if "=" not in value:
-        return False
-    from lmkiln.config import Recipe
-
-    head = value.split("=", 1)[0].split(".")[0]
-    return head in {field.alias or name for name, field in Recipe.model_fields.items()}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(_joined_verbs(list(sys.argv[1:] if argv is None else argv)))
-    # Overrides may also come after an option (`kiln tune RECIPE --trials 4 finetune.lr=1e-3`).
-    if (
-        extra
-        and isinstance(getattr(args, "recipe", None), list)
-        and all("=" in e and not e.startswith("-") for e in extra)
-    ):
-        args.recipe += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    for listed in ("models", "tasks"):  # nargs="+" options swallow overrides that follow them
-        values = getattr(args, listed, None)
-        if values and isinstance(getattr(args, "recipe", None), list):
-            setattr(args, listed, [v for v in values if not _is_override(v)])
-            args.recipe += [v for v in values if _is_override(v)]
-    if args.verb is None and not args.version:
-        parser.print_help()
-        return 2
-    try:
-        return dispatch(args)
-    except UserError as exc:
-        # one line, whatever the message quotes (a value with a newline in it stays on it, escaped)
-        print("kiln: error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kiln: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
