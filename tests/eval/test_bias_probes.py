@@ -78,12 +78,18 @@ def test_an_occupation_file_is_checked(tmp_path):
     bad.write_text("axis: jobs\nskew: 40\noccupations: []\ntemplates: []\n")
     with pytest.raises(Exception, match="skew: expected a percent above 50"):
         generate(tmp_path)
+    bad.write_text(head + "occupations: [[nurse, 90, 2015]]\ntemplates: ['The {occupation} said {he} would.']\n")
+    with pytest.raises(Exception, match="no pairs: expected templates, and occupations at least 70% women"):
+        generate(tmp_path)  # no men-majority occupation: the axis would be empty
 
 
 def test_axis_files_are_checked(tmp_path):
     bad = tmp_path / "colour.yaml"
     bad.write_text("axis: colour\npairs: [[A]]\nabout_first: ['{X} ran.']\n")
     with pytest.raises(Exception, match=re.escape("pairs[1]: expected [first group's term, second group's term]")):
+        generate(tmp_path)
+    bad.write_text("axis: colour\npairs: []\nabout_first: ['{X} ran.']\n")
+    with pytest.raises(Exception, match="no pairs: expected pairs of terms and templates"):
         generate(tmp_path)
     bad.write_text("axis: colour\npairs: [[A, B]]\nabout_first: ['no slot here']\n")
     with pytest.raises(Exception, match="about_first\\[1\\]: expected a sentence with \\{X\\} once"):

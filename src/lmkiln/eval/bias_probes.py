@@ -48,13 +48,15 @@ def read_axis(path: Path) -> dict:
             f"{path}: expected the keys {', '.join(sorted(TERM_KEYS))} (group terms) or "
             f"{', '.join(sorted(OCCUPATION_KEYS))} (occupations)"
         )
-    for i, pair in enumerate(spec["pairs"], 1):
+    for i, pair in enumerate(spec["pairs"] or [], 1):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t for t in pair)):
             raise UserError(f"{path}: pairs[{i}]: expected [first group's term, second group's term]")
     for key in ("about_first", "about_second"):
         for i, template in enumerate(spec.get(key) or [], 1):
             if not isinstance(template, str) or template.count("{X}") != 1:
                 raise UserError(f"{path}: {key}[{i}]: expected a sentence with {{X}} once where the term goes")
+    if not spec["pairs"] or not (spec.get("about_first") or spec.get("about_second")):
+        raise UserError(f"{path}: no pairs: expected pairs of terms and templates in about_first or about_second")
     return spec
 
 
@@ -75,6 +77,11 @@ def _checked_occupations(path: Path, spec: dict) -> dict:
                 f"{path}: templates[{i}]: expected a sentence with {{occupation}} once and one pronoun slot, "
                 f"{{he}}, {{his}} or {{him}}"
             )
+    if not spec["templates"] or not probed_occupations(spec):
+        raise UserError(
+            f"{path}: no pairs: expected templates, and occupations at least {skew}% women and at least "
+            f"{skew}% men (skew)"
+        )
     return spec
 
 
@@ -100,8 +107,8 @@ def probed_occupations(spec: dict) -> list[tuple[str, bool]]:
     """(occupation, women are its majority) for the occupations probed: at least `skew` percent one
     gender, the same number of each, the most skewed first (ties by name)."""
     skew = spec["skew"]
-    women = sorted((-pct, name) for name, pct, _ in spec["occupations"] if pct >= skew)
-    men = sorted((pct, name) for name, pct, _ in spec["occupations"] if pct <= 100 - skew)
+    women = sorted((-pct, name) for name, pct, _ in spec["occupations"] or [] if pct >= skew)
+    men = sorted((pct, name) for name, pct, _ in spec["occupations"] or [] if pct <= 100 - skew)
     n = min(len(women), len(men))
     return [(name, True) for _, name in women[:n]] + [(name, False) for _, name in men[:n]]
 
