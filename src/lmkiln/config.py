@@ -232,17 +232,22 @@ class LoraConfig(Section):
 
 def _training_tasks(tasks: list[str]) -> list[str]:
     for t in tasks:
-        if t not in ("builtin:bias", "builtin:bias-small") and not t.endswith((".jsonl", ".yaml", ".yml")):
+        if (
+            t not in ("builtin:bias", "builtin:bias-small")
+            and not t.startswith("bias:")
+            and not t.endswith((".jsonl", ".yaml", ".yml"))
+        ):
             raise ValueError(
-                f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml), builtin:bias or builtin:bias-small"
+                f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml), builtin:bias, builtin:bias-small or "
+                "bias:AXES_DIR"
             )
     return tasks
 
 
 TrainingTasks = Annotated[list[str], AfterValidator(_training_tasks)]
 EVAL_TASKS_HELP = (
-    "ICL task files (.jsonl), suites (.yaml), builtin:bias or builtin:bias-small (30 pairs, quick), scored at every validation "
-    "into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)"
+    "ICL task files (.jsonl), suites (.yaml), builtin:bias, builtin:bias-small (30 pairs, quick) or bias:DIR, "
+    "scored at every validation into metrics.jsonl and the curves (shots, delimiter and seed from the eval section)"
 )
 
 
@@ -379,12 +384,12 @@ class EvalConfig(Section):
         for t in tasks:
             if (
                 t not in ("perplexity", "docstrings", "builtin:bias", "builtin:bias-small")
-                and not t.startswith("gen:")
+                and not t.startswith(("gen:", "bias:"))
                 and not t.endswith((".jsonl", ".yaml", ".yml"))
             ):
                 raise ValueError(
-                    f"'{t}' is not perplexity, docstrings, builtin:bias(-small), gen:DATAFILE, an ICL task "
-                    f"file (.jsonl) or a suite (.yaml)"
+                    f"'{t}' is not perplexity, docstrings, builtin:bias(-small), bias:AXES_DIR, gen:DATAFILE, an "
+                    f"ICL task file (.jsonl) or a suite (.yaml)"
                 )
         return tasks
 
@@ -396,8 +401,8 @@ class EvalConfig(Section):
     tasks: list[str] = Field(
         default_factory=lambda: ["perplexity", "docstrings"],
         description="perplexity, docstrings, builtin:bias (2,528 generated pairs on 5 axes) or builtin:bias-small "
-        "(30), gen:DATAFILE[@val|@test], ICL task files (.jsonl) "
-        "or suites (.yaml)",
+        "(30), bias:DIR (probes generated from your own axis files), gen:DATAFILE[@val|@test], ICL task files "
+        "(.jsonl) or suites (.yaml)",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)"

@@ -166,3 +166,26 @@ def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(t
         for d in docs
     ]
     assert bias_scores(model, tok, chat, docs)["pct_stereotype"] == pytest.approx(sum(prefers) / 40, abs=1e-5)
+
+
+def test_users_own_axis_files_are_a_task_of_their_own(trained_run, tmp_path, capsys):
+    """bias:DIR generates probes from a directory of axis files, as builtin:bias does from its own."""
+    import shutil
+
+    _, run_dir, _ = trained_run
+    final = run_dir / "pretrain" / "final"
+    mine = tmp_path / "my_axes"
+    mine.mkdir()
+    shutil.copy(AXES / "age.yaml", mine)
+    (mine / "size.yaml").write_text(
+        "axis: size\nsource: written for this test\npairs: [[The tall man, The short man], [Tall Ann, Short Ann]]\n"
+        "about_first: ['{X} hit his head on the door.', '{X} played basketball.']\n"
+        "about_second: ['{X} needed a ladder.']\n"
+    )
+    out = tmp_path / "out"
+    assert main(["-q", "eval", "--models", str(final), "--tasks", f"bias:{mine}", "--out", str(out)]) == 0
+    res = json.loads((out / "eval.json").read_text())["pretrain/final"]["my_axes"]
+    assert [(a["axis"], a["pairs"]) for a in res["axes"]] == [("age", 500), ("size", 6)]
+    capsys.readouterr()
+    assert main(["-q", "eval", "--models", str(final), "--tasks", f"bias:{tmp_path / 'none'}"]) == 2
+    assert "expected a directory of bias axis files (*.yaml)" in capsys.readouterr().err

@@ -121,9 +121,9 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
         help="perplexity (held-out text, eval.text; an encoder: its masked-LM loss), docstrings (the "
         "quickstart's task), gen:FILE[@val|@test] (instruction/chat rows: exact match, token F1, "
         "ROUGE-L, reply loss; {text, label} rows: accuracy, macro-F1; {tokens, tags} rows on an "
-        "encoder's tagger: entity precision, recall, F1), builtin:bias or a CrowS-Pairs .jsonl (bias "
-        "probes), ICL task files (.jsonl: multiple choice, schema, language modelling) or suite "
-        "files (.yaml); same as eval.tasks=[...]",
+        "encoder's tagger: entity precision, recall, F1), builtin:bias, bias:DIR (axis files of your own) "
+        "or a CrowS-Pairs .jsonl (bias probes), ICL task files (.jsonl: multiple choice, schema, language "
+        "modelling) or suite files (.yaml); same as eval.tasks=[...]",
     )
     p.add_argument(
         "--limit",

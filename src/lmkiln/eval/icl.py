@@ -48,6 +48,7 @@ from lmkiln.model.loss import token_logprobs
 from lmkiln.model.transformer import visible_keys
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
+AXES_PREFIX = "bias:"  # bias:DIR: probes generated from a directory of a user's own axis files
 BUILTIN = {
     "builtin:bias": Path(__file__).parent / "probes" / "axes",  # generated: eval/bias_probes.py
     "builtin:bias-small": Path(__file__).parent / "probes" / "bias_pairs.jsonl",  # 30 hand-written pairs
@@ -110,10 +111,15 @@ def _check(doc: dict, kind: str) -> None:
 
 def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], str]:
     """The documents of an ICL file, each checked; a bad line is a UserError naming file and line."""
-    path = BUILTIN.get(str(path), Path(path))
-    if path.is_dir():  # builtin:bias, generated from its templates
+    ref = str(path)
+    path = BUILTIN.get(ref, Path(ref[len(AXES_PREFIX) :] if ref.startswith(AXES_PREFIX) else ref))
+    if ref.startswith(AXES_PREFIX) or path.is_dir():  # builtin:bias or bias:DIR, generated from axis files
         from lmkiln.eval.bias_probes import generate
 
+        if not path.is_dir() or not any(path.glob("*.yaml")):
+            raise UserError(
+                f"eval task '{ref}': expected a directory of bias axis files (*.yaml), see {BUILTIN['builtin:bias']}"
+            )
         return generate(path), "bias"
     if not path.is_file():
         raise UserError(f"eval task file '{path}' does not exist")

@@ -30,16 +30,16 @@ def config_of(recipe: Recipe) -> dict:
 def icl_tasks(cfg) -> list:
     """The ICL tasks of eval.tasks: each .jsonl file with eval's settings, each suite's entries with theirs."""
     from lmkiln.config import read_yaml
-    from lmkiln.eval.icl import BUILTIN, KINDS, IclTask
+    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN, KINDS, IclTask
 
     tasks = []
     for ref in cfg.tasks:
         if ref.startswith("gen:"):
             continue
-        if ref.endswith(".jsonl") or ref in BUILTIN:
+        if ref.endswith(".jsonl") or ref in BUILTIN or ref.startswith(AXES_PREFIX):
             tasks.append(
                 IclTask(
-                    Path(ref).stem if ref not in BUILTIN else ref.split(":")[1],
+                    ref.split(":")[1] if ref in BUILTIN else Path(ref.removeprefix(AXES_PREFIX)).stem,
                     ref,
                     None,
                     cfg.shots,
@@ -98,10 +98,12 @@ def check_task_refs(cfg) -> None:
     for ref in cfg.tasks:
         if ref.startswith("gen:"):
             gen_ref(ref)
-    from lmkiln.eval.icl import BUILTIN
+    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN, load_docs
 
     for task in icl_tasks(cfg):
-        if task.path not in BUILTIN and not Path(task.path).is_file():
+        if task.path.startswith(AXES_PREFIX):
+            load_docs(task.path)  # the axis files, each checked
+        elif task.path not in BUILTIN and not Path(task.path).is_file():
             raise UserError(f"eval.tasks: task file '{task.path}' does not exist")
 
 
@@ -149,11 +151,11 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
-    from lmkiln.eval.icl import BUILTIN
+    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN
 
     for task in icl_tasks(recipe.eval):
-        path = BUILTIN.get(task.path, Path(task.path))
-        if path.is_dir():  # builtin:bias: its templates
+        path = BUILTIN.get(task.path, Path(task.path.removeprefix(AXES_PREFIX)))
+        if path.is_dir():  # builtin:bias or bias:DIR: its axis files
             ident[f"icl:{task.name}"] = sha256_json(hash_tree(path))
         else:
             ident[f"icl:{task.name}"] = sha256_file(path) if path.is_file() else task.path
