@@ -214,6 +214,13 @@ CASES = [
         ["run_dir={ws}/r", "finetune.data={ws}/two.jsonl", "finetune.base={ws}/model"],
         "the validation split of",
     ),
+    (
+        "finetune-counterfactual-pairs-missing",
+        "finetune",
+        ["run_dir={ws}/r", "finetune.data={ws}/sft.jsonl", "finetune.base={ws}/model"]
+        + ["finetune.counterfactual.enabled=true", "finetune.counterfactual.pairs=[{ws}/nope.tsv]"],
+        "counterfactual.pairs: '{ws}/nope.tsv' does not exist",
+    ),
     # text that is not UTF-8: file, line and byte offset
     (
         "data-truncated-utf8-text",

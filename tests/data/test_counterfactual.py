@@ -132,3 +132,22 @@ def test_a_run_with_augmentation_reports_probe_shares_and_task_scores_with_and_w
     assert "| axis | pairs | base | without | cda |" in report.replace(" ↑", "").replace(" ↓", "")
     assert "| model |" in report and "| without |" in report and "sft@val" in report  # task scores per model
     assert "training rows had words swapped" in report and "he -> she" in report
+
+
+def test_an_edited_pair_list_redoes_the_stage_that_read_it(tmp_path):
+    from lmkiln.config import load_recipe
+    from lmkiln.data import stage as data_stage
+    from lmkiln.train import finetune
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("he\tshe\n")
+    base = tmp_path / "base"  # the base model's identity is its weights' hash
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"weights")
+    argv = [f"data.counterfactual.pairs=[{pairs}]", f"finetune.counterfactual.pairs=[{pairs}]", f"finetune.base={base}"]
+    recipe = load_recipe(None, argv)
+    recipe.finetune.counterfactual.enabled = True
+    before = finetune.inputs_of(recipe, tmp_path), data_stage.inputs_of(recipe, tmp_path)
+    pairs.write_text("he\tshe\nking\tqueen\n")
+    after = finetune.inputs_of(recipe, tmp_path), data_stage.inputs_of(recipe, tmp_path)
+    assert before[0] != after[0] and before[1] != after[1]

@@ -51,6 +51,14 @@ def read_pairs(refs: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def pairs_fingerprint(refs: list[str]) -> dict[str, str]:
+    """Content hashes of the users' pair files, so that an edited list redoes the stage that read it (the
+    built-in lists change only with lmkiln)."""
+    from lmkiln.io import sha256_file
+
+    return {ref: sha256_file(ref) for ref in refs if Path(ref).is_file()}
+
+
 class Swapper:
     def __init__(self, pairs: list[tuple[str, str]]) -> None:
         self.counterparts: dict[str, list[str]] = {}

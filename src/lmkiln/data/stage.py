@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from lmkiln.config import Recipe
 from lmkiln.data import sources
-from lmkiln.data.counterfactual import Augmentation, read_pairs
+from lmkiln.data.counterfactual import Augmentation, pairs_fingerprint, read_pairs
 from lmkiln.data.dedup import LshIndex
 from lmkiln.data.executor import map_shards
 from lmkiln.data.shards import SAMPLE_CHARS, process_shard, signature_rows
@@ -55,7 +55,7 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     from lmkiln.io import sha256_file
 
     evals = {f: sha256_file(f) for f in recipe.data.decontam.eval_files if Path(f).is_file()}
-    pairs = {f: sha256_file(f) for f in recipe.data.counterfactual.pairs if Path(f).is_file()}  # edited lists redo
+    pairs = pairs_fingerprint(recipe.data.counterfactual.pairs)
     return {"sources": sources.fingerprint(recipe.data.sources), "eval_files": evals, "counterfactual_pairs": pairs}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lmkiln.config import Recipe
+from lmkiln.data.counterfactual import augment, pairs_fingerprint, read_pairs
 from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
 from lmkiln.data.gettext_pairs import PREFIX as GETTEXT
 from lmkiln.data.gettext_pairs import catalogue_fingerprint
@@ -41,6 +42,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     check_models(Path(recipe.run_dir), [cfg.base], "finetune.base", finished=cfg.base not in will_run)
     if cfg.eval_tasks:
         TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples)
+    if cfg.counterfactual.enabled:
+        read_pairs(cfg.counterfactual.pairs)
 
 
 def config_of(recipe: Recipe) -> dict:
@@ -62,6 +65,8 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
         ident["data"] = stdlib_fingerprint()
     elif Path(data).is_file():
         ident["data"] = sha256_file(data)
+    if recipe.finetune.counterfactual.enabled:
+        ident["counterfactual_pairs"] = pairs_fingerprint(recipe.finetune.counterfactual.pairs)
     return ident
 
 
@@ -175,8 +180,6 @@ def load_base(recipe: Recipe, run_dir: Path):
     if cfg.max_examples:
         splits["train"] = sample(splits["train"], cfg.max_examples)
     if cfg.counterfactual.enabled:  # the training rows only: validation measures the data as it comes
-        from lmkiln.data.counterfactual import augment
-
         c = cfg.counterfactual
         splits["train"], splits["counterfactual"] = augment(splits["train"], c.mode, c.rate, c.pairs)
         stats = splits["counterfactual"]
