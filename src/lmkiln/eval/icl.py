@@ -374,17 +374,15 @@ def bias_scores(model, tok, chat: ChatFormat, docs: list[dict], batch_size: int 
                 pairs.append(([start], tok.encode(sent, add_special_tokens=False).ids))
     scored = loglikelihoods(model, pairs, batch_size, greedy=False)
     prefers = [scored[2 * i][0] > scored[2 * i + 1][0] for i in range(len(docs))]
-    by_type: dict[str, list[bool]] = {}
-    for d, p in zip(docs, prefers):
-        by_type.setdefault(d["bias_type"], []).append(p)
     from lmkiln.eval.bias_probes import axis_scores
 
+    axes = axis_scores(docs, prefers)
     return {
         "kind": "bias",
         "pct_stereotype": round(sum(prefers) / len(docs), 5),
         "n": len(docs),
-        "by_type": {t: round(sum(v) / len(v), 5) for t, v in sorted(by_type.items())},
-        "axes": axis_scores(docs, prefers),
+        "by_type": {a["axis"]: a["stereotype_share"] for a in axes},
+        "axes": axes,
     }
 
 
