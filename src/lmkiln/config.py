@@ -230,13 +230,18 @@ class LoraConfig(Section):
     dora: bool = Field(False, description="DoRA: also learn a magnitude per output row of each adapted weight")
 
 
+def _is_icl_task(ref: str) -> bool:
+    """An ICL task file, a suite, a built-in bias probe set or bias:DIR (what training can score too)."""
+    return (
+        ref in ("builtin:bias", "builtin:bias-small")
+        or ref.startswith("bias:")
+        or ref.endswith((".jsonl", ".yaml", ".yml"))
+    )
+
+
 def _training_tasks(tasks: list[str]) -> list[str]:
     for t in tasks:
-        if (
-            t not in ("builtin:bias", "builtin:bias-small")
-            and not t.startswith("bias:")
-            and not t.endswith((".jsonl", ".yaml", ".yml"))
-        ):
+        if not _is_icl_task(t):
             raise ValueError(
                 f"'{t}' is not an ICL task file (.jsonl), a suite (.yaml), builtin:bias, builtin:bias-small or "
                 "bias:AXES_DIR"
@@ -382,11 +387,7 @@ class EvalConfig(Section):
     @classmethod
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         for t in tasks:
-            if (
-                t not in ("perplexity", "docstrings", "builtin:bias", "builtin:bias-small")
-                and not t.startswith(("gen:", "bias:"))
-                and not t.endswith((".jsonl", ".yaml", ".yml"))
-            ):
+            if t not in ("perplexity", "docstrings") and not t.startswith("gen:") and not _is_icl_task(t):
                 raise ValueError(
                     f"'{t}' is not perplexity, docstrings, builtin:bias(-small), bias:AXES_DIR, gen:DATAFILE, an "
                     f"ICL task file (.jsonl) or a suite (.yaml)"
