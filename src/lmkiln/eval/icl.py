@@ -109,10 +109,15 @@ def _check(doc: dict, kind: str) -> None:
         raise ValueError(f"'gold' must be an index into the {len(options)} options, got {gold!r}")
 
 
+def task_path(ref: str) -> Path:
+    """Where a task's documents are: a built-in's file or axis directory, bias:DIR's directory, a file."""
+    return BUILTIN.get(ref) or Path(ref.removeprefix(AXES_PREFIX))
+
+
 def load_docs(path: str | Path, kind: str | None = None) -> tuple[list[dict], str]:
     """The documents of an ICL file, each checked; a bad line is a UserError naming file and line."""
     ref = str(path)
-    path = BUILTIN.get(ref, Path(ref[len(AXES_PREFIX) :] if ref.startswith(AXES_PREFIX) else ref))
+    path = task_path(ref)
     if ref.startswith(AXES_PREFIX) or path.is_dir():  # builtin:bias or bias:DIR, generated from axis files
         from lmkiln.eval.bias_probes import generate
 

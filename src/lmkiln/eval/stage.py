@@ -30,7 +30,7 @@ def config_of(recipe: Recipe) -> dict:
 def icl_tasks(cfg) -> list:
     """The ICL tasks of eval.tasks: each .jsonl file with eval's settings, each suite's entries with theirs."""
     from lmkiln.config import read_yaml
-    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN, KINDS, IclTask
+    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN, KINDS, IclTask, task_path
 
     tasks = []
     for ref in cfg.tasks:
@@ -39,7 +39,7 @@ def icl_tasks(cfg) -> list:
         if ref.endswith(".jsonl") or ref in BUILTIN or ref.startswith(AXES_PREFIX):
             tasks.append(
                 IclTask(
-                    ref.split(":")[1] if ref in BUILTIN else Path(ref.removeprefix(AXES_PREFIX)).stem,
+                    ref.split(":")[1] if ref in BUILTIN else task_path(ref).stem,
                     ref,
                     None,
                     cfg.shots,
@@ -151,10 +151,10 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
-    from lmkiln.eval.icl import AXES_PREFIX, BUILTIN
+    from lmkiln.eval.icl import task_path
 
     for task in icl_tasks(recipe.eval):
-        path = BUILTIN.get(task.path, Path(task.path.removeprefix(AXES_PREFIX)))
+        path = task_path(task.path)
         if path.is_dir():  # builtin:bias or bias:DIR: its axis files
             ident[f"icl:{task.name}"] = sha256_json(hash_tree(path))
         else:
