@@ -3,6 +3,7 @@ logits, written back so transformers reads them, refused where lmkiln does not i
 
 import io
 import json
+import re
 
 import pytest
 import torch
@@ -245,16 +246,19 @@ def test_text_to_text_fine_tuning_learns_and_saves_a_t5_transformers_loads(t5_ru
 def _check_serving(final, model, tok, prompt: str) -> None:
     """/v1/completions reads the prompt as the input; chat reads the conversation as `role: content`
     lines; both answer what greedy decoding gives, and the openai client reads them."""
+    import httpx
     import openai
 
     from lmkiln.model.t5_generate import generate, input_ids
     from lmkiln.serve.app import create_app
+    from lmkiln.serve.blocklist import Blocklist
     from tests.serve.conftest import serving
 
     def greedy(text: str) -> str:
         return tok.decode(generate(model, input_ids(tok, text, model.args.eos_token_id), 8), skip_special_tokens=True)
 
-    with serving(create_app(final, device="cpu", name="t5")) as url:
+    app = create_app(final, device="cpu", name="t5")
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         done = client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0)
         assert done.choices[0].text == greedy(prompt) and done.usage.completion_tokens > 0
@@ -264,6 +268,17 @@ def _check_serving(final, model, tok, prompt: str) -> None:
         assert reply.choices[0].message.content == greedy(f"user: {prompt}")
         chunks = list(client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0, stream=True))
         assert "".join(c.choices[0].text for c in chunks) == greedy(prompt)
+        # --blocklist: a word of the reply cuts it there, whole and streamed, and each cut is counted
+        text = greedy(prompt)
+        word = re.findall(r"\w+", text)[-1]
+        app.state.server.blocklist = Blocklist([word])
+        cut = client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0)
+        streamed = list(client.completions.create(model="t5", prompt=prompt, max_tokens=8, temperature=0, stream=True))
+        before = text[: re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text).start()]
+        assert cut.choices[0].text == before and cut.choices[0].finish_reason == "content_filter"
+        assert "".join(c.choices[0].text for c in streamed) == before
+        assert streamed[-1].choices[0].finish_reason == "content_filter"
+        assert "lmkiln_content_filtered_total 2.0" in httpx.get(url + "/metrics").text
 
 
 def test_a_sentencepiece_only_vocabulary_is_converted_or_refused_with_the_command(tmp_path, capsys):

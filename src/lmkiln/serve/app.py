@@ -287,7 +287,7 @@ def create_app(
         served = server.versions.served_id(version, adapter)
         if version.seq2seq is not None:
             return await asyncio.to_thread(
-                respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt", server.blocklist
+                respond_seq2seq, version.seq2seq, req, texts, False, served, "prompt", server.blocklist, server.metrics
             )
         prompts = [version.encode(t, "prompt") for t in texts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
@@ -304,7 +304,15 @@ def create_app(
         if version.seq2seq is not None:
             text = conversation_text(messages)
             return await asyncio.to_thread(
-                respond_seq2seq, version.seq2seq, req, [text], True, served, "messages", server.blocklist
+                respond_seq2seq,
+                version.seq2seq,
+                req,
+                [text],
+                True,
+                served,
+                "messages",
+                server.blocklist,
+                server.metrics,
             )
         try:
             text = version.chat.render(messages, add_generation_prompt=True)

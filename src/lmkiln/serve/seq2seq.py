@@ -53,15 +53,20 @@ class Seq2SeqService:
         }
 
 
-def respond(service: Seq2SeqService, req, texts: list[str], chat: bool, name: str, param: str, blocklist=None):
+def respond(
+    service: Seq2SeqService, req, texts: list[str], chat: bool, name: str, param: str, blocklist=None, metrics=None
+):
     """OpenAI's completion (or chat completion) for each text, n each; one chunk and [DONE] when streamed.
-    With a blocklist, an output is cut before its first blocked phrase (finish_reason content_filter)."""
+    With a blocklist, an output is cut before its first blocked phrase (finish_reason content_filter), and
+    each cut is counted in `metrics`, as a decoder's are."""
     max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens) or (128 if chat else 16)
     outputs = [service.complete(t, req, max_tokens, param) for t in texts for _ in range(req.n)]
     for o in outputs:
         cut = blocklist.cut(o["text"], final=True) if blocklist else None
         if cut is not None:
             o.update(text=o["text"][:cut], finish_reason="content_filter")
+            if metrics is not None:
+                metrics.filtered()
     head = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
         "created": int(time.time()),
