@@ -59,7 +59,7 @@ metric_list:
 
 def run_lmkiln(model_dir: Path, limit: int, batch: int) -> tuple[dict, float]:
     from lmkiln.eval.icl import IclTask, evaluate_task
-    from lmkiln.model.inference import load_for_inference
+    from lmkiln.model.inference.load import load_for_inference
 
     lm = load_for_inference(model_dir, "cpu")
     t0 = time.perf_counter()

@@ -76,9 +76,9 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
     import torch
 
     from lmkiln.data.examples import encode_example
-    from lmkiln.model.chat_format import ChatFormat
-    from lmkiln.model.hub import save_model
-    from lmkiln.model.transformer import ModelArgs, Transformer
+    from lmkiln.model.families.transformer import ModelArgs, Transformer
+    from lmkiln.model.io.chat_format import ChatFormat
+    from lmkiln.model.io.hub import save_model
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
 
     with open(DATA, newline="") as fh:
@@ -109,7 +109,7 @@ def prepare(work: Path, batch: int, steps: int, max_len: int) -> None:
 
 
 def batches_of(examples: list, batch: int, grouped: bool) -> list[list]:
-    from lmkiln.train.tuning import length_grouped_batches
+    from lmkiln.train.epochs import length_grouped_batches
 
     rng = random.Random(0)
     if grouped:
@@ -136,10 +136,10 @@ def run_ours(model_dir: Path, rank: int):
     """lmkiln's own pieces, as `kiln finetune finetune.method=lora` uses them."""
     from types import SimpleNamespace
 
-    from lmkiln.model.hub import load_model
+    from lmkiln.model.io.hub import load_model
+    from lmkiln.train.epochs import make_trainable
     from lmkiln.train.finetune import batch_loss
     from lmkiln.train.optim import adamw
-    from lmkiln.train.tuning import make_trainable
 
     model = load_model(model_dir, "cpu")
     lora = SimpleNamespace(r=rank, alpha=2.0 * rank, dropout=0.0, targets=TARGETS, dora=False)

@@ -43,8 +43,8 @@ FAMILIES = {
 
 
 def make_model(family: dict, tokenizer_dir: Path, out: Path):
-    from lmkiln.model.hub import save_model
-    from lmkiln.model.transformer import ModelArgs, Transformer
+    from lmkiln.model.families.transformer import ModelArgs, Transformer
+    from lmkiln.model.io.hub import save_model
     from lmkiln.tokenizer.train import load_tokenizer, special_ids
 
     ids = special_ids(load_tokenizer(tokenizer_dir))
@@ -78,8 +78,8 @@ def make_model(family: dict, tokenizer_dir: Path, out: Path):
 def main() -> None:
     import llama_cpp
 
-    from lmkiln.model.export import export_model
-    from lmkiln.model.generate import generate
+    from lmkiln.model.convert.export import export_model
+    from lmkiln.model.inference.generate import generate
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
 
     root = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
@@ -136,12 +136,12 @@ def _llama_cpp_run(
 def quantized(root: Path, llama_cpp) -> None:
     import importlib.util
 
-    from lmkiln.model.export import export_model
-    from lmkiln.model.generate import generate
-    from lmkiln.model.gguf_format import QUANTS
-    from lmkiln.model.gguf_import import gguf_model
-    from lmkiln.model.importer import import_model
-    from lmkiln.model.inference import load_for_inference
+    from lmkiln.model.convert.export import export_model
+    from lmkiln.model.convert.importer import import_model
+    from lmkiln.model.inference.generate import generate
+    from lmkiln.model.inference.load import load_for_inference
+    from lmkiln.model.io.gguf_format import QUANTS
+    from lmkiln.model.io.gguf_import import gguf_model
 
     print(
         f"\n{'quantized file':<24}{'MiB':>8}{'|llama.cpp - lmkiln|':>22}{'|file - float model|':>22}{'greedy 24 equal':>17}"

@@ -78,7 +78,7 @@ def rss_mb():
     with open("/proc/self/status") as fh:
         return next(int(l.split()[1]) for l in fh if l.startswith("VmRSS")) / 1024
 import torch
-from lmkiln.model.importer import import_model
+from lmkiln.model.convert.importer import import_model
 kind, src, out = sys.argv[1:4]
 if kind == "transformers":
     import transformers

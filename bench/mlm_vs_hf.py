@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from interleaved import optimizer_step, print_comparison, time_interleaved  # bench/, beside this script
 
-from lmkiln.model.encoder import Encoder, EncoderArgs
-from lmkiln.model.hub import save_model
+from lmkiln.model.families.encoder import Encoder, EncoderArgs
+from lmkiln.model.io.hub import save_model
 from lmkiln.model.loss import IGNORE, next_token_losses
 from lmkiln.model.masking import mlm_batch
 from lmkiln.train.optim import make_optimizer

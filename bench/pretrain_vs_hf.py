@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from interleaved import optimizer_step  # bench/, beside this script
 
 from lmkiln.device import autocast
-from lmkiln.model.hub import save_model
-from lmkiln.model.transformer import PRESETS, ModelArgs, Transformer
+from lmkiln.model.families.transformer import PRESETS, ModelArgs, Transformer
+from lmkiln.model.io.hub import save_model
 from lmkiln.train.optim import make_optimizer
 from lmkiln.train.pretrain import next_token_loss
 from lmkiln.train.speed import device_peak, mfu

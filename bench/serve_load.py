@@ -48,9 +48,9 @@ PROMPT = "I want to cancel my order and get a refund, how do I do that?"
 def make_model(out: Path, seed: int = 0) -> Path:
     import torch
 
-    from lmkiln.model.checks import consistency_checks
-    from lmkiln.model.hub import save_model
-    from lmkiln.model.transformer import ModelArgs, Transformer
+    from lmkiln.model.families.transformer import ModelArgs, Transformer
+    from lmkiln.model.io.checks import consistency_checks
+    from lmkiln.model.io.hub import save_model
     from lmkiln.tokenizer.train import save_tokenizer, train_bpe
 
     with open(DATA, newline="") as fh:
@@ -78,8 +78,8 @@ def decode_speed(model_dir: Path, n: int, hf_static: bool = False) -> tuple[floa
     import torch
     import transformers
 
-    from lmkiln.model.generate import generate
-    from lmkiln.model.hub import load_model
+    from lmkiln.model.inference.generate import generate
+    from lmkiln.model.io.hub import load_model
     from lmkiln.tokenizer.train import load_tokenizer
 
     tok = load_tokenizer(model_dir)

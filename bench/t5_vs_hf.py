@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from interleaved import optimizer_step, print_comparison, time_interleaved  # bench/, beside this script
 
-from lmkiln.model.hub import save_model
+from lmkiln.model.families.t5 import T5, T5Args, shift_right
+from lmkiln.model.io.hub import save_model
 from lmkiln.model.loss import linear_cross_entropy
-from lmkiln.model.span_corruption import raw_length, span_corruption_batch
-from lmkiln.model.t5 import T5, T5Args, shift_right
 from lmkiln.train.optim import make_optimizer
+from lmkiln.train.span_corruption import raw_length, span_corruption_batch
 
 
 def build(args: argparse.Namespace):

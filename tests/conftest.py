@@ -96,7 +96,7 @@ def smollm2_gguf() -> Path | None:
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """The real model, imported once per session with `kiln import FILE.gguf`."""
-    from lmkiln.model.importer import import_model
+    from lmkiln.model.convert.importer import import_model
 
     path = smollm2_gguf()
     if path is None:

@@ -188,7 +188,8 @@ class TokenizerConfig(Section):
     vocab_size: Size = Field(8192, ge=300, le=2**32 - 1)
     min_frequency: int = Field(2, ge=1)
     max_train_chars: Size = Field(50_000_000, gt=0, description="characters of the corpus used to learn merges")
-    kind: Literal["decoder", "encoder", "t5"] = Field(
+    # the kinds are the model families' vocabularies (model/families), checked by the tokenizer stage
+    kind: str = Field(
         "decoder",
         description="decoder: chat and FIM tokens; encoder: [CLS] [SEP] [MASK] [PAD] and BERT's pair layout; t5: "
         "<pad> </s> <unk> and 100 sentinels <extra_id_0..99> at the top of the vocabulary, </s> after each text",
@@ -196,7 +197,8 @@ class TokenizerConfig(Section):
 
 
 class ModelConfig(Section):
-    arch: Literal["llama", "qwen2", "qwen3", "mistral", "modernbert", "t5"] = Field(
+    # the archs are the model families' (model/families), checked by the stages that build a model
+    arch: str = Field(
         "llama",
         description="the HF family saved: llama, qwen2 (q/k/v bias), qwen3 (QK-norm), mistral (sliding window); "
         "modernbert: an encoder pretrained by masked-language modelling (needs tokenizer.kind=encoder); t5: an "

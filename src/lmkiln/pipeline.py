@@ -21,7 +21,7 @@ def stage_module(name: str) -> ModuleType:
     elif name == "pretrain":
         from lmkiln.train import pretrain as stage
     elif name == "import":
-        from lmkiln.model import stage
+        from lmkiln.model.convert import stage
     elif name == "finetune":
         from lmkiln.train import finetune as stage
     elif name == "eval":

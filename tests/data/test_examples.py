@@ -11,7 +11,7 @@ import pytest
 from lmkiln.cli import main
 from lmkiln.data.examples import encode_example, load_splits
 from lmkiln.errors import UserError
-from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.loss import IGNORE
 from lmkiln.tokenizer.train import load_tokenizer
 from lmkiln.train import run_finetune

@@ -144,8 +144,8 @@ def test_a_generated_pair_is_scored_as_the_rest_of_the_sentence_given_the_term(t
     import torch
 
     from lmkiln.eval.icl import bias_scores
-    from lmkiln.model.chat_format import ChatFormat
-    from lmkiln.model.hub import load_model
+    from lmkiln.model.io.chat_format import ChatFormat
+    from lmkiln.model.io.hub import load_model
     from lmkiln.tokenizer.train import load_tokenizer
 
     _, run_dir, _ = trained_run

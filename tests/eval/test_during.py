@@ -9,7 +9,7 @@ from lmkiln.cli import main
 from lmkiln.config import load_recipe
 from lmkiln.errors import UserError
 from lmkiln.eval.icl import IclTask, evaluate_task
-from lmkiln.model.inference import load_for_inference
+from lmkiln.model.inference.load import load_for_inference
 from lmkiln.pipeline import run_recipe
 from lmkiln.train.metrics import read_metrics
 from tests.conftest import TINY

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from lmkiln.cli import main
 from lmkiln.eval.generative import rouge_l
 from lmkiln.eval.perplexity import perplexity, tokens_of
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import load_model
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.hub import load_model
 from lmkiln.tokenizer.train import load_tokenizer, token_byte_lengths
 
 

@@ -10,7 +10,7 @@ import torch
 
 from lmkiln.cli import main
 from lmkiln.eval.generative import exact_match, token_f1
-from lmkiln.model.hub import load_model
+from lmkiln.model.io.hub import load_model
 from lmkiln.tokenizer.train import load_tokenizer
 
 

@@ -10,7 +10,7 @@ import torch
 from lmkiln.cli import main
 from lmkiln.errors import UserError
 from lmkiln.eval.icl import IclTask, encode_pair, load_docs, loglikelihoods, requests_of, score_docs
-from lmkiln.model.hub import load_model
+from lmkiln.model.io.hub import load_model
 from lmkiln.tokenizer.train import load_tokenizer
 
 MC = [
@@ -162,7 +162,7 @@ def test_eval_compares_models_on_icl_tasks_with_table_markdown_and_chart(trained
 
 def test_bias_probes_count_the_pairs_whose_stereotype_is_likelier(trained_run, tmp_path):
     from lmkiln.eval.icl import IclTask, evaluate_task
-    from lmkiln.model.chat_format import ChatFormat
+    from lmkiln.model.io.chat_format import ChatFormat
     from lmkiln.tokenizer.train import special_ids
 
     _, run_dir, _ = trained_run

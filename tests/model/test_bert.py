@@ -10,7 +10,7 @@ import torch
 
 from lmkiln.cli import main
 from lmkiln.errors import UserError
-from lmkiln.model.hub import load_model, read_args
+from lmkiln.model.io.hub import load_model, read_args
 from lmkiln.tokenizer.train import save_tokenizer, special_ids, train_bpe
 
 transformers = pytest.importorskip("transformers")
@@ -180,7 +180,7 @@ def test_imported_encoder_fine_tunes_into_a_classifier_transformers_loads(tmp_pa
 
 
 def test_imported_bert_fine_tunes_a_tagger_transformers_loads(tmp_path, tokenizer_dir):
-    from lmkiln.model.hub import load_encoder_classifier
+    from lmkiln.model.io.hub import load_encoder_classifier
     from tests.model.test_encoder import _tagging_rows
 
     _hf_dir("bert", tmp_path / "hf", tokenizer_dir)
@@ -279,7 +279,7 @@ def test_eval_puts_a_base_encoder_beside_its_classifier(tmp_path, tokenizer_dir,
 def test_serve_answers_classify_on_a_tuned_roberta_and_embeddings_on_its_base(tmp_path, tokenizer_dir):
     import httpx
 
-    from lmkiln.model.encoder import mean_embeddings
+    from lmkiln.model.families.encoder import mean_embeddings
     from lmkiln.serve.app import create_app
     from lmkiln.train.classify import load_classifier
     from tests.serve.conftest import serving

@@ -10,8 +10,8 @@ import torch
 
 from lmkiln import data, tokenizer
 from lmkiln.errors import UserError
-from lmkiln.model.encoder import Encoder, EncoderArgs
-from lmkiln.model.hub import load_model
+from lmkiln.model.families.encoder import Encoder, EncoderArgs
+from lmkiln.model.io.hub import load_model
 from lmkiln.model.loss import IGNORE
 from lmkiln.model.masking import mask_tokens
 from lmkiln.train import pretrain as pretrain_stage
@@ -156,7 +156,7 @@ def test_an_encoder_needs_an_encoder_vocabulary(tiny_recipe):
 
 def test_masked_loss_equals_transformers_loss_and_gradient(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lmkiln.model.hub import save_model
+    from lmkiln.model.io.hub import save_model
     from lmkiln.model.loss import next_token_losses
 
     model = _random_encoder()
@@ -270,7 +270,7 @@ def test_import_refuses_modernbert_values_it_does_not_implement(tmp_path):
     config = _modernbert_config(transformers, num_hidden_layers=2, hidden_activation="silu")
     transformers.ModernBertForMaskedLM(config).save_pretrained(tmp_path / "hf")
     with pytest.raises(UserError, match="hidden_activation=.silu."):
-        from lmkiln.model.hub import read_args
+        from lmkiln.model.io.hub import read_args
 
         read_args(tmp_path / "hf")
     assert (
@@ -297,7 +297,7 @@ def _tagging_rows(n: int) -> list[dict]:
 def test_tagging_learns_entities_and_loads_in_transformers(encoder_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from lmkiln.cli import main
-    from lmkiln.model.hub import load_encoder_classifier
+    from lmkiln.model.io.hub import load_encoder_classifier
 
     recipe = encoder_run()
     run_pretrain(recipe)

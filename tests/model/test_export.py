@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lmkiln.cli import main
-from lmkiln.model.export import merged_adapter
-from lmkiln.model.hub import load_model
-from lmkiln.model.importer import import_model
+from lmkiln.model.convert.export import merged_adapter
+from lmkiln.model.convert.importer import import_model
+from lmkiln.model.io.hub import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,7 +51,7 @@ def test_export_refuses_what_it_cannot_do(trained_run, tmp_path, capsys):
 
 def test_bf16_export_loads_and_generates_the_same(trained_run, tmp_path):
     _, run_dir, _ = trained_run
-    from lmkiln.model.export import export_model
+    from lmkiln.model.convert.export import export_model
 
     checks = {c.name: c for c in export_model(run_dir / "finetune" / "final", tmp_path / "bf16", dtype="bf16")}
     assert checks["exported model generates"].status == "ok", checks

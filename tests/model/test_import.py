@@ -8,9 +8,9 @@ import torch
 
 from lmkiln.cli import main
 from lmkiln.errors import UserError
-from lmkiln.model.generate import generate
-from lmkiln.model.hub import load_model
-from lmkiln.model.importer import import_model
+from lmkiln.model.convert.importer import import_model
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.io.hub import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,7 +153,7 @@ def test_import_checks_and_fixes_the_end_of_turn_stop(tmp_path):
 def test_streamed_safetensors_match_the_library(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from lmkiln.model.stream_safetensors import iter_tensors, write_streamed
+    from lmkiln.model.io.stream_safetensors import iter_tensors, write_streamed
 
     state = {
         "a": torch.randn(3, 5),

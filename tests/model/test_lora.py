@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lmkiln.model.hub import save_model
+from lmkiln.model.io.hub import save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from tests.model.test_transformer import tiny
 
@@ -70,7 +70,7 @@ def test_dora_starts_equal_to_the_base_and_merges_exactly():
 def test_dora_adapter_loads_in_peft_and_merges_on_export(tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lmkiln.model.export import merged_adapter
+    from lmkiln.model.convert.export import merged_adapter
 
     save_model(tiny(), tmp_path / "base")
     model = _trained_dora()

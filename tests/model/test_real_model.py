@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from lmkiln.cli import main
-from lmkiln.model.chat_format import chat_template
-from lmkiln.model.export import export_model
-from lmkiln.model.generate import generate
-from lmkiln.model.gguf_format import QUANTS
-from lmkiln.model.importer import import_model
-from lmkiln.model.inference import load_for_inference
+from lmkiln.model.convert.export import export_model
+from lmkiln.model.convert.importer import import_model
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.inference.load import load_for_inference
+from lmkiln.model.io.chat_format import chat_template
+from lmkiln.model.io.gguf_format import QUANTS
 from tests.conftest import smollm2_gguf
 
 transformers = pytest.importorskip("transformers")

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmkiln.cli import main
-from lmkiln.model.generate import print_continuation
-from lmkiln.model.hub import load_model
-from lmkiln.model.t5 import relative_buckets
+from lmkiln.model.families.t5 import relative_buckets
+from lmkiln.model.inference.generate import print_continuation
+from lmkiln.model.io.hub import load_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -144,7 +144,7 @@ def test_span_corruption_pretraining_resumes_bit_for_bit(t5_run, tmp_path):
 
 
 def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
-    from lmkiln.model.t5 import build_t5_args
+    from lmkiln.model.families.t5 import build_t5_args
     from lmkiln.train.estimate import estimate
     from tests.conftest import TINY
 
@@ -165,7 +165,7 @@ def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
     are exercised."""
     import collections
 
-    from lmkiln.model.t5_generate import generate
+    from lmkiln.model.inference.t5_generate import generate
 
     config = transformers.T5Config(
         **{**SMALL, "vocab_size": 60}, feed_forward_proj="gated-gelu", decoder_start_token_id=0
@@ -223,8 +223,8 @@ def test_text_to_text_fine_tuning_learns_and_saves_a_t5_transformers_loads(t5_ru
     if method == "lora":  # q, k, v, o and the feed-forward's matrices carried adapters
         assert (recipe.run_dir / "finetune" / "adapter" / "adapter_config.json").is_file()
     if method == "full":  # the verbs that run a model: generate (greedy and beam search) and eval
-        from lmkiln.model.inference import load_format
-        from lmkiln.model.t5_generate import generate, input_ids
+        from lmkiln.model.inference.load import load_format
+        from lmkiln.model.inference.t5_generate import generate, input_ids
 
         tok, _ = load_format(final)
         prompt = "Write the docstring for this Python function."
@@ -249,7 +249,7 @@ def _check_serving(final, model, tok, prompt: str) -> None:
     import httpx
     import openai
 
-    from lmkiln.model.t5_generate import generate, input_ids
+    from lmkiln.model.inference.t5_generate import generate, input_ids
     from lmkiln.serve.app import create_app
     from lmkiln.serve.blocklist import Blocklist
     from tests.serve.conftest import serving

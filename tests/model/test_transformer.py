@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from lmkiln.model.generate import generate
-from lmkiln.model.hub import load_model, save_model
-from lmkiln.model.kv_cache import KVCache
-from lmkiln.model.transformer import ModelArgs, RMSNorm, Transformer, _RMSNorm
+from lmkiln.model.families.transformer import ModelArgs, RMSNorm, Transformer, _RMSNorm
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.inference.kv_cache import KVCache
+from lmkiln.model.io.hub import load_model, save_model
 
 
 def tiny(**kw) -> Transformer:
@@ -103,7 +103,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("variant", ["llama-tied-gqa", "mistral"])
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(variant):
-    from lmkiln.model.generate import generate_greedy_batch
+    from lmkiln.model.inference.generate import generate_greedy_batch
 
     model = tiny(**VARIANTS[variant])
     prompts = [[5, 17, 33, 8], [3], [9, 9, 2, 41, 7, 7, 12, 60, 1], [44, 45]]
@@ -173,7 +173,7 @@ def test_linear_few_rows_path_equals_f_linear(shape, bias):
 def test_static_cache_decode_equals_kv_cache(variant):
     """The compile-ready cache (whole-context attention under a mask, index writes) gives the same
     tokens and logits as the plain cache, eager."""
-    from lmkiln.model.kv_cache import StaticKVCache
+    from lmkiln.model.inference.kv_cache import StaticKVCache
 
     model = tiny(**variant)
     prompt = torch.tensor([[5, 9, 14, 3]])

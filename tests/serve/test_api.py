@@ -11,9 +11,9 @@ import openai
 import pytest
 import torch
 
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.generate import generate
-from lmkiln.model.hub import generation_eos, load_model
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.hub import generation_eos, load_model
 from lmkiln.serve.app import create_app
 from lmkiln.tokenizer.train import load_tokenizer
 from tests.serve.conftest import serving

@@ -11,9 +11,9 @@ import openai
 import pytest
 import torch
 
-from lmkiln.model.export import merged_adapter
-from lmkiln.model.generate import generate
-from lmkiln.model.hub import load_model
+from lmkiln.model.convert.export import merged_adapter
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.io.hub import load_model
 from lmkiln.model.lora import apply_lora, save_adapter
 from lmkiln.serve.app import create_app
 from lmkiln.serve.batching import Engine, Sampling, Sequence, Token

@@ -7,8 +7,8 @@ import httpx
 import pytest
 import torch
 
-from lmkiln.model.encoder import Encoder, EncoderArgs, EncoderClassifier, mean_embeddings
-from lmkiln.model.hub import save_model
+from lmkiln.model.families.encoder import Encoder, EncoderArgs, EncoderClassifier, mean_embeddings
+from lmkiln.model.io.hub import save_model
 from lmkiln.serve.app import create_app
 from lmkiln.tokenizer.train import save_tokenizer, special_ids, train_bpe
 from lmkiln.train.classify import save_classifier

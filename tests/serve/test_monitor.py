@@ -136,7 +136,7 @@ def test_icl_task_files_over_the_endpoint_score_as_kiln_eval_does(tiny_model, tm
     per-document correctness as kiln eval's own scoring of the model; classification rows score the
     reply against the label."""
     from lmkiln.eval.icl import IclTask, encode_pair, evaluate_task, loglikelihoods
-    from lmkiln.model.inference import load_for_inference
+    from lmkiln.model.inference.load import load_for_inference
     from lmkiln.monitor.live import client_for, loglikelihood
 
     docs = [

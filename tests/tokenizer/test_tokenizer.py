@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from lmkiln.data.examples import encode_example
-from lmkiln.model.chat_format import render
+from lmkiln.model.io.chat_format import render
 from lmkiln.model.loss import IGNORE
 from lmkiln.tokenizer.encode import encode_to_shard, open_shard
 from lmkiln.tokenizer.train import load_tokenizer, save_tokenizer, special_ids, token_byte_lengths, train_bpe

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmkiln import data, tokenizer
-from lmkiln.model.hub import load_model
+from lmkiln.model.io.hub import load_model
 from lmkiln.train import run_pretrain
 from tests.conftest import TINY
 

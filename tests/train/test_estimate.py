@@ -98,7 +98,7 @@ def test_estimate_cli_prints_table(prepared, capsys):
 def test_estimate_of_an_encoder_counts_its_model_and_masked_head(tiny_recipe, capsys):
     """A ModernBERT recipe: the parameters of the model pretraining builds, its FLOPs, and a head loss that
     runs at the masked positions alone (a smaller share of the logits than a decoder's)."""
-    from lmkiln.model.encoder import build_encoder_args
+    from lmkiln.model.families.encoder import build_encoder_args
 
     recipe = tiny_recipe(*MODEL, *ENCODER)
     data.run(recipe)

@@ -7,7 +7,7 @@ from lmkiln import data, tokenizer
 from lmkiln.data.examples import load_splits
 from lmkiln.errors import UserError
 from lmkiln.train import run_finetune, run_pretrain
-from lmkiln.train.tuning import length_grouped_batches
+from lmkiln.train.epochs import length_grouped_batches
 
 
 @pytest.fixture

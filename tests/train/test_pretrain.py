@@ -6,7 +6,7 @@ import torch
 
 from lmkiln import data, tokenizer
 from lmkiln.errors import UserError
-from lmkiln.model.hub import load_model
+from lmkiln.model.io.hub import load_model
 from lmkiln.pipeline import run_stage
 from lmkiln.train import pretrain as pretrain_stage
 from lmkiln.train import run_pretrain

@@ -60,7 +60,7 @@ def _stages(args) -> None:
 
 
 def _tune(args) -> None:
-    from lmkiln.train.tune import tune
+    from lmkiln.train.search import tune
 
     tune(_recipe(args), args.trials)
 
@@ -72,7 +72,7 @@ def _estimate(args) -> None:
 
 
 def _generate(args) -> None:
-    from lmkiln.model.generate import print_continuation
+    from lmkiln.model.inference.generate import print_continuation
 
     print_continuation(
         args.model,
@@ -123,13 +123,13 @@ def _chat(args) -> None:
 
 
 def _import(args) -> None:
-    from lmkiln.model.importer import import_and_report
+    from lmkiln.model.convert.importer import import_and_report
 
     import_and_report(args.source, args.out, args.dtype, args.force)
 
 
 def _export(args) -> None:
-    from lmkiln.model.export import export_and_report
+    from lmkiln.model.convert.export import export_and_report
 
     export_and_report(
         args.model,

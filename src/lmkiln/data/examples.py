@@ -26,7 +26,7 @@ from lmkiln.data.gettext_pairs import PREFIX as GETTEXT
 from lmkiln.data.gettext_pairs import checked_catalogues, gettext_splits
 from lmkiln.data.split import is_heldout, unit_hash
 from lmkiln.errors import UserError
-from lmkiln.model.chat_format import ChatFormat, instruction_messages
+from lmkiln.model.io.chat_format import ChatFormat, instruction_messages
 from lmkiln.model.loss import IGNORE
 
 BUILTIN_TASKS = ("builtin:python-docstrings",)

@@ -20,8 +20,8 @@ from lmkiln.data.examples import encode_texts, encode_words
 from lmkiln.eval.heads import score_classifier, score_tagger
 from lmkiln.io import read_json
 from lmkiln.log import console
-from lmkiln.model.hub import load_encoder_classifier, load_model
-from lmkiln.model.inference import load_format
+from lmkiln.model.inference.load import load_format
+from lmkiln.model.io.hub import load_encoder_classifier, load_model
 from lmkiln.model.loss import next_token_losses
 from lmkiln.model.masking import mlm_batch
 

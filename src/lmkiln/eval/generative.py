@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 
 from lmkiln.data.examples import collate, encode_all, messages_of, prompt_ids
 from lmkiln.device import autocast
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.generate import generate_greedy_batch
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.inference.generate import generate_greedy_batch
+from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.loss import next_token_losses
-from lmkiln.model.transformer import Transformer
 
 
 def rouge_l(prediction: str, reference: str, scorer=None) -> float:

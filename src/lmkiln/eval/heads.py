@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lmkiln.data.examples import collate
 from lmkiln.eval.generative import macro_f1
 from lmkiln.eval.tagging import entity_scores
-from lmkiln.model.encoder import pad_rows
+from lmkiln.model.families.encoder import pad_rows
 from lmkiln.model.loss import IGNORE
 
 

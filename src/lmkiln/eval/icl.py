@@ -43,9 +43,9 @@ import torch
 from lmkiln.device import autocast
 from lmkiln.errors import UserError
 from lmkiln.io import text_lines
-from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.families.transformer import visible_keys
+from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.loss import token_logprobs
-from lmkiln.model.transformer import visible_keys
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
 AXES_PREFIX = "bias:"  # bias:DIR: probes generated from a directory of a user's own axis files

@@ -10,9 +10,9 @@ import torch
 from tokenizers import Tokenizer
 
 from lmkiln.device import autocast
-from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.loss import IGNORE, next_token_losses
-from lmkiln.model.transformer import Transformer
 from lmkiln.tokenizer.train import token_byte_lengths
 
 

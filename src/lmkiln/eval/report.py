@@ -248,7 +248,7 @@ def _import_section(run_dir: Path) -> list[str]:
     manifest = read_manifest(stage_dir(run_dir, "import"))
     if not manifest:
         return []
-    from lmkiln.model.importer import describe
+    from lmkiln.model.convert.importer import describe
 
     return [
         "## Base model",

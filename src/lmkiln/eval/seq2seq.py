@@ -13,10 +13,10 @@ import torch
 from lmkiln.data.examples import encode_pairs, source_and_target
 from lmkiln.eval.generative import reply_scores
 from lmkiln.log import console
-from lmkiln.model.hub import load_model
-from lmkiln.model.inference import load_format
-from lmkiln.model.t5 import pair_batch, target_losses
-from lmkiln.model.t5_generate import generate, input_ids
+from lmkiln.model.families.t5 import pair_batch, target_losses
+from lmkiln.model.inference.load import load_format
+from lmkiln.model.inference.t5_generate import generate, input_ids
+from lmkiln.model.io.hub import load_model
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from lmkiln.errors import UserError
 from lmkiln.eval.results import print_table, write_results
 from lmkiln.io import hash_tree, read_json, read_text, sha256_file, sha256_json
 from lmkiln.log import console
-from lmkiln.model.hub import is_encoder_config
-from lmkiln.model.inference import load_for_inference
+from lmkiln.model.families import is_encoder_config, is_seq2seq_config
+from lmkiln.model.inference.load import load_for_inference
 from lmkiln.runs import check_models, model_dir_of, model_identity, model_label, stage_dir, upstream
 
 
@@ -215,7 +215,7 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
         config = read_json(path / "config.json")
         if is_encoder_config(config):
             results[name] = _encoder_scores(recipe, run_dir, path, name, generative, device)
-        elif config.get("model_type") in ("t5", "mt5"):
+        elif is_seq2seq_config(config):
             from lmkiln.eval.seq2seq import evaluate_seq2seq
 
             results[name] = evaluate_seq2seq(path, name, recipe, generative, examples, device)

@@ -1,7 +1,7 @@
 """Continuous batching: one thread owns the model and a KV cache with a preallocated slot per running
 sequence. Between two decode steps, finished or cancelled sequences leave their slots and waiting ones
 are prefilled into free slots, so a request never waits for a whole batch to end. Each step runs every
-running sequence's next token in one forward, each row at its own position (model/transformer.py's
+running sequence's next token in one forward, each row at its own position (model/families/transformer.py's
 SlotCache)."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmkiln.model.generate import sample_next
-from lmkiln.model.kv_cache import SlotCache
-from lmkiln.model.transformer import Transformer
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.inference.generate import sample_next
+from lmkiln.model.inference.kv_cache import SlotCache
 
 
 class QueueFull(Exception):

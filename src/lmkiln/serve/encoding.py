@@ -15,22 +15,24 @@ from lmkiln.serve.protocol import ApiError
 
 
 def is_encoder(model_dir: Path) -> bool:
-    from lmkiln.model.hub import is_encoder_config
+    from lmkiln.model.families import is_encoder_config
 
     return is_encoder_config(read_json(Path(model_dir) / "config.json"))
 
 
 class EncoderService:
     def __init__(self, model_dir: Path, device) -> None:
-        from lmkiln.model.hub import ENCODER_CLASSES, load_encoder_classifier, load_model
-        from lmkiln.model.inference import load_format
+        from lmkiln.model.families import family_of_config
+        from lmkiln.model.inference.load import load_format
+        from lmkiln.model.io.hub import load_encoder_classifier, load_model
 
         self.tok, _ = load_format(model_dir)
-        arch = (read_json(model_dir / "config.json").get("architectures") or [""])[0]
+        config = read_json(model_dir / "config.json")
+        arch = (config.get("architectures") or [""])[0]
         if arch.endswith("ForSequenceClassification"):
             self.classifier, self.labels = load_encoder_classifier(model_dir, device)
             self.encoder = self.classifier.body
-        elif arch in ENCODER_CLASSES:
+        elif arch in family_of_config(config).hf_classes:
             self.classifier, self.labels = None, []
             self.encoder = load_model(model_dir, device).eval()
         else:
@@ -51,7 +53,7 @@ class EncoderService:
         return rows
 
     def embeddings(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        from lmkiln.model.encoder import mean_embeddings
+        from lmkiln.model.families.encoder import mean_embeddings
 
         rows = self.rows(texts)
         with self.lock:
@@ -63,7 +65,7 @@ class EncoderService:
             raise ApiError(
                 400, "this encoder has no classification head: serve a `kiln finetune --task classify` model"
             )
-        from lmkiln.model.encoder import pad_rows
+        from lmkiln.model.families.encoder import pad_rows
 
         ids, lengths = pad_rows(self.rows(texts))
         device = next(self.classifier.parameters()).device

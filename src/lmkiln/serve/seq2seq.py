@@ -19,14 +19,15 @@ from lmkiln.serve.protocol import ApiError
 
 def is_seq2seq(model_dir: Path) -> bool:
     from lmkiln.io import read_json
+    from lmkiln.model.families import is_seq2seq_config
 
-    return read_json(Path(model_dir) / "config.json").get("model_type") in ("t5", "mt5")
+    return is_seq2seq_config(read_json(Path(model_dir) / "config.json"))
 
 
 class Seq2SeqService:
     def __init__(self, model_dir: Path, device) -> None:
-        from lmkiln.model.hub import load_model
-        from lmkiln.model.inference import load_format
+        from lmkiln.model.inference.load import load_format
+        from lmkiln.model.io.hub import load_model
 
         self.tok, _ = load_format(model_dir)
         self.model = load_model(model_dir, device).eval()
@@ -34,7 +35,7 @@ class Seq2SeqService:
         self.lock = threading.Lock()  # one generation at a time on the shared model
 
     def complete(self, text: str, req, max_tokens: int, param: str) -> dict:
-        from lmkiln.model.t5_generate import generate, input_ids
+        from lmkiln.model.inference.t5_generate import generate, input_ids
 
         eos = self.model.args.eos_token_id
         ids = input_ids(self.tok, text, eos)

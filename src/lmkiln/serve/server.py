@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmkiln.errors import UserError
 from lmkiln.log import console
-from lmkiln.model.inference import check_model_dir
+from lmkiln.model.inference.load import check_model_dir
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -21,8 +21,8 @@ def chat_loop(
     stdout: TextIO = sys.stdout,
 ) -> int:
     from lmkiln.device import pick_device
-    from lmkiln.model.generate import TextStream, check_sampling, stream
-    from lmkiln.model.inference import check_model_dir, load_for_inference
+    from lmkiln.model.inference.generate import TextStream, check_sampling, stream
+    from lmkiln.model.inference.load import check_model_dir, load_for_inference
 
     check_sampling(temperature, top_p, max_tokens)
     check_model_dir(model_dir)

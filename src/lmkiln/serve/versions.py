@@ -54,7 +54,7 @@ class Version:
         if encoder:
             self.encoder = EncoderService(self.model_dir, where)
             return
-        from lmkiln.model.inference import load_for_inference
+        from lmkiln.model.inference.load import load_for_inference
         from lmkiln.serve.adapters import AdapterSet
         from lmkiln.serve.batching import Engine
 
@@ -104,7 +104,7 @@ class Version:
         self._smoke_generation(timeout)
 
     def _smoke_generation(self, timeout: float) -> None:
-        from lmkiln.model.chat_format import PROBE
+        from lmkiln.model.io.chat_format import PROBE
         from lmkiln.serve.batching import Sampling, Sequence
 
         text = self.chat.render(PROBE[:2], add_generation_prompt=True)
@@ -149,8 +149,8 @@ class Versions:
         """Load a version and run its load checks (on the caller's thread: it takes seconds to minutes).
         The first version skips the consistency checks: with nothing to keep serving, `kiln serve` serves
         what it was given, as it always has, and `kiln finetune` ran them when the model was written."""
-        from lmkiln.model.checks import consistency_checks
-        from lmkiln.model.inference import check_model_dir
+        from lmkiln.model.inference.load import check_model_dir
+        from lmkiln.model.io.checks import consistency_checks
 
         check_model_dir(model_dir)
         label = label or self._next_label()

@@ -9,13 +9,18 @@ from lmkiln.config import Recipe
 from lmkiln.data.stage import read_split
 from lmkiln.errors import UserError
 from lmkiln.log import console, progress
+from lmkiln.model.families import TOKENIZER_KINDS
 from lmkiln.runs import stage_dir, upstream
 from lmkiln.tokenizer.encode import encode_to_shard
 from lmkiln.tokenizer.train import save_tokenizer, special_ids, train_bpe
 
 
 def check(recipe: Recipe, will_run: list[str]) -> None:
-    """Nothing to check before the data stage's output is read."""
+    """The vocabulary kind; nothing else can be checked before the data stage's output is read."""
+    if recipe.tokenizer.kind not in TOKENIZER_KINDS:
+        raise UserError(
+            f"bad value for 'tokenizer.kind': {recipe.tokenizer.kind!r} (expected one of {', '.join(TOKENIZER_KINDS)})"
+        )
 
 
 def config_of(recipe: Recipe) -> dict:

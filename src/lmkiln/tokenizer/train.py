@@ -1,10 +1,9 @@
 """Train a byte-level BPE tokenizer and write it as HF files (tokenizer.json, tokenizer_config.json).
 
-A decoder's vocabulary carries lmkiln's chat and FIM tokens; an encoder's (`tokenizer.kind: encoder`)
-carries BERT's `[CLS] [SEP] [MASK] [PAD]` and its post-processor, so `tokenizer("a", "b")` in transformers
-gives `[CLS] a [SEP] b [SEP]` with token type ids 0 then 1. T5's (`tokenizer.kind: t5`) has `<pad>`,
-`</s>` and `<unk>` as ids 0-2, the 100 sentinels of span corruption at the top (`<extra_id_0>` highest),
-and `</s>` after each text."""
+A decoder's vocabulary carries lmkiln's chat and FIM tokens; another `tokenizer.kind` carries the special
+tokens its family defines (model/families: a `Vocabulary`), e.g. an encoder's BERT layout, so
+`tokenizer("a", "b")` in transformers gives `[CLS] a [SEP] b [SEP]` with token type ids 0 then 1, or an
+encoder-decoder's sentinels of span corruption at the top of the vocabulary."""
 
 from __future__ import annotations
 
@@ -15,7 +14,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmkiln.io import write_json, write_text
-from lmkiln.model.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
+from lmkiln.model.families import VOCABULARIES
+from lmkiln.model.families.family import Vocabulary
+from lmkiln.model.io.chat_format import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS
 
 
 def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
@@ -28,69 +29,74 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         yield text
 
 
-CLS, SEP, MASK, ENC_PAD = "[CLS]", "[SEP]", "[MASK]", "[PAD]"
-ENCODER_TOKENS = [CLS, SEP, MASK, ENC_PAD]
-T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"  # T5's ids 0, 1 and 2
-T5_SENTINELS = 100
+def vocabulary(kind: str) -> Vocabulary | None:
+    """A `tokenizer.kind`'s family vocabulary; None for a decoder's (lmkiln's chat and FIM tokens)."""
+    return VOCABULARIES.get(kind)
 
 
-def sentinel(i: int) -> str:
-    return f"<extra_id_{i}>"
+def vocabulary_of(tok: Tokenizer) -> Vocabulary | None:
+    """The family vocabulary a trained tokenizer carries, by its marker token; None for a decoder's."""
+    return next((v for v in VOCABULARIES.values() if tok.token_to_id(v.marker) is not None), None)
+
+
+def tokenizer_kind(tok: Tokenizer) -> str:
+    """The `tokenizer.kind` a trained tokenizer was made as."""
+    vocab = vocabulary_of(tok)
+    return vocab.kind if vocab is not None else "decoder"
+
+
+def vocabulary_label(kind: str) -> str:
+    """A tokenizer kind's vocabulary in a message: what its special tokens are."""
+    vocab = vocabulary(kind)
+    if vocab is None:
+        return "a decoder vocabulary (chat and FIM tokens)"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{article} {kind} vocabulary ({' '.join(vocab.specials[:3])}{' and sentinels' if vocab.sentinels else ''})"
 
 
 def train_bpe(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, max_chars: int = 50_000_000, kind: str = "decoder"
 ) -> Tokenizer:
+    vocab = vocabulary(kind)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    specials = {"encoder": ENCODER_TOKENS, "t5": [T5_PAD, T5_EOS, T5_UNK]}.get(kind, SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - (T5_SENTINELS if kind == "t5" else 0),
+        vocab_size=vocab_size - (len(vocab.sentinels) if vocab else 0),
         min_frequency=min_frequency,
-        special_tokens=specials,
+        special_tokens=list(vocab.specials) if vocab else SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_capped(texts, max_chars), trainer=trainer)
-    if kind == "encoder":
-        cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
-        pairs = processors.TemplateProcessing(
-            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls), (SEP, sep)]
+    if vocab is None:
+        return tok
+    if vocab.sentinels:  # last, the first sentinel the highest id, as T5's vocabulary has them
+        tok.add_special_tokens(list(reversed(vocab.sentinels)))
+    if vocab.single:
+        template = processors.TemplateProcessing(
+            single=vocab.single,
+            pair=vocab.pair,
+            special_tokens=[(t, tok.token_to_id(t)) for t in vocab.template_tokens],
         )
-        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), pairs])
-    if kind == "t5":  # the sentinels last, <extra_id_0> the highest id, as T5's vocabulary has them
-        tok.add_special_tokens([sentinel(i) for i in reversed(range(T5_SENTINELS))])
-        closing = processors.TemplateProcessing(
-            single=f"$A {T5_EOS}",
-            pair=f"$A {T5_EOS} $B:1 {T5_EOS}:1",
-            special_tokens=[(T5_EOS, tok.token_to_id(T5_EOS))],
-        )
-        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), closing])
+        tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), template])
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: Path, model_max_length: int = 1024) -> None:
     write_text(out_dir / "tokenizer.json", tok.to_str())
-    if tok.token_to_id(sentinel(0)) is not None:  # T5's: pad, eos, unk and the sentinels
-        names = {"pad_token": T5_PAD, "eos_token": T5_EOS, "unk_token": T5_UNK}
-        extra = [sentinel(i) for i in range(T5_SENTINELS)]
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "additional_special_tokens": extra}
+    vocab = vocabulary_of(tok)
+    if vocab is not None:  # a family's own tokens, no chat template
+        names = dict(vocab.names)
+        extra = {"additional_special_tokens": list(vocab.sentinels)} if vocab.sentinels else {}
+        unk = {} if "unk_token" in names else {"unk_token": None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, **unk, **extra}
         write_json(
             out_dir / "tokenizer_config.json",
             {**config, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False},
         )
-        write_json(out_dir / "special_tokens_map.json", {**names, "additional_special_tokens": extra})
-        return
-    if tok.token_to_id(MASK) is not None:  # an encoder's vocabulary: BERT's tokens, no chat template
-        names = {"cls_token": CLS, "sep_token": SEP, "mask_token": MASK, "pad_token": ENC_PAD}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "unk_token": None}
-        write_json(
-            out_dir / "tokenizer_config.json",
-            {**config, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False},
-        )
-        write_json(out_dir / "special_tokens_map.json", names)
+        write_json(out_dir / "special_tokens_map.json", {**names, **extra})
         return
     write_json(
         out_dir / "tokenizer_config.json",
@@ -115,33 +121,14 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int | None]:
-    from lmkiln.model.chat_format import END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
+    from lmkiln.model.io.chat_format import END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
-    if tok.token_to_id(sentinel(0)) is not None:  # T5's: documents end with </s>, nothing before them
-        return {
-            "bos": None,
-            "eos": tok.token_to_id(T5_EOS),
-            "pad": tok.token_to_id(T5_PAD),
-            "sentinels": [tok.token_to_id(sentinel(i)) for i in range(T5_SENTINELS)],
-            "end": None,
-            "fim_prefix": None,
-            "fim_middle": None,
-            "fim_suffix": None,
-        }
-    if tok.token_to_id(MASK) is not None:  # an encoder's: documents are [CLS] ... [SEP]
-        cls, sep = tok.token_to_id(CLS), tok.token_to_id(SEP)
-        return {
-            "bos": cls,
-            "eos": sep,
-            "pad": tok.token_to_id(ENC_PAD),
-            "cls": cls,
-            "sep": sep,
-            "mask": tok.token_to_id(MASK),
-            "end": None,
-            "fim_prefix": None,
-            "fim_middle": None,
-            "fim_suffix": None,
-        }
+    vocab = vocabulary_of(tok)
+    if vocab is not None:  # a family's own tokens: no chat end-of-turn, no FIM
+        ids = {k: None if t is None else tok.token_to_id(t) for k, t in vocab.ids.items()}
+        if vocab.sentinels:
+            ids["sentinels"] = [tok.token_to_id(t) for t in vocab.sentinels]
+        return {**ids, "end": None, "fim_prefix": None, "fim_middle": None, "fim_suffix": None}
     return {
         "bos": tok.token_to_id(BOS),
         "eos": tok.token_to_id(EOS),

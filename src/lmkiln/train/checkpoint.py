@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from lmkiln.io import atomic_dir
-from lmkiln.model.hub import save_state
-from lmkiln.model.transformer import ModelArgs
+from lmkiln.model.families.transformer import ModelArgs
+from lmkiln.model.io.hub import save_state
 
 STATE = "trainer_state.pt"
 

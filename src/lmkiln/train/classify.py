@@ -19,24 +19,16 @@ from lmkiln.errors import UserError
 from lmkiln.eval.heads import label_batch, score_classifier
 from lmkiln.io import atomic_dir, write_json
 from lmkiln.log import console
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.checks import require_same_format
-from lmkiln.model.encoder import EncoderBase, EncoderClassifier
-from lmkiln.model.hub import HF_CLASSES, is_encoder_config, load_encoder_classifier, load_model, save_state
+from lmkiln.model.families import family_of, is_encoder_config
+from lmkiln.model.families.encoder import EncoderBase, EncoderClassifier
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.io.checks import require_same_format
+from lmkiln.model.io.hub import load_encoder_classifier, load_model, save_state
 from lmkiln.model.lora import merge_lora
-from lmkiln.model.transformer import Transformer
 from lmkiln.runs import FINAL
-from lmkiln.train.dist import DistContext
+from lmkiln.train.epochs import Validation, make_trainable, train_always
 from lmkiln.train.estimate import print_memory
-from lmkiln.train.metrics import plot_curves
-from lmkiln.train.tuning import Checkpoints, Validation, make_trainable, run_epochs, train_always
-
-SEQ_CLS = {arch: cls.replace("ForCausalLM", "ForSequenceClassification") for arch, cls in HF_CLASSES.items()}
-SEQ_CLS.update(
-    modernbert="ModernBertForSequenceClassification",
-    bert="BertForSequenceClassification",
-    roberta="RobertaForSequenceClassification",
-)
+from lmkiln.train.finetune_run import FinetuneRun, Training
 
 
 class Classifier(nn.Module):
@@ -78,7 +70,7 @@ def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: 
     if isinstance(model, EncoderClassifier):
         head = {f"classifier.{k}": v for k, v in model.classifier.state_dict().items()}
         extra = {"tie_word_embeddings": True}  # an encoder's config keeps its own
-        if model.body.args.arch == "modernbert":
+        if family_of(model.body.args).pooled_classifier:
             extra["classifier_pooling"] = model.pooling
     else:
         head = {"score.weight": model.score.weight}
@@ -89,7 +81,7 @@ def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: 
         out,
         base_dir,
         names,
-        SEQ_CLS[model.body.args.arch],
+        family_of(model.body.args).sequence_classifier[model.body.args.arch],
         problem_type="single_label_classification",
         **extra,
     )
@@ -97,7 +89,7 @@ def save_classifier(model: Classifier | EncoderClassifier, out: Path, base_dir: 
 
 def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str]]:
     """A classifier directory saved by `save_classifier` (or by transformers), and its label names."""
-    from lmkiln.model.hub import args_from_hf, load_head_model
+    from lmkiln.model.io.hub import label_args, load_head_model
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -105,10 +97,7 @@ def load_classifier(model_dir: Path, device="cpu") -> tuple[Classifier, list[str
     if is_encoder_config(config):
         return load_encoder_classifier(model_dir, device)
     # the body as a causal LM whose (unused) head is tied, so it needs no weights of its own
-    args = args_from_hf(
-        {**config, "architectures": [HF_CLASSES[config["model_type"]]], "tie_word_embeddings": True},
-        str(model_dir / "config.json"),
-    )
+    args = label_args(config, str(model_dir / "config.json"))
     with torch.device("meta"):
         model = Classifier(Transformer(args), len(names))
     expected = {k for k in model.state_dict() if k != "body.lm_head.weight"}
@@ -122,7 +111,7 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
     and the trainable parameter count."""
     body = load_model(base_dir, device)
     if isinstance(body, EncoderBase):
-        if cfg.pooling != "cls" and body.args.arch != "modernbert":
+        if cfg.pooling != "cls" and not family_of(body.args).pooled_classifier:
             raise UserError(
                 f"finetune.pooling={cfg.pooling}: {body.args.arch}'s sequence classifier reads the first token "
                 "(transformers has no other pooling for it); leave pooling at cls"
@@ -142,48 +131,43 @@ def _new_classifier(base_dir: Path, num_labels: int, cfg, device) -> tuple[Class
     return model.to(device), trainable + train_always(head)
 
 
-def save_head_model(model, cfg, out: Path, base_dir: Path, names: list[str], write, title: str) -> None:
-    """A tuned label-head model as `final/` (LoRA merged first, `write` laying out its directory, the base's
-    format required of it) and its loss curves."""
-    if cfg.method == "lora":
-        merge_lora(model.body)
-    with atomic_dir(out / FINAL) as tmp:
-        write(model, tmp, base_dir, names)
-        require_same_format(base_dir, tmp)
-    plot_curves(out / "metrics.jsonl", out / "loss.png", title)
+def save_label_model(run: FinetuneRun, model: nn.Module, names: list[str], write) -> Callable[[Validation], None]:
+    """`finish` for a label-head task: the best evaluation's weights back in the model (on every rank), and
+    where the run writes, the model as `final/` (LoRA merged first, `write` laying out its directory, the
+    base's format required of it)."""
+
+    def finish(guard: Validation) -> None:
+        guard.restore_best()
+        if not run.writes:
+            return
+        if run.cfg.method == "lora":
+            merge_lora(model.body)
+        with atomic_dir(run.out / FINAL) as tmp:
+            write(model, tmp, run.base_dir, names)
+            require_same_format(run.base_dir, tmp)
+
+    return finish
 
 
-def build_classifier(
-    recipe,
-    base_dir: Path,
-    splits: dict,
-    tok,
-    out: Path,
-    on_eval: Callable[[int, float], None] | None = None,
-    save: bool = True,
-    ctx: DistContext | None = None,
-    checkpoints: Checkpoints | None = None,
-) -> dict:
-    """Train, validate and save a classifier; returns the stage metrics."""
-    from lmkiln.device import pick_device
-
-    cfg = recipe.finetune
-    ctx = ctx or DistContext(device=pick_device(cfg.device))
-    names = sorted({ex["label"] for ex in splits["train"]})
-    index = {n: i for i, n in enumerate(names)}
-    val_ex = [ex for ex in splits["val"] if ex["label"] in index]
+def _label_data(run: FinetuneRun) -> tuple[list[str], list[dict]]:
+    """The label names (sorted) and the validation rows whose label training has."""
+    names = sorted({ex["label"] for ex in run.splits["train"]})
+    val_ex = [ex for ex in run.splits["val"] if ex["label"] in names]
     if len(names) < 2 or not val_ex:
         raise UserError(f"finetune.data: classification needs 2 or more labels and validation rows (labels: {names})")
-    device = ctx.device
-    chat = ChatFormat(base_dir)
-    torch.manual_seed(recipe.seed)
-    model, trainable = _new_classifier(base_dir, len(names), cfg, device)
+    return names, val_ex
+
+
+def prepare_classifier(run: FinetuneRun) -> Training:
+    cfg, device, chat = run.cfg, run.device, run.chat
+    names, val_ex = _label_data(run)
+    index = {n: i for i, n in enumerate(names)}
+    torch.manual_seed(run.recipe.seed)
+    model, trainable = _new_classifier(run.base_dir, len(names), cfg, device)
     encoder = isinstance(model, EncoderClassifier)
-    train_ids, val_ids = (
-        encode_texts(tok, splits["train"], cfg.max_seq_len, chat, closed=encoder),
-        encode_texts(tok, val_ex, cfg.max_seq_len, chat, closed=encoder),
-    )
-    train_y, val_y = [index[ex["label"]] for ex in splits["train"]], [index[ex["label"]] for ex in val_ex]
+    train_ids = encode_texts(run.tok, run.splits["train"], cfg.max_seq_len, chat, closed=encoder)
+    val_ids = encode_texts(run.tok, val_ex, cfg.max_seq_len, chat, closed=encoder)
+    train_y, val_y = [index[ex["label"]] for ex in run.splits["train"]], [index[ex["label"]] for ex in val_ex]
     # padded positions are never read: a decoder reads its last real token, an encoder keeps padding apart
     pad = chat.pad if encoder else (chat.eos if chat.eos is not None else 0)
     majority = Counter(val_y).most_common(1)[0][1] / len(val_y)
@@ -197,38 +181,22 @@ def build_classifier(
         x, lengths, y = label_batch(train_ids, train_y, batch, pad, device)
         return F.cross_entropy(net(x, lengths).float(), y, reduction="sum"), x.numel()
 
-    guard = Validation(
-        model, lambda: score_classifier(model, val_ids, val_y, pad, device, cfg.batch_size), cfg, on_eval
-    )
-    run = run_epochs(
+    return Training(
         model,
-        cfg,
         list(range(len(train_ids))),
         [len(t) for t in train_ids],
         micro_loss,
         len,
-        guard,
-        out,
-        recipe.seed,
-        "classify",
-        ctx,
-        checkpoints,
+        lambda: score_classifier(model, val_ids, val_y, pad, device, cfg.batch_size),
+        save_label_model(run, model, names, save_classifier),
+        trainable,
+        name="classify",
+        title="classification fine-tuning",
+        facts={"task": "classify", "labels": names, "examples": len(train_ids)},
+        scores=lambda guard: {
+            "majority_accuracy": round(majority, 4),
+            "base_val_accuracy": round(guard.base["accuracy"], 4),
+            "val_accuracy": round(guard.best["accuracy"], 4),
+            "val_macro_f1": round(guard.best["macro_f1"], 4),
+        },
     )
-    guard.restore_best()
-    if save and ctx.is_main:
-        save_head_model(model, cfg, out, base_dir, names, save_classifier, "classification fine-tuning")
-    best, base = guard.best, guard.base
-    return {
-        "task": "classify",
-        "method": cfg.method,
-        "labels": names,
-        "examples": len(train_ids),
-        "skipped_rows": len(splits["skipped"]),
-        "majority_accuracy": round(majority, 4),
-        "base_val_accuracy": round(base["accuracy"], 4),
-        "val_accuracy": round(best["accuracy"], 4),
-        "val_macro_f1": round(best["macro_f1"], 4),
-        **run,
-        **guard.summary(),
-        "trainable_parameters": trainable,
-    }

@@ -10,23 +10,19 @@ reference log-probabilities are computed once up front by the policy itself: no 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from lmkiln.data.examples import collate, encode_example, preference_pair, sample
-from lmkiln.device import autocast, pick_device
+from lmkiln.device import autocast
 from lmkiln.errors import UserError
-from lmkiln.eval.during import TaskMonitor
 from lmkiln.log import console
-from lmkiln.model.chat_format import ChatFormat
+from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.loss import next_token_losses
-from lmkiln.train.dist import DistContext, unwrap
+from lmkiln.train.dist import unwrap
+from lmkiln.train.epochs import load_trainable
 from lmkiln.train.estimate import print_memory
-from lmkiln.train.metrics import plot_curves
-from lmkiln.train.tuning import Checkpoints, Validation, load_trainable, run_epochs, save_tuned
+from lmkiln.train.finetune_run import FinetuneRun, Training, save_best
 
 
 def dpo_loss(
@@ -86,75 +82,68 @@ def batch_loss(model, batch: list[dict], beta: float, pad: int, device) -> tuple
     return dpo_loss(chosen, rejected, ref_c, ref_r, beta)
 
 
-def build_dpo(
-    recipe,
-    base_dir: Path,
-    splits: dict,
-    tok,
-    out: Path,
-    on_eval: Callable[[int, float], None] | None = None,
-    save: bool = True,
-    ctx: DistContext | None = None,
-    monitor: TaskMonitor | None = None,
-    checkpoints: Checkpoints | None = None,
-) -> dict:
-    cfg = recipe.finetune
-    ctx = ctx or DistContext(device=pick_device(cfg.device))
-    device = ctx.device
-    chat = ChatFormat(base_dir)
+def prepare_dpo(run: FinetuneRun) -> Training:
+    cfg, tok, chat, device = run.cfg, run.tok, run.chat, run.device
     pad = chat.pad
-    train, too_long = encode_pairs(tok, splits["train"], cfg.max_seq_len, chat)
-    val, _ = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat)
+    train, too_long = encode_pairs(tok, run.splits["train"], cfg.max_seq_len, chat)
+    val, _ = encode_pairs(tok, sample(run.splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat)
     if not train or not val:
         raise UserError(f"finetune.data: no training or validation pairs fit in max_seq_len={cfg.max_seq_len}")
     console.print(
         f"preference pairs: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
         f"val {len(val):,}; beta {cfg.dpo_beta}"
     )
-    model, trainable = load_trainable(base_dir, cfg, device)
+    model, trainable = load_trainable(run.base_dir, cfg, device)
     longest = max(max(len(p["chosen"][0]), len(p["rejected"][0])) for p in train)
     print_memory(model, cfg, longest, pairs=2)
     add_reference(model, train + val, cfg.batch_size, pad, device)
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        model.eval()
-        losses, margins = [], []
-        for i in range(0, len(val), cfg.batch_size):
-            loss, margin = batch_loss(model, val[i : i + cfg.batch_size], cfg.dpo_beta, pad, device)
-            losses.append(loss)
-            margins.append(margin)
-        model.train()
-        loss, margin = torch.cat(losses), torch.cat(margins)
-        wins = (margin > 0).float() + 0.5 * (margin == 0).float()  # a tie is a coin flip
-        return {
-            "loss": loss.mean().item(),
-            "reward_accuracy": wins.mean().item(),
-            "reward_margin": margin.mean().item() / cfg.dpo_beta,
-        }
 
     def micro_loss(net, batch: list[dict]) -> tuple[torch.Tensor, int]:
         loss, _ = batch_loss(net, batch, cfg.dpo_beta, pad, device)
         return loss.sum(), sum(len(p["chosen"][0]) + len(p["rejected"][0]) for p in batch)
 
-    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
-    lengths = [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train]
-    run = run_epochs(model, cfg, train, lengths, micro_loss, len, guard, out, recipe.seed, "dpo", ctx, checkpoints)
-    if save and ctx.is_main:
-        save_tuned(model, guard, cfg, base_dir, tok, out, device)
-        plot_curves(out / "metrics.jsonl", out / "loss.png", "DPO")
+    return Training(
+        model,
+        train,
+        [len(p["chosen"][0]) + len(p["rejected"][0]) for p in train],
+        micro_loss,
+        len,
+        lambda: evaluate_pairs(model, val, cfg.batch_size, cfg.dpo_beta, pad, device),
+        save_best(run, model),
+        trainable,
+        name="dpo",
+        title="DPO",
+        facts={
+            "task": "dpo",
+            "examples": len(train),
+            "dropped_too_long": too_long,
+            "beta": cfg.dpo_beta,
+            "total_parameters": model.args.num_params(),
+        },
+        scores=lambda guard: {
+            "base_val_reward_accuracy": round(guard.base["reward_accuracy"], 4),
+            "val_reward_accuracy": round(guard.best["reward_accuracy"], 4),
+            "val_reward_margin": round(guard.best["reward_margin"], 4),
+        },
+        monitored=True,
+    )
+
+
+@torch.no_grad()
+def evaluate_pairs(model, val: list[dict], batch_size: int, beta: float, pad: int, device) -> dict:
+    """Validation: the mean DPO loss, how often the chosen reply wins (a tie is a coin flip), and the mean
+    implicit reward margin (in log-probability units)."""
+    model.eval()
+    losses, margins = [], []
+    for i in range(0, len(val), batch_size):
+        loss, margin = batch_loss(model, val[i : i + batch_size], beta, pad, device)
+        losses.append(loss)
+        margins.append(margin)
+    model.train()
+    loss, margin = torch.cat(losses), torch.cat(margins)
+    wins = (margin > 0).float() + 0.5 * (margin == 0).float()
     return {
-        "task": "dpo",
-        "method": cfg.method,
-        "examples": len(train),
-        "dropped_too_long": too_long,
-        "skipped_rows": len(splits["skipped"]),
-        "beta": cfg.dpo_beta,
-        **run,
-        **guard.summary(),
-        "base_val_reward_accuracy": round(guard.base["reward_accuracy"], 4),
-        "val_reward_accuracy": round(guard.best["reward_accuracy"], 4),
-        "val_reward_margin": round(guard.best["reward_margin"], 4),
-        "trainable_parameters": trainable,
-        "total_parameters": model.args.num_params(),
+        "loss": loss.mean().item(),
+        "reward_accuracy": wins.mean().item(),
+        "reward_margin": margin.mean().item() / beta,
     }

@@ -15,8 +15,8 @@ from torch import nn
 from lmkiln.config import Recipe
 from lmkiln.errors import UserError
 from lmkiln.log import console
-from lmkiln.model.encoder import EncoderArgs
-from lmkiln.model.transformer import ModelArgs
+from lmkiln.model.families import family_of
+from lmkiln.model.families.transformer import ModelArgs
 from lmkiln.runs import stage_dir
 from lmkiln.train.speed import device_peak
 
@@ -58,9 +58,9 @@ def saved_bytes(
 
 
 def saved_activation_bytes(
-    args: ModelArgs | EncoderArgs, batch: int, seq_len: int, head: bool = True, targets: int | None = None
+    args, batch: int, seq_len: int, head: bool = True, targets: int | None = None
 ) -> int:
-    from lmkiln.model.hub import build_model
+    from lmkiln.model.io.hub import build_model
 
     with torch.device("meta"):
         model = build_model(args)
@@ -83,8 +83,8 @@ def head_loss_bytes(args: ModelArgs, tokens: int, chunked: bool) -> int:
 def finetune_memory(args: ModelArgs, cfg, seq_len: int, pairs: int = 1, vocab_logits: bool = True) -> dict:
     """Memory of a fine-tuning run (fp32 on CPU): weights, gradients and AdamW state of what trains,
     the activations of one micro-batch of `seq_len`-token rows (twice the rows for DPO pairs)."""
-    from lmkiln.model.hub import build_model
-    from lmkiln.train.tuning import make_trainable
+    from lmkiln.model.io.hub import build_model
+    from lmkiln.train.epochs import make_trainable
 
     with torch.device("meta"), console.capture():  # the meta copy's LoRA line is not news
         model = build_model(args)
@@ -129,7 +129,7 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     if world < 1:
         raise UserError(f"--world {world}: expected 1 or more ranks")
     cfg = recipe.pretrain
-    from lmkiln.model.hub import recipe_model_args
+    from lmkiln.model.io.hub import recipe_model_args
 
     try:
         args = recipe_model_args(recipe.model, _vocab_size(recipe), {})
@@ -145,15 +145,15 @@ def estimate(recipe: Recipe, world: int = 1, device: str | None = None) -> dict:
     optim = optimizer_bytes(args, cfg.optimizer)
     act_scale = 0.5 if dev.type == "cuda" else 1.0  # bf16 activations under autocast
     chunked = not (world > 1 and cfg.strategy == "fsdp")  # as pretrain.next_token_loss decides
-    targets = None
-    if args.arch == "t5":  # the decoder runs on span corruption's targets
-        from lmkiln.model.span_corruption import raw_length
+    targets, objective = None, family_of(args).objective
+    if objective == "span":  # the decoder runs on span corruption's targets
+        from lmkiln.train.span_corruption import raw_length
 
         targets = raw_length(cfg.seq_len, cfg.noise_density, cfg.mean_span)[1]
     activations = saved_activation_bytes(args, cfg.batch_size, cfg.seq_len, head=not chunked, targets=targets)
     activations = int(activations * act_scale)
     # an encoder's loss (masked-LM) runs the head at the masked positions alone; T5's at its targets
-    scored = cfg.batch_size * (targets or cfg.seq_len) * (cfg.mask_rate if isinstance(args, EncoderArgs) else 1)
+    scored = cfg.batch_size * (targets or cfg.seq_len) * (cfg.mask_rate if objective == "mlm" else 1)
     logits = head_loss_bytes(args, int(scored), chunked)
     total = int(((weights + grads + optim) / shard + activations + logits) * ALLOCATOR_OVERHEAD)
     accum = _grad_accum(recipe, world)

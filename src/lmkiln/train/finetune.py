@@ -1,6 +1,6 @@
 """`kiln finetune`: supervised fine-tuning (full, LoRA or DoRA; loss on replies only; optional packing),
 DPO on preference pairs (train/dpo.py) and classification heads (train/classify.py), all through the
-shared loop (train/loop.py) with validation, early stopping and the best state kept (train/tuning.py)."""
+shared loop (train/loop.py) with validation, early stopping and the best state kept (train/epochs.py)."""
 
 from __future__ import annotations
 
@@ -8,30 +8,25 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from lmkiln.config import Recipe
 from lmkiln.data.counterfactual import augment, pairs_fingerprint, read_pairs
-from lmkiln.data.examples import check_source, encode_all, encode_example, load_splits, preference_pair, sample
+from lmkiln.data.examples import check_source, encode_example, load_splits, preference_pair, sample
 from lmkiln.data.gettext_pairs import PREFIX as GETTEXT
 from lmkiln.data.gettext_pairs import catalogue_fingerprint
 from lmkiln.device import seed_everything
 from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor
-from lmkiln.eval.generative import batch_loss, reply_loss
 from lmkiln.io import sha256_file, sha256_json
 from lmkiln.log import console, set_quiet
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import read_args
-from lmkiln.model.inference import load_format
+from lmkiln.model.inference.load import load_format
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.hub import family_of_dir
 from lmkiln.model.loss import IGNORE
 from lmkiln.runs import CHECKPOINTS, check_models, model_dir_of, model_identity
 from lmkiln.train import dist
-from lmkiln.train.dist import DistContext
-from lmkiln.train.estimate import print_memory
-from lmkiln.train.metrics import plot_curves
-from lmkiln.train.packing import fill, pack
-from lmkiln.train.tuning import Checkpoints, Validation, load_trainable, run_epochs, save_tuned
+from lmkiln.train.epochs import Checkpoints
+from lmkiln.train.finetune_run import FinetuneRun, run_task
+from lmkiln.train.tasks import TASKS
 
 
 def check(recipe: Recipe, will_run: list[str]) -> None:
@@ -107,7 +102,7 @@ def preview(recipe: Recipe, n: int) -> None:
 def check_base(base_dir: Path) -> None:
     """The train/serve consistency checks on the base model, before any training: a chat template
     that does not render stops the run; the rest is reported."""
-    from lmkiln.model.checks import consistency_checks, print_checks
+    from lmkiln.model.io.checks import consistency_checks, print_checks
 
     checks = consistency_checks(base_dir)
     console.print(f"base model checks ({base_dir}):")
@@ -115,14 +110,6 @@ def check_base(base_dir: Path) -> None:
     failed = [c for c in checks if c.status == "failed" and c.name == "chat template"]
     if failed:
         raise UserError(f"finetune.base: {base_dir}: chat template {failed[0].detail}")
-
-
-TASK_FORMATS = {
-    "generate": ("text", "instruction", "chat"),
-    "dpo": ("preference",),
-    "classify": ("classification",),
-    "tag": ("tagging",),
-}
 
 
 def kind_of(ex: dict) -> str:
@@ -137,7 +124,7 @@ def kind_of(ex: dict) -> str:
 
 def check_task(examples: list[dict], task: str) -> None:
     """Every example must suit the task: a preference pair cannot train a plain language model."""
-    allowed = TASK_FORMATS[task]
+    allowed = TASKS[task].formats
     for ex in examples:
         kind = kind_of(ex)
         if kind not in allowed:
@@ -203,7 +190,6 @@ def build(
     try:
         cfg = recipe.finetune
         base_dir, tok, splits = load_base(recipe, run_dir)
-        monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
         plan = (
             Checkpoints(
                 out / CHECKPOINTS,
@@ -214,26 +200,10 @@ def build(
             if save
             else None
         )
-        if read_args(base_dir).arch in ("t5", "mt5"):
-            from lmkiln.train.seq2seq import build_seq2seq
-
-            if cfg.task != "generate":
-                raise UserError(f"finetune.task={cfg.task}: a T5 base fine-tunes text to text (task generate)")
-            result = build_seq2seq(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
-        elif cfg.task == "tag":
-            from lmkiln.train.tag import build_tagger
-
-            result = build_tagger(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
-        elif cfg.task == "classify":
-            from lmkiln.train.classify import build_classifier
-
-            result = build_classifier(recipe, base_dir, splits, tok, out, on_eval, save, ctx, plan)
-        elif cfg.task == "dpo":
-            from lmkiln.train.dpo import build_dpo
-
-            result = build_dpo(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor, plan)
-        else:
-            result = build_sft(recipe, base_dir, splits, tok, out, on_eval, save, ctx, monitor, plan)
+        prepare = TASKS[cfg.task].prepare_for(family_of_dir(base_dir), cfg.task)
+        monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
+        run = FinetuneRun(recipe, base_dir, splits, tok, out, ctx, on_eval, save, monitor, plan)
+        result = run_task(run, prepare)
         if plan is not None and ctx.is_main:  # finished and saved: nothing left to resume
             shutil.rmtree(plan.dir, ignore_errors=True)
         if "counterfactual" in splits:
@@ -242,82 +212,3 @@ def build(
     finally:
         dist.teardown(ctx)
         set_quiet(quiet)
-
-
-def build_sft(
-    recipe: Recipe,
-    base_dir: Path,
-    splits: dict,
-    tok,
-    out: Path,
-    on_eval: Callable[[int, float], None] | None,
-    save: bool,
-    ctx: DistContext,
-    monitor: TaskMonitor | None = None,
-    checkpoints: Checkpoints | None = None,
-) -> dict:
-    cfg = recipe.finetune
-    device = ctx.device
-    chat = ChatFormat(base_dir)
-    pad = chat.pad  # padded positions are never attended to nor trained
-    train, too_long = encode_all(tok, splits["train"], cfg.max_seq_len, chat, cfg.loss_on)
-    val, _ = encode_all(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, chat, cfg.loss_on)
-    for name, kept, rows in (("training", train, splits["train"]), ("validation", val, splits["val"])):
-        if not kept:
-            raise UserError(
-                f"finetune.data: none of the {len(rows):,} {name} examples fits in "
-                f"finetune.max_seq_len={cfg.max_seq_len} tokens; raise it"
-            )
-    console.print(
-        f"examples: train {len(train):,} ({too_long} longer than {cfg.max_seq_len} tokens dropped), "
-        f"val {len(val):,}, test {len(splits['test']):,} (held out for eval)"
-    )
-    n_examples = len(train)
-    if cfg.packing:
-        train = pack(train, cfg.max_seq_len)
-        console.print(
-            f"packing: {n_examples:,} examples in {len(train):,} rows of up to {cfg.max_seq_len} tokens "
-            f"({fill(train, cfg.max_seq_len):.0%} full)"
-        )
-
-    model, trainable = load_trainable(base_dir, cfg, device)
-    print_memory(model, cfg, max(len(t[0]) for t in train))
-
-    def evaluate() -> dict:
-        total, count = reply_loss(model, val, cfg.batch_size, pad, device)
-        return {"loss": total / count}
-
-    def micro_loss(net, batch: list) -> tuple[torch.Tensor, int]:
-        loss, _, tokens = batch_loss(net, batch, pad, device)
-        return loss, tokens
-
-    guard = Validation(model, evaluate, cfg, on_eval, monitor and (lambda: monitor(model, tok, chat)))
-    run = run_epochs(
-        model,
-        cfg,
-        train,
-        [len(t[0]) for t in train],
-        micro_loss,
-        lambda batch: sum(sum(label != IGNORE for label in t[1]) for t in batch),
-        guard,
-        out,
-        recipe.seed,
-        "finetune",
-        ctx,
-        checkpoints,
-    )
-    if save and ctx.is_main:
-        save_tuned(model, guard, cfg, base_dir, tok, out, device)
-        plot_curves(out / "metrics.jsonl", out / "loss.png", "fine-tuning")
-    return {
-        "method": cfg.method,
-        "dora": cfg.method == "lora" and cfg.lora.dora,
-        "examples": n_examples,
-        "packed_rows": len(train) if cfg.packing else None,
-        "dropped_too_long": too_long,
-        "skipped_rows": len(splits["skipped"]),
-        **run,
-        **guard.summary(),
-        "trainable_parameters": trainable,
-        "total_parameters": model.args.num_params(),
-    }

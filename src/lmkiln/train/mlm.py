@@ -78,6 +78,9 @@ class MaskedLM:
         self.accum, self.ctx, self.ids, self.vocab, self.word_start = accum, ctx, ids, vocab_size, word_start
         self._counts: dict[int, int] = {}
 
+    def flops_per_token(self, args) -> float:
+        return args.flops_per_token(self.recipe.pretrain.seq_len)
+
     def _batch(self, step: int, micro: int):
         c = self.recipe.pretrain
         return mlm_batch_at(

@@ -17,14 +17,13 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import TaskMonitor, describe
 from lmkiln.io import sha256_json
 from lmkiln.log import console, set_quiet
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.encoder import Encoder, EncoderArgs
-from lmkiln.model.hub import build_model, recipe_model_args
+from lmkiln.model.families import FAMILIES, family_of, family_of_arch
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.hub import build_model, recipe_model_args
 from lmkiln.model.loss import next_token_losses
-from lmkiln.model.transformer import ModelArgs, Transformer
 from lmkiln.runs import CHECKPOINTS, FINAL, stage_dir, upstream
 from lmkiln.tokenizer.encode import open_shard
-from lmkiln.tokenizer.train import load_tokenizer, special_ids, word_starts
+from lmkiln.tokenizer.train import load_tokenizer, special_ids, tokenizer_kind, vocabulary_label, word_starts
 from lmkiln.train import dist
 from lmkiln.train.checkpoint import latest_checkpoint, prune, read_checkpoint, save_checkpoint
 from lmkiln.train.loop import Cadence, LoopState, Plan, train
@@ -36,6 +35,7 @@ from lmkiln.train.speed import device_peak
 
 
 def check(recipe: Recipe, will_run: list[str]) -> None:
+    family_of_arch(recipe.model.arch)  # a family lmkiln pretrains
     if recipe.pretrain.eval_tasks:  # every task line read now, not at the first validation
         TaskMonitor(recipe.pretrain.eval_tasks, recipe, recipe.pretrain.eval_tasks_max_examples)
 
@@ -46,14 +46,13 @@ def config_of(recipe: Recipe) -> dict:
     for key in ("log_every", "tracker", "keep_checkpoints", "stop_after", "eval_tasks", "eval_tasks_max_examples"):
         cfg.pop(key)
     model = recipe.model.model_dump(mode="json")
-    if recipe.model.arch != "modernbert":  # an encoder's settings: a decoder's runs stay current
-        for key in ("local_attention", "global_every"):
-            model.pop(key)
-        cfg.pop("mask_rate")
-        cfg.pop("whole_word_mask")
-    if recipe.model.arch != "t5":  # span corruption's
-        cfg.pop("noise_density")
-        cfg.pop("mean_span")
+    # other families' own settings: a run stays current when a key its family never reads changes
+    family = family_of_arch(recipe.model.arch)
+    sections = {"model": model, "pretrain": cfg}
+    for other in FAMILIES:
+        for key in other.config_keys if other is not family else ():
+            section, name = key.split(".")
+            sections[section].pop(name)
     return {"model": model, "pretrain": cfg, "seed": recipe.seed}
 
 
@@ -130,7 +129,7 @@ def _grad_accum(recipe: Recipe, world: int) -> int:
     return max(1, math.ceil(cfg.batch_tokens / per_micro))
 
 
-def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids: dict) -> None:
+def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids: dict, tokenizer_kind: str) -> None:
     cfg = recipe.pretrain
     if len(train_tokens) <= cfg.seq_len + 1:
         raise UserError(f"pretrain.seq_len={cfg.seq_len} is longer than the training data ({len(train_tokens)} tokens)")
@@ -143,36 +142,21 @@ def _check(recipe: Recipe, train_tokens: np.ndarray, val_tokens: np.ndarray, ids
         raise UserError(f"pretrain.seq_len={cfg.seq_len} exceeds model.max_seq_len={recipe.model.max_seq_len}")
     if cfg.fim_rate > 0 and ids.get("fim_prefix") is None:
         raise UserError("pretrain.fim_rate needs a tokenizer with FIM tokens: rerun `kiln tokenizer --force`")
-    t5_vocab = ids.get("sentinels") is not None
-    if (recipe.model.arch == "t5") != t5_vocab:
+    family, arch, have = family_of_arch(recipe.model.arch), recipe.model.arch, tokenizer_kind
+    if have != family.tokenizer_kind:
         raise UserError(
-            "model.arch=t5 and tokenizer.kind=t5 go together (span corruption needs the sentinels): set both "
-            "and rerun `kiln tokenizer`"
+            f"model.arch={arch} needs {vocabulary_label(family.tokenizer_kind)}, but the tokenizer has "
+            f"{vocabulary_label(have)}: set tokenizer.kind={family.tokenizer_kind} and rerun `kiln tokenizer`"
         )
-    if t5_vocab and cfg.eval_tasks:
-        raise UserError("pretrain.eval_tasks score a decoder's continuations: leave them out for model.arch=t5")
-    encoder_vocab = ids.get("mask") is not None
-    if recipe.model.arch == "modernbert" and not encoder_vocab:
-        raise UserError(
-            "model.arch=modernbert needs an encoder vocabulary ([CLS] [SEP] [MASK]): set tokenizer.kind=encoder "
-            "and rerun `kiln tokenizer`"
-        )
-    if recipe.model.arch not in ("modernbert", "t5") and encoder_vocab:
-        raise UserError(
-            f"model.arch={recipe.model.arch} is a decoder, but the tokenizer has an encoder's vocabulary: set "
-            f"tokenizer.kind=decoder and rerun `kiln tokenizer`, or model.arch=modernbert"
-        )
-    if recipe.model.arch == "modernbert" and cfg.eval_tasks:
-        raise UserError("pretrain.eval_tasks score a decoder's continuations: leave them out for model.arch=modernbert")
+    if family.objective != "causal" and cfg.eval_tasks:
+        raise UserError(f"pretrain.eval_tasks score a decoder's continuations: leave them out for model.arch={arch}")
     if cfg.optimizer == "muon" and cfg.strategy == "fsdp":
         raise UserError(
             "pretrain.optimizer=muon with pretrain.strategy=fsdp is not supported: Muon needs whole matrices"
         )
 
 
-def _make_model(
-    recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext
-) -> tuple[Transformer | Encoder, ModelArgs | EncoderArgs]:
+def _make_model(recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContext) -> tuple[torch.nn.Module, object]:
     try:
         args = recipe_model_args(recipe.model, vocab_size, ids)
     except ValueError as exc:
@@ -209,7 +193,7 @@ def _resume(path: Path | None, model: torch.nn.Module, opt) -> tuple[int, LoopSt
 
 
 def _print_setup(
-    args: ModelArgs, cfg, accum: int, tokens_per_step: int, flops_per_token: float, ctx: dist.DistContext
+    args, cfg, accum: int, tokens_per_step: int, flops_per_token: float, ctx: dist.DistContext
 ) -> None:
     peak, peak_source = device_peak(ctx.device)
     console.print(
@@ -231,7 +215,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     val_tokens, _ = open_shard(tok_dir / "val")
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
-    _check(recipe, train_tokens, val_tokens, ids)
+    _check(recipe, train_tokens, val_tokens, ids, tokenizer_kind(tok))
     monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
     model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
     config_hash = sha256_json(config_of(recipe))
@@ -244,21 +228,10 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     step_model = torch.compile(model) if cfg.compile else model
     accum = _grad_accum(recipe, ctx.world)
     tokens_per_step = cfg.batch_size * accum * cfg.seq_len * ctx.world
-    if args.arch == "t5":
-        objective = SpanCorruption(recipe, model, train_tokens, val_tokens, accum, ctx, ids)
-        flops_per_token = args.flops_per_token(cfg.seq_len, objective.targets_len)
-    else:
-        flops_per_token = args.flops_per_token(cfg.seq_len)
+    objective = _objective(recipe, model, args, tok, ids, (train_tokens, val_tokens), accum, ctx)
+    flops_per_token = objective.flops_per_token(args)
     _print_setup(args, cfg, accum, tokens_per_step, flops_per_token, ctx)
     track = Tracker(out, start, ctx.is_main, cfg.tracker)
-    if args.arch == "t5":
-        pass  # made above: its targets' length sets the FLOPs
-    elif args.arch == "modernbert":
-        starts = word_starts(tok) if cfg.whole_word_mask else None
-        objective = MaskedLM(recipe, model, train_tokens, val_tokens, accum, ctx, ids, args.vocab_size, starts)
-    else:
-        fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
-        objective = CausalLM(recipe, model, train_tokens, val_tokens, accum, ctx, fim)
     plan = Plan(
         "pretrain",
         cfg.max_steps,
@@ -320,6 +293,18 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     }
 
 
+def _objective(recipe: Recipe, model, args, tok, ids: dict, tokens: tuple, accum: int, ctx: dist.DistContext):
+    """The family's pretraining objective (causal, masked-LM or span corruption) on the token shards."""
+    cfg, objective = recipe.pretrain, family_of(args).objective
+    if objective == "span":
+        return SpanCorruption(recipe, model, *tokens, accum, ctx, ids)
+    if objective == "mlm":
+        starts = word_starts(tok) if cfg.whole_word_mask else None
+        return MaskedLM(recipe, model, *tokens, accum, ctx, ids, args.vocab_size, starts)
+    fim = (cfg.fim_rate, ids["fim_prefix"], ids["fim_middle"], ids["fim_suffix"]) if cfg.fim_rate else None
+    return CausalLM(recipe, model, *tokens, accum, ctx, fim)
+
+
 def lr_at(cfg, step: int) -> float:
     if cfg.schedule == "wsd":
         return wsd_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
@@ -366,6 +351,9 @@ class CausalLM:
     def val_loss(self) -> float:
         c = self.recipe.pretrain
         return val_loss(self.model, self.val, c.seq_len, c.eval_batches, c.batch_size, self.ctx)
+
+    def flops_per_token(self, args) -> float:
+        return args.flops_per_token(self.recipe.pretrain.seq_len)
 
 
 @dataclass

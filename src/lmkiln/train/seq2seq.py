@@ -1,5 +1,5 @@
 """Span corruption (T5): the objective an encoder-decoder pretrains on. Each micro-batch row is a window of
-`raw_length(seq_len)` tokens of the stream, corrupted (model/span_corruption.py) into exactly `seq_len`
+`raw_length(seq_len)` tokens of the stream, corrupted (train/span_corruption.py) into exactly `seq_len`
 inputs and a fixed number of targets, so no row is padded; the decoder reads the targets shifted right
 behind the start token, and the loss is every target token's cross-entropy through the chunked head.
 
@@ -12,12 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmkiln.data.examples import encode_pairs, sample
 from lmkiln.device import autocast
+from lmkiln.errors import UserError
+from lmkiln.log import console
+from lmkiln.model.families.t5 import pair_batch, shift_right, target_losses
 from lmkiln.model.loss import linear_cross_entropy
-from lmkiln.model.span_corruption import raw_length, span_corruption_batch
-from lmkiln.model.t5 import pair_batch, shift_right, target_losses
 from lmkiln.train import dist
+from lmkiln.train.epochs import load_trainable
+from lmkiln.train.finetune_run import FinetuneRun, Training, save_best
 from lmkiln.train.mlm import ranked_mean_loss, val_windows
+from lmkiln.train.span_corruption import raw_length, span_corruption_batch
 
 
 class SpanCorruption:
@@ -36,6 +41,10 @@ class SpanCorruption:
         c = recipe.pretrain
         self.raw_len, self.targets_len = raw_length(c.seq_len, c.noise_density, c.mean_span)
         self.sentinels, self.eos, self.pad = np.asarray(ids["sentinels"]), ids["eos"], ids["pad"]
+
+    def flops_per_token(self, args) -> float:
+        """Per input token, with the decoder running on the targets' length."""
+        return args.flops_per_token(self.recipe.pretrain.seq_len, self.targets_len)
 
     def _corrupted(self, windows: np.ndarray, rng: np.random.Generator):
         c = self.recipe.pretrain
@@ -80,23 +89,17 @@ class SpanCorruption:
         return ranked_mean_loss(self, (x, d, y), c.batch_size, ctx)
 
 
-def build_seq2seq(recipe, base_dir, splits: dict, tok, out, on_eval, save: bool, ctx, checkpoints=None) -> dict:
+def prepare_seq2seq(run: FinetuneRun) -> Training:
     """Text-to-text fine-tuning of an encoder-decoder: the encoder reads each row's input, the decoder is
     trained on its output; full or LoRA, with fine-tuning's validation, early stopping and checkpoints."""
-    from lmkiln.data.examples import encode_pairs, sample
-    from lmkiln.errors import UserError
-    from lmkiln.log import console
-    from lmkiln.train.metrics import plot_curves
-    from lmkiln.train.tuning import Validation, load_trainable, run_epochs, save_tuned
-
-    cfg, device = recipe.finetune, ctx.device
+    cfg, device, splits = run.cfg, run.device, run.splits
     if any("chosen" in ex or "label" in ex for ex in splits["train"][:1]):  # before the model loads
         raise UserError("finetune: an encoder-decoder base trains on instruction or chat rows (text to text)")
-    model, trainable = load_trainable(base_dir, cfg, device)
+    model, trainable = load_trainable(run.base_dir, cfg, device)
     args = dist.unwrap(model).args
     pad, start = args.pad_token_id, args.decoder_start_token_id
-    train = encode_pairs(tok, splits["train"], cfg.max_seq_len, args.eos_token_id)
-    val = encode_pairs(tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, args.eos_token_id)
+    train = encode_pairs(run.tok, splits["train"], cfg.max_seq_len, args.eos_token_id)
+    val = encode_pairs(run.tok, sample(splits["val"], cfg.max_val_examples), cfg.max_seq_len, args.eos_token_id)
     if not val:
         raise UserError(f"finetune.data: the validation split of {cfg.data} is empty; add rows or raise val_fraction")
     console.print(f"text to text: train {len(train):,} pairs, val {len(val):,}, test {len(splits['test']):,}")
@@ -119,30 +122,15 @@ def build_seq2seq(recipe, base_dir, splits: dict, tok, out, on_eval, save: bool,
         batch = pair_batch(train, idx, pad, start, device)
         return target_losses(net, head(), batch).sum(), batch[0].numel() + batch[2].numel()
 
-    guard = Validation(model, evaluate, cfg, on_eval)
-    run = run_epochs(
+    return Training(
         model,
-        cfg,
         list(range(len(train))),
         [len(s) + len(t) for s, t in train],
         micro_loss,
         lambda idx: sum(len(train[i][1]) for i in idx),
-        guard,
-        out,
-        recipe.seed,
-        "finetune",
-        ctx,
-        checkpoints,
+        evaluate,
+        save_best(run, model),
+        trainable,
+        title="text-to-text fine-tuning",
+        facts={"task": "generate", "examples": len(train)},
     )
-    if save and ctx.is_main:
-        save_tuned(model, guard, cfg, base_dir, tok, out, device)
-        plot_curves(out / "metrics.jsonl", out / "loss.png", "text-to-text fine-tuning")
-    return {
-        "task": "generate",
-        "method": cfg.method,
-        "examples": len(train),
-        "skipped_rows": len(splits["skipped"]),
-        **run,
-        **guard.summary(),
-        "trainable_parameters": trainable,
-    }

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkiln.model.families.family import Family, Vocabulary
+
 T5_CLASSES = {"T5ForConditionalGeneration": "t5", "MT5ForConditionalGeneration": "mt5"}
 ACTIVATIONS = {
     "relu": F.relu,
@@ -412,12 +414,20 @@ def t5_args_from_config(config: dict, where: str) -> T5Args:
     )
 
 
+# T5's sizes: the decoder presets' width, depth (each stack), heads and feed-forward
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688),
+    "mini": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),
+    "small": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048),
+    "medium": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2816),
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, intermediate_size=8192),
+}
+
+
 def build_t5_args(model_cfg, vocab_size: int, special: dict) -> T5Args:
     """T5Args from the recipe's model section: the preset's width, depth (each stack) and heads, a gated
     GELU feed-forward of intermediate_size, an own head (T5 v1.1)."""
-    from lmkiln.model.transformer import PRESETS
-
-    dims = {k: v for k, v in PRESETS[model_cfg.preset or "tiny"].items() if k != "num_kv_heads"}
+    dims = dict(PRESETS[model_cfg.preset or "tiny"])
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         if getattr(model_cfg, key) is not None:
             dims[key] = getattr(model_cfg, key)
@@ -437,3 +447,52 @@ def build_t5_args(model_cfg, vocab_size: int, special: dict) -> T5Args:
         decoder_start_token_id=special.get("pad", 0),
         max_seq_len=model_cfg.max_seq_len,
     )
+
+
+def _describe(args: T5Args) -> str:
+    head = (
+        "tied head, outputs scaled"
+        if args.scale_decoder_outputs
+        else "tied head"
+        if args.tie_embeddings
+        else "own head"
+    )
+    return (
+        f"{args.num_layers} encoder + {args.num_decoder_layers} decoder layers, d_model {args.d_model}, "
+        f"{args.num_heads} heads, {args.feed_forward_proj}, {head}, vocab {args.vocab_size}"
+    )
+
+
+FAMILY = Family(
+    name="T5",
+    kind="seq2seq",
+    args_type=T5Args,
+    model_types=tuple(T5_CLASSES.values()),
+    hf_classes=tuple(T5_CLASSES),
+    from_hf=lambda config, architecture, where: t5_args_from_config(config, where),
+    to_hf=t5_config,
+    build=T5,
+    tied_head=lambda args: "lm_head.weight" if args.tie_embeddings else None,  # the original T5: `shared`
+    objective="span",
+    describe=_describe,
+    archs=("t5",),
+    from_recipe=build_t5_args,
+    presets=PRESETS,
+    vocabulary=Vocabulary(
+        kind="t5",
+        specials=("<pad>", "</s>", "<unk>"),  # T5's ids 0, 1 and 2
+        names={"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
+        ids={"bos": None, "eos": "</s>", "pad": "<pad>"},  # documents end with </s>, nothing before them
+        marker="<extra_id_0>",
+        sentinels=tuple(f"<extra_id_{i}>" for i in range(100)),
+        single="$A </s>",
+        pair="$A </s> $B:1 </s>:1",
+        template_tokens=("</s>",),
+    ),
+    config_keys=("pretrain.noise_density", "pretrain.mean_span"),
+    display={"t5": "T5", "mt5": "mT5"},
+    skipped_weights=IGNORED_T5_WEIGHTS,
+    lora_targets=tuple(T5.LORA_TARGETS),
+    sentencepiece_vocab=True,
+    start_token="decoder_start_token_id",
+)

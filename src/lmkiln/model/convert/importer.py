@@ -18,25 +18,22 @@ from safetensors import safe_open
 
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_json
-from lmkiln.model.checks import Check, consistency_checks
-from lmkiln.model.encoder import EncoderArgs
-from lmkiln.model.gguf_import import describe_source, gguf_source, write_gguf_import
-from lmkiln.model.hub import (
+from lmkiln.model.families import family_of
+from lmkiln.model.io.checks import Check, consistency_checks
+from lmkiln.model.io.gguf_import import describe_source, gguf_source, write_gguf_import
+from lmkiln.model.io.hub import (
     check_missing,
     check_weight,
     copy_tokenizer_files,
     expected_shapes,
     hf_config,
-    is_encoder_args,
-    model_weight_name,
     read_args,
     read_shard,
     skipped_weight,
     weight_shards,
 )
-from lmkiln.model.stream_safetensors import DTYPES as STORED_DTYPES
-from lmkiln.model.stream_safetensors import read_header, write_streamed
-from lmkiln.model.t5 import T5Args
+from lmkiln.model.io.stream_safetensors import DTYPES as STORED_DTYPES
+from lmkiln.model.io.stream_safetensors import read_header, write_streamed
 
 DTYPES = {
     "fp32": torch.float32,
@@ -114,7 +111,7 @@ def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> 
         else:
             entries = [(n, t.dtype, tuple(t.shape)) for n, t in read_shard(shard)]
         # under the names the model has (a BERT checkpoint's gamma/beta, a base model's missing prefix)
-        entries = [(model_weight_name(n, args), d, s) for n, d, s in entries]
+        entries = [(family_of(args).weight_name(n, args), d, s) for n, d, s in entries]
         kept, named = [], set(seen)
         for n, _, _ in entries:  # a tensor stored under two names (a tied bias) is written once
             kept.append(not skipped_weight(n, args) and n not in named)
@@ -145,7 +142,7 @@ def copyable_weights(src: Path, args) -> tuple[bool, torch.dtype | None]:
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
             for stored in f.keys():
-                name = model_weight_name(stored, args)
+                name = family_of(args).weight_name(stored, args)
                 if skipped_weight(name, args):
                     extra = True  # a buffer to drop: rewritten
                     continue
@@ -172,7 +169,7 @@ def _copy_weights(src: Path, out: Path) -> None:
 
 
 def _sentencepiece_tokenizer(src: Path, out: Path | None) -> None:
-    """A T5 directory whose vocabulary is only `spiece.model` (SentencePiece): converted to tokenizer.json
+    """A directory whose vocabulary is only `spiece.model` (SentencePiece, as T5's ship): converted to tokenizer.json
     through transformers (with `sentencepiece`) into `out`; where it cannot be, a UserError with the one
     command that converts it. `out=None` only checks that it can be."""
     if (src / "tokenizer.json").is_file() or not (src / "spiece.model").is_file():
@@ -209,7 +206,8 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         return checks
     src = resolve_source(source)
     args = read_args(src)
-    if isinstance(args, T5Args):
+    family = family_of(args)
+    if family.sentencepiece_vocab:
         _sentencepiece_tokenizer(src, None)  # before any work: a vocabulary lmkiln can read
     copy, stored = copyable_weights(src, args)
     with output_dir(out, "kiln import") as tmp:
@@ -218,17 +216,13 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
         else:
             stored = _rewrite_weights(src, args, tmp, target)
         copy_tokenizer_files(src, tmp)
-        if isinstance(args, T5Args):
+        if family.sentencepiece_vocab:
             _sentencepiece_tokenizer(src, tmp)
         if (src / "generation_config.json").is_file():
             shutil.copyfile(src / "generation_config.json", tmp / "generation_config.json")
         write_json(tmp / "config.json", hf_config(args, stored or torch.float32))
-        if not (tmp / "generation_config.json").is_file() and not is_encoder_args(args):
-            first = (
-                {"decoder_start_token_id": args.decoder_start_token_id}
-                if isinstance(args, T5Args)
-                else {"bos_token_id": args.bos_token_id}
-            )
+        if not (tmp / "generation_config.json").is_file() and family.generates:
+            first = {family.start_token: getattr(args, family.start_token)}
             write_json(
                 tmp / "generation_config.json",
                 {**first, "eos_token_id": args.eos_token_id, "pad_token_id": args.pad_token_id},
@@ -245,42 +239,16 @@ def describe(model_dir: Path) -> str:
     source = f"{describe_source(summary)}\n" if "gguf" in summary else ""
     args = read_args(model_dir)
     cfg = json.loads((model_dir / "config.json").read_text())
-    if is_encoder_args(args):
-        layers = (
-            f"(global attention every {args.global_every}, local window {args.local_attention})"
-            if isinstance(args, EncoderArgs)
-            else f"({args.max_seq_len} positions)"
-        )
-        return (
-            f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers "
-            f"{layers}, hidden {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}, "
-            f"{cfg.get('torch_dtype')}"
-        )
-    if isinstance(args, T5Args):
-        head = (
-            "tied head, outputs scaled"
-            if args.scale_decoder_outputs
-            else "tied head"
-            if args.tie_embeddings
-            else "own head"
-        )
-        return (
-            f"{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} encoder + "
-            f"{args.num_decoder_layers} decoder layers, d_model {args.d_model}, {args.num_heads} heads, "
-            f"{args.feed_forward_proj}, {head}, vocab {args.vocab_size}, {cfg.get('torch_dtype')}"
-        )
-    scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
     return (
-        f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, {args.num_layers} layers, "
-        f"hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), vocab {args.vocab_size}"
-        f"{scaling}, {cfg.get('torch_dtype')}"
+        f"{source}{cfg['architectures'][0]}: {args.num_params() / 1e6:,.1f}M parameters, "
+        f"{family_of(args).describe(args)}, {cfg.get('torch_dtype')}"
     )
 
 
 def import_and_report(source: str, out: str | Path, dtype: str | None = None, force: bool = False) -> None:
     """`kiln import`: import, then print what was written and the checks."""
     from lmkiln.log import console
-    from lmkiln.model.checks import print_checks
+    from lmkiln.model.io.checks import print_checks
 
     checks = import_model(source, out, dtype, force=force)
     console.print(f"imported {source} -> {out}\n{describe(Path(out))}\nchecks:")

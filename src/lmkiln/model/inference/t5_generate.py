@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lmkiln.model.t5 import T5
+from lmkiln.model.families.t5 import T5
 
 NEG = -1.0e9  # transformers' "impossible" score
 
@@ -123,8 +123,8 @@ def print_output(
     model_dir: Path, text: str, max_tokens: int, num_beams: int, length_penalty: float, sampling: dict, device, out
 ) -> None:
     """`kiln generate` on an encoder-decoder: the output for `text`, decoded without special tokens."""
-    from lmkiln.model.hub import load_model
-    from lmkiln.model.inference import load_format
+    from lmkiln.model.inference.load import load_format
+    from lmkiln.model.io.hub import load_model
 
     tok, _ = load_format(model_dir)
     model = load_model(model_dir, device).eval()

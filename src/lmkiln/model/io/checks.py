@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmkiln.io import read_json
-from lmkiln.model.chat_format import PROBE, chat_template, end_of_turn, render_chat
+from lmkiln.model.families import is_encoder_config
+from lmkiln.model.io.chat_format import PROBE, chat_template, end_of_turn, render_chat
 
 
 @dataclass
@@ -29,7 +30,7 @@ def consistency_checks(model_dir: Path, fix: bool = False) -> list[Check]:
     """Check the chat template, the end-of-turn stop token and padding; with `fix`, add a missing
     end-of-turn token to generation_config.json's eos_token_id."""
     model_dir = Path(model_dir)
-    if read_json(model_dir / "config.json").get("model_type") in ("modernbert", "bert", "roberta"):
+    if is_encoder_config(read_json(model_dir / "config.json")):
         return [Check("encoder", "ok", "reads text whole: no chat template, end-of-turn or stop ids to check")]
     checks: list[Check] = []
     if chat_template(model_dir) is None:
@@ -80,7 +81,7 @@ def require_same_format(trained: Path, written: Path) -> None:
     """Refuse to finish writing a model whose chat template, stop ids or bos/eos differ from those it was
     trained with: a tuned model served in another format answers in garbage, and nothing else would say
     why. Raised as a bug (RuntimeError): the writer, not the user, dropped them."""
-    from lmkiln.model.chat_format import ChatFormat
+    from lmkiln.model.io.chat_format import ChatFormat
 
     a, b = ChatFormat(trained), ChatFormat(written)
     differences = [

@@ -4,7 +4,7 @@ targets, and windows that corrupt to fixed lengths, so batches carry no padding.
 import numpy as np
 import pytest
 
-from lmkiln.model.span_corruption import (
+from lmkiln.train.span_corruption import (
     corrupted_lengths,
     noise_mask,
     raw_length,

@@ -8,18 +8,28 @@ state_dict is theirs and a saved directory loads in transformers as it is.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from lmkiln.model.families.family import Family
 from lmkiln.model.linear import Linear
 
-if TYPE_CHECKING:  # caches live with their users (model/kv_cache.py); the model only calls them
-    from lmkiln.model.kv_cache import KVCache
+
+class KVCache(Protocol):
+    """What the decoder asks of a cache (model/inference/kv_cache.py has them: caches live with their
+    users, so the model names only the calls it makes)."""
+
+    def positions_and_mask(self, t: int, window: int | None, device) -> tuple[torch.Tensor, object]: ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def advance(self, t: int) -> None: ...
+
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=688),
@@ -341,7 +351,11 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.model = Backbone(args)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        self.after_load()
+
+    def after_load(self) -> None:
+        """Tie the head to the embedding again (a load assigns each stored tensor on its own)."""
+        if self.args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -440,3 +454,134 @@ def build_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> Mo
         pad_token_id=special.get("pad"),
         **dims,
     )
+
+
+# the decoder's HF classes, one per arch; and what else transformers names them for a label head
+DECODER_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def decoder_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
+    """config.json as transformers writes it for the arch's *ForCausalLM."""
+    config = {
+        **hf_shape(args, DECODER_CLASSES[args.arch], args.arch),
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": args.rope_scaling,
+        "rms_norm_eps": args.norm_eps,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": args.eos_token_id,
+        "pad_token_id": args.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if args.arch == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    elif args.arch in ("qwen2", "qwen3"):
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.num_layers)
+        if args.arch == "qwen3":
+            config["attention_bias"] = False
+    elif args.arch == "mistral":
+        config["sliding_window"] = args.sliding_window
+    return config
+
+
+def _refused_settings(arch: str) -> list[tuple[str, object]]:
+    """The config.json values a decoder must have: anything else is a feature lmkiln does not implement."""
+    refused = [
+        ("mlp_bias", False),
+        ("hidden_act", "silu"),
+        ("attn_logit_softcapping", None),
+        ("final_logit_softcapping", None),
+    ]
+    if arch in ("llama", "qwen3"):
+        refused.append(("attention_bias", False))  # bias on all four projections: not implemented
+    if arch in ("qwen2", "qwen3"):
+        refused.append(("use_sliding_window", False))
+    return refused
+
+
+def decoder_args_from_config(config: dict, architecture: str, where: str) -> ModelArgs:
+    """ModelArgs from a Llama, Qwen2, Qwen3 or Mistral config.json; a value lmkiln does not implement is
+    refused by name (a ValueError)."""
+    arch = {cls: a for a, cls in DECODER_CLASSES.items()}.get(architecture, config.get("model_type"))
+    for key, ok in _refused_settings(arch):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"{where}: {key}={config[key]!r} is not supported (expected {ok!r})")
+    eos = config.get("eos_token_id")
+    heads = config.get("num_attention_heads", 0)
+    rope = _rope_settings(config)
+    try:
+        return ModelArgs(
+            vocab_size=config["vocab_size"],
+            hidden_size=config["hidden_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            intermediate_size=config["intermediate_size"],
+            max_seq_len=config.get("max_position_embeddings", 2048),
+            rope_theta=rope["theta"],
+            rope_scaling=rope["scaling"],
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            tie_embeddings=config.get("tie_word_embeddings", False),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            pad_token_id=config.get("pad_token_id"),
+            arch=arch,
+            head_dim=config.get("head_dim"),
+            sliding_window=config.get("sliding_window") if arch == "mistral" else None,
+        )
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _rope_settings(config: dict) -> dict:
+    """Rotary settings from either config style: transformers 4's `rope_theta` + `rope_scaling`, or
+    transformers 5's `rope_parameters` {rope_type, rope_theta, factor, ...}."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = float(config.get("rope_theta", params.pop("rope_theta", 10000.0)))
+    params.pop("rope_theta", None)
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling is not None:
+        scaling = dict(scaling)
+        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type")
+    return {"theta": theta, "scaling": scaling}
+
+
+def _describe(args: ModelArgs) -> str:
+    scaling = f", rope scaling {args.rope_scaling['rope_type']}" if args.rope_scaling else ""
+    return (
+        f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_heads} heads ({args.num_kv_heads} kv), "
+        f"vocab {args.vocab_size}{scaling}"
+    )
+
+
+FAMILY = Family(
+    name="decoder",
+    kind="decoder",
+    args_type=ModelArgs,
+    model_types=ARCHS,
+    hf_classes=tuple(DECODER_CLASSES.values()),
+    from_hf=decoder_args_from_config,
+    to_hf=decoder_config,
+    build=Transformer,
+    tied_head=lambda args: "lm_head.weight" if args.tie_embeddings else None,
+    objective="causal",
+    describe=_describe,
+    archs=ARCHS,
+    from_recipe=build_args,
+    presets=PRESETS,
+    display={"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"},
+    label_body=lambda args: replace(args, tie_embeddings=True),  # a classifier keeps no LM head of its own
+    sequence_classifier={a: c.replace("ForCausalLM", "ForSequenceClassification") for a, c in DECODER_CLASSES.items()},
+)

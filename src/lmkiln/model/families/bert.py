@@ -2,21 +2,22 @@
 checkpoints for fine-tuning: learned absolute positions, post-norm LayerNorms with biases, GELU
 feed-forward layers, biases everywhere. Module names equal transformers' `BertForMaskedLM` /
 `RobertaForMaskedLM` (`BertModel`'s weights gain the `bert.` prefix as they load), so the state dict is
-the checkpoint's. lmkiln pretrains ModernBERT (model/encoder.py); these are imported, tuned and served.
+the checkpoint's. lmkiln pretrains ModernBERT (model/families/encoder.py); these are imported, tuned and served.
 
 RoBERTa counts positions from `pad_token_id + 1`, as fairseq did; BERT from 0. Every token has segment
 (token type) 0: lmkiln's tasks read one text at a time."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkiln.model.encoder import EncoderBase, linear_head, positions_of, segment_mask
-from lmkiln.model.transformer import hf_shape
+from lmkiln.model.families.encoder import EncoderBase, linear_head, positions_of, segment_mask
+from lmkiln.model.families.family import Family
+from lmkiln.model.families.transformer import hf_shape
 
 # the classes a checkpoint may name; (family, has the masked-LM head)
 BERT_CLASSES = {
@@ -313,3 +314,36 @@ def bert_weight_name(name: str, args: BertArgs) -> str:
     if name in ("cls.predictions.decoder.bias", "lm_head.decoder.bias"):  # one tensor, saved under either name
         name = name.replace("decoder.", "")
     return name
+
+
+def _tied_head(args: BertArgs) -> str | None:
+    if not args.masked_lm:
+        return None
+    return "cls.predictions.decoder.weight" if args.arch == "bert" else "lm_head.decoder.weight"
+
+
+FAMILY = Family(
+    name="BERT",
+    kind="encoder",
+    args_type=BertArgs,
+    model_types=("bert", "roberta"),
+    hf_classes=tuple(BERT_CLASSES),
+    from_hf=lambda config, architecture, where: bert_args_from_config(config, architecture, where),
+    to_hf=lambda args, dtype: bert_config(args, dtype),
+    build=BertEncoder,
+    tied_head=_tied_head,
+    objective="mlm",
+    describe=lambda args: (
+        f"{args.num_layers} layers ({args.max_seq_len} positions), hidden {args.hidden_size}, "
+        f"{args.num_heads} heads, vocab {args.vocab_size}"
+    ),
+    display={"bert": "BERT", "roberta": "RoBERTa"},
+    weight_name=bert_weight_name,
+    skipped_weights=IGNORED_BERT_WEIGHTS,
+    # BERT's pooler: masked-LM checkpoints leave it out, a sequence classifier reads it (as transformers does)
+    optional_weight=lambda name: ".pooler." in name,
+    lora_targets=tuple(BertEncoder.LORA_TARGETS),
+    label_body=lambda args: replace(args, masked_lm=False),  # a label head replaces the masked-LM one
+    sequence_classifier={"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification"},
+    token_classifier={"bert": "BertForTokenClassification", "roberta": "RobertaForTokenClassification"},
+)

@@ -9,11 +9,14 @@ each one, so packed documents never see each other."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmkiln.model.families.family import Family, Vocabulary
+from lmkiln.model.families.transformer import hf_shape
 
 
 @dataclass
@@ -171,7 +174,7 @@ def linear_head(hidden: int, num_labels: int) -> nn.Linear:
 
 
 class EncoderBase(nn.Module):
-    """What every encoder (ModernBERT here, BERT and RoBERTa in model/bert.py) offers the label heads,
+    """What every encoder (ModernBERT here, BERT and RoBERTa in model/families/bert.py) offers the label heads,
     serving and the masked-LM loss. The defaults are ModernBERT's: its prediction head feeds the labels."""
 
     LORA_TARGETS: list[str] = []
@@ -277,8 +280,6 @@ class Encoder(EncoderBase):
 def encoder_config(args: EncoderArgs, dtype: torch.dtype = torch.float32) -> dict:
     """config.json as transformers writes it for ModernBertForMaskedLM (read by transformers 4.48+ and 5)."""
     types = ["full_attention" if args.is_global(i) else "sliding_attention" for i in range(args.num_layers)]
-    from lmkiln.model.transformer import hf_shape
-
     return {
         **hf_shape(args, "ModernBertForMaskedLM", "modernbert"),
         "max_position_embeddings": args.max_seq_len,
@@ -356,12 +357,20 @@ def encoder_args_from_config(config: dict, where: str) -> EncoderArgs:
     )
 
 
+# ModernBERT's sizes: the decoder presets' width, depth and heads; the feed-forward is 1.5 x hidden
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=256, num_layers=4, num_heads=4),
+    "mini": dict(hidden_size=384, num_layers=6, num_heads=6),
+    "small": dict(hidden_size=768, num_layers=12, num_heads=12),
+    "medium": dict(hidden_size=1024, num_layers=24, num_heads=16),
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32),
+}
+
+
 def build_encoder_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> EncoderArgs:
     """EncoderArgs from the recipe's model section: the preset's width, depth and heads, ModernBERT's
     feed-forward ratio (1.5 x hidden) unless intermediate_size is given, explicit dims on top."""
-    from lmkiln.model.transformer import PRESETS
-
-    dims = {k: v for k, v in PRESETS[model_cfg.preset or "tiny"].items() if k != "num_kv_heads"}
+    dims = dict(PRESETS[model_cfg.preset or "tiny"])
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         if getattr(model_cfg, key) is not None:
             dims[key] = getattr(model_cfg, key)
@@ -437,3 +446,44 @@ class EncoderTagger(nn.Module):
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.body.token_features(self.body.padded_states(ids, lengths)[0]))
+
+
+def _modernbert_args(config: dict, architecture: str, where: str) -> EncoderArgs:
+    return encoder_args_from_config(config, where)
+
+
+FAMILY = Family(
+    name="ModernBERT",
+    kind="encoder",
+    args_type=EncoderArgs,
+    model_types=("modernbert",),
+    hf_classes=("ModernBertForMaskedLM",),
+    from_hf=_modernbert_args,
+    to_hf=encoder_config,
+    build=Encoder,
+    tied_head=lambda args: "decoder.weight" if args.tie_embeddings else None,
+    objective="mlm",
+    describe=lambda args: (
+        f"{args.num_layers} layers (global attention every {args.global_every}, local window "
+        f"{args.local_attention}), hidden {args.hidden_size}, {args.num_heads} heads, vocab {args.vocab_size}"
+    ),
+    archs=("modernbert",),
+    from_recipe=build_encoder_args,
+    presets=PRESETS,
+    vocabulary=Vocabulary(
+        kind="encoder",
+        specials=("[CLS]", "[SEP]", "[MASK]", "[PAD]"),
+        names={"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]", "pad_token": "[PAD]"},
+        ids={"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"},
+        marker="[MASK]",
+        single="[CLS] $A [SEP]",  # BERT's pair layout: token type ids 0 then 1
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        template_tokens=("[CLS]", "[SEP]"),
+    ),
+    config_keys=("model.local_attention", "model.global_every", "pretrain.mask_rate", "pretrain.whole_word_mask"),
+    lora_targets=tuple(Encoder.LORA_TARGETS),
+    label_body=lambda args: replace(args, decoder_bias=False),  # a classifier keeps no decoder
+    sequence_classifier={"modernbert": "ModernBertForSequenceClassification"},
+    pooled_classifier=True,
+    token_classifier={"modernbert": "ModernBertForTokenClassification"},
+)

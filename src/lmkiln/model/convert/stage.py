@@ -18,7 +18,7 @@ def config_of(recipe: Recipe) -> dict:
 
 
 def _source(recipe: Recipe) -> str:
-    from lmkiln.model.importer import package_source
+    from lmkiln.model.convert.importer import package_source
 
     if recipe.import_.source is None:
         raise UserError("import.source: name the model to import (a directory, a .gguf file, package:NAME or a hub id)")
@@ -41,8 +41,8 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
 
 def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     """The source's content: its GGUF file or weight files by hash (a hub id by name)."""
-    from lmkiln.model.gguf_import import gguf_source
-    from lmkiln.model.hub import weight_shards
+    from lmkiln.model.io.gguf_import import gguf_source
+    from lmkiln.model.io.hub import weight_shards
 
     source = _source(recipe)
     gguf = gguf_source(source)
@@ -54,8 +54,8 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 
 
 def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
-    from lmkiln.model.checks import print_checks
-    from lmkiln.model.importer import describe, import_model
+    from lmkiln.model.convert.importer import describe, import_model
+    from lmkiln.model.io.checks import print_checks
 
     checks = import_model(_source(recipe), out / FINAL, recipe.import_.dtype)
     console.print(f"imported {recipe.import_.source}\n{describe(out / 'final')}\nchecks:")

@@ -10,8 +10,8 @@ from typing import TextIO
 import torch
 
 from lmkiln.errors import UserError
-from lmkiln.model.kv_cache import KVCache, SlotCache, StaticKVCache
-from lmkiln.model.transformer import Transformer
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.inference.kv_cache import KVCache, SlotCache, StaticKVCache
 
 
 def _decode_step(model: Transformer) -> torch.nn.Module:
@@ -189,16 +189,16 @@ def print_continuation(
     the model's own template) to `out` as it is decoded, stopping at the model's stop ids. An
     encoder-decoder (T5) writes its output for the prompt as its input, by greedy, sampling or beam search."""
     from lmkiln.device import pick_device
-    from lmkiln.model.hub import read_args
-    from lmkiln.model.inference import check_model_dir, load_for_inference
+    from lmkiln.model.inference.load import check_model_dir, load_for_inference
+    from lmkiln.model.io.hub import family_of_dir
 
     out = out or sys.stdout  # looked up at call time: a caller may have replaced it
     check_sampling(temperature, top_p, max_tokens, top_k)
     check_model_dir(model_dir)
     if num_beams < 1:
         raise UserError(f"--num-beams {num_beams}: expected 1 or more")
-    if read_args(Path(model_dir)).arch in ("t5", "mt5"):
-        from lmkiln.model.t5_generate import print_output
+    if family_of_dir(Path(model_dir)).is_seq2seq:
+        from lmkiln.model.inference.t5_generate import print_output
 
         text = f"user: {prompt}" if chat else prompt
         seed_gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -1,4 +1,4 @@
-"""What SFT, DPO and classification share around the training loop (train/loop.py): batches of similar
+"""The epochs every fine-tuning task trains by, around the training loop (train/loop.py): batches of similar
 length drawn epoch by epoch, the overfitting guards (validation on a schedule, early stopping, the best
 state kept), the model made trainable (LoRA or DoRA, gradient checkpointing), and checkpoints of the
 trainable tensors that resume bit for bit."""
@@ -15,13 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmkiln.config import FinetuneConfig
 from lmkiln.errors import UserError
 from lmkiln.eval.during import describe
 from lmkiln.io import atomic_dir
 from lmkiln.log import console
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.checks import require_same_format
-from lmkiln.model.hub import load_model, save_model
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.checks import require_same_format
+from lmkiln.model.io.hub import load_model, save_model
 from lmkiln.model.lora import apply_lora, merge_lora, save_adapter
 from lmkiln.runs import FINAL
 from lmkiln.train import dist
@@ -244,60 +245,11 @@ def _resume(plan: Checkpoints | None, model: nn.Module, opt, guard: Validation) 
     return state["step"], LoopState(**state["loop"])
 
 
-def epoch_steps(lengths: list[int], batch_size: int, per_step: int, epochs: int, seed: int) -> list[tuple[int, list]]:
-    """Every optimizer step of the run as (epoch, its micro-batches of example indices), drawn up front
-    from one generator: the order is a function of the seed alone, so resume needs only the step."""
-    order, steps = random.Random(seed), []
-    for epoch in range(1, epochs + 1):
-        micro = length_grouped_batches(lengths, batch_size, order)
-        steps += [(epoch, micro[s : s + per_step]) for s in range(0, len(micro), per_step)]
-    return steps
-
-
-def run_epochs(
-    model: nn.Module,
-    cfg,
-    items: list,
-    lengths: list[int],
-    micro_loss: Callable[[nn.Module, list], Any],
-    weight: Callable[[list], int],
-    guard: Validation,
-    out: Path,
-    seed: int,
-    name: str,
-    ctx: DistContext | None = None,
-    checkpoints: Checkpoints | None = None,
-) -> dict:
-    """Train for the recipe's epochs, or until the guard stops it. A step's loss is its micro-batches'
-    summed losses over the step's total `weight` (trained tokens, pairs, examples). Under torchrun each
-    rank takes every world-th micro-batch of the same steps (DDP). With `checkpoints`, the state is saved
-    every N steps and when interrupted, and a rerun continues to the weights a run that never stopped
-    reaches."""
-    ctx = ctx or DistContext()
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    start, loop_state = _resume(checkpoints, model, opt, guard)
-    track = Tracker(out, start, ctx.is_main)
-    if loop_state is None:
-        guard.begin(track)
-    net = dist.wrap(model, "ddp", ctx)
-    per_step = cfg.grad_accum * ctx.world
-    steps = epoch_steps(lengths, cfg.batch_size, per_step, cfg.epochs, seed)
-    horizon = math.ceil(len(items) / (cfg.batch_size * per_step)) * cfg.epochs  # the schedule's length
-    epoch_ends = {i + 1 for i in range(len(steps)) if i + 1 == len(steps) or steps[i + 1][0] != steps[i][0]}
-
-    def batch(idx: list[int]) -> list:
-        return [items[i] for i in idx]
-
-    plan = Plan(
-        name,
-        len(steps),
-        lambda i: [batch(idx) for idx in steps[i][1][ctx.rank :: ctx.world]],
-        weight=lambda i: sum(weight(batch(idx)) for idx in steps[i][1]),
-        loss=micro_loss,
-        lr=lambda i: cosine_lr(i, horizon, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
-        idle_batch=lambda i: batch(steps[i][1][0]),
-        epoch=lambda done: steps[done - 1][0],
-    )
+def _saver(
+    checkpoints: Checkpoints, model: nn.Module, opt: torch.optim.Optimizer, guard: Validation, ctx: DistContext
+) -> Callable[[int, dict], None]:
+    """The loop's `save(step, loop_state)`: the trainable tensors, optimizer, guard and loop state as
+    `step_N/` (the main rank writes, the last `keep` stay), then every rank waits for it."""
 
     def save(step: int, loop: dict) -> None:
         if ctx.is_main:
@@ -315,6 +267,74 @@ def run_epochs(
             prune(checkpoints.dir, checkpoints.keep)
         dist.barrier(ctx)
 
+    return save
+
+
+def epoch_steps(lengths: list[int], batch_size: int, per_step: int, epochs: int, seed: int) -> list[tuple[int, list]]:
+    """Every optimizer step of the run as (epoch, its micro-batches of example indices), drawn up front
+    from one generator: the order is a function of the seed alone, so resume needs only the step."""
+    order, steps = random.Random(seed), []
+    for epoch in range(1, epochs + 1):
+        micro = length_grouped_batches(lengths, batch_size, order)
+        steps += [(epoch, micro[s : s + per_step]) for s in range(0, len(micro), per_step)]
+    return steps
+
+
+@dataclass
+class EpochPlan:
+    """What the epochs train on: `items` (examples, pairs or indices) with their `lengths` (batches group
+    similar lengths), `loss(net, batch) -> (summed loss, tokens)`, and `weight(batch)`, what a step's
+    summed loss is divided by (trained tokens, pairs, examples); `name` labels progress and the metrics,
+    `seed` draws the order."""
+
+    items: list
+    lengths: list[int]
+    loss: Callable[[nn.Module, list], tuple[torch.Tensor, int]]
+    weight: Callable[[list], int]
+    name: str
+    seed: int
+
+
+def run_epochs(
+    model: nn.Module,
+    cfg: FinetuneConfig,
+    spec: EpochPlan,
+    guard: Validation,
+    out: Path,
+    ctx: DistContext | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> dict[str, Any]:
+    """Train for the recipe's epochs, or until the guard stops it. A step's loss is its micro-batches'
+    summed losses over the step's total weight. Under torchrun each rank takes every world-th micro-batch
+    of the same steps (DDP). With `checkpoints`, the state is saved every N steps and when interrupted,
+    and a rerun continues to the weights a run that never stopped reaches."""
+    ctx = ctx or DistContext()
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
+    start, loop_state = _resume(checkpoints, model, opt, guard)
+    track = Tracker(out, start, ctx.is_main)
+    if loop_state is None:
+        guard.begin(track)
+    net = dist.wrap(model, "ddp", ctx)
+    per_step = cfg.grad_accum * ctx.world
+    steps = epoch_steps(spec.lengths, cfg.batch_size, per_step, cfg.epochs, spec.seed)
+    horizon = math.ceil(len(spec.items) / (cfg.batch_size * per_step)) * cfg.epochs  # the schedule's length
+    epoch_ends = {i + 1 for i in range(len(steps)) if i + 1 == len(steps) or steps[i + 1][0] != steps[i][0]}
+
+    def batch(idx: list[int]) -> list:
+        return [spec.items[i] for i in idx]
+
+    plan = Plan(
+        spec.name,
+        len(steps),
+        lambda i: [batch(idx) for idx in steps[i][1][ctx.rank :: ctx.world]],
+        weight=lambda i: sum(spec.weight(batch(idx)) for idx in steps[i][1]),
+        loss=spec.loss,
+        lr=lambda i: cosine_lr(i, horizon, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
+        idle_batch=lambda i: batch(steps[i][1][0]),
+        epoch=lambda done: steps[done - 1][0],
+    )
+
+    save = _saver(checkpoints, model, opt, guard, ctx) if checkpoints is not None else None
     # without a schedule each epoch ends with a check; with one, the last steps still get one
     cadence = Cadence(
         cfg.log_every,
@@ -322,7 +342,7 @@ def run_epochs(
             (cfg.eval_every and s % cfg.eval_every == 0) or s == len(steps) or (not cfg.eval_every and s in epoch_ends)
         ),
         lambda s, since: guard.check(s, steps[s - 1][0], since),
-        save if checkpoints is not None else None,
+        save,
         checkpoints.every if checkpoints else 0,
         cfg.grad_clip,
         cfg.on_nan,

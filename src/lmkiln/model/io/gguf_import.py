@@ -1,7 +1,7 @@
 """`kiln import FILE.gguf OUT`: a llama.cpp / Ollama GGUF file into an HF model directory.
 
 The architecture's hyperparameters come from the file's metadata and go through the same checks as a
-config.json (model/hub.py:args_from_hf); every tensor is dequantized by the `gguf` package (llama.cpp's
+config.json (model/io/hub.py:args_from_hf); every tensor is dequantized by the `gguf` package (llama.cpp's
 own Python code: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, ...) one at a time and
 streamed into model.safetensors, with llama.cpp's q/k row permutation undone for the `llama`
 architecture. The byte-level BPE tokenizer ("gpt2" in GGUF) is rebuilt as tokenizer.json from the
@@ -16,10 +16,10 @@ import torch
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json, write_text
-from lmkiln.model.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, hf_name, unpermute_qk
-from lmkiln.model.hub import args_from_hf, assign_weight, check_missing, check_weight, expected_shapes, hf_config
-from lmkiln.model.stream_safetensors import write_streamed
-from lmkiln.model.transformer import ModelArgs, Transformer
+from lmkiln.model.families.transformer import ModelArgs, Transformer
+from lmkiln.model.io.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, hf_name, unpermute_qk
+from lmkiln.model.io.hub import args_from_hf, assign_weight, check_missing, check_weight, expected_shapes, hf_config
+from lmkiln.model.io.stream_safetensors import write_streamed
 
 IMPORTED_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # GGUF architecture -> lmkiln's
 SPLIT_OF_PRE = {name: regex for regex, name in PRE_TOKENIZERS.items()}
@@ -155,7 +155,7 @@ def _weights(g: GgufFile, args: ModelArgs, dtype: torch.dtype):
         shape = tuple(int(n) for n in reversed(g.tensors[name].shape))
         check_weight(g.path, hf, shape, expected)
         names.append((name, hf, shape))
-    check_missing(g.path, expected, {hf for _, hf, _ in names})
+    check_missing(g.path, expected, {hf for _, hf, _ in names}, args)
     llama = GGUF_ARCH[args.arch] == "llama"
 
     def tensors():

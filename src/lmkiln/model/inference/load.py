@@ -1,5 +1,5 @@
 """The one way to load a model directory for inference: the model, its tokenizer and its own format
-(chat template; bos, eos, pad and stop ids: model/chat_format.py). Every verb that runs a model
+(chat template; bos, eos, pad and stop ids: model/io/chat_format.py). Every verb that runs a model
 (generate, chat, serve, eval, fine-tuning's base) goes through it, so none of them can fall back to
 lmkiln's own special tokens for a model that has others."""
 
@@ -12,9 +12,10 @@ import torch
 from tokenizers import Tokenizer
 
 from lmkiln.errors import UserError
-from lmkiln.model.chat_format import ChatFormat
-from lmkiln.model.hub import ENCODER_TYPES, is_encoder_args, load_model, read_args
-from lmkiln.model.transformer import Transformer
+from lmkiln.model.families import family_of
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.io.chat_format import ChatFormat
+from lmkiln.model.io.hub import load_model, read_args
 
 
 @dataclass
@@ -49,15 +50,16 @@ def load_for_inference(
     """A decoder, its tokenizer and chat format, for generation."""
     model_dir = Path(model_dir)
     args = read_args(model_dir)
-    if args.arch in ("t5", "mt5"):
+    family = family_of(args)
+    if family.is_seq2seq:
         raise UserError(
-            f"{model_dir}: a T5 encoder-decoder: `kiln generate` and `kiln eval` run it; chat and serving "
-            "run decoders and encoders only so far"
+            f"{model_dir}: a {family.label(args.arch)} encoder-decoder: `kiln generate` and `kiln eval` run it; chat "
+            "and serving run decoders and encoders only so far"
         )
-    if is_encoder_args(args):
+    if family.is_encoder:
         raise UserError(
-            f"{model_dir}: an encoder ({ENCODER_TYPES[args.arch]}) does not generate; `kiln serve` offers it /v1/embeddings and "
-            f"/v1/classify"
+            f"{model_dir}: an encoder ({family.label(args.arch)}) does not generate; `kiln serve` offers it "
+            "/v1/embeddings and /v1/classify"
         )
     tok, chat = load_format(model_dir)
     model = load_model(model_dir, device, dtype).eval()

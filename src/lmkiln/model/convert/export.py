@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 
 from lmkiln.errors import UserError
 from lmkiln.io import check_output_dir, output_dir, write_text
-from lmkiln.model.checks import Check, consistency_checks, end_of_turn, require_same_format
-from lmkiln.model.generate import generate
-from lmkiln.model.gguf_format import QUANTS
-from lmkiln.model.hub import load_model, save_state
-from lmkiln.model.importer import parse_dtype
+from lmkiln.model.convert.importer import parse_dtype
+from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.io.checks import Check, consistency_checks, end_of_turn, require_same_format
+from lmkiln.model.io.gguf_format import QUANTS
+from lmkiln.model.io.hub import load_model, save_state
 from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
-from lmkiln.model.transformer import Transformer
 
 PROBE_PROMPT = [1, 5, 9, 14, 3, 7]  # token ids every vocabulary has
 INTEGRITY_CHECKS = ("exported model generates", "GGUF read back")
@@ -134,9 +134,9 @@ def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) 
 def _export_gguf(
     model: Transformer, source: Path, out: Path, dtype: torch.dtype, quant: str | None = None
 ) -> list[Check]:
-    from lmkiln.model.gguf_export import gguf_tensors, modelfile, read_gguf, stored_values, write_gguf
-    from lmkiln.model.gguf_format import gguf_package
-    from lmkiln.model.gguf_import import gguf_model
+    from lmkiln.model.io.gguf_export import gguf_tensors, modelfile, read_gguf, stored_values, write_gguf
+    from lmkiln.model.io.gguf_format import gguf_package
+    from lmkiln.model.io.gguf_import import gguf_model
 
     gguf = gguf_package()
     state = model.state_dict()
@@ -192,7 +192,7 @@ def _export_gguf(
 def export_and_report(model: Path, out: Path, **options) -> None:
     """`kiln export`: export (options as `export_model` takes them), then print the read-back checks."""
     from lmkiln.log import console
-    from lmkiln.model.checks import print_checks
+    from lmkiln.model.io.checks import print_checks
 
     checks = export_model(model, out, **options)
     console.print(f"exported {model} -> {out}\nchecks:")

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from lmkiln.errors import UserError
-from lmkiln.model.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, gguf_name, gguf_package, permute_qk
-from lmkiln.model.transformer import ModelArgs, scaled_inv_freq
+from lmkiln.model.families.transformer import ModelArgs, scaled_inv_freq
+from lmkiln.model.io.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, gguf_name, gguf_package, permute_qk
 
 
 def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,8 +74,8 @@ def write_gguf(
     """Write `state` (HF names) with the tokenizer and chat template of `model_dir` to `path`; matrices in
     `dtype`, or quantized to `quant` (one of QUANTS)."""
     gguf = gguf_package()
-    from lmkiln.model.chat_format import chat_template
-    from lmkiln.model.hub import generation_eos
+    from lmkiln.model.io.chat_format import chat_template
+    from lmkiln.model.io.hub import generation_eos
 
     arch = GGUF_ARCH[args.arch]
     tok = _tokenizer_fields(model_dir)

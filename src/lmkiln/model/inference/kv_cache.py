@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lmkiln.model.transformer import ModelArgs, attention_mask, visible_keys
+from lmkiln.model.families.transformer import ModelArgs, attention_mask, visible_keys
 
 
 class KVCache:
