@@ -9,6 +9,7 @@ import json
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -71,6 +72,7 @@ VALUES = st.one_of(
 OVERRIDE = st.one_of(st.builds(lambda k, v: f"{k}={v}", KEYS, VALUES), st.text(max_size=30))
 
 
+@pytest.mark.slow
 @given(st.lists(OVERRIDE, max_size=4))
 def test_overrides_give_a_recipe_or_a_user_error(items):
     try:

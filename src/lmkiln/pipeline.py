@@ -3,7 +3,6 @@ then the run report."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 
 from lmkiln.config import STAGES, Recipe
@@ -44,11 +43,11 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
 def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, dict]:
     stages = only or recipe.stages or [s for s in STAGES if s != "import" or recipe.import_.source]
     check_recipe(recipe, stages)
-    with run_dir_made(Path(recipe.run_dir)):
+    with run_dir_made(recipe.run_dir):
         results = {name: run_stage(name, recipe, force=force) for name in stages}
     if only is None and rank()[0] == 0:
-        from lmkiln.eval.report import write_report
+        from lmkiln.report import write_report
 
-        path = write_report(Path(recipe.run_dir), skip_if_current=not force)
+        path = write_report(recipe.run_dir, skip_if_current=not force)
         console.print(f"report: {path}")
     return results

@@ -6,8 +6,9 @@ A run directory holds a folder per stage (`data/`, `tokenizer/`, `pretrain/`, `i
 A stage is a module with four functions:
   `check(recipe, will_run) -> None`      cheap checks of its settings, before any stage works;
   `config_of(recipe) -> dict`            the settings its result depends on;
-  `inputs_of(recipe, run_dir) -> dict`   content hashes of what it reads;
-  `build(recipe, run_dir, out) -> dict`  does the work in `out`, returns its metrics.
+  `inputs_of(recipe) -> dict`            content hashes of what it reads;
+  `build(recipe, out) -> dict`           does the work in `out`, returns its metrics.
+The run directory is `recipe.run_dir`, its one source.
 A stage whose manifest records the same config and inputs, and whose outputs are all there, is
 skipped. The manifest is written last, so a killed stage is never taken as done.
 """
@@ -107,10 +108,9 @@ def rank() -> tuple[int, int]:
 
 def run_stage(name: str, stage: ModuleType, recipe: Recipe, force: bool = False) -> dict:
     """Run one stage module in its folder of the run directory, or skip it when its manifest is current."""
-    run_dir = Path(recipe.run_dir)
-    out = stage_dir(run_dir, name)
+    out = stage_dir(recipe.run_dir, name)
     config = stage.config_of(recipe)
-    inputs = stage.inputs_of(recipe, run_dir)
+    inputs = stage.inputs_of(recipe)
     if not force:
         manifest = is_fresh(out, config, inputs)
         if manifest is not None:
@@ -129,7 +129,7 @@ def run_stage(name: str, stage: ModuleType, recipe: Recipe, force: bool = False)
     console.rule(f"[bold]{name}")
     timer = Timer()
     try:
-        metrics = stage.build(recipe, run_dir, out)
+        metrics = stage.build(recipe, out)
     except Exception as exc:
         if my_rank == 0:
             _clear_failed(out, created=not existed, refused=isinstance(exc, UserError))
@@ -199,5 +199,5 @@ def run_one(
     if run_dir is not None:
         recipe = recipe.model_copy(update={"run_dir": Path(run_dir)})
     stage.check(recipe, [name])
-    with run_dir_made(Path(recipe.run_dir)):
+    with run_dir_made(recipe.run_dir):
         return run_stage(name, stage, recipe, force=force)

@@ -69,6 +69,7 @@ def test_bad_pair_files_are_named(tmp_path):
         read_pairs(["builtin:colour"])
 
 
+@pytest.mark.slow
 def test_finetune_with_counterfactual_augmentation_reports_the_swaps(trained_run, tmp_path):
     _, run_dir, _ = trained_run
     data = tmp_path / "sft.jsonl"
@@ -103,13 +104,14 @@ def test_the_data_stage_adds_swapped_copies_to_the_training_split_only(tmp_path)
     assert stats["swaps"] == {
         k: 4 * len(copies) for k in ("he -> she", "his -> her", "brother -> sister", "king -> queen")
     }
-    from lmkiln.eval.report import _data_section
+    from lmkiln.report import _data_section
 
     report = "\n".join(_data_section(tmp_path / "run"))  # the run report says what was swapped
     assert f"{len(copies)} of {len(copies)} training documents had words swapped" in report
     assert f"he -> she {4 * len(copies)}" in report
 
 
+@pytest.mark.slow
 def test_a_run_with_augmentation_reports_probe_shares_and_task_scores_with_and_without_it(trained_run, tmp_path):
     """The run without augmentation is named into the augmented run's eval (`LABEL=DIR`), so the one run
     report shows base, tuned without and tuned with, side by side, and what augmentation swapped."""
@@ -145,9 +147,9 @@ def test_an_edited_pair_list_redoes_the_stage_that_read_it(tmp_path):
     base.mkdir()
     (base / "model.safetensors").write_bytes(b"weights")
     argv = [f"data.counterfactual.pairs=[{pairs}]", f"finetune.counterfactual.pairs=[{pairs}]", f"finetune.base={base}"]
-    recipe = load_recipe(None, argv)
+    recipe = load_recipe(None, [*argv, f"run_dir={tmp_path}"])
     recipe.finetune.counterfactual.enabled = True
-    before = finetune.inputs_of(recipe, tmp_path), data_stage.inputs_of(recipe, tmp_path)
+    before = finetune.inputs_of(recipe), data_stage.inputs_of(recipe)
     pairs.write_text("he\tshe\nking\tqueen\n")
-    after = finetune.inputs_of(recipe, tmp_path), data_stage.inputs_of(recipe, tmp_path)
+    after = finetune.inputs_of(recipe), data_stage.inputs_of(recipe)
     assert before[0] != after[0] and before[1] != after[1]

@@ -75,6 +75,7 @@ def test_stdlib_split_is_by_module(tmp_path):
             assert is_heldout(module, 0.3) == (split == "val")
 
 
+@pytest.mark.slow
 def test_docstring_task_holds_out_the_corpus_test_modules():
     splits = docstring_splits(0.05, 0.1)
     groups = {k: {ex["group"] for ex in v} for k, v in splits.items()}

@@ -10,7 +10,7 @@ import pytest
 from lmkiln import data
 from lmkiln.config import load_recipe
 from lmkiln.data import stage
-from lmkiln.eval.report import write_report
+from lmkiln.report import write_report
 
 SENTENCES = [
     "The kiln was fired at dawn and the potters watched it all day.",
@@ -72,6 +72,7 @@ def test_process_pool_gives_the_inline_output(tmp_path):
     assert (tmp_path / "one" / "data" / "removals.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_local_output(tmp_path, monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")

@@ -132,7 +132,7 @@ def test_kiln_eval_builtin_bias_reports_each_axis_with_its_interval(trained_run,
     assert f"| occupation: women-majority | 264 | {share} |" in markdown
     assert "women-majority occupations" in printed
     assert (out / "bias.png").stat().st_size > 5000  # the chart
-    from lmkiln.eval.report import _eval_section
+    from lmkiln.report import _eval_section
 
     section = "\n".join(_eval_section(tmp_path / "run"))  # the run report shows the same table and chart
     assert f"| gender | 500 | {cell} |" in section and "eval/bias.png" in section

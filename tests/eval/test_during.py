@@ -30,6 +30,7 @@ def _tasks(tmp_path):
     return mc, lm
 
 
+@pytest.mark.slow
 def test_pretrain_scores_tasks_at_every_validation(tiny_recipe, tmp_path):
     mc, lm = _tasks(tmp_path)
     recipe = tiny_recipe(
@@ -85,6 +86,7 @@ def test_finetune_scores_tasks_from_the_base_model_on(trained_run, tmp_path):
     assert (tmp_path / "run" / "finetune" / "loss.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_malformed_task_line_stops_pretraining_before_it_starts(tiny_recipe, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(MC[0]) + "\n" + '{"query": "x", "choices": ["a"]}\n')

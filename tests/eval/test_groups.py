@@ -114,7 +114,7 @@ def test_kiln_eval_group_by_on_classification_and_generative_rows(trained_run, t
 
 
 def test_the_run_report_shows_each_groups_score_per_model_and_the_gaps():
-    from lmkiln.eval.report import _group_lines
+    from lmkiln.report import _group_lines
 
     groups = ["north"] * 12 + ["south"] * 12 + ["east"] * 2
     gold = ["a", "b"] * 13

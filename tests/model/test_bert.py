@@ -160,6 +160,7 @@ def _tuned_classifier(tmp_path, tokenizer_dir, family: str):
     return run, data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_imported_encoder_fine_tunes_into_a_classifier_transformers_loads(tmp_path, tokenizer_dir, family):
     run, _ = _tuned_classifier(tmp_path, tokenizer_dir, family)

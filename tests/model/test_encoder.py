@@ -80,6 +80,7 @@ def test_mask_tokens_follows_80_10_10_and_spares_special_tokens():
     assert abs(masked - 0.8) < 0.01 and 0.09 < kept < 0.11  # a random draw may repeat the token: ~0.1
 
 
+@pytest.mark.slow
 def test_mlm_pretraining_writes_a_directory_transformers_loads_with_equal_logits(encoder_run):
     transformers = pytest.importorskip("transformers")
     recipe = encoder_run()
@@ -116,7 +117,7 @@ def assert_pretraining_resumes_bit_for_bit(recipe, tmp_path) -> None:
             raise Killed
 
     with pytest.raises(Killed):
-        pretrain_stage.build(recipe, recipe.run_dir, out, on_step=kill_at_10)
+        pretrain_stage.build(recipe, out, on_step=kill_at_10)
     assert run_pretrain(recipe)["metrics"]["resumed_from"] == 8
     logged = [read_metrics(r.run_dir / "pretrain" / "metrics.jsonl") for r in (recipe, reference)]
     assert [(r["step"], r["loss"]) for r in logged[0] if "loss" in r] == [
@@ -126,6 +127,7 @@ def assert_pretraining_resumes_bit_for_bit(recipe, tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_mlm_pretraining_resumes_bit_for_bit(encoder_run, tmp_path):
     assert_pretraining_resumes_bit_for_bit(encoder_run(), tmp_path)
 
@@ -146,6 +148,7 @@ def test_mlm_ddp_two_ranks_equal_one_rank_with_double_accumulation(encoder_run, 
         assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
 
 
+@pytest.mark.slow
 def test_an_encoder_needs_an_encoder_vocabulary(tiny_recipe):
     recipe = tiny_recipe("model.arch=modernbert")
     data.run(recipe)
@@ -176,6 +179,7 @@ def test_masked_loss_equals_transformers_loss_and_gradient(tmp_path):
         assert torch.allclose(ours_grad[name], p.grad, atol=1e-5), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,pooling", [("full", "cls"), ("lora", "cls"), ("full", "mean")])
 def test_encoder_classifier_learns_and_loads_in_transformers(encoder_run, tmp_path, method, pooling):
     import csv
@@ -294,6 +298,7 @@ def _tagging_rows(n: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_tagging_learns_entities_and_loads_in_transformers(encoder_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from lmkiln.cli import main
@@ -337,6 +342,7 @@ def test_tagging_learns_entities_and_loads_in_transformers(encoder_run, tmp_path
     assert torch.allclose(ours_logits[1, :3], theirs[1, :3], atol=1e-4)  # padding's own outputs are nobody's
 
 
+@pytest.mark.slow
 def test_a_broken_conll_row_is_named_by_file_and_line(encoder_run, tmp_path, capsys):
     from lmkiln.cli import main
 
@@ -409,6 +415,7 @@ def test_whole_word_masking_masks_every_sub_token_of_a_chosen_word():
     assert abs(np.mean([next(iter(v)) for v in per_word.values()]) - 0.3) < 0.02
 
 
+@pytest.mark.slow
 def test_whole_word_masked_pretraining_runs(encoder_run):
     recipe = encoder_run("run", "pretrain.whole_word_mask=true", "pretrain.max_steps=6")
     manifest = run_pretrain(recipe)

@@ -116,6 +116,7 @@ def t5_run(tiny_recipe, tmp_path):
     return make
 
 
+@pytest.mark.slow
 def test_span_corruption_pretraining_writes_a_directory_transformers_loads(t5_run):
     from lmkiln.train import run_pretrain
     from lmkiln.train.metrics import read_metrics
@@ -137,12 +138,14 @@ def test_span_corruption_pretraining_writes_a_directory_transformers_loads(t5_ru
     assert tok.convert_tokens_to_ids("<extra_id_0>") == ours.args.vocab_size - 1
 
 
+@pytest.mark.slow
 def test_span_corruption_pretraining_resumes_bit_for_bit(t5_run, tmp_path):
     from tests.model.test_encoder import assert_pretraining_resumes_bit_for_bit
 
     assert_pretraining_resumes_bit_for_bit(t5_run(), tmp_path)
 
 
+@pytest.mark.slow
 def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
     from lmkiln.model.families.t5 import build_t5_args
     from lmkiln.train.estimate import estimate
@@ -159,6 +162,7 @@ def test_estimate_of_a_t5_recipe_counts_both_stacks(t5_run, capsys):
     assert "memory: total" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
     """Greedy and beam search (widths, length penalties, early stopping) give transformers' outputs; EOS is
     set to a token the random model often produces, so hypotheses end early and the finished-beam rules
@@ -200,6 +204,7 @@ def test_greedy_and_beam_search_equal_transformers_generate(tmp_path):
     assert ended >= 10, ended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_text_to_text_fine_tuning_learns_and_saves_a_t5_transformers_loads(t5_run, method):
     from lmkiln.train import run_finetune, run_pretrain

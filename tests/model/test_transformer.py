@@ -189,6 +189,7 @@ def test_static_cache_decode_equals_kv_cache(variant):
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens():
     model = tiny()
     assert generate(model, [5, 9, 14, 3], 10, compile=True) == generate(model, [5, 9, 14, 3], 10)

@@ -253,6 +253,7 @@ def test_serve_refuses_bad_options_with_exit_2(tiny_model, tmp_path, capsys):
     assert "--max-batch 0" in err and "no adapter_config.json" in err and "not a model directory" in err
 
 
+@pytest.mark.slow
 def test_kiln_serve_command_listens_where_told_and_answers(tiny_model, tmp_path):
     import os
     import socket

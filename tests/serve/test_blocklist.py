@@ -4,6 +4,7 @@ cut before them with finish_reason "content_filter", and the cuts are counted in
 import json
 
 import httpx
+import pytest
 
 from lmkiln.cli import main
 from lmkiln.serve.app import create_app
@@ -42,6 +43,7 @@ def _chat(url, stream=False):
     return [e["choices"][0] for e in events if e["choices"]]
 
 
+@pytest.mark.slow
 def test_replies_are_cut_before_a_blocked_phrase_streamed_and_whole(smollm2):
     """On the real SmolLM2 (the tiny test model answers in no words): a two-word phrase from its own
     greedy reply is blocked, and both replies stop before it."""

@@ -48,6 +48,7 @@ def histories(tiny_model, tmp_path_factory):
     return root, history, drift
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_chromium_with_charts_alerts_and_prompts(histories):
     sync_api = _browser_or_skip()
     root, history, drift = histories

@@ -102,6 +102,7 @@ def test_a_version_that_fails_its_load_checks_is_refused_and_the_old_one_serves(
         assert 'lmkiln_model_swaps_total{result="refused"} 5.0' in httpx.get(url + "/metrics").text
 
 
+@pytest.mark.slow
 def test_a_running_request_finishes_on_its_version_and_a_replaced_one_closes(tiny_model, tmp_path):
     second, third = degraded(tiny_model, tmp_path / "v2"), model_copy(tiny_model, tmp_path / "v3")
     app = create_app(tiny_model, device="cpu", name="tiny", api_key="s3cret")

@@ -39,7 +39,7 @@ rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_P
 base = rss()
 out = Path(recipe.run_dir) / "pretrain"
 out.mkdir(parents=True, exist_ok=True)
-pretrain.build(recipe, Path(recipe.run_dir), out)
+pretrain.build(recipe, out)
 # VmHWM is this address space's peak; ru_maxrss would carry the parent's peak across fork and exec
 peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"predicted": predicted, "measured": peak - base}))
@@ -57,6 +57,7 @@ def prepared(tiny_recipe):
     return recipe
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_estimate_within_20_percent_of_measured_cpu_peak(tiny_recipe, kind):
     """A decoder, and a ModernBERT encoder pretrained by masked-language modelling."""
@@ -77,6 +78,7 @@ def test_estimate_within_20_percent_of_measured_cpu_peak(tiny_recipe, kind):
     assert 0.8 <= ratio <= 1.2, figures
 
 
+@pytest.mark.slow
 def test_estimate_scales_with_sharding_and_batch(prepared):
     one = estimate(prepared)["memory_bytes"]
     fsdp = prepared.model_copy(deep=True)
@@ -89,12 +91,14 @@ def test_estimate_scales_with_sharding_and_batch(prepared):
     assert estimate(bigger)["memory_bytes"]["activations"] == pytest.approx(2 * one["activations"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_estimate_cli_prints_table(prepared, capsys):
     assert main(["estimate", f"run_dir={prepared.run_dir}", *MODEL]) == 0
     out = capsys.readouterr().out
     assert "memory: total" in out and "time per step" in out
 
 
+@pytest.mark.slow
 def test_estimate_of_an_encoder_counts_its_model_and_masked_head(tiny_recipe, capsys):
     """A ModernBERT recipe: the parameters of the model pretraining builds, its FLOPs, and a head loss that
     runs at the masked positions alone (a smaller share of the logits than a decoder's)."""

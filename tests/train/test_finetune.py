@@ -22,6 +22,7 @@ def pretrained(tiny_recipe):
     return make
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_finetune_lowers_validation_loss(pretrained, method):
     recipe = pretrained(f"finetune.method={method}", "finetune.lr=3e-3", "finetune.epochs=3", "finetune.lora.r=8")
@@ -35,6 +36,7 @@ def test_finetune_lowers_validation_loss(pretrained, method):
         assert m["trainable_parameters"] < 0.5 * m.get("total_parameters", 10**9)
 
 
+@pytest.mark.slow
 def test_lora_final_is_merged_and_loads_in_transformers(pretrained):
     transformers = pytest.importorskip("transformers")
     recipe = pretrained("finetune.method=lora", "finetune.epochs=1", "finetune.lr=3e-3")
@@ -72,6 +74,7 @@ def test_length_grouped_batches_cover_every_example_once():
     assert spread < 20  # similar lengths share a batch: little padding
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_weights(pretrained):
     recipe = pretrained(
         "finetune.lr=0.5",
@@ -87,6 +90,7 @@ def test_early_stopping_keeps_the_best_weights(pretrained):
     assert m["best_val_loss"] == min(vals) and len(vals) >= 3
 
 
+@pytest.mark.slow
 def test_packed_dora_finetune_learns_and_saves_a_peft_dora_adapter(pretrained):
     recipe = pretrained(
         "finetune.method=lora",

@@ -35,6 +35,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
         assert all(p.dim() >= 2 for p in group["params"]) == (group["weight_decay"] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["pretrain.optimizer=muon", "pretrain.lr=0.02"], ["pretrain.schedule=wsd"]])
 def test_pretrain_with_muon_and_wsd_learns(tiny_recipe, extra):
     recipe = tiny_recipe(*extra)
@@ -45,6 +46,7 @@ def test_pretrain_with_muon_and_wsd_learns(tiny_recipe, extra):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_or_skips(tiny_recipe):
     recipe = tiny_recipe("pretrain.lr=1e30", "pretrain.warmup_steps=0", "pretrain.grad_clip=0")
     data.run(recipe)

@@ -41,6 +41,7 @@ def prepared(tiny_recipe, tmp_path):
     return recipe
 
 
+@pytest.mark.slow
 def test_pretrain_writes_hf_model_and_manifest(prepared):
     manifest = run_pretrain(prepared)
     out = prepared.run_dir / "pretrain"
@@ -51,6 +52,7 @@ def test_pretrain_writes_hf_model_and_manifest(prepared):
     assert [s for s, _ in losses] == [3, 6, 9, 12] and losses[-1][1] < losses[0][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exc,resume_step", [(Killed(), 8), (KeyboardInterrupt(), 10)])
 def test_resume_after_interruption_equals_uninterrupted(prepared, tmp_path, exc, resume_step):
     # the uninterrupted reference, in its own run directory
@@ -62,7 +64,7 @@ def test_resume_after_interruption_equals_uninterrupted(prepared, tmp_path, exc,
     out = prepared.run_dir / "pretrain"
     out.mkdir(parents=True, exist_ok=True)
     with pytest.raises(type(exc)):
-        pretrain_stage.build(prepared, prepared.run_dir, out, on_step=_interrupt_at(10, exc))
+        pretrain_stage.build(prepared, out, on_step=_interrupt_at(10, exc))
     assert not (out / "manifest.json").exists() and not (out / "final").exists()
     newest = sorted((out / "checkpoints").glob("step_*"))[-1].name
     assert newest == f"step_{resume_step:07d}"
@@ -76,6 +78,7 @@ def test_resume_after_interruption_equals_uninterrupted(prepared, tmp_path, exc,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_manifest_skips_and_force_redoes(prepared):
     first = run_pretrain(prepared)
     again = run_pretrain(prepared)
@@ -95,6 +98,7 @@ def test_stage_without_manifest_is_not_accepted(tiny_recipe):
         tokenizer.run(recipe)
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_transformers_with_equal_logits(prepared):
     transformers = pytest.importorskip("transformers")
     run_pretrain(prepared)
@@ -110,6 +114,7 @@ def test_saved_model_loads_in_transformers_with_equal_logits(prepared):
     assert config["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.slow
 def test_bad_model_dims_are_a_user_error(tiny_recipe):
     recipe = tiny_recipe("model.num_heads=3")
     _prepare(recipe)
@@ -139,12 +144,14 @@ def test_fim_rearranges_windows_prefix_suffix_middle():
     assert (plain[:, 1:] - plain[:, :-1] == 1).all()
 
 
+@pytest.mark.slow
 def test_pretrain_with_fim(prepared):
     recipe = prepared.model_copy(deep=True)
     recipe.pretrain.fim_rate = 0.5
     assert run_pretrain(recipe)["metrics"]["steps"] == 12
 
 
+@pytest.mark.slow
 def test_prefetched_batches_equal_inline_batches(prepared):
     """The accelerator path reads the next step on a thread; its batches must be the inline ones."""
     from lmkiln.tokenizer.encode import open_shard

@@ -31,6 +31,7 @@ def _bar_losses(bar: Recording) -> list[dict]:
     return [u for u in bar.updates if "loss" in u]
 
 
+@pytest.mark.slow
 def test_pretrain_bar_shows_the_interval_mean_and_rate_from_the_first_step(tiny_recipe, monkeypatch):
     recipe = tiny_recipe("pretrain.max_steps=4", "pretrain.log_every=2", "pretrain.eval_every=4")
     data.run(recipe)

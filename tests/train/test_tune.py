@@ -8,6 +8,7 @@ from lmkiln.config import load_recipe
 pytest.importorskip("optuna")
 
 
+@pytest.mark.slow
 def test_tune_runs_trials_and_writes_the_best_recipe(trained_run, tmp_path, capsys):
     _, run_dir, _ = trained_run
     base = run_dir / "pretrain" / "final"

@@ -51,7 +51,7 @@ def config_of(recipe: Recipe) -> dict:
     return {**cfg, "seed": recipe.seed}
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+def inputs_of(recipe: Recipe) -> dict:
     from lmkiln.io import sha256_file
 
     evals = {f: sha256_file(f) for f in recipe.data.decontam.eval_files if Path(f).is_file()}
@@ -222,14 +222,14 @@ def _merge(recipe: Recipe, files: list[Path], out: Path) -> dict:
     }
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+def build(recipe: Recipe, out: Path) -> dict:
     for old in out.glob("*.parquet"):
         old.unlink()
     work = out / ".work"
     _open_work(
         work,
         sha256_json(
-            {"config": config_of(recipe), "inputs": inputs_of(recipe, run_dir), "work_docs": recipe.data.work_docs}
+            {"config": config_of(recipe), "inputs": inputs_of(recipe), "work_docs": recipe.data.work_docs}
         ),
     )
     errors = sources.Errors(recipe.data.on_error)

@@ -142,15 +142,15 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     earlier = [s for s in will_run if s != "eval"]
     for model in recipe.eval.models:
         finished = model_label(model)[1] not in earlier
-        check_models(Path(recipe.run_dir), [model], "eval.models", finished=finished)
+        check_models(recipe.run_dir, [model], "eval.models", finished=finished)
     if recipe.eval.text != "val" and not Path(recipe.eval.text).is_file():
         raise UserError(f"eval.text: '{recipe.eval.text}' does not exist (expected 'val' or a text file)")
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val" and "data" not in earlier:
-        upstream(Path(recipe.run_dir), "data")  # the held-out text perplexity reads
+        upstream(recipe.run_dir, "data")  # the held-out text perplexity reads
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
-    ident = {m: model_identity(run_dir, m) for m in recipe.eval.models}
+def inputs_of(recipe: Recipe) -> dict:
+    ident = {m: model_identity(recipe.run_dir, m) for m in recipe.eval.models}
     from lmkiln.eval.icl import task_path
 
     for task in icl_tasks(recipe.eval):
@@ -168,14 +168,14 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
 
             ident[ref] = catalogue_fingerprint(gen_path)
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
-        ident["text"] = upstream(run_dir, "data")
+        ident["text"] = upstream(recipe.run_dir, "data")
     return ident
 
 
-def _texts(recipe: Recipe, run_dir: Path):
+def _texts(recipe: Recipe):
     if recipe.eval.text == "val":
-        upstream(run_dir, "data")  # a clear error when there is no finished data stage to read
-        return read_split(stage_dir(run_dir, "data"), "val")
+        upstream(recipe.run_dir, "data")  # a clear error when there is no finished data stage to read
+        return read_split(stage_dir(recipe.run_dir, "data"), "val")
     return iter([read_text(recipe.eval.text)])
 
 
@@ -191,7 +191,7 @@ def display_names(models: list[str]) -> dict[str, str]:
     return labelled
 
 
-def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
+def evaluate(recipe: Recipe, models: list[str]) -> dict:
     from lmkiln.data.examples import load_splits, sample
     from lmkiln.eval.icl import load_docs
 
@@ -207,28 +207,28 @@ def evaluate(recipe: Recipe, run_dir: Path, models: list[str]) -> dict:
     results: dict = {}
     names = display_names(models)
     for ref in models:
-        path = model_dir_of(run_dir, ref)
+        path = model_dir_of(recipe.run_dir, ref)
         if not (path / "config.json").is_file():
             raise UserError(f"eval.models: no model at '{path}'")
         name = names[ref]
         console.print(f"evaluating {name} ({path})")
         config = read_json(path / "config.json")
         if is_encoder_config(config):
-            results[name] = _encoder_scores(recipe, run_dir, path, name, generative, device)
+            results[name] = _encoder_scores(recipe, path, name, generative, device)
         elif is_seq2seq_config(config):
             from lmkiln.eval.seq2seq import evaluate_seq2seq
 
             results[name] = evaluate_seq2seq(path, name, recipe, generative, examples, device)
         else:
             lm = load_for_inference(path, device)
-            scores = _decoder_scores(recipe, run_dir, lm, name, list(zip(tasks, loaded)), generative, examples)
+            scores = _decoder_scores(recipe, lm, name, list(zip(tasks, loaded)), generative, examples)
             results[name] = {"path": str(path), **scores}
     if cfg.group_by:
         add_group_scores(results, generative, cfg)
     return results
 
 
-def _decoder_scores(recipe: Recipe, run_dir: Path, lm, name: str, tasks: list, generative: dict, examples) -> dict:
+def _decoder_scores(recipe: Recipe, lm, name: str, tasks: list, generative: dict, examples) -> dict:
     """A decoder's scores on every task: perplexity, docstrings, ICL tasks and bias probes, gen: rows."""
     from lmkiln.eval.bias_report import axis_line
     from lmkiln.eval.generative import score_instructions, score_labels
@@ -239,7 +239,7 @@ def _decoder_scores(recipe: Recipe, run_dir: Path, lm, name: str, tasks: list, g
     model, tok, chat = lm.model, lm.tok, lm.chat
     res: dict = {}
     if "perplexity" in cfg.tasks:
-        tokens = tokens_of(tok, chat, _texts(recipe, run_dir), cfg.max_tokens)
+        tokens = tokens_of(tok, chat, _texts(recipe), cfg.max_tokens)
         if len(tokens) <= cfg.seq_len:
             raise UserError(
                 f"eval.text: '{recipe.eval.text}' has {len(tokens)} tokens; perplexity needs more "
@@ -304,17 +304,17 @@ def add_group_scores(results: dict, generative: dict, cfg) -> None:
             )
 
 
-def _encoder_scores(recipe: Recipe, run_dir: Path, path: Path, name: str, generative: dict, device) -> dict:
+def _encoder_scores(recipe: Recipe, path: Path, name: str, generative: dict, device) -> dict:
     from lmkiln.eval.encoders import evaluate_encoder
 
     try:
-        return evaluate_encoder(path, name, recipe, lambda: _texts(recipe, run_dir), generative, device)
+        return evaluate_encoder(path, name, recipe, lambda: _texts(recipe), generative, device)
     except ValueError as exc:
         raise UserError(f"{name} ({path}): {exc}") from None
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
-    results = evaluate(recipe, run_dir, recipe.eval.models)
+def build(recipe: Recipe, out: Path) -> dict:
+    results = evaluate(recipe, recipe.eval.models)
     write_results(results, out)
     print_table(results)
     return {
@@ -334,10 +334,9 @@ def compare(recipe: Recipe, models: list[str], out: Path | None = None, force: b
 
     recipe.eval.models = models
     check(recipe, ["eval"])
-    run_dir = Path(recipe.run_dir)
     if out:
-        check_output_dir(out, [model_dir_of(run_dir, m) for m in models], force, "--out")
-    results = evaluate(recipe, run_dir, models)
+        check_output_dir(out, [model_dir_of(recipe.run_dir, m) for m in models], force, "--out")
+    results = evaluate(recipe, models)
     print_table(results)
     if out:
         with output_dir(out, "kiln eval") as tmp:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from lmkiln.serve.batching import PromptLogprobs, QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.blocklist import Blocklist
@@ -15,8 +15,12 @@ from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import ApiError
 from lmkiln.serve.versions import Version
 
-if TYPE_CHECKING:
-    from lmkiln.serve.app import Server
+
+class Server(Protocol):
+    """What a request's choices use of the server (serve/app.py's Server, which imports this module)."""
+
+    metrics: ServeMetrics
+    blocklist: Blocklist
 
 
 class Choice:

@@ -28,13 +28,13 @@ def config_of(recipe: Recipe) -> dict:
     return recipe.tokenizer.model_dump(mode="json", exclude={"kind"} if recipe.tokenizer.kind == "decoder" else None)
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
-    return {"data": upstream(run_dir, "data")}
+def inputs_of(recipe: Recipe) -> dict:
+    return {"data": upstream(recipe.run_dir, "data")}
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+def build(recipe: Recipe, out: Path) -> dict:
     cfg = recipe.tokenizer
-    data_dir = stage_dir(run_dir, "data")
+    data_dir = stage_dir(recipe.run_dir, "data")
     stats = json.loads((data_dir / "stats.json").read_text())
     if not stats["train_docs"]:
         raise UserError(

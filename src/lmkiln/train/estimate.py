@@ -57,9 +57,7 @@ def saved_bytes(
     return kept
 
 
-def saved_activation_bytes(
-    args, batch: int, seq_len: int, head: bool = True, targets: int | None = None
-) -> int:
+def saved_activation_bytes(args, batch: int, seq_len: int, head: bool = True, targets: int | None = None) -> int:
     from lmkiln.model.io.hub import build_model
 
     with torch.device("meta"):

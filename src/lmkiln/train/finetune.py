@@ -34,7 +34,7 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     every in-training task line."""
     cfg = recipe.finetune
     check_source(cfg.data)
-    check_models(Path(recipe.run_dir), [cfg.base], "finetune.base", finished=cfg.base not in will_run)
+    check_models(recipe.run_dir, [cfg.base], "finetune.base", finished=cfg.base not in will_run)
     if cfg.eval_tasks:
         TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples)
     if cfg.counterfactual.enabled:
@@ -49,9 +49,9 @@ def config_of(recipe: Recipe) -> dict:
     return {"finetune": cfg, "seed": recipe.seed, "heldout_fraction": recipe.data.val_fraction}
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+def inputs_of(recipe: Recipe) -> dict:
     data = recipe.finetune.data
-    ident = {"base": model_identity(run_dir, recipe.finetune.base)}
+    ident = {"base": model_identity(recipe.run_dir, recipe.finetune.base)}
     if data.startswith(GETTEXT):
         ident["data"] = catalogue_fingerprint(data)
     elif data.startswith("builtin:"):
@@ -72,7 +72,7 @@ def preview(recipe: Recipe, n: int) -> None:
 
     out = Console(highlight=False)  # a result: stdout, even with -q
     cfg = recipe.finetune
-    base_dir = model_dir_of(Path(recipe.run_dir), cfg.base)
+    base_dir = model_dir_of(recipe.run_dir, cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UserError(
             f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)"
@@ -150,10 +150,10 @@ def check_splits(splits: dict, cfg) -> None:
         )
 
 
-def load_base(recipe: Recipe, run_dir: Path):
+def load_base(recipe: Recipe):
     """The base model's directory, tokenizer and data splits, checked before any training."""
     cfg = recipe.finetune
-    base_dir = model_dir_of(run_dir, cfg.base)
+    base_dir = model_dir_of(recipe.run_dir, cfg.base)
     if not (base_dir / "config.json").is_file():
         raise UserError(
             f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)"
@@ -179,7 +179,7 @@ def load_base(recipe: Recipe, run_dir: Path):
 
 
 def build(
-    recipe: Recipe, run_dir: Path, out: Path, on_eval: Callable[[int, float], None] | None = None, save: bool = True
+    recipe: Recipe, out: Path, on_eval: Callable[[int, float], None] | None = None, save: bool = True
 ) -> dict:
     """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics.
     Under torchrun, DDP over the ranks (train/loop.py)."""
@@ -189,11 +189,11 @@ def build(
         set_quiet(True)
     try:
         cfg = recipe.finetune
-        base_dir, tok, splits = load_base(recipe, run_dir)
+        base_dir, tok, splits = load_base(recipe)
         plan = (
             Checkpoints(
                 out / CHECKPOINTS,
-                sha256_json([config_of(recipe), inputs_of(recipe, run_dir)]),
+                sha256_json([config_of(recipe), inputs_of(recipe)]),
                 cfg.checkpoint_every,
                 cfg.keep_checkpoints,
             )

@@ -219,6 +219,22 @@ def _evaluate(cadence: Cadence, state: LoopState, step: int) -> tuple[dict | Non
     return cadence.evaluate(step, since)
 
 
+def _save_or_stop(plan: Plan, cadence: Cadence, state: LoopState, step: int, asked: bool) -> bool:
+    """After a step: a checkpoint on the schedule or when a stop was asked for (a signal, `stop_after`),
+    the step hook, then the stop itself (_Stopped). Returns whether it saved."""
+    asked = asked or (cadence.stop_after is not None and step == cadence.stop_after < plan.steps)
+    saved = cadence.save is not None and step < plan.steps and (asked or step % cadence.checkpoint_every == 0)
+    if saved:
+        cadence.save(step, _copy(state))
+    if cadence.on_step is not None:
+        cadence.on_step(step)
+    if asked:
+        kept = "checkpoint saved; run the same command again to resume" if cadence.save is not None else "nothing saved"
+        console.print(f"interrupted at step {step}: {kept}")
+        raise _Stopped
+    return saved
+
+
 def train(
     plan: Plan,
     cadence: Cadence,
@@ -260,22 +276,8 @@ def train(
                     track(record)
                 if stopping:
                     break
-                asked = asked or (cadence.stop_after is not None and step == cadence.stop_after < plan.steps)
-                if cadence.save is not None and step < plan.steps and (asked or step % cadence.checkpoint_every == 0):
-                    cadence.save(step, _copy(state))
+                if _save_or_stop(plan, cadence, state, step, asked):
                     saved = step
-                if cadence.on_step is not None:
-                    cadence.on_step(step)
-                if asked:
-                    console.print(
-                        f"interrupted at step {step}: "
-                        + (
-                            "checkpoint saved; run the same command again to resume"
-                            if cadence.save is not None
-                            else "nothing saved"
-                        )
-                    )
-                    raise _Stopped
     except _Stopped:
         raise KeyboardInterrupt from None
     except KeyboardInterrupt:  # an interrupt from outside the step's end (a second Ctrl-C, a hook)

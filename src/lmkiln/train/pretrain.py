@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -56,8 +57,8 @@ def config_of(recipe: Recipe) -> dict:
     return {"model": model, "pretrain": cfg, "seed": recipe.seed}
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
-    return {"tokenizer": upstream(run_dir, "tokenizer")}
+def inputs_of(recipe: Recipe) -> dict:
+    return {"tokenizer": upstream(recipe.run_dir, "tokenizer")}
 
 
 def fim_rearrange(window: np.ndarray, rng: np.random.Generator, prefix: int, middle: int, suffix: int) -> np.ndarray:
@@ -167,12 +168,12 @@ def _make_model(recipe: Recipe, vocab_size: int, ids: dict, ctx: dist.DistContex
     return model.to(ctx.device).train(), args
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path, on_step=None) -> dict:
+def build(recipe: Recipe, out: Path, on_step=None) -> dict:
     ctx = dist.setup(recipe.pretrain.device)
     if not ctx.is_main:
         set_quiet(True)
     try:
-        return _train(recipe, run_dir, out, ctx, on_step)
+        return _train(recipe, out, ctx, on_step)
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory: lower pretrain.batch_size (now {recipe.pretrain.batch_size}) and raise "
@@ -192,9 +193,7 @@ def _resume(path: Path | None, model: torch.nn.Module, opt) -> tuple[int, LoopSt
     return state["step"], LoopState(**state["loop"])
 
 
-def _print_setup(
-    args, cfg, accum: int, tokens_per_step: int, flops_per_token: float, ctx: dist.DistContext
-) -> None:
+def _print_setup(args, cfg, accum: int, tokens_per_step: int, flops_per_token: float, ctx: dist.DistContext) -> None:
     peak, peak_source = device_peak(ctx.device)
     console.print(
         f"model: {args.arch}, {args.num_params() / 1e6:.2f}M parameters, {args.num_layers} layers, "
@@ -208,16 +207,23 @@ def _print_setup(
     )
 
 
-def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_step) -> dict:
-    cfg = recipe.pretrain
-    tok_dir = stage_dir(run_dir, "tokenizer")
+def _read_tokenizer_stage(recipe: Recipe, tok_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], int, object, dict]:
+    """The token shards (train, val), the vocabulary size, the tokenizer and its special ids, checked
+    against the recipe before any model is built."""
     train_tokens, header = open_shard(tok_dir / "train")
     val_tokens, _ = open_shard(tok_dir / "val")
     tok = load_tokenizer(tok_dir)
     ids = special_ids(tok)
     _check(recipe, train_tokens, val_tokens, ids, tokenizer_kind(tok))
+    return (train_tokens, val_tokens), header["vocab_size"], tok, ids
+
+
+def _train(recipe: Recipe, out: Path, ctx: dist.DistContext, on_step) -> dict:
+    cfg = recipe.pretrain
+    tok_dir = stage_dir(recipe.run_dir, "tokenizer")
+    (train_tokens, val_tokens), vocab_size, tok, ids = _read_tokenizer_stage(recipe, tok_dir)
     monitor = TaskMonitor(cfg.eval_tasks, recipe, cfg.eval_tasks_max_examples) if cfg.eval_tasks else None
-    model, args = _make_model(recipe, header["vocab_size"], ids, ctx)
+    model, args = _make_model(recipe, vocab_size, ids, ctx)
     config_hash = sha256_json(config_of(recipe))
     ckpt_dir = out / CHECKPOINTS
     dist.barrier(ctx)  # every rank looks for checkpoints only after rank 0 has cleared a --force run
@@ -244,25 +250,7 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         prefetch=ctx.device.type != "cpu",
     )
     evaluate = _Evaluate(recipe, model, objective, ctx, monitor, tok, ChatFormat(tok_dir))
-
-    def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
-        model_state, optim_state = dist.full_state(model, opt)  # collective
-        if ctx.is_main:
-            save_checkpoint(
-                path or ckpt_dir / f"step_{at_step:07d}",
-                args,
-                model_state,
-                optim_state,
-                at_step,
-                config_hash,
-                tok_dir,
-                [ids["end"]],
-                extra={"loop": loop_state},
-            )
-            if path is None:
-                prune(ckpt_dir, cfg.keep_checkpoints)
-        dist.barrier(ctx)
-
+    save = _saver(recipe, model, opt, args, ckpt_dir, config_hash, tok_dir, ids["end"], ctx)
     cadence = Cadence(
         cfg.log_every,
         lambda step: step % cfg.eval_every == 0 or step == cfg.max_steps,
@@ -279,6 +267,11 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
     track.close()
     if ctx.is_main:
         plot_curves(out / "metrics.jsonl", out / "loss.png", "pretraining")
+    return _metrics(result, args, tokens_per_step, ctx, evaluate.last_scores)
+
+
+def _metrics(result, args, tokens_per_step: int, ctx: dist.DistContext, task_scores: dict | None) -> dict:
+    """The stage's metrics: losses, size, tokens, speed, the last in-training task scores."""
     last_val = result.last_eval["val_loss"] if result.last_eval else None
     return {
         "final_loss": round(result.train_loss, 5) if result.train_loss is not None else None,
@@ -289,8 +282,35 @@ def _train(recipe: Recipe, run_dir: Path, out: Path, ctx: dist.DistContext, on_s
         "mfu": round(result.mfu, 4) if result.mfu else None,
         "device": str(ctx.device),
         "world_size": ctx.world,
-        **({"eval_tasks": evaluate.last_scores} if evaluate.last_scores else {}),
+        **({"eval_tasks": task_scores} if task_scores else {}),
     }
+
+
+def _saver(
+    recipe: Recipe, model, opt, args, ckpt_dir: Path, config_hash: str, tok_dir: Path, end: int | None, ctx
+) -> Callable[..., None]:
+    """The loop's `save(step, loop_state, path=None)`: the whole model and optimizer state (gathered from
+    every rank) as a checkpoint, the last `keep_checkpoints` kept, or at `path` (the final model)."""
+
+    def save(at_step: int, loop_state: dict, path: Path | None = None) -> None:
+        model_state, optim_state = dist.full_state(model, opt)  # collective
+        if ctx.is_main:
+            save_checkpoint(
+                path or ckpt_dir / f"step_{at_step:07d}",
+                args,
+                model_state,
+                optim_state,
+                at_step,
+                config_hash,
+                tok_dir,
+                [end],
+                extra={"loop": loop_state},
+            )
+            if path is None:
+                prune(ckpt_dir, recipe.pretrain.keep_checkpoints)
+        dist.barrier(ctx)
+
+    return save
 
 
 def _objective(recipe: Recipe, model, args, tok, ids: dict, tokens: tuple, accum: int, ctx: dist.DistContext):

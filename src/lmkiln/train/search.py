@@ -83,14 +83,13 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
         import optuna
     except ImportError:
         raise UserError("kiln tune needs Optuna: pip install 'lmkiln[tune]'") from None
-    from lmkiln.train.finetune import build, check
+    from lmkiln.train.finetune import check
 
     space = recipe.tune.space or default_space(recipe)
     for key in space:
         _current(recipe, key)
     check(recipe, ["finetune"])
-    run_dir = Path(recipe.run_dir)
-    out = run_dir / "tune"
+    out = recipe.run_dir / "tune"
     out.mkdir(parents=True, exist_ok=True)
     trials = trials or recipe.tune.trials
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -106,6 +105,32 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
     console.print(
         f"tune: {trials} trials over {', '.join(space)}" + (f" ({done} already in {out / 'study.db'})" if done else "")
     )
+    t0 = time.perf_counter()
+    objective = _objective(optuna, recipe, space, out)
+    study.optimize(objective, n_trials=max(trials - done, 0), callbacks=[_report(optuna)], catch=())
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise UserError("tune: no trial finished (all pruned or failed); widen tune.space or add trials")
+    best = study.best_trial
+    _write_results(study, recipe, out)
+    console.print(
+        f"best: trial {best.number}, val loss {best.value:.4f}, "
+        f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())} -> {out / 'best.yaml'} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    return {
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "trials": len(study.trials),
+        "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
+    }
+
+
+def _objective(optuna, recipe: Recipe, space: dict, out: Path):
+    """A trial: fine-tune with its settings (metrics only), every evaluation reported to the pruner;
+    scored by the best validation loss."""
+    from lmkiln.train.finetune import build
 
     def objective(trial) -> float:
         params = suggest(trial, recipe, space)
@@ -121,10 +146,16 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
         trial_dir.mkdir(parents=True, exist_ok=True)
         quiet, console.quiet = console.quiet, True  # one line per trial, not each run's log
         try:
-            metrics = build(with_params(recipe, params), run_dir, trial_dir, on_eval=on_eval, save=False)
+            metrics = build(with_params(recipe, params), trial_dir, on_eval=on_eval, save=False)
         finally:
             console.quiet = quiet
         return metrics["best_val_loss"]
+
+    return objective
+
+
+def _report(optuna):
+    """The study's callback: a line per finished trial."""
 
     def report(study, trial) -> None:
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
@@ -135,11 +166,11 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
             result = f"val loss {trial.value:.4f}{best}"
         console.print(f"trial {trial.number}: {shown} -> {result}")
 
-    t0 = time.perf_counter()
-    study.optimize(objective, n_trials=max(trials - done, 0), callbacks=[report], catch=())
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise UserError("tune: no trial finished (all pruned or failed); widen tune.space or add trials")
+    return report
+
+
+def _write_results(study, recipe: Recipe, out: Path) -> None:
+    """best.yaml (the recipe with the best trial's settings, runnable as it is), trials.csv, trials.png."""
     best = study.best_trial
     best_recipe = with_params(recipe, best.params)
     write_text(
@@ -150,18 +181,6 @@ def tune(recipe: Recipe, trials: int | None = None) -> dict:
     )
     write_trials(study, out / "trials.csv")
     plot_trials(study, out / "trials.png")
-    console.print(
-        f"best: trial {best.number}, val loss {best.value:.4f}, "
-        f"{', '.join(f'{k}={_fmt(v)}' for k, v in best.params.items())} -> {out / 'best.yaml'} "
-        f"({time.perf_counter() - t0:.0f} s)"
-    )
-    return {
-        "best_trial": best.number,
-        "best_value": best.value,
-        "best_params": best.params,
-        "trials": len(study.trials),
-        "pruned": sum(t.state.name == "PRUNED" for t in study.trials),
-    }
 
 
 def _fmt(v) -> str:

@@ -39,7 +39,7 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     check_source(recipe)
 
 
-def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
+def inputs_of(recipe: Recipe) -> dict:
     """The source's content: its GGUF file or weight files by hash (a hub id by name)."""
     from lmkiln.model.io.gguf_import import gguf_source
     from lmkiln.model.io.hub import weight_shards
@@ -53,7 +53,7 @@ def inputs_of(recipe: Recipe, run_dir: Path) -> dict:
     return {"hub": source}
 
 
-def build(recipe: Recipe, run_dir: Path, out: Path) -> dict:
+def build(recipe: Recipe, out: Path) -> dict:
     from lmkiln.model.convert.importer import describe, import_model
     from lmkiln.model.io.checks import print_checks
 

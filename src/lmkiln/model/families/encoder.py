@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkiln.model.families.family import Family, Vocabulary
+from lmkiln.model.families.family import Family, Vocabulary, recipe_dims
 from lmkiln.model.families.transformer import hf_shape
 
 
@@ -357,23 +357,21 @@ def encoder_args_from_config(config: dict, where: str) -> EncoderArgs:
     )
 
 
-# ModernBERT's sizes: the decoder presets' width, depth and heads; the feed-forward is 1.5 x hidden
+# ModernBERT's sizes: the decoder presets' width, depth and heads; the feed-forward 1.5 x hidden (ModernBERT's
+# ratio, which also follows an explicit hidden_size unless intermediate_size is given)
 PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, num_layers=4, num_heads=4),
-    "mini": dict(hidden_size=384, num_layers=6, num_heads=6),
-    "small": dict(hidden_size=768, num_layers=12, num_heads=12),
-    "medium": dict(hidden_size=1024, num_layers=24, num_heads=16),
-    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32),
+    "tiny": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=384),
+    "mini": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=576),
+    "small": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=1152),
+    "medium": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=1536),
+    "1b": dict(hidden_size=2048, num_layers=16, num_heads=32, intermediate_size=3072),
 }
 
 
 def build_encoder_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> EncoderArgs:
     """EncoderArgs from the recipe's model section: the preset's width, depth and heads, ModernBERT's
     feed-forward ratio (1.5 x hidden) unless intermediate_size is given, explicit dims on top."""
-    dims = dict(PRESETS[model_cfg.preset or "tiny"])
-    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        if getattr(model_cfg, key) is not None:
-            dims[key] = getattr(model_cfg, key)
+    dims = recipe_dims(PRESETS, model_cfg)
     if model_cfg.intermediate_size is None:
         dims["intermediate_size"] = dims["hidden_size"] * 3 // 2
     if dims["hidden_size"] % dims["num_heads"] or (dims["hidden_size"] // dims["num_heads"]) % 2:

@@ -18,6 +18,20 @@ KINDS = ("decoder", "encoder", "seq2seq")
 OBJECTIVES = ("causal", "mlm", "span")  # next-token prediction, masked-word prediction, span corruption
 
 
+DIMS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+
+
+def recipe_dims(presets: Mapping[str, Mapping[str, int]], model_cfg: Any) -> dict[str, int]:
+    """A recipe's model dims: its preset's (tiny when none is named), with the dims it gives explicitly on
+    top (only those the family's presets have, or the feed-forward width)."""
+    dims = dict(presets[model_cfg.preset or "tiny"])
+    for key in DIMS:
+        value = getattr(model_cfg, key)
+        if value is not None and (key in dims or key == "intermediate_size"):
+            dims[key] = value
+    return dims
+
+
 def _same_name(name: str, args: Any) -> str:
     return name
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkiln.model.families.family import Family, Vocabulary
+from lmkiln.model.families.family import Family, Vocabulary, recipe_dims
 
 T5_CLASSES = {"T5ForConditionalGeneration": "t5", "MT5ForConditionalGeneration": "mt5"}
 ACTIVATIONS = {
@@ -427,10 +427,7 @@ PRESETS: dict[str, dict[str, int]] = {
 def build_t5_args(model_cfg, vocab_size: int, special: dict) -> T5Args:
     """T5Args from the recipe's model section: the preset's width, depth (each stack) and heads, a gated
     GELU feed-forward of intermediate_size, an own head (T5 v1.1)."""
-    dims = dict(PRESETS[model_cfg.preset or "tiny"])
-    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
-        if getattr(model_cfg, key) is not None:
-            dims[key] = getattr(model_cfg, key)
+    dims = recipe_dims(PRESETS, model_cfg)
     if dims["hidden_size"] % dims["num_heads"]:
         raise ValueError(f"hidden_size {dims['hidden_size']} does not split into {dims['num_heads']} heads")
     return T5Args(

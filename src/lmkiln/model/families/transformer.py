@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from lmkiln.model.families.family import Family
+from lmkiln.model.families.family import Family, recipe_dims
 from lmkiln.model.linear import Linear
 
 
@@ -433,11 +433,7 @@ class Transformer(nn.Module):
 
 def build_args(model_cfg, vocab_size: int, special: dict[str, int | None]) -> ModelArgs:
     """ModelArgs from the recipe's model section: preset first, explicit dims on top."""
-    dims = dict(PRESETS[model_cfg.preset or "tiny"])
-    for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-        value = getattr(model_cfg, key)
-        if value is not None:
-            dims[key] = value
+    dims = recipe_dims(PRESETS, model_cfg)
     if model_cfg.num_heads is not None and model_cfg.num_kv_heads is None:
         dims["num_kv_heads"] = dims["num_heads"]
     return ModelArgs(

@@ -4,8 +4,8 @@ chart linked, an honest note on what small models' samples show; eval.png labell
 import json
 import re
 
-from lmkiln.eval.report import fenced, write_report
 from lmkiln.eval.results import results_figure
+from lmkiln.report import fenced, write_report
 
 
 def _tables(report: str) -> list[list[list[str]]]:
