@@ -228,9 +228,7 @@ def build(recipe: Recipe, out: Path) -> dict:
     work = out / ".work"
     _open_work(
         work,
-        sha256_json(
-            {"config": config_of(recipe), "inputs": inputs_of(recipe), "work_docs": recipe.data.work_docs}
-        ),
+        sha256_json({"config": config_of(recipe), "inputs": inputs_of(recipe), "work_docs": recipe.data.work_docs}),
     )
     errors = sources.Errors(recipe.data.on_error)
     # matplotlib takes most of a second to import: do it while the workers run, not after them

@@ -178,9 +178,7 @@ def load_base(recipe: Recipe):
     return base_dir, tok, splits
 
 
-def build(
-    recipe: Recipe, out: Path, on_eval: Callable[[int, float], None] | None = None, save: bool = True
-) -> dict:
+def build(recipe: Recipe, out: Path, on_eval: Callable[[int, float], None] | None = None, save: bool = True) -> dict:
     """Fine-tune as the recipe says; `on_eval` hears each validation loss, `save=False` keeps only metrics.
     Under torchrun, DDP over the ranks (train/loop.py)."""
     ctx = dist.setup(recipe.finetune.device)
