@@ -1,6 +1,7 @@
-"""`kiln finetune`: supervised fine-tuning (full, LoRA or DoRA; loss on replies only; optional packing),
-DPO on preference pairs (train/dpo.py) and classification heads (train/classify.py), all through the
-shared loop (train/loop.py) with validation, early stopping and the best state kept (train/epochs.py)."""
+"""`kiln finetune`, the stage: its checks, the base model and the data splits, then one `FinetuneRun` through
+`run_task` (train/finetune_run.py) with the task `finetune.task` names (train/tasks.py: SFT, DPO,
+classification, tagging; text to text on an encoder-decoder base), all on the shared epochs
+(train/epochs.py) with validation, early stopping and the best state kept."""
 
 from __future__ import annotations
 

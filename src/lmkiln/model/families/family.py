@@ -59,7 +59,7 @@ class Vocabulary:
     template_tokens: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # a record is itself: compared and hashed by identity
 class Family:
     """One architecture family. `from_hf(config, architecture, where)` reads config.json into the
     family's args (a ValueError or KeyError names a value it does not implement); `to_hf(args, dtype)` is
