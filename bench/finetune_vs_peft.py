@@ -138,7 +138,7 @@ def run_ours(model_dir: Path, rank: int):
 
     from lmkiln.model.io.hub import load_model
     from lmkiln.train.epochs import make_trainable
-    from lmkiln.train.finetune import batch_loss
+    from lmkiln.eval.generative import batch_loss
     from lmkiln.train.optim import adamw
 
     model = load_model(model_dir, "cpu")
