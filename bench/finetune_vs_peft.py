@@ -136,9 +136,9 @@ def run_ours(model_dir: Path, rank: int):
     """lmkiln's own pieces, as `kiln finetune finetune.method=lora` uses them."""
     from types import SimpleNamespace
 
+    from lmkiln.eval.generative import batch_loss
     from lmkiln.model.io.hub import load_model
     from lmkiln.train.epochs import make_trainable
-    from lmkiln.eval.generative import batch_loss
     from lmkiln.train.optim import adamw
 
     model = load_model(model_dir, "cpu")

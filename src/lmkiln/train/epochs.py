@@ -20,6 +20,7 @@ from lmkiln.errors import UserError
 from lmkiln.eval.during import describe
 from lmkiln.io import atomic_dir
 from lmkiln.log import console
+from lmkiln.model.families import family_of
 from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.io.checks import require_same_format
 from lmkiln.model.io.hub import load_model, save_model
@@ -166,7 +167,7 @@ def make_trainable(model: nn.Module, cfg) -> int:
     if cfg.method == "lora":
         lo = cfg.lora
         targets = lo.targets
-        family_targets = getattr(model, "LORA_TARGETS", None)
+        family_targets = family_of(model.args).lora_targets
         if family_targets and not set(targets) & set(family_targets):
             targets = family_targets  # a decoder's projection names mean nothing on an encoder or T5
         wrapped = apply_lora(model, targets, lo.r, lo.alpha, lo.dropout, lo.dora)

@@ -123,7 +123,3 @@ class Family:
     def label(self, model_type: str) -> str:
         """The family's name for one of its model types, in messages (ModernBERT, RoBERTa)."""
         return self.display.get(model_type, self.name)
-
-    def preset(self, name: str | None) -> dict[str, int]:
-        """A named size's dims (the family's first preset when none is named)."""
-        return dict(self.presets[name or next(iter(self.presets))])
