@@ -144,3 +144,12 @@ def test_recipes_doc_lists_every_family_preset():
     from lmkiln.model.families import presets_table
 
     assert presets_table() in (ROOT / "docs" / "recipes.md").read_text()
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.name}: {target}")
+    assert not broken, broken
