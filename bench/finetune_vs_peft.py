@@ -132,7 +132,7 @@ def padded(batch: list, pad: int):
     return x, y
 
 
-def run_ours(model_dir: Path, rank: int):
+def run_ours(model_dir: Path, rank: int, device: str):
     """lmkiln's own pieces, as `kiln finetune finetune.method=lora` uses them."""
     from types import SimpleNamespace
 
@@ -141,10 +141,10 @@ def run_ours(model_dir: Path, rank: int):
     from lmkiln.train.epochs import make_trainable
     from lmkiln.train.optim import adamw
 
-    model = load_model(model_dir, "cpu")
+    model = load_model(model_dir, device)
     lora = SimpleNamespace(r=rank, alpha=2.0 * rank, dropout=0.0, targets=TARGETS, dora=False)
     make_trainable(model, SimpleNamespace(method="lora", lora=lora, gradient_checkpointing=False))
-    model.train()
+    model.to(device).train()
     opt = adamw(model, 1e-4, 0.0)
 
     def step(batch):
@@ -157,7 +157,7 @@ def run_ours(model_dir: Path, rank: int):
     return step
 
 
-def run_peft(model_dir: Path, rank: int):
+def run_peft(model_dir: Path, rank: int, device: str):
     import peft
     import torch
     import transformers
@@ -165,6 +165,7 @@ def run_peft(model_dir: Path, rank: int):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
+    model = model.to(device)
     model = peft.get_peft_model(
         model,
         peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"),
@@ -177,13 +178,31 @@ def run_peft(model_dir: Path, rank: int):
         # transformers shifts the labels itself: give it the inputs' own token at each trained position
         labels = torch.full_like(y, -100)
         labels[:, 1:] = y[:, :-1]
-        loss = model(input_ids=x, labels=labels).loss
+        loss = model(input_ids=x.to(device), labels=labels.to(device)).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item(), x.numel()
 
     return step
+
+
+class PeakCuda:
+    """The CUDA allocator's peak above what it held on entry (the model's weights), in MB."""
+
+    def __enter__(self):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated() / 2**20
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated() / 2**20
 
 
 def side(args) -> None:
@@ -193,8 +212,8 @@ def side(args) -> None:
     work = Path(args.work)
     examples = json.loads((work / "examples.json").read_text())
     batches = batches_of(examples, args.batch, grouped=args.side == "lmkiln" or args.same_batches)
-    step = (run_ours if args.side == "lmkiln" else run_peft)(work / "model", args.rank)
-    with PeakRSS() as mem:
+    step = (run_ours if args.side == "lmkiln" else run_peft)(work / "model", args.rank, args.device)
+    with PeakRSS() if args.device == "cpu" else PeakCuda() as mem:
         step(batches[0])  # warmup: first-call allocations and kernel choices, untimed
         t0 = time.perf_counter()
         for batch in batches:
@@ -228,6 +247,7 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = 2 x rank)")
     p.add_argument("--max-len", type=int, default=384, help="longest example kept, in tokens")
     p.add_argument("--same-batches", action="store_true", help="both sides train lmkiln's batches (equal work)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (peak memory is then the CUDA allocator's)")
     p.add_argument("--side", choices=("lmkiln", "peft"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -246,6 +266,7 @@ def main() -> None:
                 work,
                 f"--batch={args.batch}",
                 f"--rank={args.rank}",
+                f"--device={args.device}",
             ] + (["--same-batches"] if args.same_batches else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[name] = json.loads(out.strip().splitlines()[-1])
@@ -253,7 +274,8 @@ def main() -> None:
     batching = "the same batches" if args.same_batches else "each side's default batching"
     print(
         f"LoRA r={args.rank} on a SmolLM2-135M-shaped model: {args.steps} steps of {args.batch} examples, "
-        f"{ours['tokens']:,} tokens, {batching}, CPU fp32, {torch_threads()} threads"
+        f"{ours['tokens']:,} tokens, {batching}, "
+        + (f"CPU fp32, {torch_threads()} threads" if args.device == "cpu" else f"{args.device} fp32")
     )
     print(f"{'':24}{'tokens/s':>10}{'peak MB':>10}{'padded tokens':>15}{'last loss':>11}")
     for name, label in (("lmkiln", "lmkiln"), ("peft", "transformers + PEFT")):
