@@ -27,6 +27,7 @@ from lmkiln.model.io.hub import (
     copy_tokenizer_files,
     expected_shapes,
     hf_config,
+    model_weight_name,
     read_args,
     read_shard,
     skipped_weight,
@@ -111,7 +112,7 @@ def _rewrite_weights(src: Path, args, out: Path, target: torch.dtype | None) -> 
         else:
             entries = [(n, t.dtype, tuple(t.shape)) for n, t in read_shard(shard)]
         # under the names the model has (a BERT checkpoint's gamma/beta, a base model's missing prefix)
-        entries = [(family_of(args).weight_name(n, args), d, s) for n, d, s in entries]
+        entries = [(model_weight_name(n, args), d, s) for n, d, s in entries]
         kept, named = [], set(seen)
         for n, _, _ in entries:  # a tensor stored under two names (a tied bias) is written once
             kept.append(not skipped_weight(n, args) and n not in named)
@@ -142,7 +143,7 @@ def copyable_weights(src: Path, args) -> tuple[bool, torch.dtype | None]:
     for shard in shards:
         with safe_open(shard, framework="pt") as f:
             for stored in f.keys():
-                name = family_of(args).weight_name(stored, args)
+                name = model_weight_name(stored, args)
                 if skipped_weight(name, args):
                     extra = True  # a buffer to drop: rewritten
                     continue

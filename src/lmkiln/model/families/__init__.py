@@ -62,15 +62,19 @@ def family_of_arch(arch: str) -> Family:
     return _BY_ARCH[arch]
 
 
-def is_encoder_config(config: dict) -> bool:
-    """Whether a config.json describes an encoder (of any head: masked LM, sequence or token labels)."""
+def _kind_of(config: dict) -> str | None:
     family = _BY_TYPE.get(config.get("model_type"))
-    return family is not None and family.is_encoder
+    return family.kind if family is not None else None
+
+
+def is_encoder_config(config: dict) -> bool:
+    """Whether a config.json describes an encoder (of any head: masked LM, sequence or token labels); a
+    model type no family reads is not one (no error: the caller's own load names it)."""
+    return _kind_of(config) == "encoder"
 
 
 def is_seq2seq_config(config: dict) -> bool:
-    family = _BY_TYPE.get(config.get("model_type"))
-    return family is not None and family.is_seq2seq
+    return _kind_of(config) == "seq2seq"
 
 
 def presets_table() -> str:

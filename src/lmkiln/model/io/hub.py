@@ -17,7 +17,7 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.io import write_json
-from lmkiln.model.families import base_family, family_of, family_of_config
+from lmkiln.model.families import base_family, family_of, family_of_arch, family_of_config
 from lmkiln.model.families.encoder import EncoderClassifier, EncoderTagger
 from lmkiln.model.families.family import Family
 from lmkiln.model.io.stream_safetensors import iter_tensors
@@ -59,14 +59,17 @@ def build_model(args) -> nn.Module:
 def recipe_model_args(model_cfg, vocab_size: int, ids: dict):
     """The args of the model a recipe's model section describes (a ValueError names a setting that does
     not fit; a UserError an arch no family pretrains)."""
-    from lmkiln.model.families import family_of_arch
-
     return family_of_arch(model_cfg.arch).from_recipe(model_cfg, vocab_size, ids)
 
 
 def tied_head(args) -> str | None:
     """The output weight that is the token embedding (not stored), if the model ties them."""
     return family_of(args).tied_head(args)
+
+
+def model_weight_name(name: str, args) -> str:
+    """A stored weight's name as the model has it (a family may spell some otherwise: BERT's gamma/beta)."""
+    return family_of(args).weight_name(name, args)
 
 
 def init_missing(model: nn.Module, args) -> None:
@@ -217,11 +220,10 @@ def iter_checked_weights(model_dir: Path, args) -> Iterator[tuple[Path, str, tor
     """(file, name, tensor) for every weight the model needs, checked against config.json by name and
     shape; a missing, unexpected or misshapen weight is a UserError naming it."""
     expected = expected_shapes(args)
-    family = family_of(args)
     seen = set()
     for shard in weight_shards(model_dir):
         for stored, tensor in read_shard(shard):
-            name = family.weight_name(stored, args)
+            name = model_weight_name(stored, args)
             if skipped_weight(name, args):
                 continue
             check_weight(shard, name, tensor.shape, expected)
@@ -316,7 +318,7 @@ def load_encoder_classifier(model_dir, device="cpu") -> tuple[EncoderClassifier 
     def key_of(name: str) -> str | None:
         if name.startswith("classifier."):
             return name
-        name = family.weight_name(name, args)
+        name = model_weight_name(name, args)
         return None if skipped_weight(name, args) else f"body.{name}"
 
     load_head_model(model, model_dir, names_of_model - optional, key_of, optional)
