@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import collections
 import csv
+import json
 import os
 import socket
 import statistics
@@ -249,6 +250,20 @@ def swap_bench(model_dir: Path, second: Path, per_stream: int, max_tokens: int) 
     )
 
 
+def print_decode(model_dir: Path, args) -> None:
+    ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
+    print(
+        f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
+        f"{compiled:,.1f}), transformers{' (static cache, compiled)' if args.hf_static_compile else ''} "
+        f"{hf:,.1f} tok/s, ratio {ours / hf:.2f} (compiled {compiled / hf:.2f}); "
+        f"same tokens: {same}"
+    )
+    print(
+        f"  each token streams {WEIGHT_MB:.0f} MB of fp32 weights: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s "
+        f"(compiled {WEIGHT_MB * compiled / 1e3:.1f}), transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -273,17 +288,11 @@ def main() -> None:
         if args.swap:
             second = make_model(Path(tmp) / "second", seed=1)  # the new version: other weights, same shape
             return swap_bench(model_dir, second, args.requests_per_stream, args.max_tokens)
-        ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
-        print(
-            f"decode, batch 1, greedy, {args.decode_tokens} tokens: lmkiln {ours:,.1f} tok/s (compiled "
-            f"{compiled:,.1f}), transformers{' (static cache, compiled)' if args.hf_static_compile else ''} "
-            f"{hf:,.1f} tok/s, ratio {ours / hf:.2f} (compiled {compiled / hf:.2f}); "
-            f"same tokens: {same}"
-        )
-        print(
-            f"  each token streams {WEIGHT_MB:.0f} MB of fp32 weights: lmkiln {WEIGHT_MB * ours / 1e3:.1f} GB/s "
-            f"(compiled {WEIGHT_MB * compiled / 1e3:.1f}), transformers {WEIGHT_MB * hf / 1e3:.1f} GB/s"
-        )
+        quantized = "quantization_config" in json.loads((model_dir / "config.json").read_text())
+        if quantized:  # transformers cannot read it: bench/decode_vs_llamacpp.py compares its decoding
+            print(f"{model_dir}: quantized; the decode comparison is bench/decode_vs_llamacpp.py's")
+        else:
+            print_decode(model_dir, args)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(model_dir, port)

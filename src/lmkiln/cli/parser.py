@@ -268,7 +268,9 @@ def _generate_verb(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step first (tens of seconds; then faster per token, the same tokens)",
+        help="compile the decode step first (about 2 minutes on 2 CPU cores the first time, seconds once "
+        "PyTorch has it on disk; then faster per token, the same tokens: it pays for long replies and "
+        "quantized models, whose eager decoding is mostly Python overhead)",
     )
     _add_quiet(p)
 
@@ -298,12 +300,38 @@ def _model_file_verbs(sub) -> None:
         "an installed Python package ships), or a hub id (OWNER/NAME) where a network exists",
     )
     p.add_argument("out", type=Path, help="the model directory to write")
-    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: keep the checkpoint's)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="fp32, bf16 or fp16 (default: keep the checkpoint's; a quantized GGUF stays quantized: Q4_0, "
+        "Q4_1 and Q4_K as lmkiln's int4, other quantized types as int8; --dtype fp32 dequantizes it)",
+    )
     p.add_argument(
         "--force",
         action="store_true",
         help="write into a directory holding other files, replacing only "
         "the files lmkiln writes (never the source itself)",
+    )
+    _add_quiet(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="keep a model's matrices quantized (int8 per row, or int4 in groups of 32): a quarter or an "
+        "eighth of the fp32 bytes, decoded by PyTorch's weight-only kernels",
+    )
+    p.add_argument("model", type=Path, help="a dense decoder model directory (imported, or trained by lmkiln)")
+    p.add_argument("out", type=Path, help="the quantized model directory to write")
+    p.add_argument(
+        "--quant",
+        required=True,
+        choices=("int8", "int4"),
+        help="int8: one int8 per weight, a scale per output row; int4: 4-bit codes in groups of 32 with a "
+        "scale and minimum each (the embedding, and so a tied head, stays int8)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a directory holding other files, replacing only the files lmkiln writes",
     )
     _add_quiet(p)
 

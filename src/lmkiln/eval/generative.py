@@ -17,7 +17,7 @@ from lmkiln.device import autocast
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import generate_greedy_batch
 from lmkiln.model.io.chat_format import ChatFormat
-from lmkiln.model.loss import next_token_losses
+from lmkiln.model.loss import lm_head, next_token_losses
 
 
 def rouge_l(prediction: str, reference: str, scorer=None) -> float:
@@ -55,7 +55,7 @@ def batch_loss(model, batch: list, pad_id: int, device) -> tuple[torch.Tensor, i
             model,
             x,
             y,
-            getattr(model, "module", model).lm_head.weight,  # DDP's or not
+            lm_head(getattr(model, "module", model)),  # DDP's or not
             seg.to(device) if seg is not None else None,
         )
     return loss.sum(), len(loss), x.numel()

@@ -45,7 +45,7 @@ from lmkiln.errors import UserError
 from lmkiln.io import text_lines
 from lmkiln.model.families.transformer import visible_keys
 from lmkiln.model.io.chat_format import ChatFormat
-from lmkiln.model.loss import token_logprobs
+from lmkiln.model.loss import lm_head, token_logprobs
 
 KINDS = ("multiple_choice", "schema", "language_modeling", "bias")
 AXES_PREFIX = "bias:"  # bias:DIR: probes generated from a directory of a user's own axis files
@@ -317,7 +317,7 @@ def loglikelihoods(
             hidden = model(x.to(device), hidden_only=True, layout=layout).flatten(0, 1)
             scored, best = token_logprobs(
                 hidden[unique.to(device)],
-                model.lm_head.weight,
+                lm_head(model),
                 torch.tensor(targets, device=device)[order.to(device)],
                 greedy=greedy,
                 rows=rows[order].to(device),

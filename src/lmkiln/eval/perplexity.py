@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from lmkiln.device import autocast
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.io.chat_format import ChatFormat
-from lmkiln.model.loss import IGNORE, next_token_losses
+from lmkiln.model.loss import IGNORE, lm_head, next_token_losses
 from lmkiln.tokenizer.train import token_byte_lengths
 
 
@@ -45,6 +45,7 @@ def perplexity(
     if not starts:
         raise ValueError("not enough text for one window")
     all_tokens = torch.from_numpy(tokens)
+    head = lm_head(model)
     nats, count, nbytes = 0.0, 0, 0.0
     for i in range(0, len(starts), batch_size):
         chunk = torch.stack([all_tokens[s : s + seq_len + 1] for s in starts[i : i + batch_size]])
@@ -53,7 +54,7 @@ def perplexity(
             if s > 0:  # the targets before the last `stride` were scored by the previous window
                 y[row, : seq_len - stride] = IGNORE
         with autocast(device):
-            losses, _ = next_token_losses(model, x, y.to(device), model.lm_head.weight)
+            losses, _ = next_token_losses(model, x, y.to(device), head)
         nats += losses.sum().item()
         scored = y[y != IGNORE]
         count += scored.numel()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE = -100  # the label of a position no loss is taken at: prompt, padding, an example's last token
 
@@ -130,9 +131,15 @@ INFERENCE_CHUNK_ROWS = 256  # no gradient to fuse: small chunks keep each block 
 
 
 @torch.no_grad()
+def lm_head(model: nn.Module) -> torch.Tensor | nn.Module:
+    """What the losses below take as a model's head: its weight, or the module itself where the head
+    has no plain weight (a quantized one)."""
+    return getattr(model.lm_head, "weight", model.lm_head)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | nn.Module,
     target: torch.Tensor,
     greedy: bool = False,
     rows: torch.Tensor | None = None,
@@ -149,7 +156,8 @@ def token_logprobs(
     ).tolist()
     for k, s in enumerate(range(0, len(hidden), INFERENCE_CHUNK_ROWS)):
         a, b = bounds[k], bounds[k + 1]
-        logits = (hidden[s : s + INFERENCE_CHUNK_ROWS] @ weight.t()).to(logp.dtype)
+        chunk = hidden[s : s + INFERENCE_CHUNK_ROWS]
+        logits = (weight(chunk) if isinstance(weight, nn.Module) else chunk @ weight.t()).to(logp.dtype)
         local, t = rows[a:b] - s, target[a:b]
         logp[a:b] = logits[local, t] - logits.logsumexp(-1)[local]
         if best is not None:
@@ -161,7 +169,7 @@ def next_token_losses(
     forward,
     x: torch.Tensor,
     y: torch.Tensor,
-    head: torch.Tensor | None,
+    head: torch.Tensor | nn.Module | None,
     segments: torch.Tensor | None = None,
     dense: bool = False,
     bias: torch.Tensor | None = None,
@@ -169,7 +177,7 @@ def next_token_losses(
     """The cross-entropy of each labelled token (y != IGNORE) and the row it is in. `forward` runs
     the model (maybe DDP-wrapped or compiled). With the LM head's weight `head` (and `bias`, for a head
     that has one, as an encoder's decoder does), the head runs inside the loss on the labelled positions
-    alone, a chunk at a time: prompts, padding and unmasked tokens never become logits, and the tokens x
+    alone, a chunk at a time (a head module, such as a quantized one, is run by chunks too): prompts, padding and unmasked tokens never become logits, and the tokens x
     vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP, where the
     head's weight is whole only inside the model's forward. `dense` says every position is labelled
     (pretraining windows): no selection, and no rows (None). A decoder's caller shifts y by one (the next
@@ -183,6 +191,9 @@ def next_token_losses(
     else:
         out = forward(x, hidden_only=True, **kwargs)
         out, y = (out.flatten(0, 1), y.flatten()) if dense else (out[labelled], y[labelled])
+        if isinstance(head, nn.Module):  # a head that is no plain weight (a quantized one): no gradient
+            losses = -token_logprobs(out, head, y)[0]
+            return losses, None if dense else labelled.nonzero(as_tuple=True)[0]
         if bias is not None:  # the bias as one more input column: h @ W.T + b = [h, 1] @ [W, b].T
             out = torch.cat([out, out.new_ones(len(out), 1)], dim=1)
             head = torch.cat([head, bias[:, None].to(head.dtype)], dim=1)

@@ -18,6 +18,7 @@ import torch
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import sample_next
 from lmkiln.model.inference.kv_cache import SlotCache
+from lmkiln.model.inference.load import release_freed_memory
 
 
 class QueueFull(Exception):
@@ -84,7 +85,7 @@ class Engine:
         context: int | None = None,
         adapters=None,
         on_finish: Callable[[Sequence, str], None] | None = None,
-        cache_start: int = 256,
+        cache_start: int = 32,  # tokens per slot at first: a slot grows (doubling) as its sequence does
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -127,8 +128,14 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                if not self._stop and not self.waiting and not self.running:
-                    self.cache.release()  # idle: the cache returns to its initial size
+                if (
+                    not self._stop
+                    and not self.waiting
+                    and not self.running
+                    and self.cache.capacity > self.cache.initial
+                ):
+                    self.cache.release()  # idle: the cache returns to its initial size, and its pages to the OS
+                    release_freed_memory()
                 while not self._stop and not self.waiting and not self.running:
                     self.wake.wait()
                 if self._stop:

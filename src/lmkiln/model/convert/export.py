@@ -18,7 +18,8 @@ from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import generate
 from lmkiln.model.io.checks import Check, consistency_checks, end_of_turn, require_same_format
 from lmkiln.model.io.gguf_format import QUANTS
-from lmkiln.model.io.hub import load_model, save_state
+from lmkiln.model.io.hub import load_model, read_args, save_state
+from lmkiln.model.io.quantized import load_quantized, quant_layouts, quantized_weights
 from lmkiln.model.lora import LoRALinear, apply_lora, lora_state, merge_lora, peft_key
 
 PROBE_PROMPT = [1, 5, 9, 14, 3, 7]  # token ids every vocabulary has
@@ -94,6 +95,15 @@ def export_model(
     if quant is not None and quant not in QUANTS:
         raise UserError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
     inputs = [model_path] + ([adapter_base(model_path, base)[1]] if is_adapter else [])
+    if not is_adapter and quant_layouts(model_path) is not None:
+        if fmt != "gguf" or quant or dtype:
+            raise UserError(
+                f"{model_path}: quantized; `kiln export --format gguf` writes its own bits (int4 as Q4_1, int8 as "
+                "Q8_0), with no --quant or --dtype; for anything else start from a dense copy"
+            )
+        check_output_dir(out, inputs, force, "output directory")
+        with output_dir(out, "kiln export --format gguf") as tmp:
+            return _export_quantized_gguf(model_path, tmp)
     check_output_dir(out, inputs, force, "output directory")
     if is_adapter:
         model, source = merged_adapter(model_path, base)
@@ -134,7 +144,7 @@ def _export_hf(model: Transformer, source: Path, out: Path, dtype: torch.dtype) 
 def _export_gguf(
     model: Transformer, source: Path, out: Path, dtype: torch.dtype, quant: str | None = None
 ) -> list[Check]:
-    from lmkiln.model.io.gguf_export import gguf_tensors, modelfile, read_gguf, stored_values, write_gguf
+    from lmkiln.model.io.gguf_export import gguf_tensors, read_gguf, stored_values, write_gguf
     from lmkiln.model.io.gguf_format import gguf_package
     from lmkiln.model.io.gguf_import import gguf_model
 
@@ -184,8 +194,62 @@ def _export_gguf(
             )
         )
     eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
-    stops = [eot[0]] if eot else []
-    write_text(out / "Modelfile", modelfile("model.gguf", stops))
+    write_text(out / "Modelfile", modelfile_for(eot))
+    return checks + consistency_checks(source)
+
+
+def modelfile_for(eot) -> str:
+    from lmkiln.model.io.gguf_export import modelfile
+
+    return modelfile("model.gguf", [eot[0]] if eot else [])
+
+
+def _export_quantized_gguf(source: Path, out: Path) -> list[Check]:
+    """A quantized directory as GGUF, block for block (model/io/gguf_export.py:quantized_blocks)."""
+    from lmkiln.model import quant
+    from lmkiln.model.io.gguf_export import gguf_tensors, quantized_blocks, read_gguf, write_gguf
+    from lmkiln.model.io.gguf_format import gguf_package
+    from lmkiln.model.io.gguf_import import gguf_model
+
+    gguf = gguf_package()
+    args = read_args(source)
+    state, values = {}, {}  # what goes in; what it must read back as (the scales rounded to fp16)
+    for name, layout, pieces in quantized_weights(source, args):
+        if layout is None:
+            state[name] = values[name] = pieces["weight"].float()
+            continue
+        state[name] = quantized_blocks(layout, pieces, gguf)
+        halved = {k: v.half().float() if k in ("weight_scale", "weight_min") else v for k, v in pieces.items()}
+        values[name] = quant.dequantize_pieces(layout, halved)
+    path = out / "model.gguf"
+    write_gguf(args, state, source, path, source.name, torch.float32)
+    meta, tensors = read_gguf(path)
+    expected = gguf_tensors(args, values)
+    bad = [n for n, t in expected.items() if n not in tensors or not torch.equal(tensors[n], t)]
+    kinds = sorted({b.qtype.name for b in state.values() if hasattr(b, "qtype")})
+    checks = [
+        Check(
+            "GGUF read back",
+            "ok" if not bad and len(tensors) == len(expected) else "failed",
+            f"{len(tensors)} tensors equal to the model's ({', '.join(kinds)}: its own codes), arch "
+            f"{meta['general.architecture']}"
+            if not bad
+            else f"tensors differ: {bad[:3]}",
+        )
+    ]
+    probe = torch.tensor([[t % args.vocab_size for t in PROBE_PROMPT * 4]])
+    with torch.no_grad():
+        diff = (gguf_model(path)(probe) - load_quantized(source, args)(probe)).abs().max().item()
+    checks.append(
+        Check(
+            "GGUF logits",
+            "ok",
+            f"{path.stat().st_size / 2**20:,.1f} MiB; largest logit difference {diff:.2e} against the quantized "
+            f"model (its bf16 kernels) over {probe.shape[1]} tokens",
+        )
+    )
+    eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
+    write_text(out / "Modelfile", modelfile_for(eot))
     return checks + consistency_checks(source)
 
 

@@ -191,9 +191,12 @@ def _sentencepiece_tokenizer(src: Path, out: Path | None) -> None:
         AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(out))
 
 
-def import_model(source: str, out: str | Path, dtype: str | None = None, force: bool = False) -> list[Check]:
+def import_model(
+    source: str, out: str | Path, dtype: str | None = None, force: bool = False, keep_quantized: bool = True
+) -> list[Check]:
     """Import `source` into `out` (written whole or not at all; never over the source, nor over files
-    lmkiln did not write unless `force`); returns the consistency checks."""
+    lmkiln did not write unless `force`); returns the consistency checks. A quantized GGUF stays
+    quantized unless `dtype` is given or `keep_quantized` is off (a model to train is dense: fp32)."""
     out = Path(out)
     source = package_source(source)
     check_output_dir(out, [source] if Path(source).exists() else [], force, "output directory")
@@ -201,7 +204,7 @@ def import_model(source: str, out: str | Path, dtype: str | None = None, force: 
     gguf = gguf_source(source)
     if gguf is not None:
         with output_dir(out, "kiln import") as tmp:
-            summary = write_gguf_import(gguf, tmp, target)
+            summary = write_gguf_import(gguf, tmp, target, keep_quantized)
             checks = consistency_checks(tmp, fix=True)
             write_json(tmp / "import.json", {"source": str(source), **summary, "checks": [c.__dict__ for c in checks]})
         return checks

@@ -57,7 +57,8 @@ def build(recipe: Recipe, out: Path) -> dict:
     from lmkiln.model.convert.importer import describe, import_model
     from lmkiln.model.io.checks import print_checks
 
-    checks = import_model(_source(recipe), out / FINAL, recipe.import_.dtype)
+    # a recipe's import is fine-tuned and evaluated: a quantized GGUF comes in dense (fp32) for that
+    checks = import_model(_source(recipe), out / FINAL, recipe.import_.dtype, keep_quantized=False)
     console.print(f"imported {recipe.import_.source}\n{describe(out / 'final')}\nchecks:")
     print_checks(checks)
     return {"source": recipe.import_.source, "checks": {c.name: c.status for c in checks}}

@@ -204,9 +204,21 @@ def rope_tables(
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotation of one position per row as (rows or 1, head_dim, head_dim) matrices M, with
+    x @ M = apply_rope(x, cos, sin): cos on the diagonal, and each element's `sin` where its partner in
+    the other half reads it."""
+    d = cos.shape[-1]
+    return (torch.diag_embed(cos) + torch.diag_embed(sin).roll(d // 2, -2)).reshape(-1, d, d)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
     """HF's x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1): the swap of halves is a
-    roll and its sign is in `sin`, three passes over x where the textbook form takes five."""
+    roll and its sign is in `sin`, three passes over x where the textbook form takes five. A decode step
+    gives `cos` as rope_matrix(cos, sin) and no `sin`: one small matmul per layer, where the elementwise
+    form costs a dozen operations' overhead for 64 numbers a head."""
+    if sin is None:  # x (rows, heads, 1, d): each row's heads through its own matrix, one batched matmul
+        return torch.matmul(x.reshape(x.shape[0], -1, x.shape[-1]), cos).view(x.shape)
     if torch.is_grad_enabled():
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
     # inference: each half takes the other half's product in place, with no rolled copy of x (the same
@@ -259,9 +271,24 @@ def packed_mask(segments: torch.Tensor, window: int | None) -> torch.Tensor:
     return ((segments[:, :, None] == segments[:, None, :]) & visible_keys(index, index, window))[:, None]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new query per row (a decode step) as two small matmuls, each group of query
+    heads against its key/value head: SDPA's flash kernel takes ~90 us a call for this on CPU (its
+    blocking is made for long queries), the matmuls a few. Scores and softmax in fp32, as SDPA's."""
+    b, heads, t, hd = q.shape
+    groups = k.shape[1]
+    qg = q.reshape(b, groups, heads // groups, hd)  # t == 1: a group's query heads as rows
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float().mul_(hd**-0.5)  # (b, groups, rep, keys)
+    if mask is not None:  # (b or 1, 1, 1, keys) bool
+        scores.masked_fill_(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    y = torch.matmul(scores.softmax(-1).to(v.dtype), v)  # (b, groups, rep, hd)
+    return y.reshape(b, heads, t, hd)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int) -> None:
         super().__init__()
+        self.qkv_proj: nn.Module | None = None  # q, k and v fused (model/io/quantized.py installs it)
         self.args, self.layer = args, layer
         hd = args.head_dim
         self.q_proj = Linear(args.hidden_size, args.num_heads * hd, bias=args.qkv_bias)
@@ -282,14 +309,25 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.args
-        q = self.q_proj(x).view(b, t, a.num_heads, a.head_dim)
-        k = self.k_proj(x).view(b, t, a.num_kv_heads, a.head_dim)
-        v = self.v_proj(x).view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        if self.qkv_proj is not None and not a.qk_norm:  # q, k and v as one matmul, q and k rotated as one
+            qkv = self.qkv_proj(x).view(b, t, a.num_heads + 2 * a.num_kv_heads, a.head_dim).transpose(1, 2)
+            q, k = apply_rope(qkv[:, : a.num_heads + a.num_kv_heads], cos, sin).split([a.num_heads, a.num_kv_heads], 1)
+            v = qkv[:, a.num_heads + a.num_kv_heads :]
+        else:
+            if self.qkv_proj is not None:
+                q, k, v = self.qkv_proj(x).split(self.fused_sizes, -1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(b, t, a.num_heads, a.head_dim)
+            k = k.view(b, t, a.num_kv_heads, a.head_dim)
+            v = v.view(b, t, a.num_kv_heads, a.head_dim).transpose(1, 2)
+            if a.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
+        if t == 1 and not torch.is_grad_enabled() and not isinstance(mask, str):
+            return self.o_proj(decode_attention(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
         gqa = {}
         if a.num_kv_heads != a.num_heads:
             if SDPA_GQA:  # grouped heads inside the kernel: no repeated keys/values held for backward
@@ -307,6 +345,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused, as qkv_proj
         self.gate_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = Linear(args.intermediate_size, args.hidden_size, bias=False)
@@ -315,6 +354,9 @@ class MLP(nn.Module):
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # inference: the same products in place, two fewer passes over the widest activation
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate, inplace=True).mul_(up))
         h = F.silu(self.gate_proj(x), inplace=True)
         return self.down_proj(h.mul_(self.up_proj(x)))
 
@@ -355,7 +397,7 @@ class Transformer(nn.Module):
 
     def after_load(self) -> None:
         """Tie the head to the embedding again (a load assigns each stored tensor on its own)."""
-        if self.args.tie_embeddings:
+        if self.args.tie_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):  # not a quantized table
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -418,7 +460,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(self.args.head_dim, positions, self.args.rope_theta, self.args.rope_scaling)
         x = self.model.embed_tokens(idx)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if positions.dim() == 2:
+        if t == 1 and not torch.is_grad_enabled():
+            cos, sin = rope_matrix(cos, sin), None
+        elif positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # a position per row: broadcast over heads
         checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -10,17 +11,44 @@ from typing import TextIO
 import torch
 
 from lmkiln.errors import UserError
+from lmkiln.log import console
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.kv_cache import KVCache, SlotCache, StaticKVCache
 
 
 def _decode_step(model: Transformer) -> torch.nn.Module:
-    """The model compiled for one-token steps over a StaticKVCache: compiled on first use (tens of
-    seconds on CPU), then one call per token with no Python in between. Kept on the model itself, outside
-    its submodules (so not in its state_dict), and so never confused with another model's."""
+    """The model compiled for one-token steps over a StaticKVCache: compiled on first use (a minute or
+    two on 2 CPU cores; PyTorch's on-disk inductor cache makes later processes' compiles seconds), then
+    one call per token with no Python in between: on CPU the wrapper around the kernels is C++ as well
+    (inductor's cpp_wrapper), which is where eager decoding of a small model spends most of its time.
+    Kept on the model itself, outside its submodules (so not in its state_dict), and so never confused
+    with another model's."""
     if "_decode_step" not in model.__dict__:
-        object.__setattr__(model, "_decode_step", torch.compile(model, fullgraph=True))
+        options = {"cpp_wrapper": True} if next(model.buffers(), next(model.parameters())).is_cpu else {}
+        object.__setattr__(model, "_decode_step", torch.compile(model, fullgraph=True, dynamic=False, options=options))
     return model.__dict__["_decode_step"]
+
+
+def _timed_first_call(step, model: Transformer, length: int):
+    """`step`, whose first call (the compilation) is timed and reported once per cache bucket."""
+
+    def first(*args, **kwargs):
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        model.__dict__["_compiled_buckets"].add(length)
+        console.print(
+            f"compiled the decode step for up to {length} tokens in {time.perf_counter() - start:.1f} s "
+            "(PyTorch keeps it on disk: the next run's compile takes seconds)"
+        )
+        return out
+
+    return first
+
+
+def cache_bucket(tokens: int, limit: int) -> int:
+    """The static cache length for `tokens`: a power of two from 256 up (at most the context), so a
+    compiled step serves every request of its bucket and attends over at most twice what it needs."""
+    return min(limit, max(256, 1 << (tokens - 1).bit_length()))
 
 
 def sample_next(
@@ -39,7 +67,12 @@ def sample_next(
         drop = sorted_p.cumsum(0) - sorted_p >= top_p
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    # one uniform draw through the cumulative distribution (the first token whose running mass exceeds
+    # it: never one of mass 0): the same distribution as torch.multinomial, which on CPU takes ~1.2 ms
+    # over a 50k vocabulary (it draws a number per token), this ~50 us
+    cdf = probs.cumsum(0)
+    u = torch.rand(1, generator=generator, device=probs.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
 
 
 @torch.no_grad()
@@ -64,9 +97,13 @@ def stream(
     if max_new_tokens <= 0:
         return
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    dtype = next(model.parameters()).dtype
-    if compile:  # one cache length for every call, so the step compiles once per model
-        cache, step = StaticKVCache(model.args, 1, limit, device, dtype), _decode_step(model)
+    dtype = next(model.parameters()).dtype  # fp32 for a quantized model too (its norms)
+    if compile:  # one cache length per bucket, so the step compiles once per bucket and model
+        length = cache_bucket(len(prompt) + max_new_tokens, limit)
+        fresh = length not in model.__dict__.setdefault("_compiled_buckets", set())
+        cache, step = StaticKVCache(model.args, 1, length, device, dtype), _decode_step(model)
+        if fresh:
+            step = _timed_first_call(step, model, length)
     else:
         cache, step = KVCache(model.args, 1, len(prompt) + max_new_tokens, device, dtype), model
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1]
@@ -78,6 +115,7 @@ def stream(
         yield token
         if i + 1 < max_new_tokens:
             logits = step(torch.tensor([[token]], device=device), cache=cache)[0, -1]
+            step = _decode_step(model) if compile else step  # past the timed first call
 
 
 class TextStream:

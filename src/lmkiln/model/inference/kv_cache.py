@@ -57,7 +57,8 @@ class StaticKVCache(KVCache):
         return self.k[layer], self.v[layer]
 
     def advance(self, t: int) -> None:
-        self.length += t
+        # only the tensor moves: a Python int changed inside the compiled step would be a guard, and
+        # each new value a recompilation (`length` stays 0; `position` is the fill)
         self.position.add_(t)
 
 

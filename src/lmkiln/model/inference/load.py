@@ -5,6 +5,7 @@ lmkiln's own special tokens for a model that has others."""
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lmkiln.model.families import family_of
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.io.hub import load_model, read_args
+from lmkiln.model.io.quantized import load_quantized, quant_layouts
 
 
 @dataclass
@@ -44,6 +46,15 @@ def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
     return Tokenizer.from_file(str(path)), ChatFormat(model_dir)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc keeps them otherwise): a load reads each
+    tensor through buffers it then drops, and a server's resident memory should be its model, not that."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def load_for_inference(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Loaded:
@@ -62,5 +73,9 @@ def load_for_inference(
             "/v1/embeddings and /v1/classify"
         )
     tok, chat = load_format(model_dir)
-    model = load_model(model_dir, device, dtype).eval()
+    if quant_layouts(model_dir) is not None:  # kept quantized: its own dtypes, whatever `dtype` asks
+        model = load_quantized(model_dir, args, device)
+    else:
+        model = load_model(model_dir, device, dtype).eval()
+    release_freed_memory()
     return Loaded(model_dir, model, tok, chat)

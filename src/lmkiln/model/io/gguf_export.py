@@ -10,24 +10,54 @@ and merges, with the chat template and the special token ids."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmkiln.errors import UserError
+from lmkiln.model import quant
 from lmkiln.model.families.transformer import ModelArgs, scaled_inv_freq
 from lmkiln.model.io.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, gguf_name, gguf_package, permute_qk
 
 
-def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+@dataclass
+class Blocks:
+    """A matrix already in GGUF's blocks: (rows, bytes) uint8, and its GGML type."""
+
+    data: torch.Tensor
+    qtype: object
+
+
+def quantized_blocks(layout: str, pieces: dict[str, torch.Tensor], gguf) -> Blocks:
+    """lmkiln's int4 as Q4_1 (the same codes; scale and min as the block's fp16 d and m) and int8 as
+    Q8_0 (the same int8 values; the row's scale as every block's d): the same bits, but for the scales'
+    rounding to fp16."""
+    if layout == "int4":
+        codes = quant.unpack_nibbles(pieces["weight_int4"])
+        rows, groups = codes.shape[0], codes.shape[1] // quant.GROUP
+        codes = codes.view(rows, groups, quant.GROUP)
+        qs = codes[..., :16] | (codes[..., 16:] << 4)  # Q4_1: element j low, j + 16 high
+        d = pieces["weight_scale"].half().view(torch.uint8).view(rows, groups, 2)
+        m = pieces["weight_min"].half().view(torch.uint8).view(rows, groups, 2)
+        return Blocks(torch.cat([d, m, qs], -1).reshape(rows, -1), gguf.GGMLQuantizationType.Q4_1)
+    q = pieces["weight_int8"]
+    rows, groups = q.shape[0], q.shape[1] // quant.GROUP
+    d = pieces["weight_scale"].half()[:, None].expand(rows, groups).contiguous().view(torch.uint8).view(rows, groups, 2)
+    values = q.view(torch.uint8).view(rows, groups, quant.GROUP)
+    return Blocks(torch.cat([d, values], -1).reshape(rows, -1), gguf.GGMLQuantizationType.Q8_0)
+
+
+def gguf_tensors(args: ModelArgs, state: dict[str, torch.Tensor | Blocks]) -> dict[str, torch.Tensor | Blocks]:
     """GGUF name -> tensor, in llama.cpp's layout."""
     out = {}
     for name, w in state.items():
         if args.tie_embeddings and name == "lm_head.weight":
             continue
         if GGUF_ARCH[args.arch] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = permute_qk(w, args.num_heads if "q_proj" in name else args.num_kv_heads)
+            heads = args.num_heads if "q_proj" in name else args.num_kv_heads
+            w = Blocks(permute_qk(w.data, heads), w.qtype) if isinstance(w, Blocks) else permute_qk(w, heads)
         out[gguf_name(name)] = w
     if args.rope_scaling and args.rope_scaling.get("rope_type") == "llama3":
         inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim))
@@ -99,9 +129,11 @@ def write_gguf(
     if args.rope_scaling and args.rope_scaling["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(args.rope_scaling["factor"]))
+    blocks = [t.qtype.name for t in state.values() if isinstance(t, Blocks)]  # a quantized model's own
+    kind = quant or (max(set(blocks), key=blocks.count) if blocks else None)
     file_type = (
-        gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
-        if quant
+        gguf.LlamaFileType[f"MOSTLY_{kind.upper()}"]
+        if kind
         else {
             torch.float32: gguf.LlamaFileType.ALL_F32,
             torch.float16: gguf.LlamaFileType.MOSTLY_F16,
@@ -145,10 +177,14 @@ def quantized(t: torch.Tensor, quant: str | None, gguf) -> bool:
     return t.shape[-1] % block == 0
 
 
-def _gguf_array(t: torch.Tensor, dtype: torch.dtype, gguf, quant: str | None = None) -> tuple[np.ndarray, dict]:
+def _gguf_array(
+    t: torch.Tensor | Blocks, dtype: torch.dtype, gguf, quant: str | None = None
+) -> tuple[np.ndarray, dict]:
     """Norms, biases and rope factors stay f32 (as llama.cpp's converter keeps 1-D tensors); matrices take
     the export dtype, or the quantization type (a matrix whose rows are not whole blocks keeps the dtype).
     bf16 has no numpy type: its raw 16-bit words go in with the type named."""
+    if isinstance(t, Blocks):
+        return t.data.numpy(), {"raw_dtype": t.qtype}
     t = t.detach().cpu()
     if quantized(t, quant, gguf):
         qtype = gguf.GGMLQuantizationType[quant.upper()]

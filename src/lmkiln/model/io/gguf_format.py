@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lmkiln.errors import UserError
+from lmkiln.model.quant import pack_nibbles
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 LAYER_NAMES = {
@@ -72,6 +73,9 @@ def hf_name(name: str) -> str | None:
     return None
 
 
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # kept as lmkiln's int4 as they are; other quantized types become int8
+UNQUANTIZED = ("F32", "F16", "BF16", "F64")
+
 # `kiln export --quant`: the types the gguf package can quantize to, with llama.cpp's file type names
 QUANTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
@@ -124,3 +128,35 @@ class GgufFile:
                 ) from None
         shape = tuple(int(n) for n in reversed(t.shape))
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32).reshape(shape))
+
+    def quant_type(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def int4_pieces(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A Q4_0, Q4_1 or Q4_K tensor's own codes, scales and minimums in lmkiln's int4 layout
+        (model/quant.py: w = code * scale + min per group of 32), read from its blocks with no rounding:
+        they dequantize to the values the gguf package gives, bit for bit. None for any other type."""
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind not in ("Q4_0", "Q4_1", "Q4_K"):
+            return None
+        rows, cols = int(t.shape[1]), int(t.shape[0])
+        block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[kind]
+        blocks = np.asarray(t.data).reshape(-1, block_bytes)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (blocks, 1)
+        if kind == "Q4_K":  # 8 groups of 32 per block: scale d * sc, minimum -(dmin * m), 6-bit sc and m
+            dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+            sc, m = self.gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16].copy())
+            scale, minimum = d * sc.astype(np.float32), -(dmin * m.astype(np.float32))
+            qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # each 32 bytes: one group low, the next high
+        else:
+            scale = d
+            minimum = -8 * d if kind == "Q4_0" else blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+            qs = blocks[:, block_bytes - 16 :].reshape(-1, 1, 1, 16)  # element j low, j + 16 high
+        codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(15)
+        codes = torch.from_numpy(codes.reshape(rows, cols).copy())
+        return {
+            "weight_int4": pack_nibbles(codes),
+            "weight_scale": torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1)),
+            "weight_min": torch.from_numpy(np.ascontiguousarray(minimum, dtype=np.float32).reshape(rows, -1)),
+        }

@@ -17,9 +17,19 @@ import torch
 from lmkiln.errors import UserError
 from lmkiln.io import write_json, write_text
 from lmkiln.model.families.transformer import ModelArgs, Transformer
-from lmkiln.model.io.gguf_format import GGUF_ARCH, PRE_TOKENIZERS, GgufFile, hf_name, unpermute_qk
+from lmkiln.model.io.gguf_format import (
+    GGUF_ARCH,
+    INT4_TYPES,
+    PRE_TOKENIZERS,
+    UNQUANTIZED,
+    GgufFile,
+    hf_name,
+    unpermute_qk,
+)
 from lmkiln.model.io.hub import args_from_hf, assign_weight, check_missing, check_weight, expected_shapes, hf_config
+from lmkiln.model.io.quantized import quantization_config, stored_specs
 from lmkiln.model.io.stream_safetensors import write_streamed
+from lmkiln.model.quant import quantize_pieces
 
 IMPORTED_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # GGUF architecture -> lmkiln's
 SPLIT_OF_PRE = {name: regex for regex, name in PRE_TOKENIZERS.items()}
@@ -141,9 +151,19 @@ def build_tokenizer(g: GgufFile) -> tuple[str, dict]:
     return tok.to_str(), config
 
 
-def _weights(g: GgufFile, args: ModelArgs, dtype: torch.dtype):
-    """(specs, tensors): every weight the model needs, named and checked as config.json implies,
-    dequantized and unpermuted one at a time as the writer asks for it."""
+def _layout(g: GgufFile, name: str, shape: tuple, keep: bool) -> str | None:
+    """How a tensor is written: None (dense), or the quantized layout its GGUF type maps to."""
+    kind = g.quant_type(name)
+    if not keep or len(shape) != 2 or kind in UNQUANTIZED:
+        return None
+    return "int4" if kind in INT4_TYPES else "int8"
+
+
+def _weights(g: GgufFile, args: ModelArgs, dtype: torch.dtype, keep: bool = False):
+    """(specs, tensors): every weight the model needs, named and checked as config.json implies, read one
+    at a time as the writer asks for it (llama's q/k rows unpermuted). Dense, each is dequantized to
+    `dtype`; with `keep`, a quantized matrix is written in lmkiln's int4 layout (Q4_0, Q4_1, Q4_K: their
+    own codes) or int8 layout (any other quantized type, requantized per row from its values)."""
     expected = expected_shapes(args)
     names = []
     for name in g.tensors:
@@ -154,26 +174,44 @@ def _weights(g: GgufFile, args: ModelArgs, dtype: torch.dtype):
             continue
         shape = tuple(int(n) for n in reversed(g.tensors[name].shape))
         check_weight(g.path, hf, shape, expected)
-        names.append((name, hf, shape))
-    check_missing(g.path, expected, {hf for _, hf, _ in names}, args)
+        names.append((name, hf, shape, _layout(g, name, shape, keep)))
+    check_missing(g.path, expected, {hf for _, hf, _, _ in names}, args)
     llama = GGUF_ARCH[args.arch] == "llama"
 
-    def tensors():
-        for name, hf, _ in names:
-            w = g.tensor(name)
-            if llama and hf.endswith(("q_proj.weight", "k_proj.weight")):
-                w = unpermute_qk(w, args.num_heads if "q_proj" in hf else args.num_kv_heads)
-            yield w.to(dtype if w.ndim > 1 else torch.float32).contiguous()
+    def unpermuted(hf: str, w: torch.Tensor) -> torch.Tensor:
+        if llama and hf.endswith(("q_proj.weight", "k_proj.weight")):
+            return unpermute_qk(w, args.num_heads if "q_proj" in hf else args.num_kv_heads)
+        return w
 
-    specs = [(hf, dtype if len(shape) > 1 else torch.float32, shape) for _, hf, shape in names]
-    return specs, tensors()
+    def tensors():
+        for name, hf, _, layout in names:
+            if layout is None:
+                w = unpermuted(hf, g.tensor(name))
+                yield w.to(dtype if w.ndim > 1 else torch.float32).contiguous()
+                continue
+            pieces = g.int4_pieces(name) if layout == "int4" else None
+            if pieces is None:
+                pieces = quantize_pieces(layout, g.tensor(name))
+            for piece in pieces.values():
+                yield unpermuted(hf, piece).contiguous()
+
+    specs = [
+        spec
+        for _, hf, shape, layout in names
+        for spec in stored_specs(hf, layout, shape, dtype if len(shape) > 1 else torch.float32)
+    ]
+    layouts: dict[str, int] = {}
+    for *_, layout in names:
+        if layout is not None:
+            layouts[layout] = layouts.get(layout, 0) + 1
+    return specs, tensors(), layouts
 
 
 def gguf_model(path: Path) -> Transformer:
     """The model a GGUF file holds, in memory (float32), for checks; nothing is written."""
     g = GgufFile(path)
     args = args_from_hf(read_config(g), str(path))
-    specs, tensors = _weights(g, args, torch.float32)
+    specs, tensors, _ = _weights(g, args, torch.float32)
     with torch.device("meta"):
         model = Transformer(args)
     for (name, _, _), tensor in zip(specs, tensors):
@@ -181,6 +219,11 @@ def gguf_model(path: Path) -> Transformer:
     if args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def quantized_file(g: GgufFile) -> bool:
+    """Whether any matrix of the file is quantized (then `kiln import` keeps it so by default)."""
+    return any(len(t.shape) > 1 and t.tensor_type.name not in UNQUANTIZED for t in g.reader.tensors)
 
 
 def file_dtype(g: GgufFile) -> torch.dtype:
@@ -195,16 +238,21 @@ def file_dtype(g: GgufFile) -> torch.dtype:
     )
 
 
-def write_gguf_import(path: Path, out: Path, dtype: torch.dtype | None) -> dict:
-    """Write the HF directory of a GGUF file into `out` (a fresh temporary directory); its summary."""
+def write_gguf_import(path: Path, out: Path, dtype: torch.dtype | None, keep_quantized: bool = True) -> dict:
+    """Write the HF directory of a GGUF file into `out` (a fresh temporary directory); its summary. A
+    quantized file stays quantized unless `dtype` names a float type or `keep_quantized` is off."""
     g = GgufFile(path)
     config = read_config(g)
     args = args_from_hf(config, str(path))
     tokenizer_json, tok_config = build_tokenizer(g)
-    target = dtype or file_dtype(g)
-    specs, tensors = _weights(g, args, target)
+    keep = keep_quantized and dtype is None and quantized_file(g)
+    target = dtype or (torch.float32 if keep else file_dtype(g))
+    specs, tensors, layouts = _weights(g, args, target, keep)
     write_streamed(out / "model.safetensors", specs, tensors)
-    write_json(out / "config.json", hf_config(args, target))
+    config = hf_config(args, torch.float32 if keep else target)  # a kept-quantized model's activations are fp32
+    if keep:
+        config["quantization_config"] = quantization_config(layouts)
+    write_json(out / "config.json", config)
     write_text(out / "tokenizer.json", tokenizer_json)
     write_json(out / "tokenizer_config.json", tok_config)
     eos = [e for e in (args.eos_token_id, g.get("tokenizer.ggml.eot_token_id")) if e is not None]
@@ -224,11 +272,15 @@ def write_gguf_import(path: Path, out: Path, dtype: torch.dtype | None) -> dict:
         "architecture": g.get("general.architecture"),
         "name": g.get("general.name"),
         "tensor_types": kinds,
-        "written_dtype": str(target).removeprefix("torch."),
+        "written_dtype": ", ".join(f"{n} {k}" for k, n in layouts.items())
+        if keep
+        else str(target).removeprefix("torch."),
         "tokenizer_pre": g.get("tokenizer.ggml.pre"),
+        "kept_quantized": keep,
     }
 
 
 def describe_source(summary: dict) -> str:
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_types"].items(), key=lambda kv: -kv[1]))
-    return f"GGUF {summary['architecture']} '{summary['name']}': tensors {kinds}; dequantized to {summary['written_dtype']}"
+    kept = "kept quantized as" if summary.get("kept_quantized") else "dequantized to"
+    return f"GGUF {summary['architecture']} '{summary['name']}': tensors {kinds}; {kept} {summary['written_dtype']}"

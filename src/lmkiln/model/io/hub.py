@@ -258,6 +258,11 @@ def load_model(
     """The model of an HF directory, built on the meta device and filled tensor by tensor (converted to
     `dtype` one at a time), so loading takes about the model's size in memory, not twice it."""
     model_dir = Path(model_dir)
+    if "quantization_config" in read_config(model_dir):
+        raise UserError(
+            f"{model_dir}: its weights are quantized, which generation, serving and evaluation run; to train "
+            "or convert it, start from a dense copy (`kiln import SOURCE OUT --dtype fp32`)"
+        )
     args = read_args(model_dir)
     with torch.device("meta"):
         model = build_model(args)

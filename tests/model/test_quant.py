@@ -1,0 +1,207 @@
+"""Weights kept quantized: the kernels against their dequantized reference, GGUF's 4-bit blocks read as
+they are (bit for bit what gguf's own reader gives), `kiln quantize` round trips, and the int8 model's
+logits and quality against the fp32 model's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmkiln.cli import main
+from lmkiln.model import quant
+from lmkiln.model.inference.generate import generate
+from lmkiln.model.inference.load import load_for_inference
+from lmkiln.model.io.gguf_format import GgufFile
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("layout", quant.LAYOUTS)
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the kernel path, and (int8) the dequantized-matmul path
+def test_quantized_matmul_equals_its_dequantized_reference(layout, rows):
+    torch.manual_seed(0)
+    w, x = torch.randn(192, 96) * 0.05, torch.randn(2, rows, 96)
+    pieces = quant.quantize_pieces(layout, w)
+    reference = F.linear(x, quant.dequantize_pieces(layout, pieces))
+    y = quant.quant_linear(layout, pieces)(x)
+    assert y.shape == reference.shape and y.dtype == torch.float32
+    # the kernels take bf16 inputs and give bf16 outputs: 8 bits of mantissa, twice rounded
+    assert _rel(y, reference) < 1e-2
+
+
+def test_quantization_error_is_at_most_half_a_step():
+    torch.manual_seed(1)
+    w = torch.randn(64, 128)
+    q, scale = quant.quantize_int8(w)
+    assert ((quant.dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+    packed, s4, m4 = quant.quantize_int4(w)
+    step = s4.repeat_interleave(quant.GROUP, 1)
+    assert ((quant.dequantize_int4(packed, s4, m4) - w).abs() <= step / 2 + 1e-6).all()
+    assert torch.equal(
+        quant.unpack_nibbles(quant.pack_nibbles(quant.unpack_nibbles(packed))), quant.unpack_nibbles(packed)
+    )
+
+
+def test_int4_packed_by_parts_equals_packed_whole(monkeypatch):
+    torch.manual_seed(2)
+    pieces = quant.quantize_pieces("int4", torch.randn(256, 64))
+    x = torch.randn(1, 64)
+    whole = quant.quant_linear("int4", pieces)(x)
+    monkeypatch.setattr(quant, "PACK_ROWS", 64)
+    assert torch.equal(quant.quant_linear("int4", pieces)(x), whole)
+
+
+def _write_gguf(path, tensors: dict[str, tuple[np.ndarray, object]]) -> None:
+    """A GGUF file of `tensors` (name -> (float32 matrix, GGML type)) written by gguf's own writer, the
+    K-quants (which gguf-py cannot quantize) as random blocks with finite scales."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    rng = np.random.default_rng(0)
+    for name, (values, kind) in tensors.items():
+        if kind in (Q.Q4_K, Q.Q6_K):
+            block, size = gguf.GGML_QUANT_SIZES[kind]
+            raw = rng.integers(0, 256, (values.shape[0], values.shape[1] // block, size), dtype=np.uint8)
+            first = 0 if kind == Q.Q4_K else size - 2  # fp16 scales: Q4_K's d and dmin first, Q6_K's d last
+            count = 2 if kind == Q.Q4_K else 1
+            scales = rng.uniform(0.001, 0.01, raw.shape[:-1] + (count,)).astype(np.float16)
+            raw[..., first : first + 2 * count] = scales.view(np.uint8)
+            data = raw.reshape(values.shape[0], -1)
+        else:
+            data = gguf.quants.quantize(values, kind)
+        writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_4bit_blocks_read_as_they_are_dequantize_as_ggufs_reader(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    values = rng.standard_normal((8, 512)).astype(np.float32) * 0.02
+    _write_gguf(tmp_path / "t.gguf", {"w": (values, Q[kind])})
+    g = GgufFile(tmp_path / "t.gguf")
+    pieces = g.int4_pieces("w")
+    assert pieces is not None and pieces["weight_int4"].dtype == torch.uint8
+    # exactly the reader's values: the codes, scales and minimums are the file's, with no rounding
+    assert torch.equal(quant.dequantize_pieces("int4", pieces), g.tensor("w"))
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q5_1", "Q6_K"])
+def test_gguf_other_types_are_no_int4_blocks(tmp_path, kind):
+    values = np.random.default_rng(4).standard_normal((4, 256)).astype(np.float32)
+    _write_gguf(tmp_path / "t.gguf", {"w": (values, Q[kind])})
+    g = GgufFile(tmp_path / "t.gguf")
+    assert g.int4_pieces("w") is None
+    # they become int8 per row, requantized from the reader's values: within half an int8 step
+    w = g.tensor("w")
+    q, scale = quant.quantize_int8(w)
+    assert ((quant.dequantize_int8(q, scale) - w).abs() <= scale[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("gguf_quant", ["q4_1", "q8_0"])
+def test_gguf_import_keeps_it_quantized_and_generates_as_its_dequantized_copy(trained_run, tmp_path, gguf_quant):
+    """kiln import of a quantized GGUF keeps its bits (q4_1: its own codes; q8_0: int8 per row), and
+    its stored weights dequantize to what gguf's reader gives (bit for bit for 4-bit blocks)."""
+    from lmkiln.model.convert.export import export_model
+    from lmkiln.model.convert.importer import import_model
+    from lmkiln.model.io.gguf_format import hf_name, unpermute_qk
+    from lmkiln.model.io.stream_safetensors import iter_tensors
+
+    _, run_dir, _ = trained_run
+    export_model(run_dir / "finetune" / "final", tmp_path / "g", fmt="gguf", quant=gguf_quant)
+    path = tmp_path / "g" / "model.gguf"
+    import_model(str(path), tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    layout = "int4" if gguf_quant == "q4_1" else "int8"
+    assert config["quantization_config"]["layouts"][layout] > 0
+    stored = dict(iter_tensors(tmp_path / "q" / "model.safetensors"))
+    g = GgufFile(path)
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    for name, t in g.tensors.items():
+        hf = hf_name(name)
+        if t.tensor_type.name not in ("Q4_1", "Q8_0"):
+            continue
+        base = hf.removesuffix(".weight")
+        got_layout = "int4" if t.tensor_type.name == "Q4_1" else "int8"
+        pieces = {p: stored[f"{base}.{p}"] for p in quant.PIECES[got_layout]}
+        expected = g.tensor(name)
+        proj = next((h for h in heads if hf.endswith(f"{h}.weight")), None)
+        if proj:
+            expected = unpermute_qk(expected, heads[proj])
+        got = quant.dequantize_pieces(got_layout, pieces)
+        if got_layout == "int4":
+            assert torch.equal(got, expected), name
+        else:
+            assert ((got - expected).abs() <= pieces["weight_scale"][:, None] / 2 + 1e-6).all(), name
+    dense = tmp_path / "d"
+    import_model(str(path), dense, dtype="fp32")
+    ids = list(range(5, 25))
+    q_lm, d_lm = load_for_inference(tmp_path / "q"), load_for_inference(dense)
+    with torch.no_grad():
+        q_logits, d_logits = q_lm.model(torch.tensor([ids])), d_lm.model(torch.tensor([ids]))
+    # the same weights (int8: within its rounding), activations through bf16 in the kernels
+    assert _rel(q_logits, d_logits) < 0.03
+    assert generate(q_lm.model, ids, 8)[:2] == generate(d_lm.model, ids, 8)[:2]
+
+
+def test_quantize_cli_writes_a_model_that_loads_and_decodes(trained_run, tmp_path, capsys):
+    _, run_dir, _ = trained_run
+    source = run_dir / "finetune" / "final"
+    assert main(["quantize", str(source), str(tmp_path / "q8"), "--quant", "int8"]) == 0
+    assert "15 int8" in capsys.readouterr().err
+    lm, dense = load_for_inference(tmp_path / "q8"), load_for_inference(source)
+    assert isinstance(lm.model.lm_head, quant.Int8Linear) and lm.model.model.layers[0].mlp.gate_up_proj is not None
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.no_grad():
+        got, ref = lm.model(ids), dense.model(ids)
+    # int8 per row: logits within 2% (relative norm) of the fp32 model's, the same greedy choices mostly
+    assert _rel(got, ref) < 0.02
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # quantizing a quantized model, or to a layout that does not exist, is refused before any work
+    assert main(["-q", "quantize", str(tmp_path / "q8"), str(tmp_path / "again"), "--quant", "int4"]) == 2
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("layout", quant.LAYOUTS)
+def test_quantized_blocks_are_the_same_bits_as_ggufs_types(layout):
+    from lmkiln.model.io.gguf_export import quantized_blocks
+
+    torch.manual_seed(5)
+    pieces = quant.quantize_pieces(layout, torch.randn(16, 128) * 0.1)
+    blocks = quantized_blocks(layout, pieces, gguf)
+    assert blocks.qtype == (Q.Q4_1 if layout == "int4" else Q.Q8_0)
+    read = torch.from_numpy(gguf.quants.dequantize(blocks.data.numpy(), blocks.qtype))
+    halved = {k: v.half().float() if k in ("weight_scale", "weight_min") else v for k, v in pieces.items()}
+    assert torch.equal(read, quant.dequantize_pieces(layout, halved))
+
+
+def test_quantized_export_writes_the_imported_blocks_back_unchanged(trained_run, tmp_path):
+    """GGUF Q4_1 -> kiln import (kept quantized) -> kiln export --format gguf: every Q4_1 tensor comes
+    out byte for byte as it went in."""
+    from lmkiln.model.convert.export import export_model
+    from lmkiln.model.convert.importer import import_model
+
+    _, run_dir, _ = trained_run
+    export_model(run_dir / "finetune" / "final", tmp_path / "g", fmt="gguf", quant="q4_1")
+    import_model(str(tmp_path / "g" / "model.gguf"), tmp_path / "q")
+    checks = export_model(tmp_path / "q", tmp_path / "back", fmt="gguf")
+    assert {c.name: c.status for c in checks}["GGUF read back"] == "ok"
+    before = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    after = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "back" / "model.gguf")).tensors}
+    assert before.keys() == after.keys()
+    q4 = [n for n, t in before.items() if t.tensor_type == Q.Q4_1]
+    assert q4 and all(
+        after[n].tensor_type == Q.Q4_1 and np.array_equal(np.asarray(before[n].data), np.asarray(after[n].data))
+        for n in q4
+    )
+    with pytest.raises(Exception, match="writes its own bits"):
+        export_model(tmp_path / "q", tmp_path / "again", fmt="gguf", quant="q8_0")
