@@ -199,6 +199,15 @@ async def load_level(url: str, streams: int, per_stream: int, max_tokens: int, s
     }
 
 
+def server_memory_mb(pid: int) -> dict[str, float]:
+    """The server process's resident memory now (VmRSS) and at its peak (VmHWM), from /proc (Linux)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {"VmRSS": float("nan"), "VmHWM": float("nan")}
+    return {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(("VmRSS", "VmHWM"))}
+
+
 def start_server(model_dir: Path, port: int) -> subprocess.Popen:
     """`kiln serve` in its own process, healthy (or SystemExit with its stderr)."""
     import httpx
@@ -297,10 +306,13 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         server = start_server(model_dir, port)
         try:
+            idle = server_memory_mb(server.pid)
             rows = [
                 asyncio.run(load_level(url, int(s), args.requests_per_stream, args.max_tokens))
                 for s in args.levels.split(",")
             ]
+            time.sleep(1)  # the engine, idle again, gives its cache's pages back
+            after = server_memory_mb(server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -319,6 +331,10 @@ def main() -> None:
         )
         if r["first_error"]:
             print(f"  first error: {r['first_error']}")
+    print(
+        f"server resident memory: {idle['VmRSS']:.0f} MB loaded and idle, {after['VmRSS']:.0f} MB after the load "
+        f"(its peak: {after['VmHWM']:.0f} MB)"
+    )
     tps = {r["streams"]: r["tokens"] / r["wall"] for r in rows}
     if 1 in tps and max(tps) != 1:
         top = max(tps)
