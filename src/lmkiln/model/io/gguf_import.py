@@ -1,8 +1,11 @@
 """`kiln import FILE.gguf OUT`: a llama.cpp / Ollama GGUF file into an HF model directory.
 
 The architecture's hyperparameters come from the file's metadata and go through the same checks as a
-config.json (model/io/hub.py:args_from_hf); every tensor is dequantized by the `gguf` package (llama.cpp's
-own Python code: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, ...) one at a time and
+config.json (model/io/hub.py:args_from_hf). A quantized file stays quantized (model/quant.py's layouts:
+Q4_0, Q4_1 and Q4_K blocks as int4 with their own codes, scales and minimums; any other quantized type
+as int8 per row, from the values the `gguf` package dequantizes); with a `--dtype`, or for a recipe's
+import stage, every tensor is dequantized by the `gguf` package (llama.cpp's own Python code: F32, F16,
+BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K, ...). Either way tensors are read one at a time and
 streamed into model.safetensors, with llama.cpp's q/k row permutation undone for the `llama`
 architecture. The byte-level BPE tokenizer ("gpt2" in GGUF) is rebuilt as tokenizer.json from the
 file's tokens, merges, token types and pre-tokenizer name; the chat template and special ids come too.
