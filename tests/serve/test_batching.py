@@ -71,6 +71,25 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model):
     assert next(engine.steps) < sum(lengths)  # decode steps were shared
 
 
+def test_prompts_admitted_together_padded_to_the_longest_decode_as_alone(tiny_model):
+    """Waiting prompts of different lengths are prefilled in one forward (right-padded): each row's
+    greedy tokens equal its own generation, and its cache length is its prompt's, not the padded one."""
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    prompts = [tok.encode(p, add_special_tokens=False).ids for p in PROMPTS[:4]]
+    assert len({len(p) for p in prompts}) > 1
+    engine = Engine(model, max_batch=4)
+    engine.close()  # its loop stopped: this test steps the engine itself
+    queues = [queue.Queue() for _ in prompts]
+    seqs = [Sequence(p, Sampling(max_tokens=8, temperature=0), q.put) for p, q in zip(prompts, queues)]
+    engine.waiting.extend(seqs)
+    with torch.no_grad():
+        engine._admit()
+        assert [engine.cache.lengths[s.slot] for s in seqs] == [len(p) for p in prompts]
+        while engine.running:
+            engine._decode()
+    assert [_tokens(q)[0] for q in queues] == [generate(model, p, 8) for p in prompts]
+
+
 def test_concurrent_http_requests_equal_sequential_ones(tiny_model):
     app = create_app(tiny_model, device="cpu", name="tiny", max_batch=4)
     with serving(app) as url:

@@ -76,6 +76,9 @@ class Sequence:
         self.cancelled = True
 
 
+PREFILL_TOKENS = 2048  # padded prompt tokens one admitting forward takes at most
+
+
 class Engine:
     def __init__(
         self,
@@ -161,9 +164,11 @@ class Engine:
             self.on_finish(seq, reason)
 
     def _admit(self) -> None:
-        """Prefill waiting sequences into free slots, one forward each (prompts differ in length)."""
+        """Prefill waiting sequences into free slots: those that want only a reply together, in one
+        forward (`_prefill`); one that scores its prompt (prompt_logprobs) on its own."""
         for seq in [s for s in self.running.values() if s.cancelled]:
             self._finish(seq, "cancelled")
+        fresh: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_batch:
             with self.wake:
                 seq = self.waiting.popleft()
@@ -176,7 +181,7 @@ class Engine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
             self.cache.lengths[seq.slot] = 0
             if not seq.sampling.prompt_logprobs:
-                self._sample(seq, self._forward([seq], [seq.prompt], last_only=True)[:, -1].float()[0])
+                fresh.append(seq)
                 continue
             logits = self._forward([seq], [seq.prompt])[0]
             seq.emit(PromptLogprobs(self._scored(logits[:-1], seq.prompt[1:], seq.sampling.logprobs or 0)))
@@ -184,6 +189,24 @@ class Engine:
                 self._finish(seq, "length")
             else:
                 self._sample(seq, logits[-1].float())
+        while fresh:  # groups of about PREFILL_TOKENS padded tokens, longest prompts first
+            fresh.sort(key=lambda q: len(q.prompt), reverse=True)
+            take = max(1, PREFILL_TOKENS // len(fresh[0].prompt))
+            self._prefill(fresh[:take])
+            fresh = fresh[take:]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prompts into their slots in one forward, right-padded to the longest: each row attends only to
+        its own slot up to its own position, so the padding's keys are never seen (each is overwritten by
+        the row's own next token first); the head runs at each prompt's last token alone."""
+        longest = max(len(s.prompt) for s in seqs)
+        tokens = [s.prompt + [s.prompt[-1]] * (longest - len(s.prompt)) for s in seqs]
+        hidden = self._forward(seqs, tokens, hidden_only=True)
+        last = hidden[torch.arange(len(seqs)), torch.tensor([len(s.prompt) - 1 for s in seqs])]
+        logits = self.model.lm_head(last[:, None])[:, 0].float()
+        for seq, row in zip(seqs, logits):
+            self.cache.lengths[seq.slot] = len(seq.prompt)  # not the padded length the forward advanced by
+            self._sample(seq, row)
 
     @staticmethod
     def _scored(logits: torch.Tensor, ids: list[int], top: int) -> list[Token]:
@@ -196,13 +219,13 @@ class Engine:
             for k, (i, lp) in enumerate(zip(ids, chosen))
         ]
 
-    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], last_only: bool = False) -> torch.Tensor:
+    def _forward(self, seqs: list[Sequence], tokens: list[list[int]], hidden_only: bool = False) -> torch.Tensor:
         self.cache.rows = [s.slot for s in seqs]
         self.cache.reserve(max(self.cache.lengths[s.slot] + len(t) for s, t in zip(seqs, tokens)))
         if self.adapters is not None:
             self.adapters.select([s.adapter for s in seqs])
         x = torch.tensor(tokens, device=self.device)
-        return self.model(x, cache=self.cache, last_only=last_only)
+        return self.model(x, cache=self.cache, hidden_only=hidden_only)
 
     def _decode(self) -> None:
         seqs = [self.running[slot] for slot in sorted(self.running)]  # slot order: the cache is read as a view

@@ -193,15 +193,16 @@ def _export_gguf(
                 f"contexts beyond {model.args.sliding_window} tokens differ",
             )
         )
-    eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
-    write_text(out / "Modelfile", modelfile_for(eot))
+    write_modelfile(source, out)
     return checks + consistency_checks(source)
 
 
-def modelfile_for(eot) -> str:
+def write_modelfile(source: Path, out: Path) -> None:
+    """Ollama's Modelfile beside model.gguf, stopping at the source's end-of-turn token."""
     from lmkiln.model.io.gguf_export import modelfile
 
-    return modelfile("model.gguf", [eot[0]] if eot else [])
+    eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
+    write_text(out / "Modelfile", modelfile("model.gguf", [eot[0]] if eot else []))
 
 
 def _export_quantized_gguf(source: Path, out: Path) -> list[Check]:
@@ -248,8 +249,7 @@ def _export_quantized_gguf(source: Path, out: Path) -> list[Check]:
             f"model (its bf16 kernels) over {probe.shape[1]} tokens",
         )
     )
-    eot = end_of_turn(source) if (source / "tokenizer_config.json").is_file() else None
-    write_text(out / "Modelfile", modelfile_for(eot))
+    write_modelfile(source, out)
     return checks + consistency_checks(source)
 
 
