@@ -130,13 +130,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 INFERENCE_CHUNK_ROWS = 256  # no gradient to fuse: small chunks keep each block of logits in cache
 
 
-@torch.no_grad()
 def lm_head(model: nn.Module) -> torch.Tensor | nn.Module:
     """What the losses below take as a model's head: its weight, or the module itself where the head
     has no plain weight (a quantized one)."""
     return getattr(model.lm_head, "weight", model.lm_head)
 
 
+@torch.no_grad()
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor | nn.Module,
@@ -177,8 +177,8 @@ def next_token_losses(
     """The cross-entropy of each labelled token (y != IGNORE) and the row it is in. `forward` runs
     the model (maybe DDP-wrapped or compiled). With the LM head's weight `head` (and `bias`, for a head
     that has one, as an encoder's decoder does), the head runs inside the loss on the labelled positions
-    alone, a chunk at a time (a head module, such as a quantized one, is run by chunks too): prompts, padding and unmasked tokens never become logits, and the tokens x
-    vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP, where the
+    alone, a chunk at a time (a head module, such as a quantized one, too): prompts, padding and
+    unmasked tokens never become logits, and the tokens x vocabulary logits are never whole. `head=None` lets the model run its own head, for FSDP, where the
     head's weight is whole only inside the model's forward. `dense` says every position is labelled
     (pretraining windows): no selection, and no rows (None). A decoder's caller shifts y by one (the next
     token); an encoder's labels stand at the masked positions themselves."""

@@ -68,12 +68,6 @@ def dequantize_int4(
     return w.reshape(n, k).to(dtype)
 
 
-def check_shape(layout: str, shape: tuple[int, int], name: str) -> None:
-    """A weight `layout` can hold: int4 needs the input width to divide into groups of 32."""
-    if layout == "int4" and shape[1] % GROUP:
-        raise ValueError(f"{name}: {shape[1]} inputs do not divide into int4 groups of {GROUP}")
-
-
 class Int8Linear(nn.Module):
     """A linear layer holding int8 weights and a bf16 scale per output row."""
 

@@ -16,17 +16,15 @@ from lmkiln.io import check_output_dir, output_dir, write_json
 from lmkiln.model import quant
 from lmkiln.model.families import family_of
 from lmkiln.model.io.hub import copy_tokenizer_files, iter_checked_weights, read_args, read_config
-from lmkiln.model.io.quantized import quant_layouts, quantizable, quantization_config, stored_specs
+from lmkiln.model.io.quantized import EMBEDDING, quant_layouts, quantizable, quantization_config, stored_specs
 from lmkiln.model.io.stream_safetensors import write_streamed
-
-EMBEDDING = "model.embed_tokens.weight"
 
 
 def weight_layout(name: str, shape, layout: str) -> str | None:
     """The layout a weight is written in: None (kept as it is: norms, biases) or int8/int4."""
     if not quantizable(name, shape):
         return None
-    return "int8" if name == EMBEDDING else layout
+    return "int8" if name == f"{EMBEDDING}.weight" else layout
 
 
 def check_quantizable(model_dir: Path, layout: str):

@@ -24,25 +24,9 @@ def _decode_step(model: Transformer) -> torch.nn.Module:
     Kept on the model itself, outside its submodules (so not in its state_dict), and so never confused
     with another model's."""
     if "_decode_step" not in model.__dict__:
-        options = {"cpp_wrapper": True} if next(model.buffers(), next(model.parameters())).is_cpu else {}
+        options = {"cpp_wrapper": True} if next(model.parameters()).is_cpu else {}
         object.__setattr__(model, "_decode_step", torch.compile(model, fullgraph=True, dynamic=False, options=options))
     return model.__dict__["_decode_step"]
-
-
-def _timed_first_call(step, model: Transformer, length: int):
-    """`step`, whose first call (the compilation) is timed and reported once per cache bucket."""
-
-    def first(*args, **kwargs):
-        start = time.perf_counter()
-        out = step(*args, **kwargs)
-        model.__dict__["_compiled_buckets"].add(length)
-        console.print(
-            f"compiled the decode step for up to {length} tokens in {time.perf_counter() - start:.1f} s "
-            "(PyTorch keeps it on disk: the next run's compile takes seconds)"
-        )
-        return out
-
-    return first
 
 
 def cache_bucket(tokens: int, limit: int) -> int:
@@ -98,12 +82,13 @@ def stream(
         return
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     dtype = next(model.parameters()).dtype  # fp32 for a quantized model too (its norms)
+    compiling = False  # this call's first step compiles: it is timed and reported
     if compile:  # one cache length per bucket, so the step compiles once per bucket and model
         length = cache_bucket(len(prompt) + max_new_tokens, limit)
-        fresh = length not in model.__dict__.setdefault("_compiled_buckets", set())
+        buckets = model.__dict__.setdefault("_compiled_buckets", set())
+        compiling = length not in buckets
+        buckets.add(length)
         cache, step = StaticKVCache(model.args, 1, length, device, dtype), _decode_step(model)
-        if fresh:
-            step = _timed_first_call(step, model, length)
     else:
         cache, step = KVCache(model.args, 1, len(prompt) + max_new_tokens, device, dtype), model
     logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1]
@@ -114,8 +99,14 @@ def stream(
             return
         yield token
         if i + 1 < max_new_tokens:
+            start = time.perf_counter()
             logits = step(torch.tensor([[token]], device=device), cache=cache)[0, -1]
-            step = _decode_step(model) if compile else step  # past the timed first call
+            if compiling:
+                console.print(
+                    f"compiled the decode step for up to {length} tokens in {time.perf_counter() - start:.1f} s "
+                    "(PyTorch keeps it on disk: the next run's compile takes seconds)"
+                )
+                compiling = False
 
 
 class TextStream:

@@ -138,7 +138,7 @@ class GgufFile:
         they dequantize to the values the gguf package gives, bit for bit. None for any other type."""
         t = self.tensors[name]
         kind = t.tensor_type.name
-        if kind not in ("Q4_0", "Q4_1", "Q4_K"):
+        if kind not in INT4_TYPES:
             return None
         rows, cols = int(t.shape[1]), int(t.shape[0])
         block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}[kind]

@@ -192,9 +192,7 @@ def _weights(g: GgufFile, args: ModelArgs, dtype: torch.dtype, keep: bool = Fals
                 w = unpermuted(hf, g.tensor(name))
                 yield w.to(dtype if w.ndim > 1 else torch.float32).contiguous()
                 continue
-            pieces = g.int4_pieces(name) if layout == "int4" else None
-            if pieces is None:
-                pieces = quantize_pieces(layout, g.tensor(name))
+            pieces = g.int4_pieces(name) if layout == "int4" else quantize_pieces(layout, g.tensor(name))
             for piece in pieces.values():
                 yield unpermuted(hf, piece).contiguous()
 

@@ -19,10 +19,12 @@ from lmkiln.model.io.hub import (
     assign_weight,
     build_model,
     check_missing,
+    check_weight,
     expected_shapes,
     model_weight_name,
     read_config,
     read_shard,
+    skipped_weight,
     tied_head,
     weight_shards,
 )
@@ -76,10 +78,11 @@ def quantized_weights(model_dir: Path, args) -> Iterator[tuple[str, str | None, 
     for shard in weight_shards(model_dir):
         for stored, tensor in read_shard(shard):
             found = quant.stored_piece(stored)
-            if found is None:
+            if found is None:  # a weight stored as it is: checked as hub.iter_checked_weights checks it
                 name = model_weight_name(stored, args)
-                if name not in expected or tuple(tensor.shape) != tuple(expected[name]):
-                    raise UserError(f"{shard}: weight '{stored}' is not part of the model config.json describes")
+                if skipped_weight(name, args):
+                    continue
+                check_weight(shard, name, tensor.shape, expected)
                 seen.add(name)
                 yield name, None, {"weight": tensor}
                 continue
@@ -107,8 +110,8 @@ def quantized_weights(model_dir: Path, args) -> Iterator[tuple[str, str | None, 
     check_missing(model_dir, expected, seen, args)
 
 
+SUMMED = ("o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")  # outputs that only meet a sum
 # linears of one block that read the same input: stored apart (HF's names), run as one matmul
-SUMMED = ("o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"self_attn": ("qkv_proj", ("q_proj", "k_proj", "v_proj")), "mlp": ("gate_up_proj", ("gate_proj", "up_proj"))}
 
 
