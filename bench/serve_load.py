@@ -12,12 +12,19 @@
    replies that mix versions (each chunk names the version that wrote it), the replies of each version,
    and the swapped run's throughput and TTFT p95 against the plain run's (a ratio).
 
+4. `--shared-prefix N` (instead of 1 and 2): time to first token for chat requests that share an N-token
+   system prompt, each with its own question, on two servers side by side: one with the prefix cache
+   (the default) and one with `--prefix-cache-mb 0`, requests interleaved one at a time. Prints TTFT
+   p50 of each, the server's prefix-cache hit rate from /metrics, and last `prefix_ttft_ratio=R`
+   (without / with).
+
 The model is a random-init Llama of the reference shape in shared/DEPENDENCY-NOTES.md (16.9M
 parameters: vocab 8192, hidden 384, intermediate 1024, 6 layers, 6 heads) with a BPE tokenizer
 trained on the Bitext sample, unless --model names a directory.
 
     python bench/serve_load.py            # about 3 minutes on 2 cores
     python bench/serve_load.py --swap --requests-per-stream 8   # about 30 seconds
+    python bench/serve_load.py --shared-prefix 512 --model DIR   # about a minute on SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -208,12 +215,12 @@ def server_memory_mb(pid: int) -> dict[str, float]:
     return {ln.split(":")[0]: int(ln.split()[1]) / 1024 for ln in lines if ln.startswith(("VmRSS", "VmHWM"))}
 
 
-def start_server(model_dir: Path, port: int) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, extra: list[str] = ()) -> subprocess.Popen:
     """`kiln serve` in its own process, healthy (or SystemExit with its stderr)."""
     import httpx
 
     cmd = [sys.executable, "-m", "lmkiln", "serve", str(model_dir), "--name", "bench", "--port", str(port)]
-    cmd += ["--device", "cpu", "--max-batch", "16", "--max-queue", "256", "--api-key", KEY]
+    cmd += ["--device", "cpu", "--max-batch", "16", "--max-queue", "256", "--api-key", KEY, *extra]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while True:
@@ -259,6 +266,81 @@ def swap_bench(model_dir: Path, second: Path, per_stream: int, max_tokens: int) 
     )
 
 
+def shared_prompt(model_dir: Path, tokens: int) -> str:
+    """A system prompt of `tokens` tokens of the model's tokenizer: support replies from the Bitext data."""
+    from lmkiln.tokenizer.train import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    with open(DATA, newline="") as fh:
+        text = "You are a support agent. Answer as in these examples.\n" + "\n".join(
+            r["response"] for _, r in zip(range(200), csv.DictReader(fh))
+        )
+    return tok.decode(tok.encode(text, add_special_tokens=False).ids[:tokens])
+
+
+def questions(n: int) -> list[str]:
+    with open(DATA, newline="") as fh:
+        return [r["instruction"] for _, r in zip(range(n), csv.DictReader(fh))]
+
+
+async def first_token_time(url: str, system: str, question: str) -> float:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=600)
+    began = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model="bench",
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+        max_tokens=4,
+        temperature=0,
+        stream=True,
+    )
+    first = None
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - began
+    await client.close()
+    return first if first is not None else time.perf_counter() - began
+
+
+def prefix_bench(model_dir: Path, tokens: int, requests: int) -> None:
+    """TTFT with and without the prefix cache, two servers side by side, requests interleaved."""
+    import httpx
+
+    system, asks = shared_prompt(model_dir, tokens), questions(requests)
+    ports = {"cached": free_port(), "uncached": free_port()}
+    servers = {
+        "cached": start_server(model_dir, ports["cached"]),
+        "uncached": start_server(model_dir, ports["uncached"], ["--prefix-cache-mb", "0"]),
+    }
+    ttft = {label: [] for label in servers}
+    try:
+        for port in ports.values():  # warm-up: the first request of each pays one-time costs
+            asyncio.run(first_token_time(f"http://127.0.0.1:{port}", "Hello.", "Hi"))
+        for ask in asks:
+            for label, port in ports.items():
+                ttft[label].append(asyncio.run(first_token_time(f"http://127.0.0.1:{port}", system, ask)))
+        metrics = httpx.get(
+            f"http://127.0.0.1:{ports['cached']}/metrics", headers={"Authorization": f"Bearer {KEY}"}
+        ).text
+    finally:
+        for server in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
+    rate = next(float(ln.split()[1]) for ln in metrics.splitlines() if ln.startswith("lmkiln_prefix_cache_hit_rate "))
+    p50 = {label: statistics.median(t) for label, t in ttft.items()}
+    print(
+        f"shared prefix: {requests} chat requests, one at a time, each a {tokens}-token system prompt and its own "
+        f"question, interleaved between two kiln serve processes on this machine's CPU"
+    )
+    for label, t in ttft.items():
+        print(
+            f"  {label:>8}: TTFT p50 {p50[label] * 1000:,.0f} ms (first {t[0] * 1000:,.0f} ms, max {max(t) * 1000:,.0f} ms)"
+        )
+    print(f"  prefix cache hit rate (tokens, from /metrics): {rate:.2f}")
+    print(f"prefix_ttft_ratio={p50['uncached'] / p50['cached']:.2f}")
+
+
 def print_decode(model_dir: Path, args) -> None:
     ours, compiled, hf, same = decode_speed(model_dir, args.decode_tokens, args.hf_static_compile)
     print(
@@ -290,10 +372,19 @@ def main() -> None:
         action="store_true",
         help="give transformers its fast path too: static cache, forward compiled (about 45 s more)",
     )
+    ap.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: TTFT with and without the prefix cache for requests sharing an N-token system prompt",
+    )
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_model(Path(tmp) / "model")
+        if args.shared_prefix:
+            return prefix_bench(model_dir, args.shared_prefix, max(8, args.requests_per_stream))
         if args.swap:
             second = make_model(Path(tmp) / "second", seed=1)  # the new version: other weights, same shape
             return swap_bench(model_dir, second, args.requests_per_stream, args.max_tokens)

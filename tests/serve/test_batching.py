@@ -224,3 +224,53 @@ def test_kv_cache_grows_with_the_longest_sequence_and_shrinks_when_idle(tiny_mod
     assert got == alone  # growing the cache mid-batch changes no token
     assert len(prompts[2]) + 40 - 1 <= engine.cache.peak <= engine.context
     assert engine.cache.capacity == 16 and engine.cache.nbytes == 16 * per_slot
+
+
+def test_prefix_cache_reuses_a_shared_prompt_and_replies_as_without_it(tiny_model):
+    """Prompts sharing a long prefix: after the first, each restores the prefix's whole blocks from the
+    cache and prefills only its own end; every reply equals plain generation (with and without the
+    cache), and past its byte budget the cache evicts down to it."""
+    from lmkiln.serve.prefix_cache import BLOCK
+
+    model, tok = load_model(tiny_model), load_tokenizer(tiny_model)
+    shared = tok.encode(
+        "# a long shared system prompt\n" + "def f(x):\n    return x\n" * 6, add_special_tokens=False
+    ).ids
+    prompts = [shared + tok.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    assert len(shared) > 2 * BLOCK and max(map(len, prompts)) + 10 < model.args.max_seq_len
+    alone = [generate(model, p, 10) for p in prompts]
+    for budget, expect_hits in ((64 << 20, True), (0, False)):
+        engine = Engine(model, max_batch=2, max_queue=8, prefix_cache_bytes=budget)
+        try:
+            got = []
+            for p in prompts:  # one after another: each finds what the ones before stored
+                events, seq = _run(engine, p, 10)
+                got.append(_tokens(events)[0])
+                assert (seq.cached >= (len(shared) // BLOCK) * BLOCK) == (expect_hits and p is not prompts[0])
+        finally:
+            engine.close()
+        assert got == alone
+    engine = Engine(model, max_batch=2, prefix_cache_bytes=1)  # smaller than one block
+    try:
+        _tokens(_run(engine, prompts[0], 2)[0])
+        assert engine.prefix.nbytes <= 1 and not engine.prefix.blocks
+    finally:
+        engine.close()
+    assert engine.prefix.queried == len(prompts[0])
+
+
+def test_prefix_cache_hit_rate_is_in_metrics(tiny_model):
+    from lmkiln.serve.prefix_cache import BLOCK
+
+    app = create_app(tiny_model, device="cpu", name="tiny", max_batch=2)
+    prompt = "# shared\n" + "x = 1\n" * 20
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        for _ in range(3):
+            n = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0).usage.prompt_tokens
+        text = httpx.get(url + "/metrics").text
+    gauges = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("lmkiln_prefix")}
+    whole = (n - 1) // BLOCK * BLOCK  # the whole blocks before the last token, found by the second and third
+    hit, queried = gauges["lmkiln_prefix_cache_hit_tokens"], gauges["lmkiln_prefix_cache_queried_tokens"]
+    assert hit == 2 * whole and queried >= 3 * n  # (and the load's warm-up request)
+    assert gauges["lmkiln_prefix_cache_hit_rate"] == pytest.approx(hit / queried)

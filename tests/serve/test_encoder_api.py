@@ -78,7 +78,7 @@ def test_classify_returns_each_labels_probability(encoder_dirs):
             assert item["label"] == ["login", "refund", "ship"][int(probs.argmax())]
             assert abs(item["scores"]["ship"] - float(probs[2])) < 1e-5
         r = httpx.post(url + "/v1/classify", json={"input": "x " * 200})
-        assert r.status_code == 413 and "the context is 64" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "the context is 64" in r.json()["error"]["message"]
         assert httpx.get(url + "/health").json()["kind"] == "classifier"
 
 

@@ -73,7 +73,7 @@ def test_a_new_version_serves_new_requests_and_rollback_is_one_call(tiny_model, 
         kept = [(v["version"], v["state"]) for v in state["versions"] if v["state"] != "draining"]
         assert kept == [("v1", "active")]  # the version rolled back is not kept
         assert httpx.post(url + "/admin/models/rollback", headers=KEY).status_code == 409  # nothing before v1 now
-        metrics = httpx.get(url + "/metrics").text
+        metrics = httpx.get(url + "/metrics", headers=KEY).text
         assert 'lmkiln_model_version_info{version="v1"} 1.0' in metrics
         assert 'lmkiln_model_swaps_total{result="loaded"} 1.0' in metrics
 
@@ -99,7 +99,7 @@ def test_a_version_that_fails_its_load_checks_is_refused_and_the_old_one_serves(
             assert refused.status_code == 422 and reason in message and "v1 keeps serving" in message, message
         assert ask(url).headers["x-lmkiln-version"] == "v1"
         assert httpx.get(url + "/admin/models", headers=KEY).json()["versions"][0]["state"] == "active"
-        assert 'lmkiln_model_swaps_total{result="refused"} 5.0' in httpx.get(url + "/metrics").text
+        assert 'lmkiln_model_swaps_total{result="refused"} 5.0' in httpx.get(url + "/metrics", headers=KEY).text
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ A user mistake prints one line and exits 2; a bug raises with its traceback (exi
 
 from __future__ import annotations
 
+import os
 import sys
 
 from lmkiln.cli.parser import STAGE_HELP, build_parser
@@ -103,7 +104,7 @@ def _serve(args) -> None:
         args.max_batch,
         args.max_queue,
         args.context,
-        args.api_key,
+        args.api_key or os.environ.get("LMKILN_API_KEY"),
         args.cors,
         args.max_request_bytes,
         args.log_requests,
@@ -113,6 +114,8 @@ def _serve(args) -> None:
         args.models_file,
         args.version_name,
         args.blocklist,
+        args.max_concurrent,
+        args.prefix_cache_mb,
     )
 
 

@@ -415,13 +415,33 @@ def _serve_verb(sub) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on /v1 and /admin; the admin API (new versions, rollback) "
-        "is off without it (default: none)",
+        help="require the key on every route but /health ('Authorization: Bearer KEY'; the chat page asks for it "
+        "and keeps a session cookie); the admin API (new versions, rollback) is off without it; "
+        "LMKILN_API_KEY sets it without putting it on the command line (default: none)",
     )
     p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this browser origin; repeatable; * for any"
     )
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body, counted as it is read, chunked bodies too: 413 past it (default 1 MiB)",
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=128,
+        help="requests to /v1 in flight at once, streamed ones until they end; 429 with Retry-After past it "
+        "(default 128)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=64,
+        help="keys and values of shared prompt prefixes (a system prompt) kept for reuse, in MiB; least "
+        "recently used go first; 0 turns it off (default 64)",
+    )
     _reply_options(p)
 
 

@@ -1,17 +1,15 @@
 """An OpenAI-compatible API over the continuous-batching engine: /v1/models, /v1/completions and
-/v1/chat/completions (the model's chat template), streamed by server-sent events or whole; LoRA
-adapters by name (`base+adapter`); bearer-token auth, CORS and a body limit; /health, /metrics
-(Prometheus) and the chat page at /. An encoder (ModernBERT) gets /v1/embeddings and, when it is a
-classifier, /v1/classify instead of the generating routes (serve/encoding.py)."""
+/v1/chat/completions (the model's chat template), streamed by server-sent events or whole (replies.py),
+with structured outputs (constraints.py) and tool calls (tools.py); LoRA adapters by name
+(`base+adapter`); the key, body limit and concurrency limit in front of every route (guard.py), and CORS;
+/health, /metrics (Prometheus) and the chat page at /. An encoder (ModernBERT) gets /v1/embeddings and,
+when it is a classifier, /v1/classify instead of the generating routes (serve/encoding.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from lmkiln.data.examples import conversation_text
@@ -20,25 +18,26 @@ from lmkiln.errors import UserError
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import FileResponse, JSONResponse, Response
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise UserError("serving needs the 'serve' extra: pip install 'lmkiln[serve]'") from exc
 
 from lmkiln.serve.admin import VERSION_HEADER, add_admin_routes
-from lmkiln.serve.batching import Token
 from lmkiln.serve.blocklist import Blocklist
-from lmkiln.serve.choices import Choice, merged, start_choices
+from lmkiln.serve.choices import start_choices
+from lmkiln.serve.constraints import lark_grammar, request_grammar
+from lmkiln.serve.guard import Guard
 from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     TextsRequest,
-    chat_logprobs,
-    completion_logprobs,
 )
+from lmkiln.serve.replies import respond
 from lmkiln.serve.request_log import RequestLog
 from lmkiln.serve.seq2seq import respond as respond_seq2seq
+from lmkiln.serve.tools import forced_grammar, messages_for_template, tool_dicts
 from lmkiln.serve.versions import Version, Versions
 
 STATIC = Path(__file__).parent / "static"
@@ -73,6 +72,7 @@ class Server:
         self.model_dir, self.device, self.first = Path(model_dir), device, (dict(adapters), version)
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
+        self.prefix_cache_bytes = 64 << 20  # create_app sets --prefix-cache-mb
         self.log = None  # a RequestLog, with --log-requests
         self.blocklist: Blocklist | None = None  # with --blocklist
         self.error: str | None = None
@@ -83,12 +83,21 @@ class Server:
         self.metrics = ServeMetrics(
             lambda: sum(e.queue_depth for e in engines()),
             lambda: sum(e.batch_size for e in engines()),
+            lambda: [e.prefix for e in engines() if e.prefix is not None],
         )
         self.versions = Versions(self.name, self._load_version, self.metrics.activated)
 
     def _load_version(self, label: str, model_dir: Path, adapters: dict[str, Path]) -> Version:
         return Version(
-            label, model_dir, adapters, self.device, self.max_batch, self.max_queue, self.context, self.metrics.finished
+            label,
+            model_dir,
+            adapters,
+            self.device,
+            self.max_batch,
+            self.max_queue,
+            self.context,
+            self.metrics.finished,
+            self.prefix_cache_bytes,
         )
 
     def load(self) -> None:
@@ -147,11 +156,15 @@ def create_app(
     request_log: RequestLog | None = None,
     version: str | None = None,
     blocklist: Blocklist | None = None,
+    max_concurrent: int | None = 128,
+    prefix_cache_mb: int = 64,
 ) -> FastAPI:
     """The app; `background=True` loads the model on a thread (the routes answer 503 until then);
-    `request_log` records each generation request and reply; `version` names the first version (v1 by
-    default), and serve/admin.py's routes load the next ones."""
+        `request_log` records each generation request and reply; `version` names the first version (v1 by
+        default), and serve/admin.py's routes load the next ones; `max_concurrent` requests to /v1/ at once at
+    most (429 past it), None for no limit; `prefix_cache_mb` of shared prompt prefixes kept (0: none)."""
     server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context, version)
+    server.prefix_cache_bytes = prefix_cache_mb << 20
     server.blocklist = blocklist
     if request_log is not None:
         request_log.on_write = server.metrics.logged
@@ -162,31 +175,25 @@ def create_app(
         server.load()
     app = FastAPI(title="lmkiln", version="0.1")
     app.state.server = server
-    if cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """Auth and body size before any parsing; requests counted by route and status."""
+    async def count(request: Request, call_next):
+        """Requests counted by route and status, and the version that answered named in a header."""
         began = time.perf_counter()
-        path = request.url.path
-        if path.startswith("/admin/") and not api_key:
-            return _error(ApiError(403, "the admin API needs a key: start kiln serve with --api-key"))
-        if path.startswith(("/v1/", "/admin/")):
-            if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)"))
-            size = request.headers.get("content-length")
-            if size is not None and int(size) > max_request_bytes:
-                return _error(ApiError(413, f"request body is {size} bytes; the limit is {max_request_bytes}"))
         response = await call_next(request)
         answered = getattr(request.state, "version", None)
         if answered is not None:  # the version that answered, streamed replies included
             response.headers[VERSION_HEADER] = answered
-        if path.startswith("/v1/") and request.method == "POST":
-            server.metrics.request(path, response.status_code, time.perf_counter() - began)
+        if request.url.path.startswith("/v1/") and request.method == "POST":
+            server.metrics.request(request.url.path, response.status_code, time.perf_counter() - began)
         return response
+
+    # Starlette runs the last added outermost: CORS (preflights carry no key), then the guard.
+    app.add_middleware(Guard, api_key=api_key, max_request_bytes=max_request_bytes, max_concurrent=max_concurrent)
+    if cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -195,7 +202,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"][1:]) or "body"
+        param = _param(err["loc"][1:])
+        if err["type"] == "extra_forbidden":
+            return _error(ApiError(400, f"{param}: not supported by kiln serve (refused, not ignored)", param))
         return _error(ApiError(400, f"{param}: {err['msg']}", param))
 
     @app.exception_handler(Exception)
@@ -291,15 +300,20 @@ def create_app(
             )
         prompts = [version.encode(t, "prompt") for t in texts]
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        choices = start_choices(server, version, adapter, req, prompts, version.stop_ids, req.logprobs, max_tokens)
+        grammar = request_grammar(req)
+        choices = start_choices(
+            server, version, adapter, req, prompts, version.stop_ids, req.logprobs, max_tokens, grammar
+        )
         logged = {"route": "completions", "input": texts, "model": served}
-        return await _respond(server, request, req, choices, prompts, False, texts if req.echo else None, logged)
+        return await respond(server, request, req, choices, prompts, False, texts if req.echo else None, logged)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        req.check_tools()
         version, adapter = server.pick(req.model, "generate")
         request.state.version = version.label
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        native = version.chat.renders_tools if version.engine is not None else False
+        messages = messages_for_template(req, native)
         served = server.versions.served_id(version, adapter)
         if version.seq2seq is not None:
             text = conversation_text(messages)
@@ -314,19 +328,38 @@ def create_app(
                 server.blocklist,
                 server.metrics,
             )
+        calling = bool(req.tools) and req.tool_choice != "none"
         try:
-            text = version.chat.render(messages, add_generation_prompt=True)
+            tools = tool_dicts(req) if calling and native else None
+            text = version.chat.render(messages, add_generation_prompt=True, tools=tools)
         except Exception as exc:
             raise ApiError(400, f"messages: the chat template cannot render them: {exc}", "messages") from None
         prompt = version.encode(text, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or version.engine.context
-        choices = start_choices(server, version, adapter, req, [prompt], version.stop_ids, logprobs, max_tokens)
+        forced = forced_grammar(req)
+        grammar = (lark_grammar(forced), "tool_choice") if forced else request_grammar(req)
+        choices = start_choices(
+            server, version, adapter, req, [prompt], version.stop_ids, logprobs, max_tokens, grammar
+        )
         logged = {"route": "chat", "input": messages, "model": served}
-        return await _respond(server, request, req, choices, [prompt], True, None, logged)
+        return await respond(server, request, req, choices, [prompt], True, None, logged, calling)
 
     add_admin_routes(app, server)
     return app
+
+
+TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc: tuple) -> str:
+    """The field a validation error is about, without pydantic's union-branch tags (prompt.str)."""
+    parts = []
+    for p in loc:
+        if isinstance(p, str) and (p in TYPE_TAGS or "[" in p or p.startswith(("function-", "literal", "tagged"))):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or "body"
 
 
 def _packed(vector: list[float]) -> str:
@@ -346,140 +379,3 @@ def _quiet_load(server: Server) -> None:
 
 def _error(exc: ApiError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body())
-
-
-async def _respond(
-    server: Server,
-    request: Request,
-    req,
-    choices: list[Choice],
-    prompts: list[list[int]],
-    chat: bool,
-    echo: list[str] | None,
-    logged: dict,
-):
-    """The reply to a generation request; `logged` is what the request log records of it (the route,
-    the input, and the served model: the version that answered)."""
-    started = time.perf_counter()
-    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    created = int(time.time())
-    head = {
-        "id": rid,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": logged["model"],
-    }
-    decode = choices[0].version.decode
-    n_prompt = sum(len(p) for p in prompts)
-
-    def usage() -> dict:
-        done = sum(c.tokens for c in choices)
-        return {"prompt_tokens": n_prompt, "completion_tokens": done, "total_tokens": n_prompt + done}
-
-    def logprobs_of(tokens: list[Token], offset: int):
-        if not tokens or tokens[0].logprob is None:
-            return None
-        return chat_logprobs(tokens, decode) if chat else completion_logprobs(tokens, decode, offset)
-
-    def log(texts: list[str], finishes: list[str | None]) -> None:
-        if server.log is not None:
-            server.log.write(
-                {
-                    **logged,
-                    "output": texts,
-                    "finish_reasons": finishes,
-                    **usage(),
-                    "latency_s": round(time.perf_counter() - started, 4),
-                }
-            )
-
-    if req.stream:
-        return StreamingResponse(
-            _events(server, req, choices, head, usage, logprobs_of, chat, log), media_type="text/event-stream"
-        )
-
-    results = {i: {"text": echo[i // req.n] if echo else "", "tokens": [], "finish": None} for i in range(len(choices))}
-
-    async def collect() -> None:
-        async for i, text, tokens, finish in merged(choices):
-            r = results[i]
-            r["tokens"] += tokens
-            r["text"] += text
-            r["finish"] = finish or r["finish"]
-
-    task = asyncio.create_task(collect())
-    while not task.done():  # a client that hangs up cancels its sequences
-        await asyncio.wait({task}, timeout=0.25)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            return Response(status_code=499)
-    task.result()
-    body = []
-    for i, r in results.items():
-        if echo and req.logprobs is not None:  # the prompt's tokens too, the first without a logprob
-            lp = completion_logprobs(choices[i].prompt_tokens + r["tokens"], decode, 0)
-        else:
-            lp = logprobs_of(r["tokens"], len(echo[i // req.n]) if echo else 0)
-        if chat:
-            body.append(
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": r["text"]},
-                    "logprobs": lp,
-                    "finish_reason": r["finish"],
-                }
-            )
-        else:
-            body.append({"index": i, "text": r["text"], "logprobs": lp, "finish_reason": r["finish"]})
-    log([r["text"] for r in results.values()], [r["finish"] for r in results.values()])
-    return {**head, "choices": body, "usage": usage()}
-
-
-async def _events(server, req, choices, head, usage, logprobs_of, chat, log) -> AsyncIterator[str]:
-    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-
-    def event(payload: dict) -> str:
-        return f"data: {json.dumps(payload)}\n\n"
-
-    if chat:
-        for i in range(len(choices)):
-            yield event(
-                {
-                    **head,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
-    offsets = [0] * len(choices)
-    texts, finishes = [""] * len(choices), [None] * len(choices)
-    try:
-        async for i, text, tokens, finish in merged(choices):
-            texts[i] += text
-            finishes[i] = finish or finishes[i]
-            if not text and finish is None:
-                continue
-            lp = logprobs_of(tokens, offsets[i])
-            offsets[i] += len(text)
-            if chat:
-                choice = {
-                    "index": i,
-                    "delta": {"content": text} if text else {},
-                    "logprobs": lp,
-                    "finish_reason": finish,
-                }
-            else:
-                choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
-            yield event({**head, "choices": [choice]})
-    except Exception as exc:
-        yield event(ApiError(500, f"internal error: {exc}").body())
-        return
-    log(texts, finishes)
-    if req.stream_options is not None and req.stream_options.include_usage:
-        yield event({**head, "choices": [], "usage": usage()})
-    yield "data: [DONE]\n\n"

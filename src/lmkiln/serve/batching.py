@@ -19,6 +19,8 @@ from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import sample_next
 from lmkiln.model.inference.kv_cache import SlotCache
 from lmkiln.model.inference.load import release_freed_memory
+from lmkiln.serve.constraints import Constraint
+from lmkiln.serve.prefix_cache import PrefixCache
 
 
 class QueueFull(Exception):
@@ -70,6 +72,8 @@ class Sequence:
     generated: int = 0
     last: int = 0  # the token fed to the next step
     generator: torch.Generator | None = None
+    constraint: Constraint | None = None  # structured output: the grammar that masks each step's logits
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache
 
     def cancel(self) -> None:
         """Thread-safe: the engine frees the slot before its next step."""
@@ -89,6 +93,7 @@ class Engine:
         adapters=None,
         on_finish: Callable[[Sequence, str], None] | None = None,
         cache_start: int = 32,  # tokens per slot at first: a slot grows (doubling) as its sequence does
+        prefix_cache_bytes: int = 64 << 20,  # shared prompt prefixes kept this long at most; 0: none
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -98,6 +103,7 @@ class Engine:
             model.args, max_batch, self.context, self.device, next(model.parameters()).dtype, initial=cache_start
         )
         self.token_bytes = SlotCache.bytes_per_token(model.args, next(model.parameters()).dtype)
+        self.prefix = PrefixCache(self.cache, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.adapters, self.on_finish = adapters, on_finish
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: dict[int, Sequence] = {}  # slot -> sequence
@@ -181,6 +187,8 @@ class Engine:
                 seq.generator = torch.Generator(device=self.device).manual_seed(seq.sampling.seed)
             self.cache.lengths[seq.slot] = 0
             if not seq.sampling.prompt_logprobs:
+                if self.prefix is not None:
+                    seq.cached = self.cache.lengths[seq.slot] = self.prefix.restore(seq.slot, seq.prompt, seq.adapter)
                 fresh.append(seq)
                 continue
             logits = self._forward([seq], [seq.prompt])[0]
@@ -189,23 +197,34 @@ class Engine:
                 self._finish(seq, "length")
             else:
                 self._sample(seq, logits[-1].float())
-        while fresh:  # groups of about PREFILL_TOKENS padded tokens, longest prompts first
-            fresh.sort(key=lambda q: len(q.prompt), reverse=True)
-            take = max(1, PREFILL_TOKENS // len(fresh[0].prompt))
+        fresh.sort(key=lambda q: len(q.prompt) - q.cached, reverse=True)
+        while fresh:  # groups of about PREFILL_TOKENS padded tokens, longest first, each row within the context
+            longest = len(fresh[0].prompt) - fresh[0].cached
+            take = 1
+            while (
+                take < len(fresh)
+                and (take + 1) * longest <= PREFILL_TOKENS
+                and fresh[take].cached + longest <= self.context
+            ):
+                take += 1
             self._prefill(fresh[:take])
             fresh = fresh[take:]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        """Prompts into their slots in one forward, right-padded to the longest: each row attends only to
-        its own slot up to its own position, so the padding's keys are never seen (each is overwritten by
-        the row's own next token first); the head runs at each prompt's last token alone."""
-        longest = max(len(s.prompt) for s in seqs)
-        tokens = [s.prompt + [s.prompt[-1]] * (longest - len(s.prompt)) for s in seqs]
+        """Prompts, past their cached prefixes, into their slots in one forward, right-padded to the
+        longest: each row attends only to its own slot up to its own position, so the padding's keys are
+        never seen (each is overwritten by the row's own next token first); the head runs at each
+        prompt's last token alone. Their full blocks then go to the prefix cache."""
+        rests = [s.prompt[s.cached :] for s in seqs]
+        longest = max(len(r) for r in rests)
+        tokens = [r + [r[-1]] * (longest - len(r)) for r in rests]
         hidden = self._forward(seqs, tokens, hidden_only=True)
-        last = hidden[torch.arange(len(seqs)), torch.tensor([len(s.prompt) - 1 for s in seqs])]
+        last = hidden[torch.arange(len(seqs)), torch.tensor([len(r) - 1 for r in rests])]
         logits = self.model.lm_head(last[:, None])[:, 0].float()
         for seq, row in zip(seqs, logits):
             self.cache.lengths[seq.slot] = len(seq.prompt)  # not the padded length the forward advanced by
+            if self.prefix is not None:
+                self.prefix.store(seq.slot, seq.prompt, seq.adapter)
             self._sample(seq, row)
 
     @staticmethod
@@ -239,7 +258,8 @@ class Engine:
         if seq.cancelled:
             return self._finish(seq, "cancelled")
         p = seq.sampling
-        token = sample_next(logits, p.temperature, p.top_k, p.top_p, seq.generator)
+        allowed = logits if seq.constraint is None else seq.constraint.mask(logits)
+        token = sample_next(allowed, p.temperature, p.top_k, p.top_p, seq.generator)
         if token in seq.stop_ids:
             return self._finish(seq, "stop")
         event = Token(token)
@@ -252,6 +272,8 @@ class Engine:
         seq.generated += 1
         seq.last = token
         seq.emit(event)
+        if seq.constraint is not None and seq.constraint.consume(token):
+            return self._finish(seq, "stop")  # the grammar is complete: nothing may follow
         length = self.cache.lengths[seq.slot] + 1  # with this token, once it is fed back
         if seq.generated >= p.max_tokens or length >= self.context:
             self._finish(seq, "length")

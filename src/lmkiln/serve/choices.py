@@ -11,6 +11,7 @@ from typing import Protocol
 
 from lmkiln.serve.batching import PromptLogprobs, QueueFull, Sampling, Sequence, Token
 from lmkiln.serve.blocklist import Blocklist
+from lmkiln.serve.constraints import Constraint
 from lmkiln.serve.metrics import ServeMetrics
 from lmkiln.serve.protocol import ApiError
 from lmkiln.serve.versions import Version
@@ -37,6 +38,7 @@ class Choice:
         stops: list[str],
         adapter: int,
         blocklist: Blocklist | None = None,
+        constraint: Constraint | None = None,
     ) -> None:
         self.version, self.metrics, self.stops, self.blocklist = version, metrics, stops, blocklist
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -44,6 +46,7 @@ class Choice:
         self.seq = Sequence(
             prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event), stop_ids, adapter
         )
+        self.seq.constraint = constraint
         self.tokens = 0
         self.prompt_tokens = [Token(prompt[0])]  # with prompt logprobs: the rest, each with its logprob
         try:
@@ -110,7 +113,10 @@ def start_choices(
     stop_ids: frozenset[int],
     logprobs: int | None,
     max_tokens: int,
+    grammar: tuple[str, str] | None = None,
 ) -> list[Choice]:
+    """Each prompt's `req.n` choices submitted to the engine; `grammar` (an llguidance grammar and the
+    field that asked for it) constrains every one of them, each with its own matcher."""
     index = version.adapters[adapter] if adapter else -1
     stop_ids = frozenset() if req.ignore_eos else stop_ids
     choices = []
@@ -126,8 +132,19 @@ def start_choices(
                     logprobs,
                     prompt_logprobs=getattr(req, "echo", False) and logprobs is not None,
                 )
+                constraint = version.grammars.constraint(*grammar) if grammar else None
                 choices.append(
-                    Choice(version, server.metrics, prompt, sampling, stop_ids, req.stop or [], index, server.blocklist)
+                    Choice(
+                        version,
+                        server.metrics,
+                        prompt,
+                        sampling,
+                        stop_ids,
+                        req.stop or [],
+                        index,
+                        server.blocklist,
+                        constraint,
+                    )
                 )
     except ApiError:
         for c in choices:

@@ -48,7 +48,7 @@ class EncoderService:
         for i, text in enumerate(texts):
             ids = self.tok.encode(text).ids
             if len(ids) > self.context:
-                raise ApiError(413, f"input[{i}]: {len(ids)} tokens; the context is {self.context}", "input")
+                raise ApiError(400, f"input[{i}]: {len(ids)} tokens; the context is {self.context}", "input")
             rows.append(ids)
         return rows
 

@@ -1,6 +1,6 @@
 """What /metrics reports, in Prometheus' text format: requests by route and status, tokens in and out,
-time to first token, request latency, the queue and batch as they are now, and model versions (the
-active one, swaps loaded and refused)."""
+time to first token, request latency, the queue and batch as they are now, the prefix cache's hits,
+and model versions (the active one, swaps loaded and refused)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 class ServeMetrics:
-    def __init__(self, queue_depth: Callable[[], int], batch_size: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], int],
+        batch_size: Callable[[], int],
+        prefix_caches: Callable[[], list] = list,
+    ) -> None:
         self.registry = r = CollectorRegistry()  # one per app: tests and several servers never share counts
         self.requests = Counter("lmkiln_requests", "HTTP requests to /v1", ["route", "status"], registry=r)
         self.prompt_tokens = Counter("lmkiln_prompt_tokens", "prompt tokens prefilled", registry=r)
@@ -46,6 +51,22 @@ class ServeMetrics:
         self.version = Info("lmkiln_model_version", "the version new requests go to", registry=r)
         Gauge("lmkiln_queue_depth", "requests waiting for a slot", registry=r).set_function(queue_depth)
         Gauge("lmkiln_batch_size", "sequences in the running batch", registry=r).set_function(batch_size)
+
+        def total(attr: str) -> Callable[[], float]:
+            return lambda: sum(getattr(c, attr) for c in prefix_caches())
+
+        def hit_rate() -> float:
+            queried = total("queried")()
+            return total("hit")() / queried if queried else 0.0
+
+        prefix = {
+            "queried_tokens": ("prompt tokens looked up in the prefix cache", total("queried")),
+            "hit_tokens": ("prompt tokens whose keys and values came from the prefix cache", total("hit")),
+            "hit_rate": ("hit tokens / queried tokens since the start", hit_rate),
+            "bytes": ("memory the prefix cache holds", total("nbytes")),
+        }
+        for name, (doc, value) in prefix.items():
+            Gauge(f"lmkiln_prefix_cache_{name}", doc, registry=r).set_function(value)
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

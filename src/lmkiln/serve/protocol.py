@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ApiError(Exception):
@@ -31,8 +31,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is enforced whichever it says
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
+    # A field we do not implement is refused (400 naming it), never silently ignored.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -45,6 +60,31 @@ class Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model says (benchmarks)
+    user: str | None = None  # the caller's end user, an identifier that changes nothing in the reply
+    # Structured outputs: OpenAI's response_format, and vLLM's guided_* extensions (one per request).
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # a Lark grammar, as llguidance reads it
+    # Accepted at their neutral values only: a client that sends the default loses nothing.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value):
+        if value != 0:
+            raise ValueError("not supported by kiln serve: only 0")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        if value:
+            raise ValueError("not supported by kiln serve: only an empty map")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -76,11 +116,34 @@ class CompletionRequest(Common):
         return prompt
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    content: str | list[dict] | None = Field(None, validate_default=True)  # None: a turn that only called tools
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content, info: ValidationInfo):
+        if content is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("required (only an assistant turn with tool_calls may leave it out)")
+        return content
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []
@@ -91,11 +154,50 @@ class Message(BaseModel):
         return "".join(parts)
 
 
+class Function(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # the arguments are held to `parameters` whichever it says
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    def check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "tools: two functions share a name", "tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(400, f"tool_choice: no tool named {choice.function.name!r} in tools", "tool_choice")
+        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+            if not names:
+                raise ApiError(400, "tool_choice: needs tools", "tool_choice")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ApiError(400, "response_format: not with a forced tool call", "response_format")
 
 
 def completion_logprobs(tokens: list, decode, offset: int) -> dict:

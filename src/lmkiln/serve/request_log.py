@@ -76,7 +76,7 @@ class RequestLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         path = self.dir / f"{PREFIX}{stamp}-{time.time_ns() % 10**9:09d}{SUFFIX}"
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # prompts and replies: the owner only
         self.size = 0
         self._prune(keep=path)
 

@@ -40,7 +40,7 @@ class Seq2SeqService:
         eos = self.model.args.eos_token_id
         ids = input_ids(self.tok, text, eos)
         if len(ids) > self.context:
-            raise ApiError(413, f"{param}: {len(ids)} tokens; the model reads at most {self.context}", param)
+            raise ApiError(400, f"{param}: {len(ids)} tokens; the model reads at most {self.context}", param)
         generator = torch.Generator().manual_seed(req.seed) if req.seed is not None else None
         with self.lock:
             out = generate(

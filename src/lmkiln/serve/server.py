@@ -65,6 +65,8 @@ def serve(
     models_file: Path | None = None,
     version: str | None = None,
     blocklist: Path | None = None,
+    max_concurrent: int = 128,
+    prefix_cache_mb: int = 64,
 ) -> None:
     """Serve `model` until interrupted (with `log_requests`, each generation logged there). With
     `models_file` instead, serve the version it names, and on SIGHUP load the one it names then."""
@@ -90,12 +92,15 @@ def serve(
         "max-queue": max_queue,
         "context": context,
         "max-request-bytes": max_request_bytes,
+        "max-concurrent": max_concurrent,
         "log-max-mb": log_max_mb,
         "log-max-files": log_max_files,
     }
     for flag, value in sizes.items():
         if value is not None and value < 1:
             raise UserError(f"--{flag} {value}: expected a positive number")
+    if prefix_cache_mb < 0:
+        raise UserError(f"--prefix-cache-mb {prefix_cache_mb}: expected 0 (off) or more")
     found = parse_adapters(adapters or [])
     request_log = _request_log(log_requests, log_redact, log_max_mb, log_max_files)  # checked before binding
     from lmkiln.serve.blocklist import Blocklist
@@ -122,6 +127,8 @@ def serve(
         request_log=request_log,
         version=version,
         blocklist=blocked,
+        max_concurrent=max_concurrent,
+        prefix_cache_mb=prefix_cache_mb,
     )
     if models_file is not None:
         from lmkiln.serve.admin import reload_on_sighup

@@ -35,6 +35,7 @@ class Version:
         max_queue: int,
         context: int | None,
         on_finish,
+        prefix_cache_bytes: int = 64 << 20,
     ) -> None:
         from lmkiln.device import pick_device
         from lmkiln.serve.encoding import EncoderService, is_encoder
@@ -63,7 +64,18 @@ class Version:
         self.stop_ids = lm.chat.stop_ids
         adapter_set = AdapterSet(lm.model) if adapter_dirs else None
         self.adapters = {n: adapter_set.add(n, d) for n, d in adapter_dirs.items()}
-        self.engine = Engine(lm.model, max_batch, max_queue, context, adapter_set, on_finish=on_finish)
+        self.engine = Engine(
+            lm.model,
+            max_batch,
+            max_queue,
+            context,
+            adapter_set,
+            on_finish=on_finish,
+            prefix_cache_bytes=prefix_cache_bytes,
+        )
+        from lmkiln.serve.constraints import Grammars
+
+        self.grammars = Grammars(self.tok.to_str(), lm.model.args.vocab_size, self.stop_ids)
 
     @property
     def kind(self) -> str:
@@ -85,7 +97,7 @@ class Version:
         if not ids:
             raise ApiError(400, f"{param}: empty after tokenisation", param)
         if len(ids) >= self.engine.context:
-            raise ApiError(413, f"{param}: {len(ids)} tokens; the context is {self.engine.context}", param)
+            raise ApiError(400, f"{param}: {len(ids)} tokens; the context is {self.engine.context} (--context)", param)
         return ids
 
     def decode(self, ids: list[int]) -> str:

@@ -10,7 +10,7 @@ The Python rendering must equal what `transformers`' `apply_chat_template` makes
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from lmkiln.errors import UserError
@@ -96,14 +96,20 @@ def _compiled(template: str):
     return env.from_string(template)
 
 
-def render_chat(model_dir: Path, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """Render messages as transformers' apply_chat_template does (sandboxed Jinja, same options)."""
+def render_chat(
+    model_dir: Path, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None
+) -> str:
+    """Render messages as transformers' apply_chat_template does (sandboxed Jinja, same options, and
+    `tools` as the template's variable of that name)."""
     template = chat_template(model_dir)
     if template is None:
         raise UserError(f"{model_dir}: no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)")
     cfg = tokenizer_config(model_dir)
     special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items() if k.endswith("_token")}
-    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+    extra = {"tools": tools} if tools else {}
+    return _compiled(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **special, **extra
+    )
 
 
 def _special_tokens(model_dir: Path) -> dict[str, int]:
@@ -192,10 +198,27 @@ class ChatFormat:
             return None
         return found[1] if found else None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """The conversation as the model reads it; `tools` go to a template that renders them (see
+        renders_tools) and are an error for one that cannot."""
+        if tools and not self.renders_tools:
+            raise ValueError("this chat template does not render tools")
         if self.model_dir is None:
             return render(messages, add_generation_prompt)[0]
-        return render_chat(self.model_dir, messages, add_generation_prompt)
+        return render_chat(self.model_dir, messages, add_generation_prompt, tools)
+
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the template uses a `tools` list: a one-message conversation renders differently
+        with one than without."""
+        if self.model_dir is None:
+            return False
+        probe = [{"role": "user", "content": "x"}]
+        tool = [{"type": "function", "function": {"name": "probe", "description": "d", "parameters": {}}}]
+        try:
+            return render_chat(self.model_dir, probe, True, tool) != render_chat(self.model_dir, probe, True)
+        except Exception:  # a template that fails on tools does not render them
+            return False
 
     def reply_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character span of each assistant reply with its end-of-turn
