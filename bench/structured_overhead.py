@@ -9,6 +9,11 @@ two sides, best of 3. Also prints the time llguidance itself takes per token (ma
 
     python bench/structured_overhead.py            # about 3 minutes on 2 cores
     python bench/structured_overhead.py --model DIR
+    python bench/structured_overhead.py --libraries   # instead: llguidance, xgrammar, outlines-core
+
+`--libraries` times the three grammar libraries vLLM offers, those of them installed, on the model's
+tokenizer and the same schema: building the tokenizer's index once, compiling the schema, and the
+mask at each token of one reply (the choice is explained in docs/serving.md).
 
 Last line: `overhead=F`, the batch-1 fraction (constrained decode time / plain - 1).
 """
@@ -16,7 +21,9 @@ Last line: `overhead=F`, the batch-1 fraction (constrained decode time / plain -
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
+import json
 import queue
 import sys
 import tempfile
@@ -98,10 +105,95 @@ def run(engine, prompts, seeds, stop_ids, lengths=None, constraint=None):
     return counts, last - first
 
 
+REPLY = '{"city": "Lisbon", "country": "Portugal", "population": 545000, "landmarks": ["Belem Tower", "Alfama"]}'
+
+
+def per_token(mask, advance, ids: list[int]) -> tuple[float, float]:
+    """Mean and max seconds of `mask()` over the reply's tokens, each then consumed by `advance`."""
+    times = []
+    for i in ids:
+        t = time.perf_counter()
+        mask()
+        times.append(time.perf_counter() - t)
+        advance(i)
+    return sum(times) / len(times), max(times)
+
+
+def with_llguidance(tok, eos: list[int], ids: list[int]) -> tuple[float, float, tuple[float, float]]:
+    import llguidance
+
+    from lmkiln.serve.constraints import JSON_OPTIONS
+
+    t0 = time.perf_counter()
+    ltok = llguidance.LLTokenizer(tok.to_str(), eos_token=eos)
+    t1 = time.perf_counter()
+    matcher = llguidance.LLMatcher(ltok, llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=JSON_OPTIONS))
+    t2 = time.perf_counter()
+    bits = torch.zeros((ltok.vocab_size + 31) // 32, dtype=torch.int32)
+    mask = lambda: matcher.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)  # noqa: E731
+    return t1 - t0, t2 - t1, per_token(mask, matcher.consume_token, ids)
+
+
+def with_xgrammar(tok, eos: list[int], ids: list[int], tokenizer_file: Path):
+    import transformers
+    import xgrammar
+
+    t0 = time.perf_counter()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file))
+    info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=tok.get_vocab_size(), stop_token_ids=eos)
+    compiler = xgrammar.GrammarCompiler(info)
+    t1 = time.perf_counter()
+    matcher = xgrammar.GrammarMatcher(compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False))
+    t2 = time.perf_counter()
+    bits = xgrammar.allocate_token_bitmask(1, info.vocab_size)
+    return t1 - t0, t2 - t1, per_token(lambda: matcher.fill_next_token_bitmask(bits), matcher.accept_token, ids)
+
+
+def with_outlines_core(tok, eos: list[int], ids: list[int]):
+    from outlines_core import Guide, Index, Vocabulary
+    from outlines_core.json_schema import build_regex_from_schema
+
+    t0 = time.perf_counter()
+    pieces: dict[str, list[int]] = {}
+    for i in range(tok.get_vocab_size()):
+        if i not in eos:
+            pieces.setdefault(tok.decode([i], skip_special_tokens=False), []).append(i)
+    vocabulary = Vocabulary(eos[0], pieces)
+    t1 = time.perf_counter()
+    guide = Guide(Index(build_regex_from_schema(json.dumps(SCHEMA), whitespace_pattern=" ?"), vocabulary))
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, per_token(guide.get_tokens, guide.advance, ids)
+
+
+def compare_libraries(model_dir: Path) -> None:
+    from lmkiln.model.io.chat_format import ChatFormat
+    from lmkiln.tokenizer.train import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    eos = sorted(ChatFormat(model_dir).stop_ids)
+    ids = tok.encode(REPLY, add_special_tokens=False).ids
+    libraries = {
+        "llguidance": lambda: with_llguidance(tok, eos, ids),
+        "xgrammar": lambda: with_xgrammar(tok, eos, ids, model_dir / "tokenizer.json"),
+        "outlines-core": lambda: with_outlines_core(tok, eos, ids),
+    }
+    print(f"grammar libraries on {tok.get_vocab_size():,} tokens, a {len(ids)}-token reply to the bench's schema")
+    print(f"{'library':>14} {'version':>8} {'tokenizer s':>11} {'schema ms':>9} {'mask ms/token':>13} {'max ms':>7}")
+    for name, run_it in libraries.items():
+        try:
+            version = importlib.metadata.version(name.replace("-", "_"))
+            index, schema, (mean, most) = run_it()
+        except ImportError:
+            print(f"{name:>14} not installed (pip install {name})")
+            continue
+        print(f"{name:>14} {version:>8} {index:>11.2f} {schema * 1e3:>9.1f} {mean * 1e3:>13.3f} {most * 1e3:>7.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="a model directory (default: SmolLM2-135M, imported)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--libraries", action="store_true", help="instead: time the three grammar libraries")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     from lmkiln.model.inference.load import load_for_inference
@@ -110,6 +202,9 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()  # the imported model: its template is read at each render
     model_dir = args.model or real_model(Path(tmp.name))
+    if args.libraries:
+        compare_libraries(model_dir)
+        return tmp.cleanup()
     lm = load_for_inference(model_dir, "cpu")
     grammar = json_grammar(SCHEMA, "response_format")
     grammars = Grammars(lm.tok.to_str(), lm.model.args.vocab_size, lm.chat.stop_ids)
