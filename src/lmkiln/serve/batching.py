@@ -272,8 +272,13 @@ class Engine:
         seq.generated += 1
         seq.last = token
         seq.emit(event)
-        if seq.constraint is not None and seq.constraint.consume(token):
-            return self._finish(seq, "stop")  # the grammar is complete: nothing may follow
+        if seq.constraint is not None:
+            try:
+                complete = seq.constraint.consume(token)
+            except RuntimeError as exc:  # this sequence's grammar failed: it alone ends, with the reason
+                return self._finish(seq, f"error: {exc}")
+            if complete:
+                return self._finish(seq, "stop")  # the grammar is complete: nothing may follow
         length = self.cache.lengths[seq.slot] + 1  # with this token, once it is fed back
         if seq.generated >= p.max_tokens or length >= self.context:
             self._finish(seq, "length")
