@@ -222,6 +222,35 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
 
 
+class RewardSpec(Section):
+    fn: str = Field(
+        description="module:function (or path/to/file.py:function), called f(prompt, completion, row, **args)"
+    )
+    weight: float = Field(1.0, description="its weight in the sum GRPO ranks a group's completions by")
+    args: dict = Field(default_factory=dict, description="keyword arguments the function is given")
+
+
+class GrpoConfig(Section):
+    generations: int = Field(4, ge=2, description="completions sampled per prompt (G): a group")
+    max_completion_tokens: int = Field(64, gt=0, description="tokens a completion may take at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the completions")
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    beta: float = Field(0.04, ge=0, description="weight of the KL term to the base model (0: none)")
+    epsilon: float = Field(0.2, gt=0, description="the policy ratio is clipped to [1 - epsilon, 1 + epsilon_high]")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher); default: epsilon")
+    kl_bias_correction: bool = Field(
+        True, description="weight the KL term by the policy ratio (TRL's use_bias_correction_kl, its default)"
+    )
+    loss_type: Literal["grpo", "dr_grpo", "bnpo"] = Field(
+        "grpo",
+        description="as TRL names them: grpo averages each completion's tokens, then the completions; bnpo "
+        "averages over all tokens of the batch; dr_grpo divides by completions x max_completion_tokens",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="advantages divided by the reward's std in the group, in the batch, or not at all"
+    )
+
+
 class LoraConfig(Section):
     r: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
@@ -302,10 +331,10 @@ class FinetuneConfig(Section):
         description="builtin:python-docstrings, builtin:gettext-LANG (English -> LANG program messages from this "
         "machine's gettext catalogues) or a JSONL, JSON, CSV/TSV or Parquet file",
     )
-    task: Literal["generate", "classify", "dpo", "tag"] = Field(
+    task: Literal["generate", "classify", "dpo", "tag", "grpo"] = Field(
         "generate",
         description="generate: a language model; classify: a label head; dpo: preference pairs; "
-        "tag: a label per word (BIO, an encoder base)",
+        "tag: a label per word (BIO, an encoder base); grpo: rewards on sampled completions",
     )
     format: Literal["auto", "text", "instruction", "chat", "preference", "classification", "tagging"] = Field(
         "auto", description="auto: told by each row's fields"
@@ -349,6 +378,10 @@ class FinetuneConfig(Section):
     packing: bool = Field(False, description="several examples per row, each attending only to itself")
     gradient_checkpointing: bool = Field(False, description="recompute each block in the backward pass: less memory")
     dpo_beta: float = Field(0.1, gt=0, description="dpo: how far the tuned model may move from the base")
+    rewards: list[str | RewardSpec] = Field(
+        default_factory=list, description="grpo: the reward functions, module:function or {fn, weight, args}"
+    )
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig, description="grpo: sampling, clipping, KL and loss")
     counterfactual: CounterfactualConfig = Field(
         default_factory=CounterfactualConfig, description="counterfactual augmentation of the training rows"
     )

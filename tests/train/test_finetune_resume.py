@@ -54,10 +54,20 @@ def _kill_after_a_checkpoint(cmd, run_dir, env) -> None:
     assert not (run_dir / "finetune" / "manifest.json").exists(), "the run finished before it was killed"
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+GRPO = [
+    "finetune.task=grpo",
+    'finetune.rewards=[{fn: "lmkiln.train.rewards:regex_match", args: {pattern: "def"}}]',
+    "finetune.grpo.generations=2",
+    "finetune.grpo.max_completion_tokens=8",
+]
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "grpo"])
 def test_sigkilled_finetune_resumes_to_the_same_weights(trained_run, tiny_recipe, tmp_path, method):
+    """GRPO samples its completions inside each step: the checkpoint's RNG state makes the resumed
+    run sample what the whole run sampled."""
     _, trained, _ = trained_run
-    common = _common(trained, method)
+    common = _common(trained, "lora" if method == "grpo" else method) + (GRPO if method == "grpo" else [])
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
 
     def command(run_dir):
@@ -85,7 +95,7 @@ def test_sigkilled_finetune_resumes_to_the_same_weights(trained_run, tiny_recipe
         and manifest["metrics"]["steps"]
         == json.loads((tmp_path / "whole" / "finetune" / "manifest.json").read_text())["metrics"]["steps"]
     )
-    weights = "adapter/adapter_model.safetensors" if method == "lora" else "final/model.safetensors"
+    weights = "final/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
     ours, ref = (load_file(tmp_path / r / "finetune" / weights) for r in ("killed", "whole"))
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "whole")

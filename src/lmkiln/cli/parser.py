@@ -10,8 +10,8 @@ STAGE_HELP = {
     "data": "gather, clean, filter and deduplicate text into Parquet shards (run_dir/data)",
     "tokenizer": "train a byte-level BPE tokenizer and encode the shards into token shards (run_dir/tokenizer)",
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
-    "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, or a classification "
-    "head (run_dir/finetune)",
+    "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, GRPO on rewards, or a "
+    "classification head (run_dir/finetune)",
     "eval": "score models side by side: perplexity (an encoder: masked-LM loss), in-context tasks, generative, "
     "classification and tagging tasks on your data, bias probes (run_dir/eval)",
 }
@@ -91,11 +91,12 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--task",
-        choices=("generate", "classify", "dpo", "tag"),
+        choices=("generate", "classify", "dpo", "tag", "grpo"),
         default=None,
         help="classify: a label head on {text, label} rows; dpo: preference pairs "
         "{prompt, chosen, rejected}; tag: a BIO tag per word on an encoder, from {tokens, tags} rows or "
-        "a .conll file (same as finetune.task=...)",
+        "a .conll file; grpo: rewards (finetune.rewards) on completions sampled for instruction or chat "
+        "prompts (same as finetune.task=...)",
     )
 
 

@@ -179,6 +179,8 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
         record = {**record, canonical: record[column]}
     fmt = _mapped_format(columns) or detect_format(record) if fmt == "auto" else fmt
     example = {"id": ref, "split": record.get("split") or None}
+    if fmt in ("instruction", "chat"):  # the row's own fields, for GRPO's rewards (the same str objects)
+        example["row"] = {k: v for k, v in record.items() if v is None or isinstance(v, (str, int, float, bool))}
     if "group" in columns:  # eval.group_by: the row's group travels with it
         example["group"] = str(record["group"])
     if fmt == "text":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base
         self.r, self.scaling = r, alpha / r
+        self.off = False  # adapters_off: the base layer alone (GRPO's reference, no second model)
         self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
         self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -43,6 +46,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
+        if self.off:
+            return base
         dropped = self.dropout(x)
         down = self.lora_A["default"](dropped)
         if not hasattr(self, "lora_magnitude_vector"):
@@ -88,6 +93,19 @@ def apply_lora(
     if not wrapped:
         raise ValueError(f"no layer matches LoRA targets {targets}")
     return wrapped
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model inside the block: every LoRA layer gives its base layer's output alone."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.off = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.off = False
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -294,6 +294,7 @@ class EpochPlan:
     weight: Callable[[list], int]
     name: str
     seed: int
+    extras: Callable[[], dict] | None = None  # figures of the task's own, logged with each interval
 
 
 def run_epochs(
@@ -333,6 +334,7 @@ def run_epochs(
         lr=lambda i: cosine_lr(i, horizon, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio),
         idle_batch=lambda i: batch(steps[i][1][0]),
         epoch=lambda done: steps[done - 1][0],
+        extras=spec.extras,
     )
 
     save = _saver(checkpoints, model, opt, guard, ctx) if checkpoints is not None else None

@@ -34,6 +34,10 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     """The data source and the base model (made by an earlier stage of this run, or there already), and
     every in-training task line."""
     cfg = recipe.finetune
+    if cfg.task == "grpo":  # imported and their signatures checked before any model loads
+        from lmkiln.train.rewards import load_rewards
+
+        load_rewards(cfg.rewards)
     check_source(cfg.data)
     check_models(recipe.run_dir, [cfg.base], "finetune.base", finished=cfg.base not in will_run)
     if cfg.eval_tasks:
@@ -47,6 +51,9 @@ def config_of(recipe: Recipe) -> dict:
     cfg = recipe.finetune.model_dump(mode="json", exclude={"checkpoint_every", "keep_checkpoints"})
     if cfg["pooling"] == "cls":  # the default: runs from before the option stay current
         cfg.pop("pooling")
+    if cfg["task"] != "grpo":  # only GRPO reads them: other runs from before them stay current
+        cfg.pop("rewards")
+        cfg.pop("grpo")
     return {"finetune": cfg, "seed": recipe.seed, "heldout_fraction": recipe.data.val_fraction}
 
 

@@ -78,6 +78,7 @@ class Training:
     facts: dict[str, Any] = field(default_factory=dict)
     scores: Callable[[Validation], dict] = lambda guard: {}
     monitored: bool = False  # the run's in-training tasks ride along with validation
+    extras: Callable[[], dict] | None = None  # the task's own figures for each log interval (GRPO's rewards)
 
 
 def run_task(run: FinetuneRun, prepare: Callable[[FinetuneRun], Training]) -> dict:
@@ -85,7 +86,7 @@ def run_task(run: FinetuneRun, prepare: Callable[[FinetuneRun], Training]) -> di
     t = prepare(run)
     tasks = (lambda: run.monitor(t.model, run.tok, run.chat)) if t.monitored and run.monitor else None
     guard = Validation(t.model, t.evaluate, run.cfg, run.on_eval, tasks)
-    plan = EpochPlan(t.items, t.lengths, t.loss, t.weight, t.name, run.recipe.seed)
+    plan = EpochPlan(t.items, t.lengths, t.loss, t.weight, t.name, run.recipe.seed, t.extras)
     figures = run_epochs(t.model, run.cfg, plan, guard, run.out, run.ctx, run.checkpoints)
     t.finish(guard)
     if run.writes:

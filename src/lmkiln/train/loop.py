@@ -45,6 +45,7 @@ class Plan:
     flops_per_token: float | None = None  # for MFU
     device: torch.device | None = None  # for MFU: whose peak
     prefetch: bool = False  # read the next step's batches on a thread while this one computes
+    extras: Callable[[], dict] | None = None  # a stage's own figures for the interval, at each log record
 
 
 @dataclass
@@ -197,6 +198,7 @@ class _Readout:
             "tokens": self.state.tokens,
             "tokens_per_s": round(self.tps, 1),
             **({"mfu": round(self.util, 4)} if self.util is not None else {}),
+            **(self.plan.extras() if self.plan.extras else {}),
         }
 
     def median_rate(self) -> tuple[float | None, float | None]:

@@ -12,6 +12,7 @@ from lmkiln.model.families.family import Family
 from lmkiln.train.classify import prepare_classifier
 from lmkiln.train.dpo import prepare_dpo
 from lmkiln.train.finetune_run import FinetuneRun, Training
+from lmkiln.train.grpo import prepare_grpo
 from lmkiln.train.seq2seq import prepare_seq2seq
 from lmkiln.train.sft import prepare_sft
 from lmkiln.train.tag import prepare_tagger
@@ -39,4 +40,5 @@ TASKS: dict[str, Task] = {
     "dpo": Task(("preference",), prepare_dpo),
     "classify": Task(("classification",), prepare_classifier),
     "tag": Task(("tagging",), prepare_tagger),
+    "grpo": Task(("instruction", "chat"), prepare_grpo),
 }

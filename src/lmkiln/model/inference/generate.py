@@ -134,7 +134,6 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, **kwarg
     return list(stream(model, prompt, max_new_tokens, **kwargs))
 
 
-@torch.no_grad()
 def generate_greedy_batch(
     model: Transformer,
     prompts: list[list[int]],
@@ -142,48 +141,84 @@ def generate_greedy_batch(
     stop_ids: list[int] | None = None,
     batch: int = 16,
 ) -> list[list[int]]:
-    """Greedy continuations of many prompts, `batch` decoded together (one read of the weights serves
-    them all, where one at a time each token reads them again): each prompt is prefilled into its own
-    slot of a SlotCache, then every unfinished slot takes a step at once; the same tokens as `generate`
-    one at a time."""
+    """Greedy continuations of many prompts, `batch` decoded together: the same tokens as `generate` one
+    at a time (sample_batch at temperature 0)."""
+    return sample_batch(model, prompts, max_new_tokens, stop_ids, temperature=0.0, batch=batch)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stop_ids: list[int] | None = None,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    copies: int = 1,
+    batch: int = 16,
+    keep_stop: bool = False,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """`copies` continuations of each prompt (prompt-major: prompt 0's copies first), about `batch`
+    sequences decoded together (one read of the weights serves them all). Each prompt is prefilled once
+    into a slot of a SlotCache and its keys and values copied into its other copies' slots; then every
+    unfinished slot takes a step at once, each sampled on its own. With `keep_stop`, a continuation
+    ends with the stop token that ended it (what GRPO trains the model to emit)."""
+    training = model.training
     model.eval()
+    limit, per = model.args.max_seq_len, max(1, batch // copies)
+    sampling = (temperature, top_k, top_p, generator)
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), per):
+        group = [p[-limit:] for p in prompts[b : b + per]]
+        out += _sample_group(model, group, max_new_tokens, copies, set(stop_ids or []), keep_stop, sampling)
+    model.train(training)
+    return out
+
+
+def _sample_group(
+    model: Transformer,
+    group: list[list[int]],
+    max_new_tokens: int,
+    copies: int,
+    stops: set[int],
+    keep_stop: bool,
+    sampling: tuple,
+) -> list[list[int]]:
+    """sample_batch's continuations of one group of prompts, decoded together in one SlotCache."""
     device = next(model.parameters()).device
-    limit, stops = model.args.max_seq_len, set(stop_ids or [])
-    out: list[list[int]] = [[] for _ in prompts]
-    for b in range(0, len(prompts), batch):
-        group = [p[-limit:] for p in prompts[b : b + batch]]
-        budget = [min(max_new_tokens, limit - len(p)) for p in group]
-        cache = SlotCache(
-            model.args,
-            len(group),
-            max(len(p) + n for p, n in zip(group, budget)),
-            device,
-            next(model.parameters()).dtype,
-            initial=max(len(p) + n for p, n in zip(group, budget)),
-        )
-        last: dict[int, int] = {}
-        for slot, prompt in enumerate(group):
-            if budget[slot] <= 0:
-                continue
-            cache.rows = [slot]
-            token = int(model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1].argmax())
-            if token not in stops:
-                out[b + slot].append(token)
-                last[slot] = token
-        while True:
-            live = [s for s in sorted(last) if len(out[b + s]) < budget[s]]
-            if not live:
-                break
-            cache.rows = live
-            logits = model(torch.tensor([[last[s]] for s in live], device=device), cache=cache)[:, -1]
-            for s, token in zip(live, logits.argmax(-1).tolist()):
-                if token in stops:
-                    del last[s]
-                else:
-                    out[b + s].append(token)
-                    last[s] = token
-            for s in [s for s in last if len(out[b + s]) >= budget[s]]:
-                del last[s]
+    budget = [min(max_new_tokens, model.args.max_seq_len - len(p)) for p in group for _ in range(copies)]
+    size = max(len(group[s // copies]) + budget[s] for s in range(len(budget)))
+    cache = SlotCache(model.args, len(budget), size, device, next(model.parameters()).dtype, initial=size)
+    out: list[list[int]] = [[] for _ in budget]
+    last: dict[int, int] = {}
+
+    def take(slot: int, logits: torch.Tensor) -> None:
+        token = sample_next(logits, *sampling)
+        if token not in stops or keep_stop:
+            out[slot].append(token)
+        if token not in stops and len(out[slot]) < budget[slot]:
+            last[slot] = token
+
+    for j, prompt in enumerate(group):
+        first = j * copies
+        if budget[first] <= 0:
+            continue
+        cache.rows = [first]
+        logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[0, -1]
+        for layer in range(len(cache.k)):  # the prompt's keys and values, computed once, in every copy
+            cache.k[layer][first + 1 : first + copies, :, : len(prompt)] = cache.k[layer][first, :, : len(prompt)]
+            cache.v[layer][first + 1 : first + copies, :, : len(prompt)] = cache.v[layer][first, :, : len(prompt)]
+        for slot in range(first, first + copies):
+            cache.lengths[slot] = len(prompt)
+            take(slot, logits)
+    while last:
+        live = sorted(last)
+        cache.rows = live
+        tokens = torch.tensor([[last.pop(s)] for s in live], device=device)
+        for s, row in zip(live, model(tokens, cache=cache)[:, -1]):
+            take(s, row)
     return out
 
 
