@@ -73,12 +73,13 @@ def grpo_loss(
         loss = masked.sum() / mask.sum().clamp(min=1.0)
     else:  # dr_grpo
         loss = masked.sum() / (per_token.size(0) * max_completion_tokens)
-    tokens = mask.sum().clamp(min=1.0)
-    clip = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
-    stats = {
-        "kl": float((kl * mask).sum() / tokens) if kl is not None else 0.0,
-        "clip_fraction": float((clip * mask).sum() / tokens),
-    }
+    with torch.no_grad():
+        tokens = mask.sum().clamp(min=1.0)
+        clip = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+        stats = {
+            "kl": float((kl * mask).sum() / tokens) if kl is not None else 0.0,
+            "clip_fraction": float((clip * mask).sum() / tokens),
+        }
     return loss, stats
 
 
