@@ -259,7 +259,8 @@ def load_splits(
     for ex in examples:
         # The row's content decides its side: the same split wherever the file lies or however it is
         # ordered, and duplicate rows never straddle train and validation.
-        content = json.dumps({k: v for k, v in ex.items() if k not in ("id", "split")}, sort_keys=True)
+        # (the raw `row` GRPO's rewards read is left out: it repeats what the example holds)
+        content = json.dumps({k: v for k, v in ex.items() if k not in ("id", "split", "row")}, sort_keys=True)
         split = ex.pop("split") or ("val" if is_heldout(content, val_fraction) else "train")
         if split not in ("train", "val", "test"):
             raise UserError(f"{ex['id']}: split '{split}' is not train, val or test")
