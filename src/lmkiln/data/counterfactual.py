@@ -107,8 +107,9 @@ def _cased(word: str, like: str) -> str:
 def swap_row(row: dict, swapper: Swapper) -> tuple[dict, Counter]:
     """A row with every text field swapped (chat turns, preference replies, tagging words alike)."""
     counts: Counter = Counter()
-    # an instruction row also carries its conversation (built from the same fields): swapped, counted once
-    counted_elsewhere = "messages" if "instruction" in row else None
+    # an instruction row also carries its conversation (built from the same fields), and every row its raw
+    # fields (`row`, GRPO's): swapped, counted once
+    counted_elsewhere = ("messages", "row") if "instruction" in row else ("row",)
 
     def walk(value, key=None, count=True):
         if key in _KEPT:
@@ -121,7 +122,7 @@ def swap_row(row: dict, swapper: Swapper) -> tuple[dict, Counter]:
         if isinstance(value, list):
             return [walk(v, count=count) for v in value]
         if isinstance(value, dict):
-            return {k: walk(v, k, count and k != counted_elsewhere) for k, v in value.items()}
+            return {k: walk(v, k, count and k not in counted_elsewhere) for k, v in value.items()}
         return value
 
     return walk(row), counts
