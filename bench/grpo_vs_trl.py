@@ -56,46 +56,40 @@ def peak_mb() -> float:
 
 
 def run_lmkiln(model_dir: Path, args) -> dict:
-    import torch
-
+    """lmkiln's GRPO step as `kiln finetune --task grpo` runs it (train/grpo.py's group_loss), with the
+    loop's optimizer step around it."""
+    from lmkiln.config import GrpoConfig
     from lmkiln.model.inference.load import load_format
     from lmkiln.model.io.hub import load_model
-    from lmkiln.model.lora import adapters_off, apply_lora
-    from lmkiln.train.grpo import completion_logprobs, group_advantages, grpo_loss
+    from lmkiln.model.lora import apply_lora
+    from lmkiln.train.grpo import Scorer, encode_prompts, group_loss
     from lmkiln.train.optim import adamw
+    from lmkiln.train.rewards import Reward
 
     tok, chat = load_format(model_dir)
     model = load_model(model_dir)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16, 32.0, 0.0)
+    model.train()
     opt = adamw(model, 1e-5, 0.0)
-    data = rows(args.prompts * (args.steps + 1))
-    stops, g = sorted(chat.stop_ids), args.generations
-    from lmkiln.model.inference.generate import sample_batch
+    examples = [
+        {"id": f"row {k}", "messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": ""}],
+         "row": r}
+        for k, r in enumerate(rows(args.prompts * (args.steps + 1)))
+    ]  # fmt: skip
+    items, _ = encode_prompts(tok, examples, chat, model.args.max_seq_len)
+    g = GrpoConfig(generations=args.generations, max_completion_tokens=args.max_tokens, beta=0.04)
+    scorer = Scorer([Reward("bench:intent_reward", intent_reward, 1.0, {})], tok)
 
     def step(batch: list[dict]) -> None:
-        prompts = [
-            tok.encode(chat.render([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)).ids
-            for r in batch
-        ]
-        completions = sample_batch(model, prompts, args.max_tokens, stops, 1.0, copies=g, batch=len(prompts) * g,
-                                   keep_stop=True)  # fmt: skip
-        texts = [tok.decode([t for t in c if t not in chat.stop_ids]) for c in completions]
-        rewards = torch.tensor([intent_reward("", t, batch[k // g]) for k, t in enumerate(texts)])
-        advantages = group_advantages(rewards, g, "group")
-        repeated = [p for p in prompts for _ in range(g)]
-        model.train()
-        logp, mask = completion_logprobs(model, repeated, completions, chat.pad)
-        with torch.no_grad(), adapters_off(model):
-            ref = completion_logprobs(model, repeated, completions, chat.pad)[0]
-        loss, _ = grpo_loss(logp, logp.detach(), ref, advantages, mask, 0.04, 0.2, 0.2, "grpo", args.max_tokens)
-        loss.backward()
+        loss, _, _ = group_loss(model, model, batch, g, scorer, chat.stop_ids, chat.pad, None)
+        (loss / (len(batch) * g.generations)).backward()  # the mean over completions, as the loop takes it
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step(data[: args.prompts])  # warm-up
+    step(items[: args.prompts])  # warm-up
     began = time.perf_counter()
     for s in range(1, args.steps + 1):
-        step(data[s * args.prompts : (s + 1) * args.prompts])
+        step(items[s * args.prompts : (s + 1) * args.prompts])
     return {"seconds": time.perf_counter() - began, "peak_mb": peak_mb()}
 
 

@@ -68,11 +68,12 @@ class Server:
         max_queue: int,
         context: int | None,
         version: str | None = None,
+        prefix_cache_bytes: int = 64 << 20,
     ) -> None:
         self.model_dir, self.device, self.first = Path(model_dir), device, (dict(adapters), version)
         self.name = name or self.model_dir.resolve().name
         self.max_batch, self.max_queue, self.context = max_batch, max_queue, context
-        self.prefix_cache_bytes = 64 << 20  # create_app sets --prefix-cache-mb
+        self.prefix_cache_bytes = prefix_cache_bytes  # each version's engine keeps shared prefixes this long
         self.log = None  # a RequestLog, with --log-requests
         self.blocklist: Blocklist | None = None  # with --blocklist
         self.error: str | None = None
@@ -160,11 +161,20 @@ def create_app(
     prefix_cache_mb: int = 64,
 ) -> FastAPI:
     """The app; `background=True` loads the model on a thread (the routes answer 503 until then);
-        `request_log` records each generation request and reply; `version` names the first version (v1 by
-        default), and serve/admin.py's routes load the next ones; `max_concurrent` requests to /v1/ at once at
+    `request_log` records each generation request and reply; `version` names the first version (v1 by
+    default), and serve/admin.py's routes load the next ones; `max_concurrent` requests to /v1/ at once at
     most (429 past it), None for no limit; `prefix_cache_mb` of shared prompt prefixes kept (0: none)."""
-    server = Server(Path(model_dir), device, name, dict(adapters or {}), max_batch, max_queue, context, version)
-    server.prefix_cache_bytes = prefix_cache_mb << 20
+    server = Server(
+        Path(model_dir),
+        device,
+        name,
+        dict(adapters or {}),
+        max_batch,
+        max_queue,
+        context,
+        version,
+        prefix_cache_mb << 20,
+    )
     server.blocklist = blocklist
     if request_log is not None:
         request_log.on_write = server.metrics.logged

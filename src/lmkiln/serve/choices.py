@@ -44,9 +44,13 @@ class Choice:
         self.queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.seq = Sequence(
-            prompt, sampling, lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event), stop_ids, adapter
+            prompt,
+            sampling,
+            lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+            stop_ids,
+            adapter,
+            constraint=constraint,
         )
-        self.seq.constraint = constraint
         self.tokens = 0
         self.prompt_tokens = [Token(prompt[0])]  # with prompt logprobs: the rest, each with its logprob
         try:

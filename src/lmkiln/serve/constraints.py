@@ -116,12 +116,12 @@ class Grammars:
         return self._tokenizer
 
     def constraint(self, grammar: str, param: str) -> Constraint:
-        """A fresh matcher for one sequence; a grammar llguidance refuses is a 400 naming `param`."""
-        llg = _llguidance()
-        error = llg.LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise ApiError(400, f"{param}: {error.splitlines()[0]}", param)
-        return Constraint(llg.LLMatcher(self.tokenizer, grammar, log_level=0), self.vocab_size)
+        """A fresh matcher for one sequence; a grammar llguidance refuses is a 400 naming `param` (the
+        matcher compiles it once: it does not raise, it holds the error)."""
+        matcher = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ApiError(400, f"{param}: {matcher.get_error().splitlines()[0]}", param)
+        return Constraint(matcher, self.vocab_size)
 
 
 class Constraint:

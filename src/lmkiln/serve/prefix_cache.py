@@ -60,8 +60,6 @@ class PrefixCache:
 
     def store(self, slot: int, prompt: list[int], adapter: int) -> None:
         """Keep the full blocks of `prompt`, now prefilled in `slot`, that are not cached yet."""
-        if self.max_bytes <= 0:
-            return
         for i, h in enumerate(block_hashes(prompt, adapter)):
             if h in self.blocks:
                 self.blocks.move_to_end(h)
@@ -78,7 +76,3 @@ class PrefixCache:
             while self.nbytes > self.max_bytes and self.blocks:  # least recently used first
                 _, old = self.blocks.popitem(last=False)
                 self.nbytes -= old.numel() * old.element_size()
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit / self.queried if self.queried else 0.0

@@ -193,7 +193,7 @@ class ChatRequest(Common):
         choice = self.tool_choice
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ApiError(400, f"tool_choice: no tool named {choice.function.name!r} in tools", "tool_choice")
-        if choice in ("required",) or isinstance(choice, NamedToolChoice):
+        if choice == "required" or isinstance(choice, NamedToolChoice):
             if not names:
                 raise ApiError(400, "tool_choice: needs tools", "tool_choice")
             if self.response_format is not None and self.response_format.type != "text":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lmkiln.data.examples import prompt_ids, sample
+from lmkiln.data.examples import messages_of, sample
 from lmkiln.errors import UserError
 from lmkiln.log import console
 from lmkiln.model.inference.generate import sample_batch
@@ -140,17 +140,48 @@ class Scorer:
 
 
 def encode_prompts(tok, examples: list[dict], chat, max_prompt: int) -> tuple[list[dict], int]:
-    """Each example's conversation up to its last reply, with the generation prompt, as ids; prompts past
-    `max_prompt` tokens are dropped (and counted)."""
+    """Each example's conversation up to its last reply, with the generation prompt, as text and ids;
+    prompts past `max_prompt` tokens are dropped (and counted)."""
     items, too_long = [], 0
     for ex in examples:
-        ids = prompt_ids(tok, ex, chat)
+        prompt = chat.render(messages_of(ex)[:-1], add_generation_prompt=True)
+        ids = tok.encode(prompt, add_special_tokens=False).ids
         if len(ids) > max_prompt:
             too_long += 1
             continue
-        prompt = chat.render(ex["messages"][:-1], add_generation_prompt=True)
         items.append({"id": ex["id"], "ids": ids, "prompt": prompt, "row": ex.get("row", {})})
     return items, too_long
+
+
+def reference_logprobs(model, reference, prompts, completions, pad: int, temperature: float) -> torch.Tensor:
+    """The completions' log-probabilities under the base: `reference` (a frozen copy), or, when None, the
+    LoRA model with its adapters off."""
+    with torch.no_grad():
+        if reference is not None:
+            return completion_logprobs(reference, prompts, completions, pad, temperature)[0]
+        with adapters_off(model):
+            return completion_logprobs(model, prompts, completions, pad, temperature)[0]
+
+
+def group_loss(model, net, batch: list[dict], g, scorer: Scorer, stops: frozenset[int], pad: int, reference):
+    """One micro-batch of GRPO: `g.generations` completions of each prompt sampled from `model`, scored,
+    their advantages, and the objective through `net` (DDP-wrapped or not); (the loss times the number
+    of completions, the completion tokens, the step's figures)."""
+    prompts = [item["ids"] for item in batch]
+    completions = sample_batch(
+        model, prompts, g.max_completion_tokens, sorted(stops), g.temperature, g.top_p,
+        copies=g.generations, batch=len(batch) * g.generations, keep_stop=True,
+    )  # fmt: skip
+    repeated = [p for p in prompts for _ in range(g.generations)]
+    advantages = group_advantages(scorer(batch, completions, stops, g.generations), g.generations, g.scale_rewards)
+    logp, mask = completion_logprobs(net, repeated, completions, pad, g.temperature)
+    ref = reference_logprobs(model, reference, repeated, completions, pad, g.temperature) if g.beta else None
+    loss, stats = grpo_loss(
+        logp, logp.detach(), ref, advantages.to(logp.device), mask, g.beta, g.epsilon,
+        g.epsilon_high or g.epsilon, g.loss_type, g.max_completion_tokens, g.kl_bias_correction,
+    )  # fmt: skip
+    stats["completion_length"] = float(mask.sum(-1).mean())
+    return loss * len(completions), int(mask.sum()), stats
 
 
 def prepare_grpo(run: FinetuneRun) -> Training:
@@ -176,29 +207,10 @@ def prepare_grpo(run: FinetuneRun) -> Training:
     stops, pad = chat.stop_ids, chat.pad
     scorer, steps = Scorer(rewards, tok), []
 
-    def reference_logprobs(prompts, completions):
-        with torch.no_grad():
-            if reference is not None:
-                return completion_logprobs(reference, prompts, completions, pad, g.temperature)[0]
-            with adapters_off(model):
-                return completion_logprobs(model, prompts, completions, pad, g.temperature)[0]
-
     def micro_loss(net, batch: list[dict]) -> tuple[torch.Tensor, int]:
-        prompts = [item["ids"] for item in batch]
-        completions = sample_batch(
-            model, prompts, g.max_completion_tokens, sorted(stops), g.temperature, g.top_p,
-            copies=g.generations, batch=len(batch) * g.generations, keep_stop=True,
-        )  # fmt: skip
-        repeated = [p for p in prompts for _ in range(g.generations)]
-        advantages = group_advantages(scorer(batch, completions, stops, g.generations), g.generations, g.scale_rewards)
-        logp, mask = completion_logprobs(net, repeated, completions, pad, g.temperature)
-        ref = reference_logprobs(repeated, completions) if g.beta else None
-        loss, stats = grpo_loss(
-            logp, logp.detach(), ref, advantages.to(logp.device), mask, g.beta, g.epsilon,
-            g.epsilon_high or g.epsilon, g.loss_type, g.max_completion_tokens, g.kl_bias_correction,
-        )  # fmt: skip
-        steps.append({**stats, "completion_length": float(mask.sum(-1).mean())})
-        return loss * len(completions), int(mask.sum())
+        loss, tokens, stats = group_loss(model, net, batch, g, scorer, stops, pad, reference)
+        steps.append(stats)
+        return loss, tokens
 
     def extras() -> dict:
         out = scorer.means()

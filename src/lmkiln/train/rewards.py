@@ -18,6 +18,7 @@ The built-ins (`lmkiln.train.rewards:NAME`):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -49,6 +50,7 @@ class Reward:
         return float(value)
 
 
+@functools.cache  # the stage's checks and the task both load them: a reward file runs once
 def _import(name: str) -> Callable:
     module_name, sep, attr = name.rpartition(":")
     if not sep or not module_name or not attr:
