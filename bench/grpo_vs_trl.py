@@ -48,7 +48,12 @@ def intent_reward(prompt: str, completion: str, row: dict) -> float:
         return 0.0
 
 
-def peak_mb() -> float:
+def peak_mb(device: str = "cpu") -> float:
+    """The peak memory of this process: its VmHWM on a CPU, the CUDA allocator's peak on a GPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
@@ -58,16 +63,18 @@ def peak_mb() -> float:
 def run_lmkiln(model_dir: Path, args) -> dict:
     """lmkiln's GRPO step as `kiln finetune --task grpo` runs it (train/grpo.py's group_loss), with the
     loop's optimizer step around it."""
+    import torch
+
     from lmkiln.config import GrpoConfig
+    from lmkiln.eval.rewards import Reward
     from lmkiln.model.inference.load import load_format
     from lmkiln.model.io.hub import load_model
     from lmkiln.model.lora import apply_lora
     from lmkiln.train.grpo import Scorer, encode_prompts, group_loss
     from lmkiln.train.optim import adamw
-    from lmkiln.train.rewards import Reward
 
     tok, chat = load_format(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, args.device)
     apply_lora(model, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16, 32.0, 0.0)
     model.train()
     opt = adamw(model, 1e-5, 0.0)
@@ -78,7 +85,7 @@ def run_lmkiln(model_dir: Path, args) -> dict:
     ]  # fmt: skip
     items, _ = encode_prompts(tok, examples, chat, model.args.max_seq_len)
     g = GrpoConfig(generations=args.generations, max_completion_tokens=args.max_tokens, beta=0.04)
-    scorer = Scorer([Reward("bench:intent_reward", intent_reward, 1.0, {})], tok)
+    scorer = Scorer([Reward("bench:intent_reward", intent_reward, 1.0, {}, "intent_reward")], tok)
 
     def step(batch: list[dict]) -> None:
         loss, _, _ = group_loss(model, model, batch, g, scorer, chat.stop_ids, chat.pad, None)
@@ -87,10 +94,14 @@ def run_lmkiln(model_dir: Path, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     step(items[: args.prompts])  # warm-up
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     began = time.perf_counter()
     for s in range(1, args.steps + 1):
         step(items[s * args.prompts : (s + 1) * args.prompts])
-    return {"seconds": time.perf_counter() - began, "peak_mb": peak_mb()}
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - began, "peak_mb": peak_mb(args.device)}
 
 
 def run_trl(model_dir: Path, args) -> dict:
@@ -101,7 +112,7 @@ def run_trl(model_dir: Path, args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)
     data = rows(args.prompts * (args.steps + 1))
     train = datasets.Dataset.from_list(
         [{"prompt": [{"role": "user", "content": r["prompt"]}], "intent": r["intent"]} for r in data]
@@ -117,7 +128,7 @@ def run_trl(model_dir: Path, args) -> dict:
             times.append(time.perf_counter())
 
     config = GRPOConfig(
-        output_dir=str(args.work / "trl"), report_to="none", use_cpu=True, bf16=False, logging_steps=1000,
+        output_dir=str(args.work / "trl"), report_to="none", use_cpu=args.device == "cpu", bf16=False, logging_steps=1000,
         per_device_train_batch_size=args.prompts * args.generations, num_generations=args.generations,
         max_completion_length=args.max_tokens, max_steps=args.steps + 1, learning_rate=1e-5, beta=0.04,
         loss_type="grpo", temperature=1.0, save_strategy="no", dataloader_num_workers=0, seed=0,
@@ -127,7 +138,7 @@ def run_trl(model_dir: Path, args) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=config, train_dataset=train,
                           processing_class=tok, peft_config=lora, callbacks=[Clock()])  # fmt: skip
     trainer.train()
-    return {"seconds": times[-1] - times[0], "peak_mb": peak_mb()}
+    return {"seconds": times[-1] - times[0], "peak_mb": peak_mb(args.device)}
 
 
 def child(side: str, model_dir: Path, args) -> None:
@@ -147,6 +158,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per completion at most")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: fp32 on the GPU, peak allocated memory"
+    )
     ap.add_argument("--child", choices=["lmkiln", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,7 +184,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", side, "--model", str(model_dir)]
                 cmd += [
                     f"--{k}={getattr(args, k.replace('-', '_'))}"
-                    for k in ("steps", "prompts", "generations", "max-tokens", "threads")
+                    for k in ("steps", "prompts", "generations", "max-tokens", "threads", "device")
                 ]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -183,7 +197,8 @@ def main() -> None:
     samples = args.steps * args.prompts * args.generations
     print(
         f"GRPO on SmolLM2-135M-Instruct (fp32, LoRA r=16, beta 0.04), {args.steps} steps of {args.prompts} prompts x "
-        f"{args.generations} completions of at most {args.max_tokens} tokens, CPU, {args.threads} threads, best of {args.rounds}"
+        f"{args.generations} completions of at most {args.max_tokens} tokens, "
+        f"{'CPU, ' + str(args.threads) + ' threads' if args.device == 'cpu' else 'CUDA'}, best of {args.rounds}"
     )
     for side, r in best.items():
         print(

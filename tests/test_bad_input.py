@@ -172,6 +172,17 @@ CASES = [
         ["run_dir={ws}/r", "finetune.data={ws}/sft.jsonl", "finetune.base={ws}/nope"],
         "finetune.base",
     ),
+    (
+        "align-no-base",
+        "align",
+        [
+            "run_dir={ws}/r",
+            "align.data={ws}/sft.jsonl",
+            "align.base={ws}/nope",
+            "align.rewards=[{{fn: lmkiln.eval.rewards:length_penalty, args: {{target: 9}}}}]",
+        ],
+        "align.base: '{ws}/nope' is neither a stage name nor a model directory",
+    ),
     # sampling flags
     (
         "generate-negative-temperature",
@@ -269,6 +280,7 @@ VERBS = {
     "tokenizer",
     "pretrain",
     "finetune",
+    "align",
     "eval",
     "tune",
     "estimate",

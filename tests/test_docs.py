@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from lmkiln.config import Recipe
+from lmkiln.config import AlignConfig, Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,9 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     for name, field in model.model_fields.items():
         name = field.alias or name  # as a recipe spells it
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if ann is AlignConfig:  # the finetune section's keys again: documented once, with its own two
+            out += ["align.task", "align.base"]
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _keys(ann, f"{prefix}{name}.")
         else:
             out.append(prefix + name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -222,9 +223,28 @@ class ModelConfig(Section):
     tie_embeddings: bool = True
 
 
+def _check_templates(templates: dict[str, str]) -> dict[str, str]:
+    for key, template in templates.items():
+        try:
+            list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc} (a literal brace is written twice: {{{{ }}}})") from None
+    return templates
+
+
+Templates = Annotated[dict[str, str], AfterValidator(_check_templates)]
+TEMPLATES_HELP = (
+    "canonical field -> text made from each row's columns ({column}, Python format syntax; {{ and }} for "
+    "braces), e.g. {system: 'Classify the message.', output: '{{\"intent\": \"{intent}\"}}'}"
+)
+
+
 class RewardSpec(Section):
     fn: str = Field(
         description="module:function (or path/to/file.py:function), called f(prompt, completion, row, **args)"
+    )
+    name: str | None = Field(
+        None, pattern=r"^[\w.-]+$", description="its name in the metrics and tables (default: the function's)"
     )
     weight: float = Field(1.0, description="its weight in the sum GRPO ranks a group's completions by")
     args: dict = Field(default_factory=dict, description="keyword arguments the function is given")
@@ -342,6 +362,7 @@ class FinetuneConfig(Section):
     columns: dict[str, str] = Field(
         default_factory=dict, description="canonical field -> column in the file, e.g. {instruction: question}"
     )
+    templates: Templates = Field(default_factory=dict, description=TEMPLATES_HELP)
     on_bad_rows: Literal["fail", "skip"] = Field("fail", description="a row that is not a valid example")
     loss_on: Literal["assistant", "all"] = Field("assistant", description="train on replies only, or every token")
     base: str = Field("pretrain", description="a stage name (pretrain) or a model directory")
@@ -394,6 +415,14 @@ class FinetuneConfig(Section):
         return self
 
 
+class AlignConfig(FinetuneConfig):
+    """A second fine-tuning stage after supervised fine-tuning, as post-training goes (SFT, then DPO or
+    GRPO): the finetune section's every key, on the finetune stage's model by default."""
+
+    task: Literal["dpo", "grpo"] = Field("grpo", description="dpo: preference pairs; grpo: rewards on completions")
+    base: str = Field("finetune", description="a stage name (finetune: the supervised model) or a model directory")
+
+
 class Range(Section):
     low: float
     high: float
@@ -442,6 +471,14 @@ class EvalConfig(Section):
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="gen: tasks: canonical field -> column (default: finetune.columns)"
+    )
+    templates: Templates | None = Field(
+        None, description="gen: tasks: canonical field -> text from the row's columns (default: finetune.templates)"
+    )
+    rewards: list[str | RewardSpec] = Field(
+        default_factory=list,
+        description="gen: tasks (instruction and chat rows): reward functions (as finetune.rewards) scoring "
+        "each greedy reply; their means and weighted sum beside the other scores",
     )
     num_beams: int = Field(1, ge=1, description="gen: tasks on an encoder-decoder (T5): beam search width; 1 = greedy")
     metrics: list[Literal["bleu", "chrf"]] = Field(
@@ -494,7 +531,7 @@ class ImportConfig(Section):
     )
 
 
-STAGES = ("data", "tokenizer", "pretrain", "import", "finetune", "eval")
+STAGES = ("data", "tokenizer", "pretrain", "import", "finetune", "align", "eval")
 
 
 class Recipe(Section):
@@ -502,7 +539,7 @@ class Recipe(Section):
 
     run_dir: Path = Path("runs/default")
     seed: int = 1337
-    stages: list[Literal["data", "tokenizer", "pretrain", "import", "finetune", "eval"]] | None = Field(
+    stages: list[Literal["data", "tokenizer", "pretrain", "import", "finetune", "align", "eval"]] | None = Field(
         None, description="stages `kiln run` runs; default: every stage section present in the recipe"
     )
     data: DataConfig = Field(default_factory=DataConfig)
@@ -515,6 +552,9 @@ class Recipe(Section):
         description="`kiln run`'s import stage: an open model as the base (finetune.base: import)",
     )
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    align: AlignConfig = Field(
+        default_factory=AlignConfig, description="`kiln run`'s align stage: DPO or GRPO on the fine-tuned model"
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
@@ -620,7 +660,8 @@ def load_recipe(
     explicit_stages = None
     if path is not None:
         path = Path(path)
-        tree = read_yaml(path)
+        # x-NAME keys hold YAML anchors for the sections to share (docker compose's convention)
+        tree = {k: v for k, v in read_yaml(path).items() if not str(k).startswith("x-")}
         origin = str(path)
         explicit_stages = [s for s in STAGES if s in tree or (s == "pretrain" and "model" in tree)]
     if overrides:

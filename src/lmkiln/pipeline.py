@@ -23,6 +23,8 @@ def stage_module(name: str) -> ModuleType:
         from lmkiln.model.convert import stage
     elif name == "finetune":
         from lmkiln.train import finetune as stage
+    elif name == "align":
+        from lmkiln.train import align as stage
     elif name == "eval":
         from lmkiln.eval import stage
     else:
@@ -41,7 +43,8 @@ def run_stage(name: str, recipe: Recipe, force: bool = False) -> dict:
 
 
 def run_recipe(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, dict]:
-    stages = only or recipe.stages or [s for s in STAGES if s != "import" or recipe.import_.source]
+    # with no stages named: every stage but those a recipe must ask for (import's source, align)
+    stages = only or recipe.stages or [s for s in STAGES if s != "align" and (s != "import" or recipe.import_.source)]
     check_recipe(recipe, stages)
     with run_dir_made(recipe.run_dir):
         results = {name: run_stage(name, recipe, force=force) for name in stages}

@@ -74,17 +74,22 @@ def _training_section(run_dir: Path, stage: str, title: str) -> list[str]:
     else:
         out += _finetune_lines(m, manifest)
     if (run_dir / stage / "loss.png").exists():
-        out += ["", f"![{title} loss]({stage}/loss.png)"]
+        curves = "loss and rewards" if m.get("task") == "grpo" else "loss"
+        out += ["", f"![{title} {curves}]({stage}/loss.png)"]
     return out + [""]
 
 
 def _finetune_lines(m: dict, manifest: dict) -> list[str]:
     """Base against tuned on validation, in the task's own measures."""
     task, method = m.get("task", "generate"), m["method"] + (" (DoRA)" if m.get("dora") else "")
-    kind = {"dpo": "DPO ", "classify": "classification ", "tag": "token classification "}.get(task, "")
+    kind = {"dpo": "DPO ", "classify": "classification ", "tag": "token classification ", "grpo": "GRPO "}.get(task, "")
     head = f"{method} {kind}fine-tuning"
+    if task == "grpo":
+        what = f"{m['prompts']:,} prompts ({m['generations']} completions sampled for each)"
+    else:
+        what = f"{m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
     out = [
-        f"{head} on {m['examples']:,} {'pairs' if task == 'dpo' else 'examples'}"
+        f"{head} on {what}"
         + (f", {len(m['labels'])} labels" if task in ("classify", "tag") else "")
         + f", {m['steps']} steps, {manifest['wall_time_s']:.0f} s. Best: step {m.get('best_step', '?')}"
         + (", stopped early" if m.get("stopped_early") else "")
@@ -107,6 +112,16 @@ def _finetune_lines(m: dict, manifest: dict) -> list[str]:
             f"| base model + untrained head | | | {m['base_val_entity_f1']:.4f} | {base:.4f} |",
             f"| tuned | {m['val_entity_precision']:.4f} | {m['val_entity_recall']:.4f} | {m['val_entity_f1']:.4f} "
             f"| {best:.4f} |",
+        ]
+    elif task == "grpo":
+        names = [k.partition("/")[2] for k in m["val_rewards"]]
+        out += [
+            "| validation (greedy replies) | reward | " + " | ".join(names) + " |",
+            "|---|---:|" + "---:|" * len(names),
+            f"| base | {m['base_val_reward']:.4f} | "
+            + " | ".join(f"{v:.4f}" for v in m["base_val_rewards"].values())
+            + " |",
+            f"| tuned | {m['val_reward']:.4f} | " + " | ".join(f"{v:.4f}" for v in m["val_rewards"].values()) + " |",
         ]
     elif task == "dpo":
         out += [
@@ -151,6 +166,8 @@ EXPLAINED = {  # what each kind of score means, said once under the table when t
     "(seqeval's counting).",
     "gen": "Reply loss: nats per token of the reference replies; exact match and token F1 (SQuAD's normalisation) "
     "and ROUGE-L: the greedy reply against the reference, on rows fine-tuning held out (`@val`).",
+    "rewards": "Reward: eval.rewards' weighted sum on each greedy reply, averaged; each function's mean beside it "
+    "(a 0/1 reward's mean is the share of replies it accepts).",
 }
 
 
@@ -168,6 +185,7 @@ def _eval_section(run_dir: Path) -> list[str]:
         for t, r in scores
         if "samples" in r or "entity_f1" in r or t in ("perplexity", "mlm")
     }
+    kinds |= {"rewards" for _, r in scores if "reward" in r}
     out = [
         "## Evaluation: base against tuned",
         "",
@@ -240,7 +258,10 @@ def _samples(run_dir: Path, task: str, samples: dict[str, list[dict]]) -> list[s
         ]
         for n in names:
             sample = samples[n][i]
-            out += [f"**{n}** (ROUGE-L {sample['rouge_l']:.4f})", "", fenced(sample["generated"] or "(empty)"), ""]
+            scored = f"ROUGE-L {sample['rouge_l']:.4f}" + (
+                f", reward {sample['reward']:.4f}" if "reward" in sample else ""
+            )
+            out += [f"**{n}** ({scored})", "", fenced(sample["generated"] or "(empty)"), ""]
     return out
 
 
@@ -298,6 +319,7 @@ def write_report(run_dir: Path, skip_if_current: bool = True) -> Path:
     lines += _training_section(run_dir, "pretrain", "Pretraining")
     lines += _import_section(run_dir)
     lines += _training_section(run_dir, "finetune", "Fine-tuning")
+    lines += _training_section(run_dir, "align", "Alignment")
     lines += _eval_section(run_dir)
     write_text(path, "\n".join(lines) + "\n")
     return path

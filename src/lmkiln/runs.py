@@ -1,7 +1,7 @@
 """The run directory, and how a stage runs in it.
 
 A run directory holds a folder per stage (`data/`, `tokenizer/`, `pretrain/`, `import/`, `finetune/`,
-`eval/`); a stage that makes a model leaves it in `final/` and its resumable state in `checkpoints/`.
+`align/`, `eval/`); a stage that makes a model leaves it in `final/` and its resumable state in `checkpoints/`.
 
 A stage is a module with four functions:
   `check(recipe, will_run) -> None`      cheap checks of its settings, before any stage works;
@@ -30,7 +30,7 @@ from lmkiln.log import console
 
 FINAL = "final"  # the model a stage made
 CHECKPOINTS = "checkpoints"  # its resumable state while it runs
-DISTRIBUTED_STAGES = {"pretrain", "finetune"}
+DISTRIBUTED_STAGES = {"pretrain", "finetune", "align"}
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:

@@ -196,3 +196,26 @@ def test_classification_head_learns_and_loads_in_transformers(trained_run, tmp_p
     ids = torch.tensor([[1, 40, 41, 42, 43], [1, 50, 51, 52, 53]])
     with torch.no_grad():
         assert torch.allclose(ours(ids, torch.tensor([5, 5])), hf(ids).logits, atol=1e-4)
+
+
+def test_templates_make_fields_from_each_rows_columns(tmp_path):
+    """A system prompt and a reply made from the row (a label as JSON), the row's own fields kept for
+    rewards; a template naming a column the row lacks names the row, the field and the columns; a
+    malformed template is refused when the recipe loads; a built-in source takes no templates."""
+    from lmkiln.config import load_recipe
+
+    with open(tmp_path / "intents.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["instruction", "intent"])
+        w.writerow(["Where is my order?", "track_order"])
+    templates = {"system": "Name the intent.", "output": '{{"intent": "{intent}"}}'}
+    (ex,) = _all(load_splits(str(tmp_path / "intents.csv"), 0.5, 0.05, templates=templates))
+    assert ex["output"] == '{"intent": "track_order"}' and ex["row"]["intent"] == "track_order"
+    assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
+    assert ex["messages"][0]["content"] == "Name the intent."
+    with pytest.raises(UserError, match=r"intents\.csv:2: the template of 'output' cannot be filled: KeyError 'label'"):
+        load_splits(str(tmp_path / "intents.csv"), 0.5, 0.05, templates={"output": "{label}"})
+    with pytest.raises(UserError, match=r"finetune\.templates.*output: Single '\}'"):
+        load_recipe(None, ['finetune.templates={output: "a}"}'])
+    with pytest.raises(UserError, match="built in"):
+        load_splits("builtin:python-docstrings", 0.5, 0.05, templates=templates)

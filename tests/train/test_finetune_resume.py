@@ -56,7 +56,7 @@ def _kill_after_a_checkpoint(cmd, run_dir, env) -> None:
 
 GRPO = [
     "finetune.task=grpo",
-    'finetune.rewards=[{fn: "lmkiln.train.rewards:regex_match", args: {pattern: "def"}}]',
+    'finetune.rewards=[{fn: "lmkiln.eval.rewards:regex_match", args: {pattern: "def"}}]',
     "finetune.grpo.generations=2",
     "finetune.grpo.max_completion_tokens=8",
 ]

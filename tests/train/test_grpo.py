@@ -10,13 +10,13 @@ import torch
 
 from lmkiln.cli import main
 from lmkiln.errors import UserError
+from lmkiln.eval.rewards import load_rewards
 from lmkiln.model.inference.generate import generate, sample_batch
 from lmkiln.model.io.hub import load_model
 from lmkiln.train import run_finetune
 from lmkiln.train.grpo import completion_logprobs, group_advantages, grpo_loss
-from lmkiln.train.rewards import load_rewards
 
-REWARD = "lmkiln.train.rewards:regex_match"
+REWARD = "lmkiln.eval.rewards:regex_match"
 
 
 def _prompts(path, n=24):
@@ -149,7 +149,7 @@ def test_bad_rewards_are_refused_before_any_model_loads(tmp_path, capsys):
     with pytest.raises(UserError, match="cannot import no_such_module"):
         load_rewards(["no_such_module:f"])
     with pytest.raises(UserError, match="has no function nope"):
-        load_rewards(["lmkiln.train.rewards:nope"])
+        load_rewards(["lmkiln.eval.rewards:nope"])
     (tmp_path / "mine.py").write_text("def two_args(prompt, completion):\n    return 1.0\n")
     with pytest.raises(UserError, match=r"two_args cannot be called as f\(prompt, completion, row"):
         load_rewards([f"{tmp_path / 'mine.py'}:two_args"])

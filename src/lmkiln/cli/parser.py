@@ -12,6 +12,8 @@ STAGE_HELP = {
     "pretrain": "train the model by next-token prediction; resumes from the last checkpoint (run_dir/pretrain)",
     "finetune": "fine-tuning: supervised (full, LoRA or DoRA; loss on replies only), DPO, GRPO on rewards, or a "
     "classification head (run_dir/finetune)",
+    "align": "a second fine-tuning on the fine-tuned model: DPO on preference pairs or GRPO on rewards "
+    "(the recipe's align section; run_dir/align)",
     "eval": "score models side by side: perplexity (an encoder: masked-LM loss), in-context tasks, generative, "
     "classification and tagging tasks on your data, bias probes (run_dir/eval)",
 }

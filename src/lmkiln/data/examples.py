@@ -170,14 +170,26 @@ def preference_pair(ex: dict) -> tuple[dict, dict]:
     )
 
 
-def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dict:
-    """A validated example from one record; BadRow says what is wrong with it."""
+def to_example(
+    ref: str, record: dict, fmt: str, columns: dict[str, str], templates: dict[str, str] | None = None
+) -> dict:
+    """A validated example from one record, its fields mapped from columns, then made by `templates` from
+    the row's columns; BadRow says what is wrong with it."""
     for canonical, column in columns.items():
         if column not in record:
             named = "eval.group_by" if canonical == "group" else f"mapped to '{canonical}'"
             raise BadRow(f"no column '{column}' ({named}; columns: {', '.join(sorted(record))})")
         record = {**record, canonical: record[column]}
-    fmt = _mapped_format(columns) or detect_format(record) if fmt == "auto" else fmt
+    for canonical, template in (templates or {}).items():
+        try:
+            record = {**record, canonical: template.format_map(record)}
+        except (KeyError, IndexError, AttributeError, ValueError) as exc:
+            raise BadRow(
+                f"the template of '{canonical}' cannot be filled: {type(exc).__name__} {exc} "
+                f"(columns: {', '.join(sorted(record))})"
+            ) from None
+    mapped = {**columns, **dict.fromkeys(templates or {}, "")}
+    fmt = _mapped_format(mapped) or detect_format(record) if fmt == "auto" else fmt
     example = {"id": ref, "split": record.get("split") or None}
     if fmt in ("instruction", "chat"):  # the row's own fields, for GRPO's rewards (the same str objects)
         example["row"] = {k: v for k, v in record.items() if v is None or isinstance(v, (str, int, float, bool))}
@@ -202,7 +214,9 @@ def to_example(ref: str, record: dict, fmt: str, columns: dict[str, str]) -> dic
     return {**example, "messages": _messages(record)}
 
 
-def load_file_examples(path: Path, fmt: str, columns: dict[str, str], on_bad_rows: str) -> tuple[list[dict], list[str]]:
+def load_file_examples(
+    path: Path, fmt: str, columns: dict[str, str], on_bad_rows: str, templates: dict[str, str] | None = None
+) -> tuple[list[dict], list[str]]:
     """(examples, messages about the rows skipped) of a data file; with on_bad_rows=fail the first bad
     row is a UserError naming file, row and reason."""
     from lmkiln.data.records import read_records
@@ -217,7 +231,7 @@ def load_file_examples(path: Path, fmt: str, columns: dict[str, str], on_bad_row
     examples = []
     for ref, record in read_records(path, bad):
         try:
-            examples.append(to_example(ref, record, fmt, columns))
+            examples.append(to_example(ref, record, fmt, columns, templates))
         except BadRow as exc:
             bad(f"{ref}: {exc}")
     if skipped:
@@ -236,11 +250,14 @@ def load_splits(
     fmt: str = "auto",
     columns: dict[str, str] | None = None,
     on_bad_rows: str = "fail",
+    templates: dict[str, str] | None = None,
 ) -> dict[str, list]:
     """train/val/test examples, and `skipped` (messages about bad rows). The builtin task's test modules
     are those the corpus held out at `heldout_fraction`; a data file uses its `split` field, or carves
     `val_fraction` out by row."""
     check_source(source)
+    if templates and source.startswith("builtin:"):
+        raise UserError(f"templates: they fill fields from a data file's columns; '{source}' is built in")
     if source == "builtin:python-docstrings" or source.startswith(GETTEXT):
         from lmkiln.data.builtin import docstring_splits
 
@@ -254,7 +271,7 @@ def load_splits(
             for k, v in rows.items()
         }
         return {**splits, "skipped": []}
-    examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows)
+    examples, skipped = load_file_examples(Path(source), fmt, columns or {}, on_bad_rows, templates)
     splits: dict[str, list] = {"train": [], "val": [], "test": [], "skipped": skipped}
     for ex in examples:
         # The row's content decides its side: the same split wherever the file lies or however it is

@@ -102,9 +102,11 @@ def score_instructions(
     max_len: int,
     chat: ChatFormat,
     metrics: list[str] = (),
+    rewards: list = (),
 ) -> dict:
     """Reply loss (nats/token) over the references, greedy generations of the last reply, and their mean
-    exact match, token F1 and ROUGE-L F1; with `metrics`, corpus BLEU and chrF (translation's)."""
+    exact match, token F1 and ROUGE-L F1; with `metrics`, corpus BLEU and chrF (translation's); with
+    `rewards` (eval/rewards.py), each reply's rewards and their means."""
 
     device = next(model.parameters()).device
     encoded, _ = encode_all(tok, examples, max_len, chat)
@@ -117,7 +119,25 @@ def score_instructions(
         prompts.append(prompt)
     replies = generate_greedy_batch(model, prompts, max_new_tokens, sorted(chat.stop_ids))
     texts = [tok.decode(reply).strip() for reply in replies]
-    return reply_scores(examples, texts, nats / count if count else None, count, metrics)
+    scores = reply_scores(examples, texts, nats / count if count else None, count, metrics)
+    if rewards:
+        add_rewards(scores, rewards, examples, texts, chat)
+    return scores
+
+
+def add_rewards(scores: dict, rewards: list, examples: list[dict], texts: list[str], chat: ChatFormat) -> None:
+    """Each reply scored by the rewards as GRPO scores a completion (the prompt as the model saw it, the
+    row's own fields): the means beside the other scores, each sample's weighted sum with it."""
+    from lmkiln.eval.rewards import mean_rewards, score_all
+
+    cases = [
+        (chat.render(messages_of(ex)[:-1], add_generation_prompt=True), text, ex.get("row", {}), f"row {ex['id']}")
+        for ex, text in zip(examples, texts)
+    ]
+    values = score_all(rewards, cases)
+    for sample, row in zip(scores["samples"], values):
+        sample["reward"] = round(sum(v * r.weight for v, r in zip(row, rewards)), 5)
+    scores.update(mean_rewards(rewards, values))
 
 
 def reply_scores(

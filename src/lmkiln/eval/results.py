@@ -46,6 +46,9 @@ def columns_of(results: dict) -> list[tuple[str, str, str, bool]]:
                 (task, "rouge_l", f"{task} ROUGE-L", True),
             ]
             cols += [(task, m, f"{task} {label}", True) for m, label in (("bleu", "BLEU"), ("chrf", "chrF")) if m in r]
+            cols += [
+                (task, m, f"{task} {m.partition('/')[2] or m}", True) for m in r if m.partition("/")[0] == "reward"
+            ]
     if "icl" in scores:
         cols.append(("icl", "centered", "ICL centered", True))
     return cols

@@ -17,14 +17,21 @@ from lmkiln.runs import check_models, model_dir_of, model_identity, model_label,
 
 
 def config_of(recipe: Recipe) -> dict:
-    return {
-        "eval": recipe.eval.model_dump(mode="json"),
+    cfg = recipe.eval.model_dump(mode="json")
+    for key, unset in (("templates", None), ("rewards", [])):  # runs from before the options stay current
+        if cfg[key] == unset:
+            cfg.pop(key)
+    config = {
+        "eval": cfg,
         "heldout_fraction": recipe.data.val_fraction,
         "finetune_data": recipe.finetune.data,
         "finetune_max_seq_len": recipe.finetune.max_seq_len,
         "finetune_val_fraction": recipe.finetune.val_fraction,
         "finetune_columns": recipe.finetune.columns,
     }
+    if recipe.finetune.templates:
+        config["finetune_templates"] = recipe.finetune.templates
+    return config
 
 
 def icl_tasks(cfg) -> list:
@@ -124,7 +131,10 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
         if not ref.startswith("gen:"):
             continue
         path, split = gen_ref(ref)
-        splits = load_splits(path, recipe.finetune.val_fraction, recipe.data.val_fraction, "auto", columns)
+        templates = recipe.finetune.templates if cfg.templates is None else cfg.templates
+        splits = load_splits(
+            path, recipe.finetune.val_fraction, recipe.data.val_fraction, "auto", columns, templates=templates
+        )
         rows = splits[split] if split else splits["train"] + splits["val"] + splits["test"]
         rows = sample(rows, cfg.max_examples, salt="eval")
         if any("chosen" in r or ("text" in r and "label" not in r) for r in rows):
@@ -136,9 +146,19 @@ def generative_tasks(recipe: Recipe) -> dict[str, list[dict]]:
     return out
 
 
+def eval_rewards(cfg) -> list:
+    """eval.rewards, imported and checked (none: [])."""
+    if not cfg.rewards:
+        return []
+    from lmkiln.eval.rewards import load_rewards
+
+    return load_rewards(cfg.rewards, "eval.rewards")
+
+
 def check(recipe: Recipe, will_run: list[str]) -> None:
     """Every task reference and every model to score (made by an earlier stage of this run, or there)."""
     check_task_refs(recipe.eval)
+    eval_rewards(recipe.eval)
     earlier = [s for s in will_run if s != "eval"]
     for model in recipe.eval.models:
         finished = model_label(model)[1] not in earlier
@@ -169,6 +189,10 @@ def inputs_of(recipe: Recipe) -> dict:
             ident[ref] = catalogue_fingerprint(gen_path)
     if "perplexity" in recipe.eval.tasks and recipe.eval.text == "val":
         ident["text"] = upstream(recipe.run_dir, "data")
+    if recipe.eval.rewards:
+        from lmkiln.eval.rewards import rewards_fingerprint
+
+        ident["rewards"] = rewards_fingerprint(recipe.eval.rewards)
     return ident
 
 
@@ -237,6 +261,7 @@ def _decoder_scores(recipe: Recipe, lm, name: str, tasks: list, generative: dict
 
     cfg = recipe.eval
     model, tok, chat = lm.model, lm.tok, lm.chat
+    rewards = eval_rewards(cfg)
     res: dict = {}
     if "perplexity" in cfg.tasks:
         tokens = tokens_of(tok, chat, _texts(recipe), cfg.max_tokens)
@@ -261,7 +286,7 @@ def _decoder_scores(recipe: Recipe, lm, name: str, tasks: list, generative: dict
             res[task_name] = score_labels(model, tok, chat, rows, cfg.delimiter, cfg.add_bos)
         else:
             res[task_name] = score_instructions(
-                model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat, cfg.metrics
+                model, tok, rows, cfg.max_new_tokens, recipe.finetune.max_seq_len, chat, cfg.metrics, rewards
             )
     core = core_average({t.name: res[t.name] for t, _ in tasks})
     if core is not None:

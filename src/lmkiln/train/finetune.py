@@ -35,7 +35,7 @@ def check(recipe: Recipe, will_run: list[str]) -> None:
     every in-training task line."""
     cfg = recipe.finetune
     if cfg.task == "grpo":  # imported and their signatures checked before any model loads
-        from lmkiln.train.rewards import load_rewards
+        from lmkiln.eval.rewards import load_rewards
 
         load_rewards(cfg.rewards)
     check_source(cfg.data)
@@ -54,6 +54,8 @@ def config_of(recipe: Recipe) -> dict:
     if cfg["task"] != "grpo":  # only GRPO reads them: other runs from before them stay current
         cfg.pop("rewards")
         cfg.pop("grpo")
+    if not cfg["templates"]:
+        cfg.pop("templates")
     return {"finetune": cfg, "seed": recipe.seed, "heldout_fraction": recipe.data.val_fraction}
 
 
@@ -70,6 +72,10 @@ def inputs_of(recipe: Recipe) -> dict:
         ident["data"] = sha256_file(data)
     if recipe.finetune.counterfactual.enabled:
         ident["counterfactual_pairs"] = pairs_fingerprint(recipe.finetune.counterfactual.pairs)
+    if recipe.finetune.task == "grpo":
+        from lmkiln.eval.rewards import rewards_fingerprint
+
+        ident["rewards"] = rewards_fingerprint(recipe.finetune.rewards)
     return ident
 
 
@@ -86,7 +92,7 @@ def preview(recipe: Recipe, n: int) -> None:
             f"finetune.base: no model at '{base_dir}' (run `kiln pretrain` first or name a model directory)"
         )
     tok, _ = load_format(base_dir)
-    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    splits = finetune_splits(recipe)
     chat = ChatFormat(base_dir)
     for ex in splits["train"][:n]:
         pair = "chosen" in ex
@@ -104,6 +110,13 @@ def preview(recipe: Recipe, n: int) -> None:
     out.print(
         f"[dim]shown {min(n, len(splits['train']))} of {len(splits['train']):,} training examples; "
         f"[bold green]trained tokens[/bold green] in green[/dim]"
+    )
+
+
+def finetune_splits(recipe: Recipe) -> dict[str, list]:
+    cfg = recipe.finetune
+    return load_splits(
+        cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows, cfg.templates
     )
 
 
@@ -169,7 +182,7 @@ def load_base(recipe: Recipe):
     seed_everything(recipe.seed)
     tok, _ = load_format(base_dir)
     check_base(base_dir)
-    splits = load_splits(cfg.data, cfg.val_fraction, recipe.data.val_fraction, cfg.format, cfg.columns, cfg.on_bad_rows)
+    splits = finetune_splits(recipe)
     check_splits(splits, cfg)
     check_task(splits["train"] + splits["val"], cfg.task)
     if cfg.max_examples:

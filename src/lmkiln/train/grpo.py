@@ -3,7 +3,7 @@ verifiable rewards, with TRL's GRPOTrainer's objective and names.
 
 For each prompt of a micro-batch, G completions are sampled from the policy (model/inference's batched
 sampler: the prompt prefilled once, its KV cache copied into its G slots, every slot decoded together).
-The rewards (train/rewards.py) score each completion; a completion's advantage is its weighted reward
+The rewards (eval/rewards.py) score each completion; a completion's advantage is its weighted reward
 minus its group's mean, over the group's standard deviation (`scale_rewards`). The loss per token is
 
     -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A) + beta * r * KL,   r = pi / pi_old,
@@ -21,6 +21,7 @@ import torch
 
 from lmkiln.data.examples import messages_of, sample
 from lmkiln.errors import UserError
+from lmkiln.eval.rewards import Reward, load_rewards, mean_rewards, score_all
 from lmkiln.log import console
 from lmkiln.model.inference.generate import sample_batch
 from lmkiln.model.io.hub import load_model
@@ -28,7 +29,6 @@ from lmkiln.model.lora import adapters_off
 from lmkiln.train.dist import unwrap
 from lmkiln.train.epochs import load_trainable
 from lmkiln.train.finetune_run import FinetuneRun, Training, save_best
-from lmkiln.train.rewards import Reward, load_rewards
 
 
 def group_advantages(rewards: torch.Tensor, generations: int, scale: str) -> torch.Tensor:
@@ -115,28 +115,26 @@ class Scorer:
     def __init__(self, rewards: list[Reward], tok) -> None:
         self.rewards, self.tok = rewards, tok
         self.weights = torch.tensor([r.weight for r in rewards])
-        self.seen: list[torch.Tensor] = []
+        self.seen: list[list[float]] = []
 
     def __call__(
         self, items: list[dict], completions: list[list[int]], stops: frozenset[int], per: int
     ) -> torch.Tensor:
-        values = []
+        cases = []
         for k, ids in enumerate(completions):
             item = items[k // per]
             text = self.tok.decode([t for t in ids if t not in stops])
-            where = f"row {item['id']} (completion {k % per + 1})"
-            values.append([r(item["prompt"], text, item["row"], where) for r in self.rewards])
-        scores = torch.tensor(values)
-        self.seen.append(scores)
-        return scores @ self.weights
+            cases.append((item["prompt"], text, item["row"], f"row {item['id']} (completion {k % per + 1})"))
+        values = score_all(self.rewards, cases)
+        self.seen += values
+        return torch.tensor(values) @ self.weights
 
     def means(self) -> dict[str, float]:
         if not self.seen:
             return {}
-        scores = torch.cat(self.seen)
+        out = mean_rewards(self.rewards, self.seen)
         self.seen = []
-        out = {f"reward/{r.name.rpartition(':')[2]}": round(float(v), 5) for r, v in zip(self.rewards, scores.mean(0))}
-        return {"reward": round(float((scores @ self.weights).mean()), 5), **out}
+        return out
 
 
 def encode_prompts(tok, examples: list[dict], chat, max_prompt: int) -> tuple[list[dict], int]:
@@ -198,7 +196,7 @@ def prepare_grpo(run: FinetuneRun) -> Training:
         )
     console.print(
         f"GRPO prompts: train {len(train):,} ({too_long} too long dropped), val {len(val):,}; "
-        f"{g.generations} completions each, rewards {', '.join(r.name for r in rewards)}"
+        f"{g.generations} completions each, rewards {', '.join(f'{r.label} x{r.weight:g}' for r in rewards)}"
     )
     model, trainable = load_trainable(run.base_dir, cfg, device)
     reference = None
@@ -241,6 +239,8 @@ def prepare_grpo(run: FinetuneRun) -> Training:
         scores=lambda guard: {
             "base_val_reward": round(guard.base["reward"], 4),
             "val_reward": round(guard.best["reward"], 4),
+            "base_val_rewards": {k: v for k, v in guard.base.items() if k.startswith("reward/")},
+            "val_rewards": {k: v for k, v in guard.best.items() if k.startswith("reward/")},
         },
         extras=extras,
     )

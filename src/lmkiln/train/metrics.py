@@ -60,7 +60,21 @@ def read_metrics(path: Path) -> list[dict]:
     return out
 
 
+def _panel(ax, rows: list[dict], keys: list[tuple[str, str]], ylabel: str, title: str) -> None:
+    for key, label in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if key.startswith(("val_", "eval/")) else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
+    """The training and validation loss; beside it, the in-context task scores of each validation, or
+    GRPO's rewards (training, each interval; validation, each function)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,27 +84,21 @@ def plot_curves(metrics_path: Path, png: Path, title: str) -> None:
 
     rows = read_metrics(metrics_path)
     tasks = sorted({k for r in rows for k in r if k.startswith("eval/") and not k.endswith("acc_norm")})
-    fig, axes = plt.subplots(1, 2 if tasks else 1, figsize=(11 if tasks else 6, 3.5), dpi=110, squeeze=False)
-    ax = axes[0, 0]
-    for key, label in (("loss", "train"), ("val_loss", "validation")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=label, marker="o" if key == "val_loss" else None, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if tasks:  # the in-context task scores of each validation, beside the loss
-        ax = axes[0, 1]
-        for key in tasks:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), label=key[len("eval/") :].replace("/", " "), marker="o", markersize=3)
-        ax.set_xlabel("step")
-        ax.set_ylabel("score")
-        ax.set_title("in-context tasks")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    rewards = sorted({k for r in rows for k in r if k.startswith("val_reward/")})
+    rewarded = any("reward" in r for r in rows)
+    fig, axes = plt.subplots(
+        1, 2 if tasks or rewarded else 1, figsize=(11 if tasks or rewarded else 6, 3.5), dpi=110, squeeze=False
+    )
+    if rewarded:  # GRPO: its validation loss is minus the reward, drawn on the right
+        _panel(axes[0, 0], rows, [("loss", "train")], "GRPO loss", title)
+        keys = [("reward", "train (sampled)"), ("val_reward", "validation (greedy)")]
+        keys += [(k, "validation " + k.partition("/")[2]) for k in rewards if len(rewards) > 1]
+        _panel(axes[0, 1], rows, keys, "reward", "rewards")
+    else:
+        _panel(axes[0, 0], rows, [("loss", "train"), ("val_loss", "validation")], "loss (nats/token)", title)
+        if tasks:
+            keys = [(k, k[len("eval/") :].replace("/", " ")) for k in tasks]
+            _panel(axes[0, 1], rows, keys, "score", "in-context tasks")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
