@@ -8,7 +8,7 @@ runs in its own process, `--steps` optimizer steps of `--prompts` prompts x `--g
 at most `--max-tokens` tokens, after one warm-up step; the two alternate (lmkiln, TRL, lmkiln, TRL) and
 the faster run of each counts. Peak memory is the process's VmHWM.
 
-    python bench/grpo_vs_trl.py            # about 10 minutes on 2 cores
+    python bench/grpo_vs_trl.py            # about 4 minutes on 2 cores
 
 Last line: `grpo speed=R memory=R` (lmkiln samples/s over TRL's, TRL's peak memory over lmkiln's).
 """
@@ -153,7 +153,7 @@ def child(side: str, model_dir: Path, args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=2, help="prompts per step")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step (4: the GRPO recipe's align.batch_size)")
     ap.add_argument("--generations", type=int, default=4, help="completions per prompt (G)")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens per completion at most")
     ap.add_argument("--threads", type=int, default=2)

@@ -14,6 +14,7 @@ from lmkiln.errors import UserError
 from lmkiln.log import console
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.kv_cache import KVCache, SlotCache, StaticKVCache
+from lmkiln.model.linear import row_blocks_pay
 
 
 def _decode_step(model: Transformer) -> torch.nn.Module:
@@ -24,6 +25,7 @@ def _decode_step(model: Transformer) -> torch.nn.Module:
     Kept on the model itself, outside its submodules (so not in its state_dict), and so never confused
     with another model's."""
     if "_decode_step" not in model.__dict__:
+        row_blocks_pay()  # measured eagerly: the compiled graph reads the answer
         options = {"cpp_wrapper": True} if next(model.parameters()).is_cpu else {}
         object.__setattr__(model, "_decode_step", torch.compile(model, fullgraph=True, dynamic=False, options=options))
     return model.__dict__["_decode_step"]
