@@ -25,9 +25,10 @@ def test_the_dry_run_checks_every_bench_and_its_options_and_runs_none():
         "bench/pretrain_vs_hf.py",
         "bench/finetune_vs_peft.py",
         "bench/decode_vs_llamacpp.py",
+        "bench/grpo_vs_trl.py",
     ]
     assert all("--device cuda" in s for s in steps)
-    assert res.stdout.rstrip().endswith("dry run ok (3 steps)")
+    assert res.stdout.rstrip().endswith("dry run ok (4 steps)")
 
 
 def test_an_unknown_option_is_one_line_and_exit_code_2():
