@@ -336,10 +336,9 @@ def encode_example(
     return ids, labels
 
 
-def prompt_ids(tok: Tokenizer, ex: dict, chat: ChatFormat | None = None) -> list[int]:
+def prompt_text(ex: dict, chat: ChatFormat | None = None) -> str:
     """The conversation up to its last reply, with the generation prompt: what a server would send."""
-    text = (chat or ChatFormat()).render(messages_of(ex)[:-1], add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False).ids
+    return (chat or ChatFormat()).render(messages_of(ex)[:-1], add_generation_prompt=True)
 
 
 def collate(batch: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

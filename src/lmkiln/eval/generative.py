@@ -12,7 +12,7 @@ import torch
 from rouge_score import rouge_scorer
 from tokenizers import Tokenizer
 
-from lmkiln.data.examples import collate, encode_all, messages_of, prompt_ids
+from lmkiln.data.examples import collate, encode_all, messages_of, prompt_text
 from lmkiln.device import autocast
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import generate_greedy_batch
@@ -111,9 +111,9 @@ def score_instructions(
     device = next(model.parameters()).device
     encoded, _ = encode_all(tok, examples, max_len, chat)
     nats, count = reply_loss(model, encoded, 8, chat.pad, device)
-    prompts = []
-    for ex in examples:
-        prompt = prompt_ids(tok, ex, chat)
+    asked, prompts = [prompt_text(ex, chat) for ex in examples], []
+    for text in asked:
+        prompt = tok.encode(text, add_special_tokens=False).ids
         if len(prompt) >= model.args.max_seq_len:
             prompt = prompt[-(model.args.max_seq_len - max_new_tokens) :]
         prompts.append(prompt)
@@ -121,22 +121,19 @@ def score_instructions(
     texts = [tok.decode(reply).strip() for reply in replies]
     scores = reply_scores(examples, texts, nats / count if count else None, count, metrics)
     if rewards:
-        add_rewards(scores, rewards, examples, texts, chat)
+        add_rewards(scores, rewards, examples, asked, texts)
     return scores
 
 
-def add_rewards(scores: dict, rewards: list, examples: list[dict], texts: list[str], chat: ChatFormat) -> None:
+def add_rewards(scores: dict, rewards: list, examples: list[dict], asked: list[str], texts: list[str]) -> None:
     """Each reply scored by the rewards as GRPO scores a completion (the prompt as the model saw it, the
     row's own fields): the means beside the other scores, each sample's weighted sum with it."""
-    from lmkiln.eval.rewards import mean_rewards, score_all
+    from lmkiln.eval.rewards import mean_rewards, score_all, weighted
 
-    cases = [
-        (chat.render(messages_of(ex)[:-1], add_generation_prompt=True), text, ex.get("row", {}), f"row {ex['id']}")
-        for ex, text in zip(examples, texts)
-    ]
+    cases = [(q, text, ex.get("row", {}), f"row {ex['id']}") for ex, q, text in zip(examples, asked, texts)]
     values = score_all(rewards, cases)
     for sample, row in zip(scores["samples"], values):
-        sample["reward"] = round(sum(v * r.weight for v, r in zip(row, rewards)), 5)
+        sample["reward"] = round(weighted(rewards, row), 5)
     scores.update(mean_rewards(rewards, values))
 
 

@@ -119,10 +119,15 @@ def score_all(rewards: list[Reward], cases: list[tuple[str, str, dict, str]]) ->
     return [[r(prompt, text, row, where) for r in rewards] for prompt, text, row, where in cases]
 
 
+def weighted(rewards: list[Reward], values: list[float]) -> float:
+    """One case's reward: each function's value times its weight, summed."""
+    return sum(v * r.weight for v, r in zip(values, rewards))
+
+
 def mean_rewards(rewards: list[Reward], values: list[list[float]]) -> dict[str, float]:
     """The mean weighted sum (`reward`) and each function's mean (`reward/NAME`) of score_all's values."""
     n = max(len(values), 1)
-    total = sum(sum(v * r.weight for v, r in zip(row, rewards)) for row in values)
+    total = sum(weighted(rewards, row) for row in values)
     means = {f"reward/{r.label}": round(sum(row[i] for row in values) / n, 5) for i, r in enumerate(rewards)}
     return {"reward": round(total / n, 5), **means}
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from lmkiln.data.examples import messages_of, sample
+from lmkiln.data.examples import prompt_text, sample
 from lmkiln.errors import UserError
-from lmkiln.eval.rewards import Reward, load_rewards, mean_rewards, score_all
+from lmkiln.eval.rewards import Reward, load_rewards, mean_rewards, score_all, weighted
 from lmkiln.log import console
 from lmkiln.model.inference.generate import sample_batch
 from lmkiln.model.io.hub import load_model
@@ -114,7 +114,6 @@ class Scorer:
 
     def __init__(self, rewards: list[Reward], tok) -> None:
         self.rewards, self.tok = rewards, tok
-        self.weights = torch.tensor([r.weight for r in rewards])
         self.seen: list[list[float]] = []
 
     def __call__(
@@ -127,7 +126,7 @@ class Scorer:
             cases.append((item["prompt"], text, item["row"], f"row {item['id']} (completion {k % per + 1})"))
         values = score_all(self.rewards, cases)
         self.seen += values
-        return torch.tensor(values) @ self.weights
+        return torch.tensor([weighted(self.rewards, v) for v in values])
 
     def means(self) -> dict[str, float]:
         if not self.seen:
@@ -142,7 +141,7 @@ def encode_prompts(tok, examples: list[dict], chat, max_prompt: int) -> tuple[li
     prompts past `max_prompt` tokens are dropped (and counted)."""
     items, too_long = [], 0
     for ex in examples:
-        prompt = chat.render(messages_of(ex)[:-1], add_generation_prompt=True)
+        prompt = prompt_text(ex, chat)
         ids = tok.encode(prompt, add_special_tokens=False).ids
         if len(ids) > max_prompt:
             too_long += 1
