@@ -328,8 +328,9 @@ def _model_file_verbs(sub) -> None:
         "--quant",
         required=True,
         choices=("int8", "int4"),
-        help="int8: one int8 per weight, a scale per output row; int4: 4-bit codes in groups of 32 with a "
-        "scale and minimum each (the embedding, and so a tied head, stays int8)",
+        help="int8: one int8 per weight, a scale per output row; int4: symmetric 4-bit codes in groups of 32, "
+        "a scale each (the embedding and the head stay int8); written in compressed-tensors' layout, which "
+        "transformers reads back",
     )
     p.add_argument(
         "--force",

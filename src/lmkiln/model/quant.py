@@ -3,15 +3,18 @@
 - **int8**: one int8 per weight, symmetric, one scale per output row: w = q * scale.
 - **int4**: one 4-bit code per weight (two per byte, the even column in the low nibble), in groups of 32
   along the input, each group with a scale and a minimum: w = code * scale + min. GGUF's Q4_0, Q4_1
-  and Q4_K blocks are exactly this (their codes, scales and minimums are read as they are).
+  and Q4_K blocks are exactly this (their codes, scales and minimums are read as they are); what
+  `kiln quantize` makes is its symmetric case, min = -8 * scale.
 
-On disk a quantized linear's `X.weight` becomes `X.weight_int8` + `X.weight_scale`, or `X.weight_int4`
-+ `X.weight_scale` + `X.weight_min` (scales and minimums in float32, so a GGUF's values dequantize
-bit for bit as llama.cpp's own reader does). In memory the matmul dequantizes inside PyTorch's
-weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), given bfloat16 inputs:
-those kernels are vectorised for bf16 and not for fp32 on CPU (measured: 19 us against 576 us for a
-1536x576 product at batch 1). Everything else (norms, attention, the residual stream, the KV cache)
-stays float32, which on CPU is also the faster type for those small operations. A long prefill dequantizes an int8 weight to bf16 for one matmul instead,
+On disk, in lmkiln's layout (`kiln import` of a quantized GGUF), a quantized linear's `X.weight` becomes
+`X.weight_int8` + `X.weight_scale`, or `X.weight_int4` + `X.weight_scale` + `X.weight_min` (scales and
+minimums in float32, so a GGUF's values dequantize bit for bit as llama.cpp's own reader does);
+`kiln quantize` writes compressed-tensors' layout of the same pieces (model/io/compressed.py). In memory
+the matmul dequantizes inside PyTorch's weight-only kernels (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`), given bfloat16 inputs: those kernels are vectorised for bf16 and not for
+fp32 on CPU (measured: 19 us against 576 us for a 1536x576 product at batch 1). Everything else (norms,
+attention, the residual stream, the KV cache) stays float32, which on CPU is also the faster type for
+those small operations. A long prefill dequantizes an int8 weight to bf16 for one matmul instead,
 which beats the row-by-row kernel from about 32 rows."""
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed uint8 (N, K/2), scale (N, K/32), min (N, K/32)) with w ~ code * scale + min, each group of
-    32 spanning its own minimum to maximum."""
+    """(packed uint8 (N, K/2), scale (N, K/32), min (N, K/32)) with w ~ code * scale + min, symmetric in
+    each group of 32: min = -8 * scale, so w ~ (code - 8) * scale with the group's largest magnitude at
+    7.5 steps (compressed-tensors' int4, which transformers reads; GGUF's Q4_1 holds it exactly too)."""
     n, k = w.shape
     groups = w.float().reshape(n, k // GROUP, GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
-    return pack_nibbles(codes.reshape(n, k)), scale, low
+    scale = (groups.abs().amax(-1) / 7.5).clamp(min=1e-12)
+    codes = (torch.round(groups / scale[..., None]).clamp_(-8, 7) + 8).to(torch.uint8)
+    return pack_nibbles(codes.reshape(n, k)), scale, -8 * scale
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Model directories whose linear weights are stored quantized (model/quant.py has the two layouts).
+"""Model directories whose linear weights are stored quantized (model/quant.py has the two layouts), in
+lmkiln's names or in compressed-tensors' (model/io/compressed.py).
 
-config.json carries `quantization_config: {"quant_method": "lmkiln", "layouts": {...}}`, naming how many
+In lmkiln's, config.json carries `quantization_config: {"quant_method": "lmkiln", "layouts": {...}}`, naming how many
 weights each layout holds; model.safetensors holds each quantized weight as its pieces, every other
 tensor (norms, biases) as it is. Loading builds the model on the meta device and puts each quantized
 weight straight into its quantized module, so memory holds the quantized bytes, never a float copy."""
@@ -15,6 +16,7 @@ from torch import nn
 
 from lmkiln.errors import UserError
 from lmkiln.model import quant
+from lmkiln.model.io import compressed
 from lmkiln.model.io.hub import (
     assign_weight,
     build_model,
@@ -34,14 +36,19 @@ EMBEDDING = "model.embed_tokens"
 
 
 def quant_layouts(model_dir: Path) -> dict[str, int] | None:
-    """{layout: weights} of a quantized directory; None for a dense one."""
+    """{layout: weights} of a quantized directory (counts unknown for compressed-tensors' layout: 0);
+    None for a dense one."""
     qc = read_config(model_dir).get("quantization_config")
     if qc is None:
         return None
+    if qc.get("quant_method") == compressed.QUANT_METHOD:
+        compressed.check_config(qc, model_dir / "config.json")
+        return {"int4" if g["weights"]["num_bits"] == 4 else "int8": 0 for g in qc["config_groups"].values()}
     if qc.get("quant_method") != QUANT_METHOD:
         raise UserError(
             f"{model_dir / 'config.json'}: quantization_config.quant_method {qc.get('quant_method')!r} is not "
-            f"supported (lmkiln reads its own '{QUANT_METHOD}' layout; import a dense copy of the model)"
+            f"supported (lmkiln reads its own '{QUANT_METHOD}' layout and '{compressed.QUANT_METHOD}' "
+            "int8/int4; import a dense copy of the model)"
         )
     return dict(qc.get("layouts", {}))
 
@@ -75,8 +82,14 @@ def quantized_weights(model_dir: Path, args) -> Iterator[tuple[str, str | None, 
     expected = expected_shapes(args)
     pending: dict[str, dict[str, torch.Tensor]] = {}
     seen = set()
+    in_compressed = read_config(model_dir)["quantization_config"]["quant_method"] == compressed.QUANT_METHOD
     for shard in weight_shards(model_dir):
         for stored, tensor in read_shard(shard):
+            if in_compressed:  # its names and shapes as lmkiln's
+                renamed = compressed.renamed(stored, tensor)
+                if renamed is None:
+                    continue
+                stored, tensor = renamed
             found = quant.stored_piece(stored)
             if found is None:  # a weight stored as it is: checked as hub.iter_checked_weights checks it
                 name = model_weight_name(stored, args)
@@ -92,6 +105,8 @@ def quantized_weights(model_dir: Path, args) -> Iterator[tuple[str, str | None, 
                 raise UserError(f"{shard}: weight '{stored}' is not part of the model config.json describes")
             pieces = pending.setdefault(name, {})
             pieces[piece] = tensor
+            if in_compressed:
+                pending[name] = pieces = compressed.completed(pieces)
             layout = quant.layout_of(pieces)
             if layout is None:
                 continue
