@@ -26,7 +26,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("layout", quant.LAYOUTS)
-@pytest.mark.parametrize("rows", [1, 3, 40])  # the kernel path, and (int8) the dequantized-matmul path
+# the kernel paths; a dequantized matmul past 32 rows (int8) and 128 (int4)
+@pytest.mark.parametrize("rows", [1, 3, 40, 100])
 def test_quantized_matmul_equals_its_dequantized_reference(layout, rows):
     torch.manual_seed(0)
     w, x = torch.randn(192, 96) * 0.05, torch.randn(2, rows, 96)

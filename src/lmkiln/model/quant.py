@@ -14,8 +14,8 @@ the matmul dequantizes inside PyTorch's weight-only kernels (`_weight_int8pack_m
 `_weight_int4pack_mm_for_cpu`), given bfloat16 inputs: those kernels are vectorised for bf16 and not for
 fp32 on CPU (measured: 19 us against 576 us for a 1536x576 product at batch 1). Everything else (norms,
 attention, the residual stream, the KV cache) stays float32, which on CPU is also the faster type for
-those small operations. A long prefill dequantizes an int8 weight to bf16 for one matmul instead,
-which beats the row-by-row kernel from about 32 rows."""
+those small operations. A long prefill dequantizes a weight to bf16 for one matmul instead, which beats
+the kernels from about 32 rows (int8) and 128 rows (int4)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,10 @@ from torch import nn
 
 GROUP = 32  # int4 group size along the input: GGUF's block
 KERNEL_ROWS = 32  # int8: up to this many rows the weight-only kernel; more rows, one dequantized matmul
+# int4: likewise past 128 rows. The int4 kernel's time grows with the rows (82 ms for SmolLM2's blocks at
+# 64 rows, 1.75 s at 1,440), a dequantized bf16 matmul's barely (137 ms, 275 ms): a long prefill, or a
+# server's prompts prefilled together, take that
+INT4_KERNEL_ROWS = 128
 KERNEL_DTYPE = torch.bfloat16  # what the kernels take and give; a quantized model's activations stay fp32
 LAYOUTS = ("int8", "int4")
 PACK_ROWS = 4096  # a multiple of the int4 kernel's row blocks (64), so packing by parts equals packing whole
@@ -125,11 +129,24 @@ class Int4Linear(nn.Module):
         rows = x.numel() // self.in_features
         x2 = x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous()
         if hasattr(self, "weight_packed") and x.is_cpu:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, GROUP, self.scales_and_zeros)
+            if rows > INT4_KERNEL_ROWS and self.out_features % 64 == 0:
+                y = F.linear(x2, self._dequantized())
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_packed, GROUP, self.scales_and_zeros)
         else:
             y = F.linear(x2, dequantize_int4(self.weight_int4, self.weight_scale, self.weight_min, KERNEL_DTYPE))
         y = y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _dequantized(self) -> torch.Tensor:
+        """The bf16 weight from the kernel's layout: per block of 64 rows, (K, 32) bytes, the low nibble
+        of byte j holding row j and the high nibble row 32 + j (as `_convert_weight_to_int4pack_for_cpu`
+        packs them; tests/model/test_quant.py checks it against the kernel)."""
+        n, k = self.out_features, self.in_features
+        blocks = self.weight_packed.view(n // 64, k, 32)
+        codes = torch.cat((blocks & 15, blocks >> 4), -1).transpose(1, 2).reshape(n, k // GROUP, GROUP)
+        scale, zero = (t.t()[..., None] for t in self.scales_and_zeros.unbind(-1))  # (N, K/32, 1) each
+        return ((codes.to(KERNEL_DTYPE) - 8) * scale + zero).view(n, k)
 
 
 class QuantEmbedding(nn.Module):
