@@ -38,20 +38,26 @@ WEIGHTS = {
 INT4_TARGETS = ["re:.*_proj$"]  # a block's linears; the embedding and the head are int8
 
 
+def _group(targets: list[str], layout: str) -> dict:
+    return {
+        "targets": targets,
+        "weights": WEIGHTS[layout],
+        "format": FORMATS[layout],
+        "input_activations": None,
+        "output_activations": None,
+    }
+
+
 def quantization_config(layouts: dict[str, int]) -> dict:
     """config.json's quantization_config for a model with `layouts` ({layout: matrices})."""
-    if set(layouts) == {"int8"}:
-        groups = {"group_0": {"targets": ["Linear", "Embedding"], "weights": WEIGHTS["int8"]}}
+    int8_only = set(layouts) == {"int8"}
+    if int8_only:
+        groups = {"group_0": _group(["Linear", "Embedding"], "int8")}
     else:
-        groups = {
-            "group_0": {"targets": INT4_TARGETS, "weights": WEIGHTS["int4"]},
-            "group_1": {"targets": ["Embedding", "re:.*lm_head$"], "weights": WEIGHTS["int8"]},
-        }
-    for group, layout in zip(groups.values(), ("int8",) if set(layouts) == {"int8"} else ("int4", "int8")):
-        group.update(format=FORMATS[layout], input_activations=None, output_activations=None)
+        groups = {"group_0": _group(INT4_TARGETS, "int4"), "group_1": _group(["Embedding", "re:.*lm_head$"], "int8")}
     return {
         "quant_method": QUANT_METHOD,
-        "format": FORMATS["int8"] if set(layouts) == {"int8"} else "mixed-precision",
+        "format": FORMATS["int8"] if int8_only else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": groups,
         "ignore": [],
