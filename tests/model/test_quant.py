@@ -202,6 +202,25 @@ def test_quantize_writes_compressed_tensors_that_transformers_reads_as_lmkilns_w
     assert _rel(ours, ref) < 0.03
 
 
+def test_loading_a_model_leaves_torch_dynamo_unimported(trained_run, tmp_path):
+    """Building on the meta device skips initialisation, which there imports torch._dynamo (70 MB resident
+    in a server that never compiles)."""
+    import subprocess
+    import sys
+
+    _, run_dir, _ = trained_run
+    assert main(["-q", "quantize", str(run_dir / "finetune" / "final"), str(tmp_path / "q"), "--quant", "int4"]) == 0
+    code = (
+        "import sys; from lmkiln.model.inference.load import load_for_inference; "
+        f"from lmkiln.model.inference.generate import generate; lm = load_for_inference({str(tmp_path / 'q')!r}); "
+        "generate(lm.model, [3, 4, 5], 4); print('torch._dynamo' in sys.modules)"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
+
+
 def test_a_compressed_tensors_scheme_lmkiln_does_not_read_is_refused_by_name(trained_run, tmp_path):
     from lmkiln.errors import UserError
 
