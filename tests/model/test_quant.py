@@ -202,6 +202,34 @@ def test_quantize_writes_compressed_tensors_that_transformers_reads_as_lmkilns_w
     assert _rel(ours, ref) < 0.03
 
 
+@pytest.mark.slow
+def test_compiled_int8_decoding_is_the_dequantized_model_in_fp32(trained_run, tmp_path):
+    """Compiled, a one-row int8 product is a sum over the input in fp32 (model/quant.py): greedy tokens
+    those of an fp32 model holding the dequantized weights."""
+    from lmkiln.model.io.hub import read_args
+    from lmkiln.model.io.quantized import quantized_weights
+
+    _, run_dir, _ = trained_run
+    source, out = run_dir / "finetune" / "final", tmp_path / "q8"
+    assert main(["-q", "quantize", str(source), str(out), "--quant", "int8"]) == 0
+    quantized, dense = load_for_inference(out).model, load_for_inference(source).model
+    with torch.no_grad():
+        for name, layout, pieces in quantized_weights(out, read_args(out)):
+            if layout is not None and name != "lm_head.weight":  # the head is the embedding's copy
+                dense.get_parameter(name).copy_(quant.dequantize_pieces(layout, pieces))
+    from lmkiln.model.inference.generate import _decode_step
+    from lmkiln.model.inference.kv_cache import KVCache, StaticKVCache
+
+    step, args = _decode_step(quantized), quantized.args
+    static, plain = StaticKVCache(args, 1, 64, "cpu", torch.float32), KVCache(args, 1, 64, "cpu", torch.float32)
+    with torch.no_grad():
+        for token in range(3, 20):  # every product a one-row one, through the compiled step
+            got, ref = step(torch.tensor([[token]]), cache=static), dense(torch.tensor([[token]]), cache=plain)
+            assert (got - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+    ids = list(range(3, 20))
+    assert generate(quantized, ids, 12, compile=True) == generate(dense, ids, 12)
+
+
 def test_loading_a_model_leaves_torch_dynamo_unimported(trained_run, tmp_path):
     """Building on the meta device skips initialisation, which there imports torch._dynamo (70 MB resident
     in a server that never compiles)."""
