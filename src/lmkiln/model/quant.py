@@ -95,15 +95,15 @@ class Int8Linear(nn.Module):
             # one row, compiled: a sum over the input in fp32, which inductor makes one loop streaming
             # the codes at the memory's bandwidth (27 GB/s here, twice the kernel below; the decode
             # step's compile options keep the input's norm out of that loop: generate._decode_step)
-            y = (x.reshape(1, -1).float() * self.weight_int8.float()).sum(-1) * self.row_scale
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-            return y if self.bias is None else y + self.bias
-        x2 = x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous()
-        if x.is_cpu and rows <= KERNEL_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale)
+            y, dtype = (x.reshape(1, -1).float() * self.weight_int8.float()).sum(-1) * self.row_scale, x.dtype
         else:
-            y = F.linear(x2, self.weight_int8.to(KERNEL_DTYPE) * self.weight_scale[:, None])
-        y = y.view(*x.shape[:-1], self.out_features).to(self.out_dtype or x.dtype)
+            x2 = x.reshape(rows, self.in_features).to(KERNEL_DTYPE).contiguous()
+            if x.is_cpu and rows <= KERNEL_ROWS:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.weight_scale)
+            else:
+                y = F.linear(x2, self.weight_int8.to(KERNEL_DTYPE) * self.weight_scale[:, None])
+            dtype = self.out_dtype or x.dtype
+        y = y.view(*x.shape[:-1], self.out_features).to(dtype)
         return y if self.bias is None else y + self.bias
 
 

@@ -72,10 +72,8 @@ def _no_init():
 
 def build_model(args) -> nn.Module:
     """The model an args object describes, of its family's class (uninitialised on the meta device)."""
-    if torch.get_default_device().type == "meta":
-        with _no_init():
-            return family_of(args).build(args)
-    return family_of(args).build(args)
+    with _no_init() if torch.get_default_device().type == "meta" else contextlib.nullcontext():
+        return family_of(args).build(args)
 
 
 def recipe_model_args(model_cfg, vocab_size: int, ids: dict):
