@@ -249,6 +249,46 @@ def test_loading_a_model_leaves_torch_dynamo_unimported(trained_run, tmp_path):
     )
 
 
+def test_a_quantized_model_is_served_with_bf16_keys_and_values_attended_in_fp32(trained_run, tmp_path):
+    """kiln serve's cache keeps a quantized model's keys and values in bf16 (half an fp32 cache's memory):
+    attention still runs in fp32, so the logits stay within bf16's rounding of an fp32 cache's, also
+    past a cache that grew and across a second forward that reads the first one's stored keys."""
+    from lmkiln.model.inference.kv_cache import SlotCache, stored_dtype
+    from lmkiln.serve.batching import Engine
+
+    _, run_dir, _ = trained_run
+    source = run_dir / "finetune" / "final"
+    assert main(["-q", "quantize", str(source), str(tmp_path / "q"), "--quant", "int4"]) == 0
+    model, dense = load_for_inference(tmp_path / "q").model, load_for_inference(source).model
+    assert stored_dtype(model) == torch.bfloat16 and stored_dtype(dense) == torch.float32
+    ids = torch.tensor([list(range(3, 43))])
+
+    def logits(dtype: torch.dtype) -> torch.Tensor:
+        cache = SlotCache(model.args, 3, 64, "cpu", dtype, initial=16)
+        cache.rows = [1]
+        out = []
+        with torch.no_grad():
+            for part in (ids[:, :25], ids[:, 25:]):
+                cache.reserve(cache.lengths[1] + part.shape[1])  # the second grows it: 16 -> 32 -> 64
+                out.append(model(part, cache=cache))
+        assert cache.k[0].dtype == dtype and cache.capacity == 64
+        return torch.cat(out, 1)
+
+    stored_bf16, stored_fp32 = logits(torch.bfloat16), logits(torch.float32)
+    with torch.no_grad():
+        whole = model(ids)
+    # two forwards through a cache against one without: apart by the kernels' bf16 rounding (~1e-3), and
+    # bf16 storage adds about as much again
+    assert _rel(stored_fp32, whole) < 3e-3 and _rel(stored_bf16, whole) < 3e-3
+    assert stored_bf16.dtype == torch.float32 and 0 < _rel(stored_bf16, stored_fp32) < 3e-3
+    engine = Engine(model, max_batch=2, cache_start=16)
+    try:
+        assert engine.cache.k[0].dtype == torch.bfloat16
+        assert engine.token_bytes == SlotCache.bytes_per_token(model.args, torch.float32) // 2
+    finally:
+        engine.close()
+
+
 def test_a_compressed_tensors_scheme_lmkiln_does_not_read_is_refused_by_name(trained_run, tmp_path):
     from lmkiln.errors import UserError
 

@@ -17,8 +17,8 @@ import torch
 
 from lmkiln.model.families.transformer import Transformer
 from lmkiln.model.inference.generate import sample_next
-from lmkiln.model.inference.kv_cache import SlotCache
-from lmkiln.model.inference.load import release_freed_memory
+from lmkiln.model.inference.kv_cache import SlotCache, stored_dtype
+from lmkiln.model.inference.memory import release_freed_memory
 from lmkiln.serve.constraints import Constraint
 from lmkiln.serve.prefix_cache import PrefixCache
 
@@ -99,10 +99,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.context = min(context or model.args.max_seq_len, model.args.max_seq_len)
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.cache = SlotCache(
-            model.args, max_batch, self.context, self.device, next(model.parameters()).dtype, initial=cache_start
-        )
-        self.token_bytes = SlotCache.bytes_per_token(model.args, next(model.parameters()).dtype)
+        stored = stored_dtype(model)
+        self.cache = SlotCache(model.args, max_batch, self.context, self.device, stored, initial=cache_start)
+        self.token_bytes = SlotCache.bytes_per_token(model.args, stored)
         self.prefix = PrefixCache(self.cache, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.adapters, self.on_finish = adapters, on_finish
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -151,9 +150,13 @@ class Engine:
                     return
             try:
                 with torch.no_grad():
-                    self._admit()
+                    capacity, prefilled = self.cache.capacity, self._admit()
                     if self.running:
                         self._decode()
+                if prefilled or self.cache.capacity != capacity:
+                    # a prefill's activations and a grown cache's old tensors were freed: glibc keeps such
+                    # pages, and they would count again at the next peak
+                    release_freed_memory()
             except Exception as exc:  # a bug must not leave clients waiting forever
                 with self.wake:  # taken under the lock: a request submitted meanwhile is not dropped unanswered
                     waiting = list(self.waiting)
@@ -169,12 +172,13 @@ class Engine:
         if self.on_finish is not None:
             self.on_finish(seq, reason)
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
         """Prefill waiting sequences into free slots: those that want only a reply together, in one
-        forward (`_prefill`); one that scores its prompt (prompt_logprobs) on its own."""
+        forward (`_prefill`); one that scores its prompt (prompt_logprobs) on its own. True if any was."""
         for seq in [s for s in self.running.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         fresh: list[Sequence] = []
+        prefilled = False
         while self.waiting and len(self.running) < self.max_batch:
             with self.wake:
                 seq = self.waiting.popleft()
@@ -191,7 +195,7 @@ class Engine:
                     seq.cached = self.cache.lengths[seq.slot] = self.prefix.restore(seq.slot, seq.prompt, seq.adapter)
                 fresh.append(seq)
                 continue
-            logits = self._forward([seq], [seq.prompt])[0]
+            logits, prefilled = self._forward([seq], [seq.prompt])[0], True
             seq.emit(PromptLogprobs(self._scored(logits[:-1], seq.prompt[1:], seq.sampling.logprobs or 0)))
             if seq.sampling.max_tokens == 0:  # scoring only
                 self._finish(seq, "length")
@@ -208,7 +212,8 @@ class Engine:
             ):
                 take += 1
             self._prefill(fresh[:take])
-            fresh = fresh[take:]
+            fresh, prefilled = fresh[take:], True
+        return prefilled
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prompts, past their cached prefixes, into their slots in one forward, right-padded to the

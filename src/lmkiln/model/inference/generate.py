@@ -13,7 +13,7 @@ import torch
 from lmkiln.errors import UserError
 from lmkiln.log import console
 from lmkiln.model.families.transformer import Transformer
-from lmkiln.model.inference.kv_cache import KVCache, SlotCache, StaticKVCache
+from lmkiln.model.inference.kv_cache import KVCache, SlotCache, StaticKVCache, stored_dtype
 from lmkiln.model.linear import row_blocks_pay
 
 # inductor's C++ wrapper around the kernels, and every intermediate stored rather than recomputed where
@@ -198,7 +198,7 @@ def _sample_group(
     device = next(model.parameters()).device
     budget = [min(max_new_tokens, model.args.max_seq_len - len(p)) for p in group for _ in range(copies)]
     size = max(len(group[s // copies]) + budget[s] for s in range(len(budget)))
-    cache = SlotCache(model.args, len(budget), size, device, next(model.parameters()).dtype, initial=size)
+    cache = SlotCache(model.args, len(budget), size, device, stored_dtype(model), initial=size)
     out: list[list[int]] = [[] for _ in budget]
     last: dict[int, int] = {}
 

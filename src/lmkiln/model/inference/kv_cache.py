@@ -6,8 +6,21 @@ only for `positions_and_mask`, `update` and `advance`."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lmkiln.model.families.transformer import ModelArgs, attention_mask, visible_keys
+from lmkiln.model.inference.memory import release_freed_memory
+from lmkiln.model.quant import KERNEL_DTYPE, Int4Linear, Int8Linear
+
+
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a SlotCache keeps a model's keys and values in: the model's own, but bf16 for a
+    quantized model, whose keys and values come out of bf16 kernels. Storing them in bf16 rounds them
+    about as much again (as llama.cpp's default f16 cache does) and halves a server's largest
+    allocation; attention still runs in the model's dtype."""
+    if any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
+        return KERNEL_DTYPE
+    return next(model.parameters()).dtype
 
 
 class KVCache:
@@ -65,7 +78,9 @@ class StaticKVCache(KVCache):
 class SlotCache(KVCache):
     """Keys/values for `slots` independent sequences (continuous batching): each slot has its own
     length, and a forward runs on any subset of slots (`rows`), each row at its own position. Rows
-    attend to their own slot only; the keys past a row's length are masked out.
+    attend to their own slot only; the keys past a row's length are masked out. Keys and values may be
+    stored in a narrower dtype than the model computes in (`stored_dtype`): they are handed back in the
+    model's.
 
     Memory follows use, not the context limit: every slot holds `capacity` tokens, which starts at
     `initial` and doubles (up to `max_len`) when a running sequence needs more (`reserve`), and falls
@@ -89,12 +104,16 @@ class SlotCache(KVCache):
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def _resize(self, capacity: int) -> None:
+        """One layer's tensor at a time, each old one's pages handed back before the next new one is
+        made: the cache's size in memory never holds the old and the new sizes together."""
         keep = min(capacity, self.capacity)
         for cache in (self.k, self.v):
-            for i, old in enumerate(cache):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, :keep] = old[:, :, :keep]
-                cache[i] = new
+            for i in range(len(cache)):
+                old = cache[i]
+                cache[i] = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                cache[i][:, :, :keep] = old[:, :, :keep]
+                del old
+                release_freed_memory()
         self.capacity = self.max_len = capacity
         self.peak = max(self.peak, capacity)
 
@@ -123,12 +142,12 @@ class SlotCache(KVCache):
         ]  # (B, 1, t, span)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows, positions = self._rows[:, None], self._positions
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
-        if self._view is not None:
-            return self.k[layer][self._view, :, : self._span], self.v[layer][self._view, :, : self._span]
-        return self.k[layer][self._rows, :, : self._span], self.v[layer][self._rows, :, : self._span]
+        rows, positions, stored = self._rows[:, None], self._positions, self.k[layer].dtype
+        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(stored)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(stored)
+        picked = self._view if self._view is not None else self._rows
+        keys, values = self.k[layer][picked, :, : self._span], self.v[layer][picked, :, : self._span]
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def advance(self, t: int) -> None:
         for r in self.rows:

@@ -5,7 +5,6 @@ lmkiln's own special tokens for a model that has others."""
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tokenizers import Tokenizer
 from lmkiln.errors import UserError
 from lmkiln.model.families import family_of
 from lmkiln.model.families.transformer import Transformer
+from lmkiln.model.inference.memory import release_freed_memory
 from lmkiln.model.io.chat_format import ChatFormat
 from lmkiln.model.io.hub import load_model, read_args
 from lmkiln.model.io.quantized import load_quantized, quant_layouts
@@ -44,15 +44,6 @@ def load_format(model_dir: str | Path) -> tuple[Tokenizer, ChatFormat]:
             f"{model_dir}: no tokenizer.json (a model directory carries its tokenizer; `kiln import` writes one)"
         )
     return Tokenizer.from_file(str(path)), ChatFormat(model_dir)
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc keeps them otherwise): a load reads each
-    tensor through buffers it then drops, and a server's resident memory should be its model, not that."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        pass
 
 
 def load_for_inference(
