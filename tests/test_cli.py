@@ -52,6 +52,27 @@ def test_generate_prints_continuation(trained_run, capsys):
     )
 
 
+def test_generate_compiles_by_default_where_it_pays(trained_run, capsys, monkeypatch):
+    """--max-tokens from COMPILE_PAYS_TOKENS compiles the decode step unless --no-compile; shorter replies
+    decode eagerly unless --compile. (The compiled step's tokens: tests/model/test_transformer.py.)"""
+    from lmkiln.model.inference import generate as gen
+
+    real, asked = gen.stream, []
+
+    def recording(*args, compile: bool, **kwargs):
+        asked.append(compile)
+        yield from real(*args[:2], 3, **kwargs)  # three eager tokens: the choice is what is tested
+
+    monkeypatch.setattr(gen, "stream", recording)
+    model = str(trained_run[1] / "finetune" / "final")
+    long = str(gen.COMPILE_PAYS_TOKENS)
+    for flags in (["--max-tokens", long], ["--max-tokens", long, "--no-compile"], ["--max-tokens", "5"]):
+        assert main(["generate", model, "--prompt", "def f(", "--temperature", "0", *flags]) == 0
+    assert main(["generate", model, "--prompt", "def f(", "--max-tokens", "5", "--compile"]) == 0
+    assert asked == [True, False, False, True]
+    assert capsys.readouterr().err.count("compiling the decode step") == 1
+
+
 def test_generate_on_missing_model_exits_2(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a model directory" in capsys.readouterr().err

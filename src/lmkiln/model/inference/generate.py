@@ -37,6 +37,12 @@ def _decode_step(model: Transformer) -> torch.nn.Module:
     return model.__dict__["_decode_step"]
 
 
+# --max-tokens from which `kiln generate` compiles by default: a compile from PyTorch's disk cache takes
+# 7-9 s on 2 cores (the first ever, 1-2 minutes), and compiled steps save 8-13 ms a token on SmolLM2
+# (bench/decode_vs_llamacpp.py, eager against compiled at each precision), so from here it pays in one run
+COMPILE_PAYS_TOKENS = 1024
+
+
 def cache_bucket(tokens: int, limit: int) -> int:
     """The static cache length for `tokens`: a power of two from 256 up (at most the context), so a
     compiled step serves every request of its bucket and attends over at most twice what it needs."""
@@ -252,14 +258,15 @@ def print_continuation(
     top_p: float = 0.95,
     seed: int | None = None,
     device: str = "auto",
-    compile: bool = False,
+    compile: bool | None = None,
     out: TextIO | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
 ) -> None:
     """`kiln generate`: stream a continuation of `prompt` (with `chat`, a reply to it as a user turn in
-    the model's own template) to `out` as it is decoded, stopping at the model's stop ids. An
-    encoder-decoder (T5) writes its output for the prompt as its input, by greedy, sampling or beam search."""
+    the model's own template) to `out` as it is decoded, stopping at the model's stop ids. `compile`
+    None: compiled when `max_tokens` reaches COMPILE_PAYS_TOKENS. An encoder-decoder (T5) writes its
+    output for the prompt as its input, by greedy, sampling or beam search."""
     from lmkiln.device import pick_device
     from lmkiln.model.inference.load import check_model_dir, load_for_inference
     from lmkiln.model.io.hub import family_of_dir
@@ -279,6 +286,12 @@ def print_continuation(
         return
     if num_beams > 1:
         raise UserError("--num-beams: beam search runs on encoder-decoders (T5); a decoder samples or decodes greedily")
+    if compile is None and max_tokens >= COMPILE_PAYS_TOKENS:
+        console.print(
+            f"--max-tokens {max_tokens}: compiling the decode step, which pays for replies of "
+            f"{COMPILE_PAYS_TOKENS} tokens or more (--no-compile decodes eagerly)"
+        )
+    compile = max_tokens >= COMPILE_PAYS_TOKENS if compile is None else compile
     lm = load_for_inference(model_dir, pick_device(device))
     text = lm.chat.render([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
     ids = lm.tok.encode(text, add_special_tokens=False).ids
