@@ -19,8 +19,8 @@ from tests.serve.conftest import serving
 CITY = {
     "type": "object",
     "properties": {
-        "city": {"type": "string"},
-        "country": {"type": "string"},
+        "city": {"type": "string", "maxLength": 40},  # bounded, so every sampled reply ends in its budget
+        "country": {"type": "string", "maxLength": 40},
         "population": {"type": "integer"},
         "coastal": {"type": "boolean"},
     },
@@ -72,9 +72,11 @@ def test_json_schema_replies_always_parse_and_validate(client):
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         jsonschema.validate(json.loads(r.choices[0].message.content), CITY)
     assert len({r.choices[0].message.content for r in replies}) > 10  # sampled, not one forced answer
+    # same request and seed, same reply, streamed or whole (each alone: a batch around a request may round
+    # its bf16 keys and values, and so a sampled token, differently)
+    whole = one(3).choices[0].message.content
     streamed = _ask(client, "Describe a city as JSON.", response_format=fmt, temperature=0.9, seed=3, stream=True)
-    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
-    assert text == replies[3].choices[0].message.content  # same seed, same reply, streamed or whole
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole
 
 
 def test_pydantic_parse_json_object_choice_and_regex(client):
