@@ -143,20 +143,15 @@ class Engine:
                     and self.cache.capacity > self.cache.initial
                 ):
                     self.cache.release()  # idle: the cache returns to its initial size, and its pages to the OS
-                    release_freed_memory()
                 while not self._stop and not self.waiting and not self.running:
                     self.wake.wait()
                 if self._stop:
                     return
             try:
                 with torch.no_grad():
-                    capacity, prefilled = self.cache.capacity, self._admit()
+                    self._admit()
                     if self.running:
                         self._decode()
-                if prefilled or self.cache.capacity != capacity:
-                    # a prefill's activations and a grown cache's old tensors were freed: glibc keeps such
-                    # pages, and they would count again at the next peak
-                    release_freed_memory()
             except Exception as exc:  # a bug must not leave clients waiting forever
                 with self.wake:  # taken under the lock: a request submitted meanwhile is not dropped unanswered
                     waiting = list(self.waiting)
@@ -172,13 +167,12 @@ class Engine:
         if self.on_finish is not None:
             self.on_finish(seq, reason)
 
-    def _admit(self) -> bool:
+    def _admit(self) -> None:
         """Prefill waiting sequences into free slots: those that want only a reply together, in one
-        forward (`_prefill`); one that scores its prompt (prompt_logprobs) on its own. True if any was."""
+        forward (`_prefill`); one that scores its prompt (prompt_logprobs) on its own."""
         for seq in [s for s in self.running.values() if s.cancelled]:
             self._finish(seq, "cancelled")
         fresh: list[Sequence] = []
-        prefilled = False
         while self.waiting and len(self.running) < self.max_batch:
             with self.wake:
                 seq = self.waiting.popleft()
@@ -195,7 +189,7 @@ class Engine:
                     seq.cached = self.cache.lengths[seq.slot] = self.prefix.restore(seq.slot, seq.prompt, seq.adapter)
                 fresh.append(seq)
                 continue
-            logits, prefilled = self._forward([seq], [seq.prompt])[0], True
+            logits = self._forward([seq], [seq.prompt])[0]
             seq.emit(PromptLogprobs(self._scored(logits[:-1], seq.prompt[1:], seq.sampling.logprobs or 0)))
             if seq.sampling.max_tokens == 0:  # scoring only
                 self._finish(seq, "length")
@@ -212,8 +206,7 @@ class Engine:
             ):
                 take += 1
             self._prefill(fresh[:take])
-            fresh, prefilled = fresh[take:], True
-        return prefilled
+            fresh = fresh[take:]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """Prompts, past their cached prefixes, into their slots in one forward, right-padded to the
@@ -249,7 +242,10 @@ class Engine:
         if self.adapters is not None:
             self.adapters.select([s.adapter for s in seqs])
         x = torch.tensor(tokens, device=self.device)
-        return self.model(x, cache=self.cache, hidden_only=hidden_only)
+        out = self.model(x, cache=self.cache, hidden_only=hidden_only)
+        if x.shape[1] > 1:  # a prefill: glibc keeps its freed activations' pages, to count again at the next peak
+            release_freed_memory()
+        return out
 
     def _decode(self) -> None:
         seqs = [self.running[slot] for slot in sorted(self.running)]  # slot order: the cache is read as a view

@@ -286,12 +286,13 @@ def print_continuation(
         return
     if num_beams > 1:
         raise UserError("--num-beams: beam search runs on encoder-decoders (T5); a decoder samples or decodes greedily")
-    if compile is None and max_tokens >= COMPILE_PAYS_TOKENS:
-        console.print(
-            f"--max-tokens {max_tokens}: compiling the decode step, which pays for replies of "
-            f"{COMPILE_PAYS_TOKENS} tokens or more (--no-compile decodes eagerly)"
-        )
-    compile = max_tokens >= COMPILE_PAYS_TOKENS if compile is None else compile
+    if compile is None:
+        compile = max_tokens >= COMPILE_PAYS_TOKENS
+        if compile:
+            console.print(
+                f"--max-tokens {max_tokens}: compiling the decode step, which pays for replies of "
+                f"{COMPILE_PAYS_TOKENS} tokens or more (--no-compile decodes eagerly)"
+            )
     lm = load_for_inference(model_dir, pick_device(device))
     text = lm.chat.render([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat else prompt
     ids = lm.tok.encode(text, add_special_tokens=False).ids
