@@ -194,7 +194,20 @@ def test_static_cache_decode_equals_kv_cache(variant):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_same_tokens():
+def test_compiled_decode_gives_the_same_tokens_and_logits():
+    """The compiled step computes rotary embeddings and grouped-query attention in forms of its own
+    (halves side by side, per-head sums on CPU): its logits equal the eager step's."""
+    from lmkiln.model.inference.generate import _decode_step
+    from lmkiln.model.inference.kv_cache import StaticKVCache
+
     model = tiny()
     assert generate(model, [5, 9, 14, 3], 10, compile=True) == generate(model, [5, 9, 14, 3], 10)
+    caches = [StaticKVCache(model.args, 1, 64, "cpu", torch.float32) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(torch.tensor([[5, 9, 14, 3]]), cache=cache)
+        for token in (7, 11, 13, 2, 40):
+            eager = model(torch.tensor([[token]]), cache=caches[0])
+            compiled = _decode_step(model)(torch.tensor([[token]]), cache=caches[1])
+            assert torch.allclose(eager, compiled, atol=1e-5), (eager - compiled).abs().max()
     assert "_decode_step" not in model.state_dict() and not any("decode" in n for n, _ in model.named_modules())
