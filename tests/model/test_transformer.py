@@ -196,7 +196,7 @@ def test_static_cache_decode_equals_kv_cache(variant):
 @pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens_and_logits():
     """The compiled step computes rotary embeddings and grouped-query attention in forms of its own
-    (halves side by side, per-head sums on CPU): its logits equal the eager step's."""
+    (elementwise rotation, per-head sums on CPU): its logits equal the eager step's."""
     from lmkiln.model.inference.generate import _decode_step
     from lmkiln.model.inference.kv_cache import StaticKVCache
 
